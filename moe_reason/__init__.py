@@ -1,0 +1,22 @@
+"""moe_reason: mixture-of-experts causal LMs and their recursive-reasoning variant.
+
+Importing the package registers the models with transformers' Auto classes, and
+marks them for `register_for_auto_class` so a saved folder also loads with
+`trust_remote_code=True` where this package is not installed.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_moe_reason import PRESETS, MoEReasonConfig
+from .modeling_moe_reason import MoEReasonForCausalLM, MoEReasonModel, MoEReasonPreTrainedModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register(MoEReasonConfig.model_type, MoEReasonConfig)
+AutoModel.register(MoEReasonConfig, MoEReasonModel)
+AutoModelForCausalLM.register(MoEReasonConfig, MoEReasonForCausalLM)
+MoEReasonConfig.register_for_auto_class()
+MoEReasonModel.register_for_auto_class("AutoModel")
+MoEReasonForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["PRESETS", "MoEReasonConfig", "MoEReasonForCausalLM", "MoEReasonModel", "MoEReasonPreTrainedModel"]
