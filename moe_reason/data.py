@@ -1,0 +1,366 @@
+"""Data: documents in, packed token blocks out, cached on disk.
+
+    documents (Hub id | local files | the Python standard library's own sources)
+      -> split by document, deterministic for a seed (no document in both splits)
+      -> tokenizer (Hub id | local folder | byte-level BPE trained on the train split)
+      -> batched `datasets.map` tokenization, EOS after every document
+      -> packed into fixed blocks; labels = inputs (the model shifts them)
+      -> saved under cache_dir/<key>, the key hashing everything that changes the result
+
+`prepare_data(args)` is the one function the trainer calls.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets import Dataset, load_dataset, load_from_disk
+
+CACHE_VERSION = 1  # bump when the prepared layout changes
+EOS_TOKEN = "<|endoftext|>"
+LOADERS = {".txt": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SKIPPED_STDLIB_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": (
+        "Hub dataset id, e.g. HuggingFaceTB/smollm-corpus (exp8's). Leave unset for local files or the "
+        "embedded offline default: the running Python's standard-library sources, one document per file.")})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config, e.g. cosmopedia-v2."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of the Hub dataset to read documents from."})
+    data_files: list[str] | None = field(default=None, metadata={"help": (
+        "Local .txt/.md/.py (one document per file), .json/.jsonl or .parquet files, or folders of them.")})
+    text_column: str = field(default="text", metadata={"help": "Column holding the document text."})
+    streaming: bool = field(default=False, metadata={"help": (
+        "Stream the Hub dataset instead of downloading it whole; reads only max_documents documents.")})
+    tokenizer_name: str | None = field(default=None, metadata={"help": (
+        "Hub id or local folder of a tokenizer, e.g. HuggingFaceTB/SmolLM-135M. Unset: train a byte-level "
+        "BPE tokenizer on the training documents.")})
+    tokenizer_vocab_size: int = field(default=8192, metadata={"help": "Vocabulary size of a trained tokenizer."})
+    block_size: int = field(default=256, metadata={"help": "Tokens per training sequence (packed block)."})
+    validation_split: float = field(default=0.05, metadata={"help": "Share of documents held out for validation."})
+    validation_documents: int | None = field(default=None, metadata={"help": (
+        "Number of documents held out for validation; overrides validation_split.")})
+    max_documents: int | None = field(default=None, metadata={"help": "Use at most this many documents (before the split)."})
+    max_train_tokens: int | None = field(default=None, metadata={"help": "Keep at most this many training tokens (whole blocks)."})
+    data_cache_dir: str = field(default=os.path.join("~", ".cache", "moe_reason", "data"), metadata={"help": (
+        "Where prepared datasets are cached; a second run with the same settings loads them in seconds.")})
+    preprocessing_num_workers: int = field(default=min(8, os.cpu_count() or 1), metadata={"help": (
+        "Processes for tokenization with datasets.map.")})
+    data_seed: int = field(default=0, metadata={"help": "Seed of the train/validation document split."})
+
+    def __post_init__(self):
+        checks = [
+            ("block_size", self.block_size > 1, "an integer > 1"),
+            ("tokenizer_vocab_size", self.tokenizer_vocab_size >= 300, "an integer >= 300 (256 bytes + merges)"),
+            ("validation_split", 0.0 < self.validation_split < 1.0, "a share in (0, 1)"),
+            ("validation_documents", self.validation_documents is None or self.validation_documents >= 1, "None or >= 1"),
+            ("max_documents", self.max_documents is None or self.max_documents >= 2, "None or >= 2"),
+            ("max_train_tokens", self.max_train_tokens is None or self.max_train_tokens >= self.block_size,
+             f"None or >= block_size={self.block_size}"),
+            ("preprocessing_num_workers", self.preprocessing_num_workers >= 1, "an integer >= 1"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"DataArguments.{name}={getattr(self, name)!r} is invalid: must be {allowed}")
+        if self.dataset_name and self.data_files:
+            raise ValueError("give either dataset_name (Hub) or data_files (local), not both")
+        if self.streaming and not self.dataset_name:
+            raise ValueError("streaming=True needs dataset_name: local files and the default corpus are read whole")
+        if self.streaming and self.max_documents is None:
+            raise ValueError("streaming=True needs max_documents: how many documents to read from the stream")
+
+
+@dataclass
+class PreparedData:
+    train: Dataset  # columns input_ids, labels: [block_size] int32 each
+    validation: Dataset
+    tokenizer: object  # a transformers tokenizer
+    summary: dict
+
+
+# ----------------------------------------------------------------------------
+# Documents
+
+
+def stdlib_files() -> list[Path]:
+    """The running interpreter's standard-library .py files, test suites excluded, sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if not SKIPPED_STDLIB_DIRS & set(p.relative_to(root).parts))
+
+
+def expand_files(paths: list[str]) -> list[Path]:
+    """Files and folders -> a sorted list of readable files of one loader type."""
+    files = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in LOADERS and p.is_file())
+            if not found:
+                raise FileNotFoundError(f"folder {path} holds no data files ({', '.join(sorted(LOADERS))})")
+            files += found
+        elif path.is_file():
+            if path.suffix not in LOADERS:
+                raise ValueError(f"data file {path} has unsupported type {path.suffix!r}; use {', '.join(sorted(LOADERS))}")
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"data file or folder not found: {path}")
+    loaders = {LOADERS[p.suffix] for p in files}
+    if len(loaders) > 1:
+        raise ValueError(f"data_files mix formats {sorted(loaders)}; give files of one format")
+    return files
+
+
+def source_identity(args: DataArguments) -> dict:
+    """What the documents are, for the cache key: names, or paths with sizes and mtimes."""
+    if args.dataset_name:
+        return {"hub": args.dataset_name, "config": args.dataset_config, "split": args.dataset_split}
+    files = expand_files(args.data_files) if args.data_files else stdlib_files()
+    listing = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return {"files": hashlib.sha256(json.dumps(listing).encode()).hexdigest(), "count": len(files),
+            "default": not args.data_files}
+
+
+def load_documents(args: DataArguments) -> Dataset:
+    """All documents as a Dataset with one `text` column, in a fixed order."""
+    if args.dataset_name:
+        raw = _load_hub(args)
+    else:
+        files = expand_files(args.data_files) if args.data_files else stdlib_files()
+        loader = LOADERS[files[0].suffix] if files else "text"
+        kwargs = {"sample_by": "document"} if loader == "text" else {}
+        raw = load_dataset(loader, data_files=[str(p) for p in files], split="train", **kwargs)
+    if args.text_column not in raw.column_names:
+        raise ValueError(f"text column {args.text_column!r} not found; columns are {raw.column_names} "
+                         "(set --text_column)")
+    docs = raw.select_columns([args.text_column])
+    if args.text_column != "text":
+        docs = docs.rename_column(args.text_column, "text")
+    docs = docs.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+    if args.max_documents is not None:
+        docs = docs.select(range(min(args.max_documents, len(docs))))
+    if len(docs) == 0:
+        raise ValueError("the corpus is empty: no document with text was found")
+    return docs
+
+
+def _load_hub(args: DataArguments) -> Dataset:
+    try:
+        if args.streaming:
+            stream = load_dataset(args.dataset_name, args.dataset_config, split=args.dataset_split, streaming=True)
+            stream = stream.select_columns([args.text_column]).take(args.max_documents)
+            return Dataset.from_generator(lambda: (yield from stream))
+        return load_dataset(args.dataset_name, args.dataset_config, split=args.dataset_split)
+    except (ConnectionError, FileNotFoundError, OSError, ValueError) as err:
+        raise RuntimeError(
+            f"could not load Hub dataset {args.dataset_name!r} (config {args.dataset_config!r}): {err}\n"
+            "No network, or HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set? Use local files instead: "
+            "--data_files path/to/docs.jsonl (or .txt/.parquet files or folders), or leave dataset_name "
+            "unset to train on the embedded offline corpus.") from err
+
+
+def split_documents(docs: Dataset, args: DataArguments) -> tuple[Dataset, Dataset]:
+    """Shuffle documents with the seed and hold out whole documents for validation."""
+    n_val = args.validation_documents or max(1, round(len(docs) * args.validation_split))
+    if n_val >= len(docs):
+        raise ValueError(f"{len(docs)} document(s) leave no training data after holding out {n_val} for "
+                         "validation; lower validation_documents/validation_split or raise max_documents")
+    parts = docs.train_test_split(test_size=n_val, seed=args.data_seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+# ----------------------------------------------------------------------------
+# Tokenizer
+
+
+def load_or_train_tokenizer(args: DataArguments, train_docs: Dataset, folder: Path):
+    """A Hub/local tokenizer, or byte-level BPE trained on the training documents and saved to `folder`."""
+    from transformers import AutoTokenizer
+
+    if args.tokenizer_name:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
+        except OSError as err:
+            raise RuntimeError(
+                f"could not load tokenizer {args.tokenizer_name!r}: {err}\nGive a local tokenizer folder, or "
+                "leave tokenizer_name unset to train a BPE tokenizer on the corpus.") from err
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer {args.tokenizer_name!r} has no EOS token to separate documents")
+        return tokenizer
+    if (folder / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(folder)
+    return train_bpe_tokenizer(train_docs["text"], args.tokenizer_vocab_size, folder)
+
+
+def train_bpe_tokenizer(texts, vocab_size: int, folder: Path):
+    """Byte-level BPE (GPT-2 style) with one special token that is EOS, BOS and padding."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+                                      pad_token=EOS_TOKEN, unk_token=None, model_max_length=10**9)
+    wrapped.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)  # exactly what a user reloads from an exported model
+
+
+# ----------------------------------------------------------------------------
+# Tokenize and pack
+
+
+def tokenize(docs: Dataset, tokenizer, num_workers: int) -> Dataset:
+    """Documents -> `input_ids` per document with EOS appended (batched map, `num_workers` processes)."""
+    eos = tokenizer.eos_token_id
+
+    def encode(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [doc + [eos] for doc in ids]}
+
+    return docs.map(encode, batched=True, batch_size=64, remove_columns=docs.column_names,
+                    num_proc=num_workers if num_workers > 1 and len(docs) >= 4 * num_workers else None,
+                    desc="tokenizing")
+
+
+def pack(tokenized: Dataset, block_size: int, pad_id: int, max_tokens: int | None = None) -> Dataset:
+    """Concatenate every document's ids in order and cut into [block_size] blocks.
+
+    Nothing is dropped: the last block is padded with `pad_id`, and its padded positions are
+    labelled -100 so the loss ignores them. Built with Arrow buffers, not Python lists.
+    """
+    flat = tokenized.data.column("input_ids").combine_chunks().flatten().to_numpy().astype(np.int32)
+    if max_tokens is not None:
+        flat = flat[: max_tokens // block_size * block_size]
+    n_blocks = -(-len(flat) // block_size)
+    ids = np.full(n_blocks * block_size, pad_id, dtype=np.int32)
+    ids[: len(flat)] = flat
+    labels = ids.copy()
+    labels[len(flat):] = -100
+    table = pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids), block_size),
+                      "labels": pa.FixedSizeListArray.from_arrays(pa.array(labels), block_size)})
+    return Dataset(table)
+
+
+# ----------------------------------------------------------------------------
+# The one entry point
+
+
+def cache_key(args: DataArguments) -> str:
+    settings = {name: getattr(args, name) for name in (
+        "dataset_config", "dataset_split", "text_column", "tokenizer_name", "tokenizer_vocab_size", "block_size",
+        "validation_split", "validation_documents", "max_documents", "max_train_tokens", "data_seed")}
+    settings["tokenizer_name"] = _tokenizer_identity(args.tokenizer_name)
+    blob = json.dumps({"v": CACHE_VERSION, "source": source_identity(args), **settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _tokenizer_identity(name: str | None):
+    """A local tokenizer folder is identified by its files' contents; a Hub id by its name."""
+    if name and Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+        digest = hashlib.sha256()
+        for path in sorted(folder.iterdir()):
+            if path.is_file():
+                digest.update(path.name.encode() + path.read_bytes())
+        return {"folder": str(folder.resolve()), "sha256": digest.hexdigest()}
+    return name
+
+
+def prepare_data(args: DataArguments, log=print) -> PreparedData:
+    """Packed train/validation datasets and the tokenizer, from the cache when possible."""
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    key = cache_key(args)
+    root = Path(args.data_cache_dir).expanduser() / key
+    if (root / "summary.json").exists():
+        summary = json.loads((root / "summary.json").read_text())
+        summary.update(cache_hit=True, seconds=round(time.perf_counter() - start, 3))
+        return PreparedData(load_from_disk(str(root / "train")), load_from_disk(str(root / "validation")),
+                            AutoTokenizer.from_pretrained(root / "tokenizer"), summary)
+
+    log(f"preparing data (cache miss {key}) ...")
+    docs = load_documents(args)
+    train_docs, val_docs = split_documents(docs, args)
+    tmp = root.with_name(f"{key}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = load_or_train_tokenizer(args, train_docs, tmp / "tokenizer")
+    if args.tokenizer_name:
+        tokenizer.save_pretrained(tmp / "tokenizer")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    splits, summary = {}, {"cache_key": key, "cache_path": str(root), "vocab_size": len(tokenizer),
+                           "block_size": args.block_size, "eos_token_id": tokenizer.eos_token_id}
+    for name, part, cap in (("train", train_docs, args.max_train_tokens), ("validation", val_docs, None)):
+        tokenized = tokenize(part, tokenizer, args.preprocessing_num_workers)
+        splits[name] = pack(tokenized, args.block_size, pad_id, cap)
+        tokens = int(sum(len(ids) for ids in tokenized["input_ids"]))
+        summary[name] = {"documents": len(part), "tokens": tokens, "blocks": len(splits[name])}
+        splits[name].save_to_disk(str(tmp / name))
+    summary["source"] = source_identity(args)
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    if root.exists():  # a concurrent preparation finished first; keep its result
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(root)  # atomic: a crash mid-preparation never leaves a half-written cache entry
+    summary.update(cache_hit=False, seconds=round(time.perf_counter() - start, 3))
+    return PreparedData(load_from_disk(str(root / "train")), load_from_disk(str(root / "validation")),
+                        AutoTokenizer.from_pretrained(root / "tokenizer"), summary)
+
+
+def check_against_model(data: PreparedData, config) -> None:
+    """Refuse data the model cannot take: too-long blocks, ids beyond its vocabulary."""
+    if data.summary["block_size"] > config.max_position_embeddings:
+        raise ValueError(f"block_size={data.summary['block_size']} is larger than the model's "
+                         f"max_position_embeddings={config.max_position_embeddings}")
+    if data.summary["vocab_size"] > config.vocab_size:
+        raise ValueError(f"the tokenizer has {data.summary['vocab_size']} tokens but the model's "
+                         f"vocab_size={config.vocab_size}; set --vocab_size {data.summary['vocab_size']} or more")
+    for name, split in (("train", data.train), ("validation", data.validation)):
+        ids = split.data.column("input_ids").combine_chunks().flatten().to_numpy()
+        if len(ids) and ids.max() >= config.vocab_size:
+            raise ValueError(f"{name} data holds token id {int(ids.max())} >= vocab_size={config.vocab_size}")
+
+
+# ----------------------------------------------------------------------------
+# Order of training blocks
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh seeded permutation of the blocks every epoch: seed + epoch decides it.
+
+    The order is a pure function of (seed, epoch), so a resumed run rebuilds it exactly and
+    skips the batches it already consumed; Accelerate's prepared DataLoader then hands each
+    rank a disjoint share of every global batch (it calls `set_epoch` at each new epoch).
+    """
+
+    def __init__(self, num_blocks: int, seed: int):
+        self.num_blocks, self.seed, self.epoch = num_blocks, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_blocks, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+
+def collate_blocks(rows: list[dict]) -> dict:
+    """Rows of packed blocks -> {"input_ids", "labels"} LongTensors [B, block_size]."""
+    return {key: torch.tensor([row[key] for row in rows], dtype=torch.long) for key in ("input_ids", "labels")}
