@@ -1,6 +1,10 @@
 """Shared fixtures: offline Hub, deterministic seeds, tiny configs."""
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -25,3 +29,62 @@ def tiny_model(**overrides) -> MoEReasonForCausalLM:
 
 def random_ids(batch=2, seq=16, vocab=256) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq))
+
+
+def write_corpus(folder, n=40, column="text"):
+    """A jsonl corpus of n distinguishable documents of different lengths."""
+    path = folder / "docs.jsonl"
+    with open(path, "w") as f:
+        for i in range(n):
+            body = " ".join(f"word{i}_{j} alpha beta" for j in range(3 + i % 7))
+            f.write(json.dumps({column: f"document {i}: {body}.", "id": i}) + "\n")
+    return path
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def train_args(tmp_path, corpus, **overrides) -> list[str]:
+    """Trainer flags for a seconds-long run of the debug preset on a small local corpus."""
+    settings = dict(model_preset="debug", data_files=str(corpus), tokenizer_vocab_size=320, block_size=32,
+                    validation_documents=6, data_cache_dir=str(tmp_path / "data_cache"), max_steps=6,
+                    eval_interval=3, eval_batches=2, log_interval=1, save_interval=3,
+                    per_device_train_batch_size=4, sample_tokens=0, preprocessing_num_workers=1, learning_rate=3e-3)
+    settings.update(overrides)
+    argv = []
+    for name, value in settings.items():
+        argv += [f"--{name}", str(value)]
+    return argv
+
+
+def launch(argv: list[str], config_file: str | None = None, timeout: int = 300, extra_launch=(), check=True):
+    """`accelerate launch [--config_file F] train.py ARGV` as a real process; returns CompletedProcess."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config_file:
+        cmd += ["--config_file", str(REPO / config_file)]
+    else:
+        cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += [*extra_launch, str(REPO / "train.py"), *argv]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=clean_env())
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                      "MASTER_"))}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    return env
+
+
+def read_metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
+
+
+def train_losses(output_dir) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(output_dir) if "train/loss" in r}
+
+
+def eval_records(output_dir) -> list[dict]:
+    return [r for r in read_metrics(output_dir) if "eval/loss" in r]

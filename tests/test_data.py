@@ -10,18 +10,9 @@ from transformers import AutoTokenizer
 
 from moe_reason import MoEReasonConfig
 from moe_reason import data as data_module
+from conftest import write_corpus
 from moe_reason.data import (DataArguments, EpochSampler, check_against_model, load_documents, pack,
                              prepare_data, split_documents, stdlib_files, tokenize)
-
-
-def write_corpus(folder, n=40, column="text"):
-    """A jsonl corpus of n distinguishable documents of different lengths."""
-    path = folder / "docs.jsonl"
-    with open(path, "w") as f:
-        for i in range(n):
-            body = " ".join(f"word{i}_{j} alpha beta" for j in range(3 + i % 7))
-            f.write(json.dumps({column: f"document {i}: {body}.", "id": i}) + "\n")
-    return path
 
 
 def args_for(tmp_path, corpus, **overrides):

@@ -1,0 +1,212 @@
+"""Command-line arguments of the trainer, as dataclasses for `HfArgumentParser`.
+
+    accelerate launch train.py [config.yaml|config.json] [--field value ...]
+
+A YAML/JSON file gives defaults; command-line flags override it. Model fields
+(`--hidden_size`, `--num_experts`, ...) are generated from `MoEReasonConfig`'s own
+fields and docstring, so every config field is settable and documented in one place.
+"""
+
+import dataclasses
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+from .configuration_moe_reason import PRESETS, MoEReasonConfig
+from .data import DataArguments
+
+MODEL_TYPES = ("base", "recursive")
+
+
+def _config_field_help(config_class) -> dict[str, str]:
+    """`name (`type`): text` entries of a config docstring -> {name: text}."""
+    helps, current = {}, None
+    for line in (config_class.__doc__ or "").splitlines():
+        match = re.match(r"\s+(\w+) \(`[^`]*`\): (.*)", line)
+        if match:
+            current = match.group(1)
+            helps[current] = match.group(2).strip()
+        elif current and line.strip():
+            helps[current] += " " + line.strip()
+        else:
+            current = None
+    return helps
+
+
+def _model_override_fields(config_class) -> list[tuple]:
+    helps = _config_field_help(config_class)
+    fields = []
+    for f in dataclasses.fields(config_class):
+        if f.name not in config_class.field_names():
+            continue
+        kind = f.type if isinstance(f.type, type) else type(f.default) if f.default is not None else int
+        fields.append((f.name, kind | None, field(default=None, metadata={
+            "help": f"[model] {helps.get(f.name, f.name)} Default: the preset's value."})))
+    return fields
+
+
+@dataclass
+class _ModelChoice:
+    model_preset: str = field(default="small", metadata={"help": f"Model size preset: one of {sorted(PRESETS)}."})
+    model_type: str = field(default="base", metadata={"help": (
+        "'base': the MoE causal LM; 'recursive': its recursive-reasoning subclass.")})
+    init_from: str | None = field(default=None, metadata={"help": (
+        "Start from the weights of a saved model folder (from_pretrained) instead of random init.")})
+
+    def __post_init__(self):
+        if self.model_preset not in PRESETS:
+            raise ValueError(f"unknown model preset {self.model_preset!r}; known presets: {', '.join(sorted(PRESETS))}")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type={self.model_type!r} is invalid: must be one of {MODEL_TYPES}")
+
+    def overrides(self) -> dict:
+        """Model fields given explicitly (not None) -> {field: value}."""
+        choice = {f.name for f in dataclasses.fields(_ModelChoice)}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in choice and v is not None}
+
+
+ModelArguments = dataclasses.make_dataclass(
+    "ModelArguments", _model_override_fields(MoEReasonConfig), bases=(_ModelChoice,))
+ModelArguments.__doc__ = "Which model to train: a preset plus any config field overridden (None keeps the preset's)."
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str = field(default="outputs/run", metadata={"help": (
+        "Where checkpoints, exported models (best/, final/), TensorBoard events and metrics.jsonl go.")})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": (
+        "Start afresh even if output_dir holds another run (its checkpoints are deleted).")})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": (
+        "'latest' (newest complete checkpoint in output_dir) or a checkpoint folder.")})
+    max_steps: int = field(default=800, metadata={"help": "Optimizer steps to train for."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per device per micro-batch."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Sequences per device per evaluation batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of AdamW."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (never on norms, biases, embeddings)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    warmup_steps: int = field(default=50, metadata={"help": "Linear warmup steps (0 = none; may exceed max_steps)."})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "Decay after warmup: linear, cosine or constant."})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": (
+        "Floor of the decay as a share of the peak learning rate (exp8: linear to 0.1).")})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip gradients to this global norm (0 = off)."})
+    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (passed to Accelerate)."})
+    seed: int = field(default=42, metadata={"help": "Seed of initialisation, dropout, routing noise and data order."})
+    eval_interval: int = field(default=200, metadata={"help": "Evaluate every this many steps (and at the end)."})
+    eval_batches: int = field(default=20, metadata={"help": (
+        "Size of the fixed validation set in batches of per_device_eval_batch_size blocks, the same "
+        "blocks at every evaluation whatever the number of processes (0 = the whole split).")})
+    log_interval: int = field(default=10, metadata={"help": "Log training metrics every this many steps."})
+    save_interval: int = field(default=200, metadata={"help": "Save a resumable checkpoint every this many steps."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep only the newest this many checkpoints."})
+    max_nonfinite_steps: int = field(default=5, metadata={"help": (
+        "Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped).")})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    deepspeed: str | None = field(default=None, metadata={"help": (
+        "DeepSpeed JSON config (see ds_configs/); also lets the plain `deepspeed` launcher run train.py.")})
+    expert_parallel_size: int = field(default=1, metadata={"help": "Ranks that share one layer's experts."})
+    peak_tflops: float | None = field(default=None, metadata={"help": (
+        "Peak TFLOP/s per device for MFU; default: measured by a matmul at start-up on this device.")})
+    sample_prompt: str = field(default="def ", metadata={"help": "Prompt of the sample printed after training."})
+    sample_tokens: int = field(default=48, metadata={"help": "Tokens generated for the final sample (0 = none)."})
+    cpu_threads: int | None = field(default=None, metadata={"help": (
+        "Torch threads per process on a machine without a GPU; default: its cores shared among the local "
+        "processes (`accelerate launch` would otherwise pin one thread per process).")})
+    local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; ignore."})
+
+    def __post_init__(self):
+        positive = ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "eval_interval", "log_interval", "save_interval",
+                    "save_total_limit", "max_nonfinite_steps", "expert_parallel_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainingArguments.{name}={getattr(self, name)!r} is invalid: must be >= 1")
+        checks = [
+            ("learning_rate", self.learning_rate > 0, "> 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("eval_batches", self.eval_batches >= 0, ">= 0"),
+            ("lr_scheduler", self.lr_scheduler in ("linear", "cosine", "constant"), "linear, cosine or constant"),
+            ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "in [0, 1]"),
+            ("max_grad_norm", self.max_grad_norm >= 0, ">= 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("mixed_precision", self.mixed_precision in ("no", "bf16", "fp16"), "no, bf16 or fp16"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"TrainingArguments.{name}={getattr(self, name)!r} is invalid: must be {allowed}")
+        if self.deepspeed and not Path(self.deepspeed).is_file():
+            raise FileNotFoundError(f"DeepSpeed config not found: {self.deepspeed}")
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+
+
+def parse_args(argv: list[str] | None = None):
+    """[config.yaml|.json] [--flag value ...] -> (ModelArguments, DataArguments, TrainingArguments).
+
+    File values are defaults; flags override them. Unknown keys or flags are errors.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    file_args = []
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        file_args = config_file_to_argv(argv.pop(0), parser)
+    return parser.parse_args_into_dataclasses(args=file_args + argv, look_for_args_file=False)
+
+
+def config_file_to_argv(path: str, parser: HfArgumentParser | None = None) -> list[str]:
+    """A YAML/JSON mapping of argument names to values -> equivalent command-line flags."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(file.read_text()) if file.suffix in (".yaml", ".yml") else json.loads(file.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise ValueError(f"config file {path} does not parse: {err}") from err
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of argument names to values")
+    known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"config file {path} has unknown argument(s) {unknown}")
+    return to_argv(values)
+
+
+def to_argv(values: dict) -> list[str]:
+    """{name: value} -> ["--name", "value", ...] in the form HfArgumentParser reads."""
+    argv = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            argv += [f"--{name}", *map(str, value)]
+        else:
+            argv += [f"--{name}", str(value)]
+    return argv
+
+
+def build_config(model_args, vocab_size: int | None = None):
+    """The model config: preset, then the tokenizer's vocabulary size, then explicit overrides."""
+    overrides = model_args.overrides()
+    if vocab_size is not None and "vocab_size" not in overrides:
+        overrides["vocab_size"] = vocab_size
+    if model_args.model_type == "recursive":
+        from .configuration_recursive import RecursiveMoEReasonConfig
+        return RecursiveMoEReasonConfig.from_preset(model_args.model_preset, **overrides)
+    return MoEReasonConfig.from_preset(model_args.model_preset, **overrides)
+
+
+def model_class_for(config):
+    """The causal-LM class that matches a config (the recursive subclass is imported only when needed)."""
+    if config.model_type == "moe_reason_recursive":
+        from .modeling_recursive import RecursiveMoEReasonForCausalLM
+        return RecursiveMoEReasonForCausalLM
+    from .modeling_moe_reason import MoEReasonForCausalLM
+    return MoEReasonForCausalLM

@@ -1,0 +1,98 @@
+"""Resumable checkpoints and exported models, written atomically.
+
+Layout under output_dir:
+    checkpoint-STEP/   accelerator.save_state (model, optimizer, scheduler, RNG) + trainer_state.json
+    best/, final/      save_pretrained: model.safetensors + config.json + tokenizer files
+
+Every folder is written as NAME.tmp and renamed into place only when complete, and old
+checkpoints are removed only after the new one is in place: a crash or kill during a
+save leaves the previous checkpoint intact (a stale .tmp is cleared by the next save).
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def complete_checkpoints(output_dir) -> list[Path]:
+    """Complete checkpoint folders (they hold trainer_state.json), oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if CHECKPOINT.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
+
+
+def resolve_checkpoint(output_dir, spec: str) -> Path:
+    """'latest' or a folder -> a complete checkpoint folder, or a clear error."""
+    if spec == "latest":
+        found = complete_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
+        return found[-1]
+    path = Path(spec)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a complete checkpoint folder "
+                                f"(no {STATE_FILE}); complete ones: {[str(p) for p in complete_checkpoints(output_dir)]}")
+    return path
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    try:
+        return json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"checkpoint {checkpoint} is corrupt: {STATE_FILE} unreadable ({err})") from err
+
+
+def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, total_limit: int) -> Path:
+    """accelerator.save_state into checkpoint-STEP.tmp, then rename and rotate. All ranks call this."""
+    final = Path(output_dir) / f"checkpoint-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        _replace(tmp, final)
+        for old in complete_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def export_model(accelerator, model, tokenizer, folder) -> Path:
+    """Full weights (gathered under ZeRO-3) as safetensors + config + tokenizer. All ranks call this.
+
+    Refuses to write a model with non-finite weights.
+    """
+    folder = Path(folder)
+    state = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank takes part
+    if accelerator.is_main_process:
+        bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+        if bad:
+            raise RuntimeError(f"refusing to export {folder}: non-finite weights in {bad[:5]}")
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _replace(tmp, folder)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Rename tmp to final; an older final is moved aside first and deleted after."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)

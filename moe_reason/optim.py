@@ -1,0 +1,58 @@
+"""AdamW parameter groups and the learning-rate schedule."""
+
+import math
+
+import torch
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: norms, biases and embeddings (and learned state inits) keep weight_decay 0.
+
+    Embeddings are excluded because decay pulls rarely seen tokens' rows to zero; with a tied
+    LM head the shared matrix counts as an embedding. Names are kept in each group (`names`)
+    so DeepSpeed's MoE group split and tests can see what went where.
+    """
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or id(param) in embedding_ids or name.endswith("bias"):
+            no_decay.append((name, param))
+        else:
+            decay.append((name, param))
+    return [
+        {"params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay},
+        {"params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "weight_decay": 0.0},
+    ]
+
+
+def lr_multiplier(step: int, warmup_steps: int, max_steps: int, kind: str = "cosine", min_ratio: float = 0.0) -> float:
+    """Share of the peak learning rate used by optimizer step `step` (0-based).
+
+    Linear warmup reaches the peak on step `warmup_steps - 1` (step 0 already learns), then
+    linear or cosine decay from the peak to `min_ratio` over the remaining steps, or constant.
+    Defined for every pair: warmup 0 starts at the peak; warmup >= max_steps never decays.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    decay_steps = max_steps - warmup_steps  # >= 1 here, because warmup_steps <= step < max_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps))
+    if kind == "linear":
+        shape = 1.0 - progress
+    elif kind == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"lr_scheduler={kind!r} is invalid: must be linear, cosine or constant")
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def make_optimizer_and_scheduler(model, args):
+    optimizer = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "names"} for g in parameter_groups(model, args.weight_decay)],
+        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
+        step, args.warmup_steps, args.max_steps, args.lr_scheduler, args.min_lr_ratio))
+    return optimizer, scheduler

@@ -1,0 +1,50 @@
+"""Learning-rate schedule at its edges, and which parameters get weight decay."""
+
+import math
+
+import pytest
+
+from moe_reason.optim import lr_multiplier, parameter_groups
+
+from conftest import tiny_model
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+@pytest.mark.parametrize("warmup,max_steps", [(0, 1), (0, 10), (3, 10), (10, 10), (15, 10), (1, 1), (9, 10)])
+def test_schedule_is_defined_and_bounded_for_every_pair(kind, warmup, max_steps):
+    values = [lr_multiplier(s, warmup, max_steps, kind, 0.1) for s in range(max_steps)]
+    assert all(math.isfinite(v) and 0.0 < v <= 1.0 for v in values)
+    if warmup == 0:
+        assert values[0] == 1.0  # no warmup: the first step is at the peak
+    else:
+        assert values[0] == pytest.approx(1 / warmup)  # step 0 already learns
+        assert values[: min(warmup, max_steps)] == sorted(values[: min(warmup, max_steps)])
+
+
+def test_warmup_then_decay_to_the_floor():
+    linear = [lr_multiplier(s, 2, 12, "linear", 0.1) for s in range(12)]
+    assert linear[:3] == [0.5, 1.0, 1.0]
+    assert linear[-1] == pytest.approx(0.1 + 0.9 * 0.1)  # last step is one decay step above the floor
+    assert lr_multiplier(12, 2, 12, "linear", 0.1) == pytest.approx(0.1)  # the floor, reached at max_steps
+    cosine = [lr_multiplier(s, 0, 100, "cosine", 0.0) for s in range(101)]
+    assert cosine[50] == pytest.approx(0.5) and cosine[100] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(cosine, cosine[1:]))
+
+
+def test_warmup_longer_than_training_never_decays():
+    assert [lr_multiplier(s, 20, 10, "cosine", 0.1) for s in range(10)] == [(s + 1) / 20 for s in range(10)]
+
+
+def test_unknown_schedule_is_refused():
+    with pytest.raises(ValueError, match="lr_scheduler='step'"):
+        lr_multiplier(5, 0, 10, "step")
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    decay, no_decay = parameter_groups(tiny_model(num_shared_experts=1), 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all("norm" in n or "embed_tokens" in n for n in no_decay["names"])
+    assert "model.embed_tokens.weight" in no_decay["names"]
+    assert any(n.endswith("experts.up_proj") for n in decay["names"])
+    assert any(n.endswith("qkv_proj.weight") for n in decay["names"])
+    assert any(n.endswith("router.weight") for n in decay["names"])

@@ -1,0 +1,211 @@
+"""The trainer as users run it: real processes, CPU, 2 workers where parallel."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from moe_reason.checkpointing import complete_checkpoints, save_checkpoint
+from moe_reason.data import DataArguments, collate_blocks, prepare_data
+from moe_reason.metrics import summarise_eval, token_statistics
+
+from conftest import REPO, clean_env, eval_records, launch, read_metrics, train_args, train_losses, write_corpus
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path, n=80)
+
+
+def evaluate_export(folder, tmp_path, corpus, blocks=8):
+    """Validation loss of an exported folder, computed here independently of the trainer."""
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    data = prepare_data(DataArguments(data_files=[str(corpus)], tokenizer_vocab_size=320, block_size=32,
+                                      validation_documents=6, data_cache_dir=str(tmp_path / "data_cache"),
+                                      preprocessing_num_workers=1), log=lambda _: None)
+    batch = collate_blocks([data.validation[i] for i in range(min(blocks, len(data.validation)))])
+    with torch.no_grad():
+        stats = token_statistics(model(batch["input_ids"]).logits, batch["labels"])
+    return summarise_eval(stats, model.config.vocab_size)["loss"]
+
+
+def test_single_process_run_writes_everything_and_final_reproduces_val_loss(tmp_path, corpus):
+    out = tmp_path / "run"
+    launch(train_args(tmp_path, corpus, output_dir=out, eval_batches=1, per_device_eval_batch_size=8))
+    assert list((out / "tensorboard").rglob("events.out.tfevents*"))
+    assert complete_checkpoints(out)[-1].name == "checkpoint-6"
+    for folder in ("final", "best"):
+        assert (out / folder / "model.safetensors").exists() and (out / folder / "tokenizer.json").exists()
+    records = read_metrics(out)
+    train = [r for r in records if "train/loss" in r]
+    for key in ("train/aux_loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu",
+                "expert_load/layer_0/max_over_mean"):
+        assert key in train[0], key
+    final_eval = eval_records(out)[-1]
+    assert final_eval["step"] == 6 and final_eval["eval/ln_vocab"] == pytest.approx(5.768, abs=1e-3)
+    assert evaluate_export(out / "final", tmp_path, corpus) == pytest.approx(final_eval["eval/loss"], abs=1e-5)
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["final_eval"]["loss"] == final_eval["eval/loss"]
+
+
+def test_loss_decreases_over_a_short_run(tmp_path, corpus):
+    out = tmp_path / "run"
+    launch(train_args(tmp_path, corpus, output_dir=out, max_steps=40, eval_interval=40, save_interval=40,
+                      log_interval=5, learning_rate=1e-2))
+    losses = train_losses(out)
+    assert losses[40] < losses[5] - 0.5, losses
+
+
+def test_resume_is_exact(tmp_path, corpus):
+    noisy = dict(hidden_dropout=0.1, router_jitter_noise=0.1)  # resume must restore the RNG, not just weights
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    launch(train_args(tmp_path, corpus, output_dir=straight, **noisy))
+    launch(train_args(tmp_path, corpus, output_dir=halves, max_steps=3, **noisy))
+    launch(train_args(tmp_path, corpus, output_dir=halves, resume_from_checkpoint="latest", **noisy))
+    assert train_losses(halves) == train_losses(straight)  # every step, bit for bit
+    a, b = load_file(straight / "final" / "model.safetensors"), load_file(halves / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path, corpus):
+    # the aux loss is a product of per-rank statistics, so it is switched off to compare exactly
+    settings = dict(router_aux_loss_coef=0.0, max_steps=5, eval_interval=5)
+    launch(train_args(tmp_path, corpus, output_dir=tmp_path / "one", per_device_train_batch_size=4, **settings))
+    result = launch(train_args(tmp_path, corpus, output_dir=tmp_path / "two", per_device_train_batch_size=2,
+                               **settings), config_file="accelerate_configs/cpu_ddp.yaml")
+    assert "2 process(es) (MULTI_CPU)" in result.stdout
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-5), step  # float reduction order only
+    assert eval_records(tmp_path / "two")[-1]["eval/loss"] == pytest.approx(
+        eval_records(tmp_path / "one")[-1]["eval/loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_zero_runs_lower_the_loss_and_export_the_gathered_weights(tmp_path, corpus, stage):
+    out = tmp_path / stage
+    result = launch(train_args(tmp_path, corpus, output_dir=out, max_steps=12, eval_interval=12, save_interval=12,
+                               learning_rate=1e-2, eval_batches=1, per_device_eval_batch_size=8),
+                    config_file=f"accelerate_configs/deepspeed_{stage}.yaml")
+    assert "2 process(es) (DEEPSPEED)" in result.stdout
+    losses = train_losses(out)
+    assert losses[12] < losses[1], losses
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    gathered = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoint-12"))
+    exported = load_file(out / "final" / "model.safetensors")
+    for name, tensor in exported.items():
+        torch.testing.assert_close(tensor, gathered[name], atol=0, rtol=0, msg=name)
+    assert evaluate_export(out / "final", tmp_path, corpus) == pytest.approx(eval_records(out)[-1]["eval/loss"], abs=1e-5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_on_loopback_train_together(tmp_path, corpus):
+    out, port = tmp_path / "two_machines", free_port()
+    argv = train_args(tmp_path, corpus, output_dir=out, max_steps=4, eval_interval=4, save_interval=4,
+                      per_device_train_batch_size=2)
+    procs = []
+    for rank in (0, 1):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "accelerate_configs/cpu_ddp.yaml"), "--num_machines", "2", "--num_processes", "2",
+               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+               str(REPO / "train.py"), *argv]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "2 process(es) (MULTI_CPU)" in logs[0]
+    assert (out / "final" / "model.safetensors").exists() and sorted(train_losses(out)) == [1, 2, 3, 4]
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_zero(tmp_path, corpus):
+    out = tmp_path / "run"
+    argv = train_args(tmp_path, corpus, output_dir=out, max_steps=100000, save_interval=100000,
+                      eval_interval=100000, log_interval=1)
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3):
+        assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before training"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, log[-3000:]
+    assert "--resume_from_checkpoint latest" in log
+    stopped = complete_checkpoints(out)[-1]
+    step = int(stopped.name.split("-")[1])
+    assert step >= 3
+    launch(train_args(tmp_path, corpus, output_dir=out, max_steps=step + 2, eval_interval=100000,
+                      save_interval=100000, resume_from_checkpoint="latest"))
+    assert max(train_losses(out)) == step + 2
+
+
+class FakeAccelerator:
+    """Enough of Accelerator for save_checkpoint in one process; save_state can be made to die midway."""
+    is_main_process = True
+
+    def __init__(self, die=False):
+        self.die = die
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder):
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        if self.die:
+            raise KeyboardInterrupt("killed during save")
+
+
+def test_a_kill_during_save_leaves_the_previous_checkpoint_intact(tmp_path):
+    save_checkpoint(FakeAccelerator(), tmp_path, 10, {"step": 10}, total_limit=1)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(FakeAccelerator(die=True), tmp_path, 20, {"step": 20}, total_limit=1)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-10"]
+    assert json.loads((tmp_path / "checkpoint-10" / "trainer_state.json").read_text())["step"] == 10
+    save_checkpoint(FakeAccelerator(), tmp_path, 20, {"step": 20}, total_limit=1)  # the stale .tmp is cleared
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-20"]
+
+
+@pytest.mark.parametrize("case", ["unknown_arg", "unknown_preset", "bad_yaml", "ds_contradiction", "occupied_output",
+                                  "bad_resume"])
+def test_bad_setups_fail_before_training_with_a_clear_message(tmp_path, corpus, case):
+    out = tmp_path / "run"
+    argv = train_args(tmp_path, corpus, output_dir=out)
+    if case == "unknown_arg":
+        argv, expected = argv + ["--learning_rat", "1e-3"], "--learning_rat"
+    elif case == "unknown_preset":
+        argv, expected = argv + ["--model_preset", "giant"], "unknown model preset 'giant'"
+    elif case == "bad_yaml":
+        (tmp_path / "x.yaml").write_text("max_steps: [1\n")
+        argv, expected = [str(tmp_path / "x.yaml")] + argv, "does not parse"
+    elif case == "ds_contradiction":
+        ds = json.loads((REPO / "ds_configs/zero2.json").read_text())
+        ds["gradient_clipping"] = 0.5
+        (tmp_path / "ds.json").write_text(json.dumps(ds))
+        argv, expected = argv + ["--deepspeed", str(tmp_path / "ds.json")], "gradient_clipping=0.5 vs 1.0"
+    elif case == "occupied_output":
+        out.mkdir()
+        (out / "run_args.json").write_text("{}")
+        expected = "already holds a different run"
+    else:
+        argv, expected = argv + ["--resume_from_checkpoint", str(tmp_path / "nowhere")], "not a complete checkpoint"
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, env=clean_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and expected in result.stderr, result.stderr[-2000:]
+    assert not (out / "final").exists()

@@ -1,0 +1,9 @@
+"""Train a moe_reason model: `accelerate launch train.py [config.yaml] [--flag value ...]`.
+
+The loop lives in moe_reason/train.py; `python train.py --help` lists every argument.
+"""
+
+from moe_reason.train import main
+
+if __name__ == "__main__":
+    main()
