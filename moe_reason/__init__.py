@@ -8,7 +8,9 @@ marks them for `register_for_auto_class` so a saved folder also loads with
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_moe_reason import PRESETS, MoEReasonConfig
+from .configuration_recursive import RecursiveMoEReasonConfig
 from .modeling_moe_reason import MoEReasonForCausalLM, MoEReasonModel, MoEReasonPreTrainedModel
+from .modeling_recursive import RecursiveMoEReasonForCausalLM
 
 __version__ = "0.1.0"
 
@@ -18,5 +20,10 @@ AutoModelForCausalLM.register(MoEReasonConfig, MoEReasonForCausalLM)
 MoEReasonConfig.register_for_auto_class()
 MoEReasonModel.register_for_auto_class("AutoModel")
 MoEReasonForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+AutoConfig.register(RecursiveMoEReasonConfig.model_type, RecursiveMoEReasonConfig)
+AutoModelForCausalLM.register(RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM)
+RecursiveMoEReasonConfig.register_for_auto_class()
+RecursiveMoEReasonForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["PRESETS", "MoEReasonConfig", "MoEReasonForCausalLM", "MoEReasonModel", "MoEReasonPreTrainedModel"]
+__all__ = ["PRESETS", "MoEReasonConfig", "MoEReasonForCausalLM", "MoEReasonModel", "MoEReasonPreTrainedModel",
+           "RecursiveMoEReasonConfig", "RecursiveMoEReasonForCausalLM"]

@@ -18,6 +18,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from .configuration_moe_reason import PRESETS, MoEReasonConfig
+from .configuration_recursive import RecursiveMoEReasonConfig
 from .data import DataArguments
 
 MODEL_TYPES = ("base", "recursive")
@@ -39,7 +40,10 @@ def _config_field_help(config_class) -> dict[str, str]:
 
 
 def _model_override_fields(config_class) -> list[tuple]:
-    helps = _config_field_help(config_class)
+    helps = {}
+    for cls in reversed(config_class.__mro__):  # base fields' help first, the subclass's added on top
+        if isinstance(cls, type) and issubclass(cls, MoEReasonConfig):
+            helps.update(_config_field_help(cls))
     fields = []
     for f in dataclasses.fields(config_class):
         if f.name not in config_class.field_names():
@@ -71,7 +75,7 @@ class _ModelChoice:
 
 
 ModelArguments = dataclasses.make_dataclass(
-    "ModelArguments", _model_override_fields(MoEReasonConfig), bases=(_ModelChoice,))
+    "ModelArguments", _model_override_fields(RecursiveMoEReasonConfig), bases=(_ModelChoice,))
 ModelArguments.__doc__ = "Which model to train: a preset plus any config field overridden (None keeps the preset's)."
 
 
@@ -114,7 +118,7 @@ class TrainingArguments:
     expert_parallel_size: int = field(default=1, metadata={"help": "Ranks that share one layer's experts."})
     peak_tflops: float | None = field(default=None, metadata={"help": (
         "Peak TFLOP/s per device for MFU; default: measured by a matmul at start-up on this device.")})
-    sample_prompt: str = field(default="def ", metadata={"help": "Prompt of the sample printed after training."})
+    sample_prompt: str = field(default="def read_config(path):\n", metadata={"help": "Prompt of the sample printed after training."})
     sample_tokens: int = field(default=48, metadata={"help": "Tokens generated for the final sample (0 = none)."})
     cpu_threads: int | None = field(default=None, metadata={"help": (
         "Torch threads per process on a machine without a GPU; default: its cores shared among the local "
@@ -154,7 +158,7 @@ def parse_args(argv: list[str] | None = None):
     File values are defaults; flags override them. Unknown keys or flags are errors.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False)  # a typo must not pass as another flag
     file_args = []
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         file_args = config_file_to_argv(argv.pop(0), parser)
@@ -198,8 +202,10 @@ def build_config(model_args, vocab_size: int | None = None):
     if vocab_size is not None and "vocab_size" not in overrides:
         overrides["vocab_size"] = vocab_size
     if model_args.model_type == "recursive":
-        from .configuration_recursive import RecursiveMoEReasonConfig
         return RecursiveMoEReasonConfig.from_preset(model_args.model_preset, **overrides)
+    recursive_only = sorted(set(overrides) - MoEReasonConfig.field_names())
+    if recursive_only:
+        raise ValueError(f"{recursive_only} apply to the recursive model only; add --model_type recursive")
     return MoEReasonConfig.from_preset(model_args.model_preset, **overrides)
 
 

@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      if k not in ("resume_from_checkpoint", "overwrite_output_dir", "max_steps",
                                                   "local_rank", "cpu_threads")}
     check_output_dir(args, run_args)
+    build_config(model_args)  # invalid model fields fail here, before any data or process-group work
     if args.expert_parallel_size > 1:
         raise ValueError("expert_parallel_size > 1 is not available in this version; use 1 (the default)")
 
@@ -304,7 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
                         if getattr(output, name, None) is not None:
                             window[name] += getattr(output, name).detach().float()
                     for name, value in (getattr(output, "training_metrics", None) or {}).items():
-                        extra_window[name] = extra_window.get(name, 0.0) + float(value)
+                        if value is not None:  # recursion steps, halt rate, ...: summed as tensors, no sync here
+                            extra_window[name] = extra_window.get(name, 0.0) + torch.as_tensor(value).detach().float()
                     load_meter.update(getattr(output, "expert_load", None))
                 window["micro"] += 1
                 window["skipped"] += int(nonfinite)
@@ -348,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
                           "train/tokens_per_s": tokens_per_s,
                           "train/mfu": tokens_per_s * flops_per_token / (peak * accelerator.num_processes),
                           "train/epoch": state["epoch"], "train/skipped_micro_batches": window["skipped"],
-                          **{f"train/{k}": v / good for k, v in extra_window.items()},
+                          **{f"train/{k}": float(v) / good for k, v in extra_window.items()},
                           **load_meter.summary()}
                 log(record, step)
                 progress.set_postfix(loss=f"{means['lm_loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")

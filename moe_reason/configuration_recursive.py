@@ -1,0 +1,58 @@
+"""Configuration of the recursive-reasoning variant (HRM/TRM-style latent recursion)."""
+
+from .configuration_moe_reason import MoEReasonConfig, _is_int, _require
+
+RECURSION_GRADIENTS = ("last_cycle", "one_step")
+EVAL_HALTING = ("max_steps", "q_head")
+
+
+class RecursiveMoEReasonConfig(MoEReasonConfig):
+    r"""Configuration of [`RecursiveMoEReasonForCausalLM`]: every `MoEReasonConfig` field plus the recursion.
+
+    Args:
+        h_cycles (`int`): answer-state updates per supervision step (HRM's H cycles).
+        l_cycles (`int`): scratchpad updates before each answer update (HRM's L cycles).
+        halt_max_steps (`int`): most supervision steps (deep supervision) per example.
+        halt_exploration_prob (`float`): in training, chance that an example must run a random minimum
+            number of steps in [2, halt_max_steps] before the Q-head may halt it (HRM/TRM exploration).
+        use_act (`bool`): adaptive computation time: the Q-head halts examples early. Without it
+            every example runs exactly `halt_max_steps` supervision steps.
+        recursion_gradient (`str`): `"last_cycle"`: backprop through the whole last H cycle
+            (its l_cycles + 1 passes, TRM's choice); `"one_step"`: only the last L pass and the H
+            pass (HRM's one-step approximation). Earlier passes always run without gradient.
+        act_loss_coef (`float`): weight of the halting (Q-head) loss.
+        halt_target_accuracy (`float`): a sequence's prediction counts as correct, the Q-head's target,
+            when at least this share of its predicted tokens is right (1.0 = every token, HRM's
+            exact match), in (0, 1].
+        eval_halting (`str`): at evaluation, `"max_steps"` runs every example to `halt_max_steps`;
+            `"q_head"` lets the Q-head halt them.
+    """
+
+    model_type = "moe_reason_recursive"
+
+    h_cycles: int = 2
+    l_cycles: int = 2
+    halt_max_steps: int = 2
+    halt_exploration_prob: float = 0.1
+    use_act: bool = True
+    recursion_gradient: str = "last_cycle"
+    act_loss_coef: float = 0.5
+    halt_target_accuracy: float = 1.0
+    eval_halting: str = "max_steps"
+    use_cache: bool = False  # generation recomputes the recursion over the whole prefix (no KV cache)
+
+    def check(self) -> None:
+        super().check()
+        for name in ("h_cycles", "l_cycles", "halt_max_steps"):
+            _require(self, name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
+        _require(self, "halt_exploration_prob", 0.0 <= self.halt_exploration_prob <= 1.0, "a probability in [0, 1]")
+        _require(self, "recursion_gradient", self.recursion_gradient in RECURSION_GRADIENTS,
+                 f"one of {RECURSION_GRADIENTS}")
+        _require(self, "act_loss_coef", self.act_loss_coef >= 0.0, "a number >= 0")
+        _require(self, "halt_target_accuracy", 0.0 < self.halt_target_accuracy <= 1.0, "a share in (0, 1]")
+        _require(self, "eval_halting", self.eval_halting in EVAL_HALTING, f"one of {EVAL_HALTING}")
+        _require(self, "use_cache", not self.use_cache, "False: the recursive model has no KV cache")
+
+    def passes_per_step(self) -> int:
+        """Decoder-stack passes of one training forward at most: per supervision step h*(l+1)."""
+        return self.h_cycles * (self.l_cycles + 1) * self.halt_max_steps

@@ -1,0 +1,237 @@
+"""The recursive-reasoning variant: the MoE decoder stack run as a weight-shared recurrent network.
+
+Follows HRM (sapientinc/HRM) and its simplification TRM (SamsungSAILMontreal/TinyRecursiveModels)
+on a causal LM. Per token there are two latent states, z_H (the answer) and z_L (the scratchpad),
+with learned initial values. With f = final_norm(decoder_stack(.)) and x the embedded input
+(computed once per forward), one *supervision step* is:
+
+    for each of h_cycles:
+        repeat l_cycles times:  z_L <- f(z_L + z_H + x)
+        z_H <- f(z_H + z_L)
+    logits = lm_head(z_H)
+
+Only the last passes of a step carry gradient (config.recursion_gradient). Deep supervision runs up
+to halt_max_steps steps per example, detaching the state in between and counting every step's
+loss. A Q-head reads the mean of z_H over the sequence's positions (each causal position has seen
+its prefix, so the mean has seen the whole sequence, unlike position 0) and predicts "halt now".
+
+What "correct" means for language modelling: a sequence's current prediction is correct when the
+share of its next-token predictions that are right (argmax == label, over labelled positions) is at
+least config.halt_target_accuracy; 1.0 is HRM's exact match of the whole sequence. The Q-head is
+trained with binary cross-entropy towards that target (TRM: no extra continue pass). Halted examples
+leave the batch and cost no further compute.
+
+State belongs to one example and one forward call: nothing carries over to the next batch.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+
+from .configuration_recursive import RecursiveMoEReasonConfig
+from .modeling_moe_reason import MoEReasonCausalLMOutput, MoEReasonForCausalLM, expert_load
+
+
+@dataclass
+class RecursiveCausalLMOutput(MoEReasonCausalLMOutput):
+    """`MoEReasonCausalLMOutput` plus the halting figures.
+
+    `loss` = mean over (example, supervision step) of [LM loss + act_loss_coef * halting loss]
+    + the router terms; `lm_loss` is the token-mean cross-entropy of each example's final
+    prediction (comparable with the base model's); `recursion_steps` [B] counts the supervision
+    steps each example ran; `halt_rate` is the share halted before halt_max_steps; `q_accuracy`
+    the share of Q-head decisions (halt = logit > 0) that matched the target.
+    """
+
+    act_loss: torch.FloatTensor | None = None
+    recursion_steps: torch.FloatTensor | None = None
+    halt_rate: torch.FloatTensor | None = None
+    q_accuracy: torch.FloatTensor | None = None
+    training_metrics: dict | None = None
+
+
+class LatentInit(nn.Module):
+    """Learned initial values of z_H and z_L, one vector each, shared by all positions.
+
+    They receive gradient only where a gradient-carrying pass reads them: with h_cycles = 1
+    (TRM's last-cycle gradient) on the first supervision step; otherwise the passes that read
+    them run without gradient and they keep their initial value, as HRM's and TRM's fixed buffers do.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(2, hidden_size))  # [z_H, z_L]
+
+
+class HaltingHead(nn.Linear):
+    """Q-head: pooled z_H [b, H] -> halt logit [b, 1] (halt when > 0)."""
+
+
+class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
+    config_class = RecursiveMoEReasonConfig
+    config: RecursiveMoEReasonConfig
+
+    def __init__(self, config: RecursiveMoEReasonConfig):
+        super().__init__(config)
+        self.z_init = LatentInit(config.hidden_size)
+        self.q_head = HaltingHead(config.hidden_size, 1)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The base model's initialisation, plus: z_init = 0, so the first pass sees exactly the embedded
+        input; Q-head weight 0 and bias -5, so halting starts almost never (as in TRM)."""
+        super()._init_weights(module)
+        if isinstance(module, LatentInit):
+            init.zeros_(module.weight)
+        elif isinstance(module, HaltingHead):
+            init.zeros_(module.weight)
+            init.constant_(module.bias, -5.0)
+
+    # ---- the recurrent network
+
+    def f(self, hidden, position_embeddings, mask, token_mask, passes: list):
+        """One pass of the shared network: decoder stack + final norm. Records router outputs in `passes`."""
+        hidden, router_logits, experts, _ = self.model.decode(hidden, position_embeddings, mask)
+        passes.append((router_logits, experts, token_mask))
+        return self.model.norm(hidden)
+
+    def supervision_step(self, x, z_H, z_L, position_embeddings, mask, token_mask, passes: list):
+        """h_cycles x (l_cycles L-updates + 1 H-update); gradient only through the configured last passes."""
+        cfg = self.config
+        total = cfg.h_cycles * (cfg.l_cycles + 1)
+        with_grad = cfg.l_cycles + 1 if cfg.recursion_gradient == "last_cycle" else 2
+        index = 0
+        for _ in range(cfg.h_cycles):
+            for _ in range(cfg.l_cycles):
+                with torch.set_grad_enabled(torch.is_grad_enabled() and index >= total - with_grad):
+                    z_L = self.f(z_L + z_H + x, position_embeddings, mask, token_mask, passes)
+                index += 1
+            with torch.set_grad_enabled(torch.is_grad_enabled() and index >= total - with_grad):
+                z_H = self.f(z_H + z_L, position_embeddings, mask, token_mask, passes)
+            index += 1
+        return z_H, z_L
+
+    # ---- forward with deep supervision and halting
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
+                logits_to_keep: int = 0, **kwargs) -> RecursiveCausalLMOutput:
+        cfg = self.config
+        x = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [B, S, H], once
+        B, S, _ = x.shape
+        (cos, sin), mask = self.model.prepare_positions(x, attention_mask, position_ids, None)
+        token_mask = attention_mask[:, -S:].to(x.dtype) if attention_mask is not None else x.new_ones(B, S)
+        halt_by_q = cfg.use_act and (self.training or cfg.eval_halting == "q_head")
+        min_steps = torch.ones(B, dtype=torch.long, device=x.device)
+        if self.training and cfg.use_act and cfg.halt_exploration_prob > 0:
+            explore = torch.rand(B, device=x.device) < cfg.halt_exploration_prob
+            drawn = torch.randint(2, cfg.halt_max_steps + 1, (B,), device=x.device) if cfg.halt_max_steps >= 2 \
+                else min_steps
+            min_steps = torch.where(explore, drawn, min_steps)
+
+        def rows_of(t, rows):  # per-example tensors follow the active rows; shared ones broadcast
+            return t if t is None or t.shape[0] == 1 else t[rows]
+
+        rows = torch.arange(B, device=x.device)  # the examples still running
+        z_H = self.z_init.weight[0].to(x.dtype).expand(B, S, -1)
+        z_L = self.z_init.weight[1].to(x.dtype).expand(B, S, -1)
+        passes, finished, steps = [], [], torch.zeros(B, device=x.device)
+        lm_sum = act_sum = x.new_zeros((), dtype=torch.float32)
+        pairs = q_right = 0
+        ghost, ghost_term = None, x.new_zeros((), dtype=torch.float32)
+        for step in range(1, cfg.halt_max_steps + 1):
+            if len(rows) == 0:
+                # every local example halted but another rank still runs: repeat a zero-weighted pass so
+                # each rank makes the same module calls (ZeRO-3 gathers parameters per call)
+                gz_H, _ = self.supervision_step(*ghost, passes=[])
+                ghost_term = ghost_term + 0.0 * (self.lm_head(gz_H).float().sum() + self.q_head(gz_H).float().sum())
+                if not self.any_rank_running(False, x.device):
+                    break
+                continue
+            x_rows, m_rows = rows_of(x, rows), rows_of(token_mask, rows)
+            pe = (rows_of(cos, rows), rows_of(sin, rows))
+            z_H, z_L = self.supervision_step(x_rows, z_H, z_L, pe, rows_of(mask, rows), m_rows, passes)
+            logits = self.lm_head(z_H if labels is not None or logits_to_keep == 0 else z_H[:, -logits_to_keep:])
+            q = self.q_head((z_H * m_rows[..., None]).sum(1) / m_rows.sum(1, keepdim=True).clamp(min=1)).squeeze(-1)
+            steps[rows] = step
+            halt = torch.full_like(q, step == cfg.halt_max_steps, dtype=torch.bool)
+            if labels is not None:
+                nll, accuracy = sequence_statistics(logits, rows_of(labels, rows))
+                correct = accuracy >= cfg.halt_target_accuracy
+                bce = F.binary_cross_entropy_with_logits(q.float(), correct.float(), reduction="none")
+                lm_sum, act_sum = lm_sum + nll.sum(), act_sum + bce.sum()
+                pairs += len(rows)
+                q_right += int(((q > 0) == correct).sum())
+            if halt_by_q:
+                halt = halt | ((q.detach() > 0) & (step >= min_steps[rows]))
+            finished.append((rows[halt], logits[halt]))
+            keep = ~halt
+            ghost = (x_rows[:1], z_H[:1].detach(), z_L[:1].detach(), (pe[0][:1], pe[1][:1]),
+                     None if rows_of(mask, rows) is None else rows_of(mask, rows)[:1], m_rows[:1])
+            rows, z_H, z_L = rows[keep], z_H[keep].detach(), z_L[keep].detach()  # state detached between steps
+            if not self.any_rank_running(len(rows) > 0, x.device):
+                break
+
+        order = torch.cat([r for r, _ in finished])
+        final_logits = torch.cat([lg for _, lg in finished])[torch.argsort(order)]  # back to batch order
+        aux, z_loss, load = self.pass_router_losses(passes)
+        lm_loss = loss = act_loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(final_logits, labels, cfg.vocab_size)
+            act_loss = act_sum / pairs
+            loss = self.combine_losses((lm_sum + cfg.act_loss_coef * act_sum) / pairs, aux, z_loss) + ghost_term
+        if logits_to_keep and labels is not None:
+            final_logits = final_logits[:, -logits_to_keep:]
+        halt_rate = (steps < cfg.halt_max_steps).float().mean()
+        q_accuracy = torch.tensor(q_right / pairs) if pairs else None
+        metrics = {"recursion_steps": steps.mean(), "halt_rate": halt_rate}
+        if act_loss is not None:
+            metrics.update(act_loss=act_loss.detach(), q_accuracy=q_accuracy)
+        return RecursiveCausalLMOutput(
+            loss=loss, aux_loss=aux, logits=final_logits, lm_loss=lm_loss, z_loss=z_loss, expert_load=load,
+            act_loss=act_loss, recursion_steps=steps, halt_rate=halt_rate, q_accuracy=q_accuracy,
+            training_metrics=metrics,
+        )
+
+    def any_rank_running(self, local: bool, device) -> bool:
+        """Whether any rank still has examples running (one small all-reduce per step in distributed training)."""
+        if not (self.training and torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1):
+            return local
+        flag = torch.tensor([float(local)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def pass_router_losses(self, passes):
+        """Aux loss and z-loss averaged over every pass; expert load summed over every pass."""
+        aux_terms, z_terms, load = [], [], None
+        for router_logits, experts, token_mask in passes:
+            aux, z = self.router_losses(router_logits, experts, token_mask)
+            aux_terms += [aux] if aux is not None else []
+            z_terms += [z] if z is not None else []
+            pass_load = expert_load(experts, self.config.num_experts)
+            load = pass_load if load is None else load + pass_load
+        aux = torch.stack(aux_terms).mean() if aux_terms else None
+        z = torch.stack(z_terms).mean() if z_terms else None
+        return aux, z, load
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        """No KV cache: every decoding step reruns the recursion over the whole prefix."""
+        position_ids = None
+        if attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+
+
+def sequence_statistics(logits: torch.Tensor, labels: torch.Tensor):
+    """Per sequence: mean next-token NLL (fp32) and share of right predictions, over labelled positions."""
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    valid = (targets != -100).float()
+    nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+    count = valid.sum(1).clamp(min=1)
+    right = (logits.argmax(-1) == targets).float() * valid
+    return (nll * valid).sum(1) / count, right.sum(1) / count

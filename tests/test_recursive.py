@@ -1,0 +1,154 @@
+"""RecursiveMoEReasonForCausalLM: the relation to the base model, gradients, halting, state, saving."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moe_reason import MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
+
+from conftest import launch, random_ids, train_args, train_losses, write_corpus
+
+
+def recursive(**overrides) -> RecursiveMoEReasonForCausalLM:
+    return RecursiveMoEReasonForCausalLM(RecursiveMoEReasonConfig.from_preset("debug", **overrides)).eval()
+
+
+def test_one_cycle_without_act_is_the_base_model_applied_twice():
+    """h_cycles = l_cycles = 1, no ACT, initial states 0 (their init): z_L = f(x) is the base model's final
+    hidden state, and z_H = f(z_L), so logits = base(inputs_embeds=base hidden state)."""
+    model = recursive(h_cycles=1, l_cycles=1, use_act=False, halt_max_steps=1)
+    base = MoEReasonForCausalLM(model.config).eval()
+    base.load_state_dict(model.state_dict(), strict=False)
+    ids = random_ids()
+    hidden = base.model(ids).last_hidden_state
+    torch.testing.assert_close(model(ids).logits, base(inputs_embeds=hidden).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode,grad_passes", [("last_cycle", [False] * 3 + [True] * 3), ("one_step", [False] * 4 + [True] * 2)])
+def test_gradient_flows_only_through_the_configured_passes(mode, grad_passes):
+    model = recursive(h_cycles=2, l_cycles=2, halt_max_steps=1, use_act=False, recursion_gradient=mode).train()
+    seen = []
+    decode = model.model.decode
+
+    def recording(hidden, *args, **kwargs):
+        seen.append(torch.is_grad_enabled())
+        return decode(hidden, *args, **kwargs)
+
+    model.model.decode = recording
+    ids = random_ids()
+    model(ids, labels=ids).loss.backward()
+    assert seen == grad_passes  # 2 H cycles x (2 L passes + 1 H pass), gradient only at the end
+    assert model.model.layers[0].mlp.experts.up_proj.grad.abs().sum() > 0
+    assert model.z_init.weight.grad is None  # read only by passes without gradient here
+
+
+def test_latent_init_learns_when_a_gradient_pass_reads_it():
+    model = recursive(h_cycles=1, l_cycles=1, halt_max_steps=1, use_act=False).train()
+    ids = random_ids()
+    model(ids, labels=ids).loss.backward()
+    assert model.z_init.weight.grad.abs().sum() > 0
+
+
+def test_q_head_gets_gradient_and_aux_loss_counts_every_pass():
+    model = recursive(h_cycles=2, l_cycles=1, halt_max_steps=2, router_aux_loss_coef=0.1).train()
+    ids = random_ids()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert model.q_head.weight.grad.abs().sum() > 0 and model.q_head.bias.grad.abs() > 0
+    assert out.aux_loss > 0 and out.act_loss is not None
+    # 2 supervision steps x 2 H cycles x (1 L + 1 H) = 8 passes, every token routed to k=2 experts in each
+    assert out.expert_load.sum().item() == 8 * 2 * 16 * 2 * 2  # passes x batch x seq x k x layers
+
+
+def test_state_belongs_to_one_batch():
+    model = recursive(halt_max_steps=2)
+    first, second = random_ids(), random_ids()
+    alone = model(second).logits
+    model(first)
+    torch.testing.assert_close(model(second).logits, alone, atol=0, rtol=0)
+
+
+def test_halted_examples_stop_consuming_compute():
+    model = recursive(halt_max_steps=3, use_act=True, eval_halting="q_head")
+    with torch.no_grad():
+        model.q_head.bias.fill_(5.0)  # every example wants to halt at once
+    passes = []
+    decode = model.model.decode
+    model.model.decode = lambda h, *a, **k: passes.append(h.shape[0]) or decode(h, *a, **k)
+    out = model(random_ids(4, 8))
+    assert out.recursion_steps.tolist() == [1, 1, 1, 1] and len(passes) == 2 * 3  # one step: 2 x (2 + 1)
+    model.config.eval_halting = "max_steps"
+    assert model(random_ids(4, 8)).recursion_steps.tolist() == [3, 3, 3, 3]
+
+
+def test_halting_learns_to_stop_easy_examples_earlier():
+    """Easy: a sequence repeating one token (predictable at once); hard: random tokens (never correct)."""
+    torch.manual_seed(0)
+    model = recursive(halt_max_steps=3, h_cycles=1, l_cycles=1, halt_exploration_prob=0.0,
+                      halt_target_accuracy=0.8, router_aux_loss_coef=0.0, num_hidden_layers=1).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def batch(n=8):
+        easy = torch.randint(0, 256, (n, 1)).repeat(1, 16)
+        hard = torch.randint(0, 256, (n, 16))
+        return easy, hard
+
+    for _ in range(150):
+        easy, hard = batch()
+        ids = torch.cat([easy, hard])
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.config.eval_halting = "q_head"
+    easy, hard = batch(32)
+    with torch.no_grad():
+        easy_steps = model(easy).recursion_steps.mean().item()
+        hard_steps = model(hard).recursion_steps.mean().item()
+    assert easy_steps < hard_steps, (easy_steps, hard_steps)
+    assert hard_steps == pytest.approx(3.0)
+
+
+def test_round_trip_and_deterministic_generate(tmp_path):
+    model = recursive(halt_max_steps=2)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is RecursiveMoEReasonForCausalLM
+    ids = random_ids()
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    first = model.generate(ids[:, :5], max_new_tokens=6, do_sample=False)
+    assert torch.equal(first, model.generate(ids[:, :5], max_new_tokens=6, do_sample=False))
+    step_by_step = ids[:, :5]
+    for _ in range(6):
+        step_by_step = torch.cat([step_by_step, model(step_by_step).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(first, step_by_step)
+
+
+@pytest.mark.parametrize("field,value", [("h_cycles", 0), ("l_cycles", -1), ("halt_max_steps", 0),
+                                         ("halt_exploration_prob", 1.5), ("recursion_gradient", "full"),
+                                         ("act_loss_coef", -1.0), ("halt_target_accuracy", 0.0),
+                                         ("eval_halting", "never"), ("use_cache", True)])
+def test_invalid_recursive_fields_raise_naming_them(field, value):
+    with pytest.raises(ValueError, match=rf"RecursiveMoEReasonConfig\.{field}="):
+        RecursiveMoEReasonConfig.from_preset("debug", **{field: value})
+
+
+def test_presets_are_shared_with_the_base_model():
+    c = RecursiveMoEReasonConfig.from_preset("exp8", h_cycles=2)
+    assert c.hidden_size == 512 and c.h_cycles == 2 and c.passes_per_step() == 2 * 3 * c.halt_max_steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_file", [None, "accelerate_configs/deepspeed_zero2.yaml"])
+def test_trainer_runs_the_recursive_model_and_lowers_the_loss(tmp_path, config_file):
+    corpus = write_corpus(tmp_path, n=80)
+    out = tmp_path / "recursive"
+    launch(train_args(tmp_path, corpus, output_dir=out, model_type="recursive", max_steps=12, eval_interval=12,
+                      save_interval=12, learning_rate=1e-2, log_interval=4, halt_max_steps=2, h_cycles=1,
+                      l_cycles=1), config_file=config_file)
+    losses = train_losses(out)
+    assert losses[12] < losses[4], losses
+    records = [r for r in __import__("conftest").read_metrics(out) if "train/recursion_steps" in r]
+    assert records and "train/halt_rate" in records[0] and "train/act_loss" in records[0]
+    assert type(AutoModelForCausalLM.from_pretrained(out / "final")) is RecursiveMoEReasonForCausalLM
