@@ -91,6 +91,9 @@ class TrainingArguments:
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per device per micro-batch."})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Sequences per device per evaluation batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    global_batch_size: int | None = field(default=None, metadata={"help": (
+        "Sequences per optimizer step over all processes; sets gradient_accumulation_steps to "
+        "global_batch_size / (per_device_train_batch_size x processes), which must divide exactly.")})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of AdamW."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (never on norms, biases, embeddings)."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
@@ -216,3 +219,18 @@ def model_class_for(config):
         return RecursiveMoEReasonForCausalLM
     from .modeling_moe_reason import MoEReasonForCausalLM
     return MoEReasonForCausalLM
+
+
+def resolve_global_batch(args, world_size: int) -> None:
+    """Derive gradient_accumulation_steps from --global_batch_size, or refuse a split that does not divide."""
+    if args.global_batch_size is None:
+        return
+    per_step = args.per_device_train_batch_size * world_size
+    steps, rest = divmod(args.global_batch_size, per_step)
+    if rest or steps == 0:
+        raise ValueError(f"global_batch_size={args.global_batch_size} is not a multiple of per_device_train_batch_size"
+                         f"={args.per_device_train_batch_size} x {world_size} process(es) = {per_step}")
+    if args.gradient_accumulation_steps not in (1, steps):
+        raise ValueError(f"global_batch_size={args.global_batch_size} implies gradient_accumulation_steps={steps}, "
+                         f"but {args.gradient_accumulation_steps} was given; set only one of them")
+    args.gradient_accumulation_steps = steps

@@ -22,7 +22,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .arguments import ARGUMENT_CLASSES, build_config, model_class_for, parse_args
+from .arguments import ARGUMENT_CLASSES, build_config, model_class_for, parse_args, resolve_global_batch
 from .checkpointing import (complete_checkpoints, export_model, read_trainer_state, resolve_checkpoint,
                             save_checkpoint)
 from .data import EpochSampler, check_against_model, collate_blocks, prepare_data
@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                   "local_rank", "cpu_threads")}
     check_output_dir(args, run_args)
     build_config(model_args)  # invalid model fields fail here, before any data or process-group work
+    resolve_global_batch(args, int(os.environ.get("WORLD_SIZE", "1")))
     if args.expert_parallel_size > 1:
         raise ValueError("expert_parallel_size > 1 is not available in this version; use 1 (the default)")
 

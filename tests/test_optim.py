@@ -48,3 +48,15 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     assert any(n.endswith("experts.up_proj") for n in decay["names"])
     assert any(n.endswith("qkv_proj.weight") for n in decay["names"])
     assert any(n.endswith("router.weight") for n in decay["names"])
+
+
+def test_global_batch_size_sets_accumulation_or_is_refused():
+    from moe_reason.arguments import TrainingArguments, resolve_global_batch
+    args = TrainingArguments(per_device_train_batch_size=4, global_batch_size=32)
+    resolve_global_batch(args, world_size=2)
+    assert args.gradient_accumulation_steps == 4
+    with pytest.raises(ValueError, match="implies gradient_accumulation_steps=4, but 3 was given"):
+        resolve_global_batch(TrainingArguments(per_device_train_batch_size=4, global_batch_size=32,
+                                               gradient_accumulation_steps=3), world_size=2)
+    with pytest.raises(ValueError, match="not a multiple of per_device_train_batch_size=4 x 2 process"):
+        resolve_global_batch(TrainingArguments(per_device_train_batch_size=4, global_batch_size=12), world_size=2)

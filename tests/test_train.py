@@ -189,7 +189,7 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint_intact(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown_arg", "unknown_preset", "bad_yaml", "ds_contradiction", "occupied_output",
-                                  "bad_resume"])
+                                  "bad_resume", "indivisible_batch"])
 def test_bad_setups_fail_before_training_with_a_clear_message(tmp_path, corpus, case):
     out = tmp_path / "run"
     argv = train_args(tmp_path, corpus, output_dir=out)
@@ -209,6 +209,8 @@ def test_bad_setups_fail_before_training_with_a_clear_message(tmp_path, corpus, 
         out.mkdir()
         (out / "run_args.json").write_text("{}")
         expected = "already holds a different run"
+    elif case == "indivisible_batch":
+        argv, expected = argv + ["--global_batch_size", "10"], "global_batch_size=10 is not a multiple of"
     else:
         argv, expected = argv + ["--resume_from_checkpoint", str(tmp_path / "nowhere")], "not a complete checkpoint"
     result = subprocess.run([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, env=clean_env(),
