@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from .configuration_moe_reason import PRESETS, MoEReasonConfig
+from .configuration_moe_reason import PRESETS, MoEReasonConfig, require
 from .configuration_recursive import RecursiveMoEReasonConfig
 from .data import DataArguments
 
@@ -65,8 +65,7 @@ class _ModelChoice:
     def __post_init__(self):
         if self.model_preset not in PRESETS:
             raise ValueError(f"unknown model preset {self.model_preset!r}; known presets: {', '.join(sorted(PRESETS))}")
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type={self.model_type!r} is invalid: must be one of {MODEL_TYPES}")
+        require(self, "model_type", self.model_type in MODEL_TYPES, f"one of {MODEL_TYPES}")
 
     def overrides(self) -> dict:
         """Model fields given explicitly (not None) -> {field: value}."""
@@ -133,8 +132,7 @@ class TrainingArguments:
                     "gradient_accumulation_steps", "eval_interval", "log_interval", "save_interval",
                     "save_total_limit", "max_nonfinite_steps", "expert_parallel_size")
         for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainingArguments.{name}={getattr(self, name)!r} is invalid: must be >= 1")
+            require(self, name, getattr(self, name) >= 1, ">= 1")
         checks = [
             ("learning_rate", self.learning_rate > 0, "> 0"),
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
@@ -146,8 +144,7 @@ class TrainingArguments:
             ("mixed_precision", self.mixed_precision in ("no", "bf16", "fp16"), "no, bf16 or fp16"),
         ]
         for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"TrainingArguments.{name}={getattr(self, name)!r} is invalid: must be {allowed}")
+            require(self, name, ok, allowed)
         if self.deepspeed and not Path(self.deepspeed).is_file():
             raise FileNotFoundError(f"DeepSpeed config not found: {self.deepspeed}")
 

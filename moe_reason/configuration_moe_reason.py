@@ -118,31 +118,31 @@ class MoEReasonConfig(PretrainedConfig):
         """Raise `ValueError` naming the first invalid field and what is allowed."""
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-            _require(self, name, _is_int(getattr(self, name)) and getattr(self, name) > 0, "a positive integer")
-        _require(self, "num_experts", _is_int(self.num_experts) and self.num_experts >= 1, "an integer >= 1")
-        _require(self, "num_experts_per_tok",
+            require(self, name, _is_int(getattr(self, name)) and getattr(self, name) > 0, "a positive integer")
+        require(self, "num_experts", _is_int(self.num_experts) and self.num_experts >= 1, "an integer >= 1")
+        require(self, "num_experts_per_tok",
                  _is_int(self.num_experts_per_tok) and 1 <= self.num_experts_per_tok <= self.num_experts,
                  f"an integer in [1, num_experts={self.num_experts}]")
-        _require(self, "hidden_size", self.hidden_size % self.num_attention_heads == 0,
+        require(self, "hidden_size", self.hidden_size % self.num_attention_heads == 0,
                  f"a multiple of num_attention_heads={self.num_attention_heads}")
-        _require(self, "num_key_value_heads", self.num_attention_heads % self.num_key_value_heads == 0,
+        require(self, "num_key_value_heads", self.num_attention_heads % self.num_key_value_heads == 0,
                  f"a divisor of num_attention_heads={self.num_attention_heads}")
-        _require(self, "hidden_size", self.head_dim % 2 == 0,
+        require(self, "hidden_size", self.head_dim % 2 == 0,
                  "such that hidden_size / num_attention_heads is even (rotary embeddings rotate pairs)")
-        _require(self, "expert_activation", self.expert_activation in EXPERT_ACTIVATIONS,
+        require(self, "expert_activation", self.expert_activation in EXPERT_ACTIVATIONS,
                  f"one of {EXPERT_ACTIVATIONS}")
-        _require(self, "num_shared_experts", _is_int(self.num_shared_experts) and self.num_shared_experts >= 0,
+        require(self, "num_shared_experts", _is_int(self.num_shared_experts) and self.num_shared_experts >= 0,
                  "an integer >= 0")
         for name in ("hidden_dropout", "attention_dropout"):
-            _require(self, name, 0.0 <= getattr(self, name) < 1.0, "a probability in [0, 1)")
+            require(self, name, 0.0 <= getattr(self, name) < 1.0, "a probability in [0, 1)")
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise"):
-            _require(self, name, getattr(self, name) >= 0.0, "a number >= 0")
-        _require(self, "router_jitter_noise", self.router_jitter_noise < 1.0, "a number in [0, 1)")
+            require(self, name, getattr(self, name) >= 0.0, "a number >= 0")
+        require(self, "router_jitter_noise", self.router_jitter_noise < 1.0, "a number in [0, 1)")
         for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
-            _require(self, name, getattr(self, name) > 0.0, "a number > 0")
+            require(self, name, getattr(self, name) > 0.0, "a number > 0")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            _require(self, name, value is None or (_is_int(value) and 0 <= value < self.vocab_size),
+            require(self, name, value is None or (_is_int(value) and 0 <= value < self.vocab_size),
                      f"None or a token id in [0, vocab_size={self.vocab_size})")
 
     @classmethod
@@ -167,6 +167,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _require(config: MoEReasonConfig, field: str, ok: bool, allowed: str) -> None:
+def require(obj, field: str, ok: bool, allowed: str) -> None:
+    """Raise `ValueError("Class.field=value is invalid: must be <allowed>")` unless `ok`.
+
+    The one wording for invalid settings, shared by the configs and the argument dataclasses.
+    """
     if not ok:
-        raise ValueError(f"{type(config).__name__}.{field}={getattr(config, field)!r} is invalid: must be {allowed}")
+        raise ValueError(f"{type(obj).__name__}.{field}={getattr(obj, field)!r} is invalid: must be {allowed}")

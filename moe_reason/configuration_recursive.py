@@ -1,6 +1,6 @@
 """Configuration of the recursive-reasoning variant (HRM/TRM-style latent recursion)."""
 
-from .configuration_moe_reason import MoEReasonConfig, _is_int, _require
+from .configuration_moe_reason import MoEReasonConfig, _is_int, require
 
 RECURSION_GRADIENTS = ("last_cycle", "one_step")
 EVAL_HALTING = ("max_steps", "q_head")
@@ -44,14 +44,14 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
     def check(self) -> None:
         super().check()
         for name in ("h_cycles", "l_cycles", "halt_max_steps"):
-            _require(self, name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
-        _require(self, "halt_exploration_prob", 0.0 <= self.halt_exploration_prob <= 1.0, "a probability in [0, 1]")
-        _require(self, "recursion_gradient", self.recursion_gradient in RECURSION_GRADIENTS,
+            require(self, name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
+        require(self, "halt_exploration_prob", 0.0 <= self.halt_exploration_prob <= 1.0, "a probability in [0, 1]")
+        require(self, "recursion_gradient", self.recursion_gradient in RECURSION_GRADIENTS,
                  f"one of {RECURSION_GRADIENTS}")
-        _require(self, "act_loss_coef", self.act_loss_coef >= 0.0, "a number >= 0")
-        _require(self, "halt_target_accuracy", 0.0 < self.halt_target_accuracy <= 1.0, "a share in (0, 1]")
-        _require(self, "eval_halting", self.eval_halting in EVAL_HALTING, f"one of {EVAL_HALTING}")
-        _require(self, "use_cache", not self.use_cache, "False: the recursive model has no KV cache")
+        require(self, "act_loss_coef", self.act_loss_coef >= 0.0, "a number >= 0")
+        require(self, "halt_target_accuracy", 0.0 < self.halt_target_accuracy <= 1.0, "a share in (0, 1]")
+        require(self, "eval_halting", self.eval_halting in EVAL_HALTING, f"one of {EVAL_HALTING}")
+        require(self, "use_cache", not self.use_cache, "False: the recursive model has no KV cache")
 
     def passes_per_step(self) -> int:
         """Decoder-stack passes of one training forward at most: per supervision step h*(l+1)."""

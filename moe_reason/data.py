@@ -25,6 +25,8 @@ import pyarrow as pa
 import torch
 from datasets import Dataset, load_dataset, load_from_disk
 
+from .configuration_moe_reason import require
+
 CACHE_VERSION = 1  # bump when the prepared layout changes
 EOS_TOKEN = "<|endoftext|>"
 LOADERS = {".txt": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -71,8 +73,7 @@ class DataArguments:
             ("preprocessing_num_workers", self.preprocessing_num_workers >= 1, "an integer >= 1"),
         ]
         for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"DataArguments.{name}={getattr(self, name)!r} is invalid: must be {allowed}")
+            require(self, name, ok, allowed)
         if self.dataset_name and self.data_files:
             raise ValueError("give either dataset_name (Hub) or data_files (local), not both")
         if self.streaming and not self.dataset_name:
