@@ -24,6 +24,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 from datasets import Dataset, load_dataset, load_from_disk
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .configuration_moe_reason import require
 
@@ -186,8 +188,6 @@ def split_documents(docs: Dataset, args: DataArguments) -> tuple[Dataset, Datase
 
 def load_or_train_tokenizer(args: DataArguments, train_docs: Dataset, folder: Path):
     """A Hub/local tokenizer, or byte-level BPE trained on the training documents and saved to `folder`."""
-    from transformers import AutoTokenizer
-
     if args.tokenizer_name:
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
@@ -198,16 +198,11 @@ def load_or_train_tokenizer(args: DataArguments, train_docs: Dataset, folder: Pa
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {args.tokenizer_name!r} has no EOS token to separate documents")
         return tokenizer
-    if (folder / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(folder)
     return train_bpe_tokenizer(train_docs["text"], args.tokenizer_vocab_size, folder)
 
 
 def train_bpe_tokenizer(texts, vocab_size: int, folder: Path):
     """Byte-level BPE (GPT-2 style) with one special token that is EOS, BOS and padding."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -237,13 +232,18 @@ def tokenize(docs: Dataset, tokenizer, num_workers: int) -> Dataset:
                     desc="tokenizing")
 
 
+def flat_ids(dataset: Dataset) -> np.ndarray:
+    """All `input_ids` of a dataset, rows concatenated in order, straight from the Arrow buffers."""
+    return dataset.data.column("input_ids").combine_chunks().flatten().to_numpy()
+
+
 def pack(tokenized: Dataset, block_size: int, pad_id: int, max_tokens: int | None = None) -> Dataset:
     """Concatenate every document's ids in order and cut into [block_size] blocks.
 
     Nothing is dropped: the last block is padded with `pad_id`, and its padded positions are
     labelled -100 so the loss ignores them. Built with Arrow buffers, not Python lists.
     """
-    flat = tokenized.data.column("input_ids").combine_chunks().flatten().to_numpy().astype(np.int32)
+    flat = flat_ids(tokenized).astype(np.int32)
     if max_tokens is not None:
         flat = flat[: max_tokens // block_size * block_size]
     n_blocks = -(-len(flat) // block_size)
@@ -283,16 +283,13 @@ def _tokenizer_identity(name: str | None):
 
 def prepare_data(args: DataArguments, log=print) -> PreparedData:
     """Packed train/validation datasets and the tokenizer, from the cache when possible."""
-    from transformers import AutoTokenizer
-
     start = time.perf_counter()
     key = cache_key(args)
     root = Path(args.data_cache_dir).expanduser() / key
     if (root / "summary.json").exists():
         summary = json.loads((root / "summary.json").read_text())
         summary.update(cache_hit=True, seconds=round(time.perf_counter() - start, 3))
-        return PreparedData(load_from_disk(str(root / "train")), load_from_disk(str(root / "validation")),
-                            AutoTokenizer.from_pretrained(root / "tokenizer"), summary)
+        return load_prepared(root, summary)
 
     log(f"preparing data (cache miss {key}) ...")
     docs = load_documents(args)
@@ -308,7 +305,7 @@ def prepare_data(args: DataArguments, log=print) -> PreparedData:
     for name, part, cap in (("train", train_docs, args.max_train_tokens), ("validation", val_docs, None)):
         tokenized = tokenize(part, tokenizer, args.preprocessing_num_workers)
         splits[name] = pack(tokenized, args.block_size, pad_id, cap)
-        tokens = int(sum(len(ids) for ids in tokenized["input_ids"]))
+        tokens = len(flat_ids(tokenized))  # not a Python pass over every document's list
         summary[name] = {"documents": len(part), "tokens": tokens, "blocks": len(splits[name])}
         splits[name].save_to_disk(str(tmp / name))
     summary["source"] = source_identity(args)
@@ -318,6 +315,11 @@ def prepare_data(args: DataArguments, log=print) -> PreparedData:
     else:
         tmp.rename(root)  # atomic: a crash mid-preparation never leaves a half-written cache entry
     summary.update(cache_hit=False, seconds=round(time.perf_counter() - start, 3))
+    return load_prepared(root, summary)
+
+
+def load_prepared(root: Path, summary: dict) -> PreparedData:
+    """A complete cache entry -> PreparedData (the same objects on a hit and right after a miss)."""
     return PreparedData(load_from_disk(str(root / "train")), load_from_disk(str(root / "validation")),
                         AutoTokenizer.from_pretrained(root / "tokenizer"), summary)
 
@@ -331,7 +333,7 @@ def check_against_model(data: PreparedData, config) -> None:
         raise ValueError(f"the tokenizer has {data.summary['vocab_size']} tokens but the model's "
                          f"vocab_size={config.vocab_size}; set --vocab_size {data.summary['vocab_size']} or more")
     for name, split in (("train", data.train), ("validation", data.validation)):
-        ids = split.data.column("input_ids").combine_chunks().flatten().to_numpy()
+        ids = flat_ids(split)
         if len(ids) and ids.max() >= config.vocab_size:
             raise ValueError(f"{name} data holds token id {int(ids.max())} >= vocab_size={config.vocab_size}")
 
