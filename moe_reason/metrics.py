@@ -5,6 +5,8 @@ import time
 
 import torch
 
+from .modeling_moe_reason import next_token_statistics as token_statistics  # noqa: F401  (re-exported)
+
 
 def matmul_params_per_token(config) -> int:
     """Weights each token multiplies by in one forward pass (only its k routed experts count)."""
@@ -78,16 +80,6 @@ class ExpertLoadMeter:
                 out[f"expert_load/layer_{layer}/expert_{expert}_share"] = float(count / counts.sum().clamp(min=1e-9))
         self.total = None
         return out
-
-
-def token_statistics(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per sequence [B, 3]: summed next-token NLL (fp32), predicted tokens, correct predictions."""
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    valid = targets != -100
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
-    correct = (logits.argmax(-1) == targets) & valid
-    return torch.stack([(nll * valid).sum(1), valid.sum(1).float(), correct.sum(1).float()], dim=1)
 
 
 def summarise_eval(stats: torch.Tensor, vocab_size: int) -> dict[str, float]:

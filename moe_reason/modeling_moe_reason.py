@@ -453,6 +453,18 @@ def router_z_loss(router_logits, token_mask=None) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
+def next_token_statistics(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sequence [B, 3]: summed next-token NLL (fp32), labelled positions, right argmax predictions.
+
+    logits [B, S, V] predict labels shifted by one; positions labelled -100 are left out.
+    """
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    valid = targets != -100
+    nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")  # [B, S-1]
+    correct = (logits.argmax(-1) == targets) & valid
+    return torch.stack([(nll * valid).sum(1), valid.sum(1).float(), correct.sum(1).float()], dim=1)
+
+
 def expert_load(selected_experts, num_experts: int) -> torch.Tensor:
     """Tokens routed to each expert in each layer -> [L, E] (float, no gradient)."""
     with torch.no_grad():

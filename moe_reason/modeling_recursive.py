@@ -32,7 +32,7 @@ from torch import nn
 from transformers import initialization as init
 
 from .configuration_recursive import RecursiveMoEReasonConfig
-from .modeling_moe_reason import MoEReasonCausalLMOutput, MoEReasonForCausalLM, expert_load
+from .modeling_moe_reason import MoEReasonCausalLMOutput, MoEReasonForCausalLM, expert_load, next_token_statistics
 
 
 @dataclass
@@ -154,7 +154,8 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
                 continue
             x_rows, m_rows = rows_of(x, rows), rows_of(token_mask, rows)
             pe = (rows_of(cos, rows), rows_of(sin, rows))
-            z_H, z_L = self.supervision_step(x_rows, z_H, z_L, pe, rows_of(mask, rows), m_rows, passes)
+            mask_rows = rows_of(mask, rows)
+            z_H, z_L = self.supervision_step(x_rows, z_H, z_L, pe, mask_rows, m_rows, passes)
             logits = self.lm_head(z_H if labels is not None or logits_to_keep == 0 else z_H[:, -logits_to_keep:])
             q = self.q_head((z_H * m_rows[..., None]).sum(1) / m_rows.sum(1, keepdim=True).clamp(min=1)).squeeze(-1)
             steps[rows] = step
@@ -171,7 +172,7 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
             finished.append((rows[halt], logits[halt]))
             keep = ~halt
             ghost = (x_rows[:1], z_H[:1].detach(), z_L[:1].detach(), (pe[0][:1], pe[1][:1]),
-                     None if rows_of(mask, rows) is None else rows_of(mask, rows)[:1], m_rows[:1])
+                     None if mask_rows is None else mask_rows[:1], m_rows[:1])
             rows, z_H, z_L = rows[keep], z_H[keep].detach(), z_L[keep].detach()  # state detached between steps
             if not self.any_rank_running(len(rows) > 0, x.device):
                 break
@@ -229,9 +230,6 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
 
 def sequence_statistics(logits: torch.Tensor, labels: torch.Tensor):
     """Per sequence: mean next-token NLL (fp32) and share of right predictions, over labelled positions."""
-    logits, targets = logits[:, :-1].float(), labels[:, 1:]
-    valid = (targets != -100).float()
-    nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
-    count = valid.sum(1).clamp(min=1)
-    right = (logits.argmax(-1) == targets).float() * valid
-    return (nll * valid).sum(1) / count, right.sum(1) / count
+    nll, count, right = next_token_statistics(logits, labels).unbind(1)
+    count = count.clamp(min=1)
+    return nll / count, right / count
