@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from moe_reason import MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
 
-from conftest import launch, random_ids, train_args, train_losses, write_corpus
+from conftest import launch, random_ids, read_metrics, train_args, train_losses, write_corpus
 
 
 def recursive(**overrides) -> RecursiveMoEReasonForCausalLM:
@@ -149,6 +149,6 @@ def test_trainer_runs_the_recursive_model_and_lowers_the_loss(tmp_path, config_f
                       l_cycles=1), config_file=config_file)
     losses = train_losses(out)
     assert losses[12] < losses[4], losses
-    records = [r for r in __import__("conftest").read_metrics(out) if "train/recursion_steps" in r]
+    records = [r for r in read_metrics(out) if "train/recursion_steps" in r]
     assert records and "train/halt_rate" in records[0] and "train/act_loss" in records[0]
     assert type(AutoModelForCausalLM.from_pretrained(out / "final")) is RecursiveMoEReasonForCausalLM
