@@ -117,7 +117,9 @@ class TrainingArguments:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     deepspeed: str | None = field(default=None, metadata={"help": (
         "DeepSpeed JSON config (see ds_configs/); also lets the plain `deepspeed` launcher run train.py.")})
-    expert_parallel_size: int = field(default=1, metadata={"help": "Ranks that share one layer's experts."})
+    expert_parallel_size: int = field(default=1, metadata={"help": (
+        "Ranks that split each MoE layer's experts (all-to-all between them); needs DeepSpeed ZeRO 0-2 and must "
+        "divide num_experts and the number of processes. 1: every rank holds every expert.")})
     peak_tflops: float | None = field(default=None, metadata={"help": (
         "Peak TFLOP/s per device for MFU; default: measured by a matmul at start-up on this device.")})
     sample_prompt: str = field(default="def read_config(path):\n", metadata={"help": "Prompt of the sample printed after training."})

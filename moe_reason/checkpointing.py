@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+EXPERT_SHARD = re.compile(r"^expert_shard_\d+_of_(\d+)\.safetensors$")
 STATE_FILE = "trainer_state.json"
 
 
@@ -43,6 +44,15 @@ def resolve_checkpoint(output_dir, spec: str) -> Path:
     return path
 
 
+def check_expert_parallel_size(checkpoint: Path, ep_size: int) -> None:
+    """A checkpoint resumes only at the expert-parallel size it was saved with (its experts are sharded)."""
+    saved = {int(m.group(1)) for p in checkpoint.iterdir() if (m := EXPERT_SHARD.match(p.name))} or {1}
+    if saved != {ep_size}:
+        raise ValueError(f"checkpoint {checkpoint} was saved with expert_parallel_size={max(saved)}, not {ep_size}: "
+                         "resume at the size it was saved with, or start a new run from its exported model "
+                         "(best/ or final/) with --init_from, which loads at any expert_parallel_size")
+
+
 def read_trainer_state(checkpoint: Path) -> dict:
     try:
         return json.loads((checkpoint / STATE_FILE).read_text())
@@ -50,14 +60,20 @@ def read_trainer_state(checkpoint: Path) -> dict:
         raise ValueError(f"checkpoint {checkpoint} is corrupt: {STATE_FILE} unreadable ({err})") from err
 
 
-def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, total_limit: int) -> Path:
-    """accelerator.save_state into checkpoint-STEP.tmp, then rename and rotate. All ranks call this."""
+def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, total_limit: int,
+                    save_extra=None) -> Path:
+    """accelerator.save_state into checkpoint-STEP.tmp, then rename and rotate. All ranks call this.
+
+    `save_extra(folder)`, if given, runs on every rank after save_state (expert-parallel shards).
+    """
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if save_extra is not None:
+        save_extra(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
@@ -68,13 +84,18 @@ def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, tot
     return final
 
 
-def export_model(accelerator, model, tokenizer, folder) -> Path:
+def export_model(accelerator, model, tokenizer, folder, gather_experts: bool = False) -> Path:
     """Full weights (gathered under ZeRO-3) as safetensors + config + tokenizer. All ranks call this.
 
-    Refuses to write a model with non-finite weights.
+    With expert parallelism (`gather_experts`) each rank holds a slice of the experts: the full
+    [E, ...] tensors are gathered, so the export never depends on the EP size. Refuses to write
+    a model with non-finite weights.
     """
     folder = Path(folder)
     state = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank takes part
+    if gather_experts:
+        from .expert_parallel import full_state_dict
+        state = full_state_dict(accelerator.unwrap_model(model), state)
     if accelerator.is_main_process:
         bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
         if bad:

@@ -9,8 +9,10 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only: norms, biases and embeddings (and learned state inits) keep weight_decay 0.
 
     Embeddings are excluded because decay pulls rarely seen tokens' rows to zero; with a tied
-    LM head the shared matrix counts as an embedding. Names are kept in each group (`names`)
-    so DeepSpeed's MoE group split and tests can see what went where.
+    LM head the shared matrix counts as an embedding. Parameter names are kept in each group
+    (`names`) so tests can see what went where; each group has a `name`, which DeepSpeed's MoE
+    split needs. Expert-parallel expert weights (tagged `allreduce=False`) then move into
+    groups of their own marked `moe`, so ZeRO reduces them only within their expert-data-parallel group.
     """
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay = [], []
@@ -21,10 +23,16 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append((name, param))
         else:
             decay.append((name, param))
-    return [
-        {"params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay},
-        {"params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "weight_decay": 0.0},
+    groups = [
+        {"name": "decay", "params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay},
+        {"name": "no_decay", "params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "weight_decay": 0.0},
     ]
+    if any(getattr(p, "allreduce", True) is False for g in groups for p in g["params"]):
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+        for group in groups:
+            group.pop("names")  # the split copies groups by params; names would no longer match
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return groups
 
 
 def lr_multiplier(step: int, warmup_steps: int, max_steps: int, kind: str = "cosine", min_ratio: float = 0.0) -> float:

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .arguments import ARGUMENT_CLASSES, build_config, model_class_for, parse_args, resolve_global_batch
-from .checkpointing import (complete_checkpoints, export_model, read_trainer_state, resolve_checkpoint,
-                            save_checkpoint)
+from .checkpointing import (check_expert_parallel_size, complete_checkpoints, export_model, read_trainer_state,
+                            resolve_checkpoint, save_checkpoint)
 from .data import EpochSampler, check_against_model, collate_blocks, prepare_data
 from .metrics import (ExpertLoadMeter, measure_peak_flops, summarise_eval, token_statistics,
                       training_flops_per_token)
@@ -164,6 +164,18 @@ class StopRequest:
         return bool(accelerator.reduce(flag, "sum") > 0)
 
 
+def rank_load_summary(accelerator, rank_rows: torch.Tensor | None) -> dict:
+    """Rows each rank's experts processed per layer (EP), gathered: imbalance across ranks in TensorBoard."""
+    if rank_rows is None:
+        return {}
+    table = accelerator.gather(rank_rows.reshape(1, -1).float()).cpu()  # [world, L]
+    record = {f"expert_parallel/rows_layer{layer}_rank{rank}": float(table[rank, layer])
+              for rank in range(table.shape[0]) for layer in range(table.shape[1])}
+    per_rank = table.sum(1)
+    record["expert_parallel/rank_imbalance"] = float(per_rank.max() / per_rank.mean().clamp_min(1))
+    return record
+
+
 def any_nonfinite(accelerator, value: torch.Tensor) -> bool:
     bad = (~torch.isfinite(value.detach().float())).float().reshape(1)
     if accelerator.num_processes > 1:
@@ -178,10 +190,12 @@ def main(argv: list[str] | None = None) -> dict:
                                      if k not in ("resume_from_checkpoint", "overwrite_output_dir", "max_steps",
                                                   "local_rank", "cpu_threads")}
     check_output_dir(args, run_args)
+    checkpoint = resolve_checkpoint(Path(args.output_dir), args.resume_from_checkpoint) \
+        if args.resume_from_checkpoint else None
+    if checkpoint is not None:
+        check_expert_parallel_size(checkpoint, args.expert_parallel_size)
     build_config(model_args)  # invalid model fields fail here, before any data or process-group work
     resolve_global_batch(args, int(os.environ.get("WORLD_SIZE", "1")))
-    if args.expert_parallel_size > 1:
-        raise ValueError("expert_parallel_size > 1 is not available in this version; use 1 (the default)")
 
     accelerator = make_accelerator(args)
     if not torch.cuda.is_available():
@@ -190,6 +204,11 @@ def main(argv: list[str] | None = None) -> dict:
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if is_deepspeed:
         reconcile_deepspeed_config(accelerator, args)
+    expert_parallel = args.expert_parallel_size > 1
+    if expert_parallel:  # imported only here: it needs DeepSpeed
+        from .expert_parallel import check_layout, load_shards, save_shards, shard_experts, tokens_per_rank
+        check_layout(build_config(model_args).num_experts, args.expert_parallel_size, accelerator.num_processes,
+                     accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed else None)
     out = Path(args.output_dir)
     if accelerator.is_main_process:
         if args.overwrite_output_dir and not args.resume_from_checkpoint:
@@ -213,6 +232,10 @@ def main(argv: list[str] | None = None) -> dict:
         else model_class(config)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
+    if expert_parallel:  # every rank built (or loaded) the same full model; each keeps its experts' slice
+        shard_experts(model, args.expert_parallel_size)
+        accelerator.print(f"expert parallelism: {args.expert_parallel_size} ranks per group, "
+                          f"{config.num_experts // args.expert_parallel_size} experts per rank")
     if is_deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3:
         # ZeRO-3 gathers a module's parameters when its forward starts; an expert that gets no
         # tokens on one rank would skip that gather and hang the others, so the whole MoE block is one leaf
@@ -241,10 +264,14 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.register_for_checkpointing(scheduler)
 
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_val_loss": None, "nonfinite_in_a_row": 0}
-    if args.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(out, args.resume_from_checkpoint)
+    if checkpoint is not None:
         state.update(read_trainer_state(checkpoint))
-        accelerator.load_state(str(checkpoint))
+        # under expert parallelism DeepSpeed's module file holds the dense weights only (its
+        # checkpoint code knows only its own MoE layout); the ZeRO optimizer files restore the
+        # experts' fp32 master copies and our shard files the module's expert weights
+        accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if expert_parallel else {}))
+        if expert_parallel:
+            load_shards(accelerator.unwrap_model(model), checkpoint)
         accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
 
     seq_len = data.summary["block_size"]
@@ -268,11 +295,12 @@ def main(argv: list[str] | None = None) -> dict:
                           f"ppl {result['perplexity']:.1f}, acc {result['accuracy']:.3f}")
         if state["best_val_loss"] is None or result["loss"] < state["best_val_loss"]:
             state["best_val_loss"] = result["loss"]
-            export_model(accelerator, model, data.tokenizer, out / "best")
+            export_model(accelerator, model, data.tokenizer, out / "best", gather_experts=expert_parallel)
         return result
 
-    def checkpoint(step: int) -> Path:
-        return save_checkpoint(accelerator, out, step, dict(state), args.save_total_limit)
+    def save(step: int) -> Path:
+        save_extra = (lambda folder: save_shards(accelerator.unwrap_model(model), folder)) if expert_parallel else None
+        return save_checkpoint(accelerator, out, step, dict(state), args.save_total_limit, save_extra)
 
     # ---- the loop
     stop = StopRequest()
@@ -280,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     window = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0, "micro": 0, "skipped": 0}
     extra_window: dict[str, float] = {}
     load_meter = ExpertLoadMeter()
+    rank_rows = None  # [L] rows this rank's experts processed per MoE layer since the last log (EP only)
     progress = tqdm(total=args.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
                     desc="training", dynamic_ncols=True)
     last_eval, saved_step, step_ok = None, state["step"] if args.resume_from_checkpoint else None, True
@@ -309,6 +338,9 @@ def main(argv: list[str] | None = None) -> dict:
                         if value is not None:  # recursion steps, halt rate, ...: summed as tensors, no sync here
                             extra_window[name] = extra_window.get(name, 0.0) + torch.as_tensor(value).detach().float()
                     load_meter.update(getattr(output, "expert_load", None))
+                    if expert_parallel:
+                        received = tokens_per_rank(accelerator.unwrap_model(model))
+                        rank_rows = received if rank_rows is None else rank_rows + received
                 window["micro"] += 1
                 window["skipped"] += int(nonfinite)
                 step_ok = step_ok and not nonfinite
@@ -352,7 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
                           "train/mfu": tokens_per_s * flops_per_token / (peak * accelerator.num_processes),
                           "train/epoch": state["epoch"], "train/skipped_micro_batches": window["skipped"],
                           **{f"train/{k}": float(v) / good for k, v in extra_window.items()},
-                          **load_meter.summary()}
+                          **load_meter.summary(), **rank_load_summary(accelerator, rank_rows)}
+                rank_rows = None
                 log(record, step)
                 progress.set_postfix(loss=f"{means['lm_loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                 window = {k: 0.0 if k not in ("micro", "skipped") else 0 for k in window}
@@ -364,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
                 tick = time.perf_counter()
             stopping = stop.agreed(accelerator)
             if step % args.save_interval == 0 or step == args.max_steps or stopping:
-                checkpoint(step)
+                save(step)
                 saved_step = step
                 tick = time.perf_counter()
             if stopping:
@@ -385,8 +418,8 @@ def main(argv: list[str] | None = None) -> dict:
     if last_eval is None or last_eval[0] != state["step"]:
         last_eval = (state["step"], run_eval(state["step"]))
     if saved_step != state["step"]:
-        checkpoint(state["step"])
-    export_model(accelerator, model, data.tokenizer, out / "final")
+        save(state["step"])
+    export_model(accelerator, model, data.tokenizer, out / "final", gather_experts=expert_parallel)
     wall = time.perf_counter() - started
     results = {"step": state["step"], "final_eval": last_eval[1], "best_val_loss": state["best_val_loss"],
                "tokens_per_s": tokens_total / wall if tokens_total else None, "wall_seconds": wall,
