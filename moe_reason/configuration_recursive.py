@@ -56,3 +56,8 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
     def passes_per_step(self) -> int:
         """Decoder-stack passes of one training forward at most: per supervision step h*(l+1)."""
         return self.h_cycles * (self.l_cycles + 1) * self.halt_max_steps
+
+    def grad_passes_per_supervision_step(self) -> int:
+        """The last passes of a supervision step that run with gradient (the rest run under no_grad)."""
+        return min(self.l_cycles + 1 if self.recursion_gradient == "last_cycle" else 2,
+                   self.h_cycles * (self.l_cycles + 1))

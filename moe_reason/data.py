@@ -10,7 +10,6 @@
 `prepare_data(args)` is the one function the trainer calls.
 """
 
-import dataclasses
 import hashlib
 import json
 import os

@@ -9,18 +9,18 @@ from .modeling_moe_reason import next_token_statistics as token_statistics  # no
 
 
 def matmul_params_per_token(config) -> int:
-    """Weights each token multiplies by in one forward pass (only its k routed experts count)."""
+    """Weights each token multiplies by in one pass of the decoder stack (only its k routed experts count)."""
     H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     head_dim = config.head_dim
     attention = H * (config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim \
         + config.num_attention_heads * head_dim * H
     expert = H * I * (2 if config.expert_activation == "swiglu" else 1) + I * H
     moe = H * config.num_experts + (config.num_experts_per_tok + config.num_shared_experts) * expert
-    return L * (attention + moe) + H * config.vocab_size  # + LM head
+    return L * (attention + moe)
 
 
-def forward_flops_per_token(config, seq_len: int) -> float:
-    """2 FLOPs per multiply-add over the weights, plus attention scores and mixing.
+def decoder_flops_per_token(config, seq_len: int) -> float:
+    """One decoder-stack pass: 2 FLOPs per multiply-add over the weights, plus attention.
 
     Attention counts 2 matmuls (QK^T, AV) of 2*S*H FLOPs per token and layer over the full
     sequence (the PaLM convention, which does not halve for causality).
@@ -28,15 +28,30 @@ def forward_flops_per_token(config, seq_len: int) -> float:
     return 2 * matmul_params_per_token(config) + 4 * config.num_hidden_layers * seq_len * config.hidden_size
 
 
+def forward_flops_per_token(config, seq_len: int) -> float:
+    """One forward of the base model: a decoder pass and the LM head."""
+    return decoder_flops_per_token(config, seq_len) + 2 * config.hidden_size * config.vocab_size
+
+
 def training_flops_per_token(config, seq_len: int) -> float:
-    """Forward + backward (twice the forward), times the forward passes a step makes per token."""
-    return 3 * forward_flops_per_token(config, seq_len) * forward_passes(config)
+    """Forward + backward of one training step, per token.
+
+    Backward costs twice its forward. The recursive model runs `passes` decoder passes of
+    which only `grad_passes` are differentiated, and applies the LM head once per supervision
+    step; counted at the most supervision steps (halting can only lower the cost). The
+    Q-head (H weights on a pooled state) is negligible and not counted.
+    """
+    passes, grad_passes, heads = forward_passes(config)
+    return decoder_flops_per_token(config, seq_len) * (passes + 2 * grad_passes) \
+        + 3 * heads * 2 * config.hidden_size * config.vocab_size
 
 
-def forward_passes(config) -> int:
-    """How many times one training step runs the decoder stack; recursive configs override this."""
-    passes = getattr(config, "passes_per_step", None)
-    return passes() if callable(passes) else 1
+def forward_passes(config) -> tuple[int, int, int]:
+    """(decoder passes, of which with gradient, LM-head applications) in one training forward."""
+    if not hasattr(config, "passes_per_step"):
+        return 1, 1, 1
+    steps = config.halt_max_steps
+    return config.passes_per_step(), config.grad_passes_per_supervision_step() * steps, steps
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048) -> float:

@@ -103,7 +103,7 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         """h_cycles x (l_cycles L-updates + 1 H-update); gradient only through the configured last passes."""
         cfg = self.config
         total = cfg.h_cycles * (cfg.l_cycles + 1)
-        with_grad = cfg.l_cycles + 1 if cfg.recursion_gradient == "last_cycle" else 2
+        with_grad = cfg.grad_passes_per_supervision_step()
         index = 0
         for _ in range(cfg.h_cycles):
             for _ in range(cfg.l_cycles):

@@ -26,8 +26,8 @@ from .arguments import ARGUMENT_CLASSES, build_config, model_class_for, parse_ar
 from .checkpointing import (check_expert_parallel_size, complete_checkpoints, export_model, read_trainer_state,
                             resolve_checkpoint, save_checkpoint)
 from .data import EpochSampler, check_against_model, collate_blocks, prepare_data
-from .metrics import (ExpertLoadMeter, measure_peak_flops, summarise_eval, token_statistics,
-                      training_flops_per_token)
+from .evaluate import evaluate_model
+from .metrics import ExpertLoadMeter, measure_peak_flops, training_flops_per_token
 from .optim import make_optimizer_and_scheduler
 
 RUN_FILE = "run_args.json"
@@ -104,27 +104,7 @@ def reconcile_deepspeed_config(accelerator, args) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Evaluation and a sample
-
-
-@torch.no_grad()
-def evaluate(model, loader, accelerator, vocab_size: int) -> dict:
-    """Loss, perplexity and accuracy over the (fixed) validation loader, gathered over ranks.
-
-    Statistics are computed from fp32 logits and summed in float64, never in bf16.
-    """
-    model.eval()
-    stats, recursion_steps = [], []
-    for batch in loader:
-        out = model(input_ids=batch["input_ids"], use_cache=False)
-        stats.append(accelerator.gather_for_metrics(token_statistics(out.logits, batch["labels"])))
-        if getattr(out, "recursion_steps", None) is not None:
-            recursion_steps.append(accelerator.gather_for_metrics(out.recursion_steps.float().reshape(-1)))
-    model.train()
-    result = summarise_eval(torch.cat(stats), vocab_size)
-    if recursion_steps:
-        result["recursion_steps"] = float(torch.cat(recursion_steps).mean())
-    return result
+# A sample
 
 
 def print_sample(folder: Path, prompt: str, tokens: int) -> str:
@@ -289,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f.write(json.dumps({"step": step, **record}) + "\n")
 
     def run_eval(step: int) -> dict:
-        result = evaluate(model, eval_loader, accelerator, config.vocab_size)
+        result = evaluate_model(model, eval_loader, accelerator.gather_for_metrics)
         log({f"eval/{k}": v for k, v in result.items()}, step)
         accelerator.print(f"step {step}: val loss {result['loss']:.4f} (ln vocab {result['ln_vocab']:.2f}), "
                           f"ppl {result['perplexity']:.1f}, acc {result['accuracy']:.3f}")
@@ -423,7 +403,8 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.perf_counter() - started
     results = {"step": state["step"], "final_eval": last_eval[1], "best_val_loss": state["best_val_loss"],
                "tokens_per_s": tokens_total / wall if tokens_total else None, "wall_seconds": wall,
-               "flops_per_token": flops_per_token, "parameters": n_params, "output_dir": str(out)}
+               "flops_per_token": flops_per_token, "tokens_per_step": tokens_per_micro_batch * args.gradient_accumulation_steps,
+               "parameters": n_params, "output_dir": str(out)}
     if accelerator.is_main_process:
         (out / "train_results.json").write_text(json.dumps(results, indent=2))
         accelerator.print(f"done: {state['step']} steps in {wall / 60:.1f} min; final val loss "

@@ -12,7 +12,7 @@ from moe_reason import MoEReasonConfig
 from moe_reason import data as data_module
 from conftest import write_corpus
 from moe_reason.data import (DataArguments, EpochSampler, check_against_model, load_documents, pack,
-                             prepare_data, split_documents, stdlib_files, tokenize)
+                             prepare_data, split_documents, stdlib_files)
 
 
 def args_for(tmp_path, corpus, **overrides):

@@ -56,7 +56,7 @@ def test_grouped_mm_and_fallback_agree_including_empty_experts():
 
 
 def test_aux_loss_is_one_for_uniform_routing_and_larger_when_skewed():
-    T, E, k = 64, 4, 2
+    T, E = 64, 4
     uniform_logits = torch.zeros(T, E)
     chosen = torch.stack([torch.arange(T) % E, (torch.arange(T) + 1) % E], dim=1)
     assert load_balancing_loss((uniform_logits,), (chosen,), E).item() == pytest.approx(1.0)

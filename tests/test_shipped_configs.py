@@ -1,7 +1,6 @@
 """Every shipped YAML/JSON parses and is accepted by what reads it."""
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml

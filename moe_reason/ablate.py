@@ -1,0 +1,206 @@
+"""The ablation runner: a base config, named variants (overrides) and seeds; every variant x seed
+trained by the same trainer, then compared.
+
+    python -m moe_reason.ablate configs/exp8_ablations_offline.yaml
+    python -m moe_reason.ablate GRID.yaml --output_dir outputs/abl --set max_steps=50 --variants baseline no_aux
+
+A grid file:
+
+    output_dir: outputs/my_ablation      # optional; --output_dir wins
+    launcher: in_process                 # or accelerate (+ accelerate_config: accelerate_configs/x.yaml)
+    seeds: [0, 1]
+    reference: baseline                  # the variant others are compared with (default: the first)
+    base: {model_preset: small, max_steps: 100}        # trainer arguments shared by every run
+    variants:
+      baseline: {}
+      no_aux_loss: {router_aux_loss_coef: 0.0}
+
+Writes into output_dir: one folder per run (VARIANT/seed_S), `results.json` (updated after
+every run), `ablation_comparison.png` and `SUMMARY.md`. A failed run is recorded with its
+error and the grid goes on; rerunning the command skips finished runs and resumes
+interrupted ones.
+"""
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from .experiments import (SPREAD_RULE, beyond_spread, check_arguments, check_launcher, check_seeds,
+                          load_experiment, mean_curve, mean_std, parse_overrides, run_training, safe_name,
+                          write_json)
+
+GRID_KEYS = {"output_dir", "launcher", "accelerate_config", "seeds", "reference", "base", "variants", "description"}
+
+
+@dataclass
+class AblateArguments:
+    output_dir: str | None = field(default=None, metadata={"help": "Where runs and reports go (default: the grid's)."})
+    launcher: str | None = field(default=None, metadata={"help": "in_process or accelerate (default: the grid's)."})
+    accelerate_config: str | None = field(default=None, metadata={"help": "accelerate YAML for launcher accelerate."})
+    seeds: list[int] | None = field(default=None, metadata={"help": "Replace the grid's seeds."})
+    variants: list[str] | None = field(default=None, metadata={"help": "Run only these variants."})
+    set: list[str] | None = field(default=None, metadata={"help": "NAME=VALUE trainer arguments for every run."})
+
+
+def load_grid(path, args: AblateArguments | None = None) -> dict:
+    """The grid file with CLI overrides applied, validated before any run starts."""
+    args = args or AblateArguments()
+    grid = load_experiment(path, "grid")
+    unknown = sorted(set(grid) - GRID_KEYS)
+    if unknown:
+        raise ValueError(f"grid {path} has unknown key(s) {unknown}; allowed: {sorted(GRID_KEYS)}")
+    base = {**check_arguments(grid.get("base"), f"grid {path}: base"), **parse_overrides(args.set)}
+    variants = grid.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise ValueError(f"grid {path} needs a non-empty mapping 'variants: {{name: {{overrides}}}}'")
+    variants = {safe_name(name): check_arguments(over, f"grid {path}: variant {name}") for name, over in variants.items()}
+    if args.variants:
+        missing = sorted(set(args.variants) - set(variants))
+        if missing:
+            raise ValueError(f"--variants {missing} not in the grid; it has {list(variants)}")
+        variants = {name: variants[name] for name in args.variants}
+    reference = grid.get("reference", next(iter(variants)))
+    if reference not in variants:
+        reference = next(iter(variants))
+    output_dir = args.output_dir or grid.get("output_dir") or f"outputs/ablation_{Path(path).stem}"
+    return {"path": str(path), "description": grid.get("description", ""), "base": base, "variants": variants,
+            "seeds": check_seeds(args.seeds or grid.get("seeds", [0])), "reference": reference,
+            "launcher": check_launcher(args.launcher or grid.get("launcher", "in_process")),
+            "accelerate_config": args.accelerate_config or grid.get("accelerate_config"),
+            "output_dir": Path(output_dir)}
+
+
+def run_grid(grid: dict) -> dict:
+    out = grid["output_dir"]
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    total = len(grid["variants"]) * len(grid["seeds"])
+    print(f"ablation {grid['path']}: {len(grid['variants'])} variants x {len(grid['seeds'])} seeds = {total} runs "
+          f"-> {out}", flush=True)
+    for variant, overrides in grid["variants"].items():
+        for seed in grid["seeds"]:
+            values = {**grid["base"], **overrides, "seed": seed}
+            record = run_training(f"{variant}/seed_{seed} ({len(runs) + 1}/{total})", values,
+                                  out / variant / f"seed_{seed}", grid["launcher"], grid["accelerate_config"])
+            runs.append({**record, "variant": variant, "seed": seed, "overrides": overrides, "config": values})
+            write_json(out / "results.json", results_payload(grid, runs))
+    payload = results_payload(grid, runs)
+    write_json(out / "results.json", payload)
+    plot(payload, out / "ablation_comparison.png")
+    (out / "SUMMARY.md").write_text(summary_markdown(payload))
+    failed = [r["name"] for r in runs if r["status"] == "failed"]
+    print(f"wrote {out / 'results.json'}, {out / 'ablation_comparison.png'}, {out / 'SUMMARY.md'}"
+          f"{f'; {len(failed)} run(s) failed: {failed}' if failed else ''}", flush=True)
+    return payload
+
+
+def results_payload(grid: dict, runs: list[dict]) -> dict:
+    """Runs plus per-variant statistics across seeds, ranked by mean final validation loss."""
+    variants = {}
+    reference = [r["final_val_loss"] for r in runs if r["variant"] == grid["reference"] and r["status"] == "finished"]
+    for name in grid["variants"]:
+        done = [r for r in runs if r["variant"] == name and r["status"] == "finished"]
+        if not done:
+            continue
+        losses = [r["final_val_loss"] for r in done]
+        mean, std = mean_std(losses)
+        variants[name] = {
+            "seeds": [r["seed"] for r in done], "val_loss_mean": mean, "val_loss_std": std,
+            "best_val_loss_mean": mean_std([r["best_val_loss"] for r in done])[0],
+            "perplexity_mean": mean_std([r["perplexity"] for r in done])[0],
+            "accuracy_mean": mean_std([r["accuracy"] for r in done])[0],
+            "tokens_per_s_mean": mean_std([r["tokens_per_s"] for r in done])[0],
+            "wall_seconds_mean": mean_std([r["wall_seconds"] for r in done])[0],
+            "delta_vs_reference": mean - mean_std(reference)[0] if reference else None,
+            "beyond_seed_spread": beyond_spread(losses, reference) if name != grid["reference"] else None,
+            "any_nan": any(r["nan"] for r in done),
+        }
+    ranking = sorted(variants, key=lambda n: variants[n]["val_loss_mean"])
+    ln_vocab = next((r["ln_vocab"] for r in runs if r["status"] == "finished"), None)
+    return {"grid": grid["path"], "description": grid["description"], "reference": grid["reference"],
+            "seeds": grid["seeds"], "base": grid["base"], "ln_vocab": ln_vocab, "ranking": ranking,
+            "variants": variants, "runs": runs, "spread_rule": SPREAD_RULE}
+
+
+def summary_markdown(payload: dict) -> str:
+    runs, variants, ref = payload["runs"], payload["variants"], payload["reference"]
+    done = [r for r in runs if r["status"] == "finished"]
+    lines = [f"# Ablation summary: {payload['grid']}", ""]
+    if payload["description"]:
+        lines += [payload["description"].strip(), ""]
+    lines += [f"{len(payload['variants'])} variants finished, {len(payload['seeds'])} seed(s) each "
+              f"({payload['seeds']}); {len(runs) - len(done)} run(s) failed."]
+    if done:
+        r0 = done[0]
+        lines += ["", f"Each run: {r0['steps']} optimizer steps; validation on {r0['eval_tokens']:,} tokens. "
+                  f"Losses are mean cross-entropy in nats per token. A model guessing uniformly over the "
+                  f"vocabulary scores ln(vocab) = {payload['ln_vocab']:.3f}; a loss L means the model is as unsure "
+                  f"as a uniform choice among e^L tokens (its perplexity).", ""]
+    lines += ["| rank | variant | val loss (mean ± std) | Δ vs " + ref + " | beyond seed spread? | perplexity | "
+              "accuracy | tokens/s | wall (s) |", "|---:|---|---|---:|---|---:|---:|---:|---:|"]
+    for rank, name in enumerate(payload["ranking"], 1):
+        v = variants[name]
+        beyond = {True: "**yes**", False: "no", None: "n/a" if name == ref else "can't tell (1 seed)"}[
+            v["beyond_seed_spread"]]
+        delta = "—" if name == ref or v["delta_vs_reference"] is None else f"{v['delta_vs_reference']:+.4f}"
+        nan = " (non-finite seen)" if v["any_nan"] else ""
+        lines.append(f"| {rank} | {name}{nan} | {v['val_loss_mean']:.4f} ± {v['val_loss_std']:.4f} | {delta} | "
+                     f"{beyond} | {v['perplexity_mean']:.2f} | {v['accuracy_mean']:.3f} | "
+                     f"{v['tokens_per_s_mean']:,.0f} | {v['wall_seconds_mean']:.0f} |")
+    lines += ["", f"Rule: {payload['spread_rule']}."]
+    failed = [r for r in runs if r["status"] == "failed"]
+    if failed:
+        lines += ["", "## Failed runs", ""]
+        lines += [f"- `{r['variant']}` seed {r['seed']}: {r['error'].splitlines()[-1][:300]} "
+                  f"(log: `{r['output_dir']}/train.log`)" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def plot(payload: dict, path: Path) -> None:
+    """Left: final validation loss per variant (mean ± std, seeds as dots). Right: mean training curves."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = payload["ranking"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, max(4.5, 0.42 * len(names) + 1.5)))
+    colors = plt.cm.tab20.colors
+    for i, name in enumerate(names):
+        v = payload["variants"][name]
+        seeds = [r["final_val_loss"] for r in payload["runs"] if r["variant"] == name and r["status"] == "finished"]
+        left.errorbar(v["val_loss_mean"], i, xerr=v["val_loss_std"], fmt="o", color=colors[i % 20], capsize=4)
+        left.scatter(seeds, [i] * len(seeds), color=colors[i % 20], alpha=0.4, s=14)
+    left.set_yticks(range(len(names)), names)
+    left.invert_yaxis()
+    left.set_xlabel("final validation loss (nats/token), mean ± std over seeds; dots: single seeds")
+    left.set_title(f"Variants ranked (ln vocab = {payload['ln_vocab']:.2f} is chance)")
+    left.grid(axis="x", alpha=0.3)
+    for i, name in enumerate(names):
+        curves = [r["train_loss_curve"] for r in payload["runs"]
+                  if r["variant"] == name and r["status"] == "finished" and r["train_loss_curve"]]
+        steps, mean, _ = mean_curve(curves)
+        right.plot(steps, mean, color=colors[i % 20], label=name, linewidth=1.3)
+    right.set_xlabel("optimizer step")
+    right.set_ylabel("training LM loss (nats/token, no aux terms), mean over seeds")
+    right.set_title("Training curves")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7, ncol=2 if len(names) > 8 else 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit("usage: python -m moe_reason.ablate GRID.yaml [--output_dir D] [--launcher in_process|"
+                         "accelerate] [--seeds 0 1] [--variants a b] [--set name=value ...]")
+    path = argv.pop(0)
+    (args,) = HfArgumentParser(AblateArguments).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return run_grid(load_grid(path, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""What the ablation and comparison runners share: experiment files, running one training run,
+reading its results back, and the statistics that decide whether a difference is real.
+
+A run is the trainer (`moe_reason.train`) with a mapping of its arguments, in its own folder:
+in this process (`launcher: in_process`, the default, no start-up cost) or as
+`accelerate launch` (`launcher: accelerate`, optionally with `accelerate_config`), which
+is how multi-GPU and DeepSpeed runs are made. Either way its output goes to
+`RUN_DIR/train.log` and the runner prints one line when it starts and one when it ends.
+A run folder whose `train_results.json` exists and whose arguments are unchanged is
+finished and skipped; an interrupted one resumes from its last checkpoint.
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import re
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+from .arguments import ARGUMENT_CLASSES, ModelArguments, to_argv
+
+LAUNCHERS = ("in_process", "accelerate")
+RUN_SPEC = "experiment_run.json"  # the arguments a run folder was made with
+
+
+def argument_names() -> set[str]:
+    return {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
+
+
+def model_argument_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(ModelArguments)}
+
+
+def load_experiment(path, kind: str) -> dict:
+    """A YAML experiment file as a mapping, or a clear error naming the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{kind} file not found: {path}")
+    try:
+        spec = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{kind} file {path} does not parse: {err}") from err
+    if not isinstance(spec, dict):
+        raise ValueError(f"{kind} file {path} must hold a mapping (base, seeds, ...)")
+    return spec
+
+
+def check_arguments(values, where: str, allowed: set[str] | None = None) -> dict:
+    """Refuse unknown trainer arguments (a typo would otherwise be a silent no-op variant)."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping of trainer arguments to values, got {values!r}")
+    allowed = argument_names() if allowed is None else allowed
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ValueError(f"{where} has unknown argument(s) {unknown}")
+    return dict(values)
+
+
+def check_seeds(seeds) -> list[int]:
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={seeds!r} is invalid: must be a non-empty list of distinct integers")
+    return seeds
+
+
+def check_launcher(launcher: str) -> str:
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher={launcher!r} is invalid: must be one of {LAUNCHERS}")
+    return launcher
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """["max_steps=20", "learning_rate=3e-4"] -> {"max_steps": 20, "learning_rate": 0.0003} (YAML scalars)."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"override {pair!r} is invalid: must be NAME=VALUE")
+        name, value = pair.split("=", 1)
+        out[name.strip()] = yaml.safe_load(value)
+    return check_arguments(out, "--set")
+
+
+def safe_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", str(name)):
+        raise ValueError(f"run name {name!r} is invalid: use letters, digits, _ . + - (it names a folder)")
+    return str(name)
+
+
+# ----------------------------------------------------------------------------
+# Running one training run
+
+
+def run_training(name: str, values: dict, run_dir: Path, launcher: str = "in_process",
+                 accelerate_config: str | None = None) -> dict:
+    """Train once (or skip/resume) and return the run's record; never raises for a failed run."""
+    run_dir = Path(run_dir)
+    values = {**values, "output_dir": str(run_dir)}
+    spec = {"values": values, "launcher": launcher, "accelerate_config": accelerate_config}
+    if (run_dir / "train_results.json").is_file() and _spec_of(run_dir) == spec:
+        record = collect_run(run_dir)
+        print(f"[skip] {name}: finished earlier, val loss {record['final_val_loss']:.4f}", flush=True)
+        return {**record, "name": name, "status": "finished", "skipped": True}
+
+    resume = _spec_of(run_dir) == spec and any(run_dir.glob("checkpoint-*/trainer_state.json"))
+    flags = ["--resume_from_checkpoint", "latest"] if resume else ["--overwrite_output_dir", "true"]
+    argv = to_argv(values) + flags
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_SPEC).write_text(json.dumps(spec, indent=2))
+    print(f"[start] {name}{' (resuming)' if resume else ''} -> {run_dir}", flush=True)
+    started = time.perf_counter()
+    error = (_train_in_process if launcher == "in_process" else _train_with_accelerate)(
+        argv, run_dir / "train.log", accelerate_config)
+    wall = time.perf_counter() - started
+    if error is None and not (run_dir / "train_results.json").is_file():
+        error = "the run ended without train_results.json (stopped by a signal?)"
+    if error is not None:
+        print(f"[FAILED] {name} after {wall:.0f} s: {error.splitlines()[-1][:300]} (log: {run_dir / 'train.log'})",
+              flush=True)
+        return {"name": name, "status": "failed", "error": error, "output_dir": str(run_dir), "wall_seconds": wall}
+    record = collect_run(run_dir)
+    print(f"[done] {name}: val loss {record['final_val_loss']:.4f}, ppl {record['perplexity']:.1f}, "
+          f"acc {record['accuracy']:.3f}, {record['tokens_per_s']:,.0f} tok/s, {wall:.0f} s"
+          f"{', NON-FINITE values seen' if record['nan'] else ''}", flush=True)
+    return {**record, "name": name, "status": "finished", "skipped": False}
+
+
+def _spec_of(run_dir: Path):
+    try:
+        return json.loads((run_dir / RUN_SPEC).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _train_in_process(argv: list[str], log_file: Path, _accelerate_config) -> str | None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    from .train import main
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with open(log_file, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            result = main(argv)
+        except Exception:  # noqa: BLE001  (any failure of one run is recorded; the grid goes on)
+            text = traceback.format_exc()
+            log.write(text)
+            return text.strip()
+        finally:
+            # the next run builds its own Accelerator: forget this one's process state and trackers;
+            # the trainer's Ctrl-C handler goes too
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+    if "stopped_at" in result:  # Ctrl-C / SIGTERM: the trainer saved a checkpoint; stop the whole experiment
+        raise KeyboardInterrupt(f"stopped at step {result['stopped_at']}; rerun the same command to resume")
+    return None
+
+
+def _train_with_accelerate(argv: list[str], log_file: Path, accelerate_config: str | None) -> str | None:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd += ["--config_file", accelerate_config] if accelerate_config else \
+        ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["-m", "moe_reason.train", *argv]
+    with open(log_file, "a") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code == 0:
+        return None
+    tail = log_file.read_text().strip().splitlines()[-20:]
+    return f"accelerate launch exited with {code}:\n" + "\n".join(tail)
+
+
+# ----------------------------------------------------------------------------
+# Reading a finished run back
+
+
+def collect_run(run_dir) -> dict:
+    """The figures a report needs, from train_results.json and metrics.jsonl."""
+    run_dir = Path(run_dir)
+    results = json.loads((run_dir / "train_results.json").read_text())
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    train = [r for r in records if "train/loss" in r]
+    evals = [r for r in records if "eval/loss" in r]
+    final = results["final_eval"]
+    losses = [r["train/lm_loss"] for r in train]
+    nan = (any(not math.isfinite(x) for x in losses + [final["loss"]])
+           or any(r.get("train/skipped_step") for r in records)
+           or any(r.get("train/skipped_micro_batches", 0) > 0 for r in train))
+    return {
+        "output_dir": str(run_dir), "steps": results["step"],
+        "final_val_loss": final["loss"], "best_val_loss": results["best_val_loss"],
+        "perplexity": final["perplexity"], "accuracy": final["accuracy"], "ln_vocab": final["ln_vocab"],
+        "eval_tokens": final["tokens"], "recursion_steps": final.get("recursion_steps"),
+        "tokens_per_s": results["tokens_per_s"], "wall_seconds": results["wall_seconds"],
+        "flops_per_token": results["flops_per_token"], "tokens_per_step": results["tokens_per_step"],
+        "parameters": results["parameters"],
+        # the language-model cross-entropy, comparable across variants that change the auxiliary losses
+        "train_loss_curve": [[r["step"], r["train/lm_loss"]] for r in train],
+        "grad_norm_curve": [[r["step"], r["train/grad_norm"]] for r in train],
+        "eval_curve": [[r["step"], r["eval/loss"], r["eval/accuracy"]] for r in evals],
+        "nan": nan,
+    }
+
+
+# ----------------------------------------------------------------------------
+# Statistics across seeds
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+SPREAD_RULE = ("a difference is called real only when |mean_a - mean_b| > std_a + std_b over at least 2 seeds "
+               "each (the gap exceeds the two seed spreads added; with one seed nothing can be told apart)")
+
+
+def beyond_spread(a: list[float], b: list[float]) -> bool | None:
+    """True/False by SPREAD_RULE, or None when either side has fewer than 2 seeds."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    return abs(ma - mb) > sa + sb
+
+
+def mean_curve(curves: list[list[list[float]]], column: int = 1) -> tuple[list[float], list[float], list[float]]:
+    """Steps, mean and std over runs of [[step, value, ...], ...] curves, at the steps all runs share."""
+    shared = sorted(set.intersection(*(set(p[0] for p in c) for c in curves))) if curves else []
+    by_run = [{p[0]: p[column] for p in c} for c in curves]
+    stats = [mean_std([run[s] for run in by_run]) for s in shared]
+    return shared, [m for m, _ in stats], [s for _, s in stats]
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write atomically: a crash mid-write never leaves a truncated results file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)

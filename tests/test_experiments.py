@@ -1,0 +1,211 @@
+"""Evaluation, the ablation runner, the baseline-vs-recursive comparison and the shipped experiment files."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from moe_reason.ablate import load_grid, main as ablate_main
+from moe_reason.arguments import build_config, parse_args, to_argv
+from moe_reason.compare import load_comparison, main as compare_main, plan_runs
+from moe_reason.configuration_recursive import RecursiveMoEReasonConfig
+from moe_reason.metrics import training_flops_per_token
+
+from conftest import REPO, clean_env, eval_records, launch, train_args, write_corpus
+
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+RUN_FIELDS = ("config", "final_val_loss", "best_val_loss", "perplexity", "accuracy", "train_loss_curve",
+              "grad_norm_curve", "tokens_per_s", "wall_seconds", "nan", "status")
+
+
+def tiny_base(tmp_path, corpus, **overrides) -> dict:
+    """Trainer arguments for a seconds-long debug run, as a mapping (what experiment files hold)."""
+    argv = train_args(tmp_path, corpus, **{"max_steps": 4, "eval_interval": 2, "save_interval": 4, **overrides})
+    return {name[2:]: value for name, value in zip(argv[::2], argv[1::2])}
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path, n=80)
+
+
+# ----------------------------------------------------------------------------
+# FLOP accounting and the shipped files
+
+
+def test_training_flops_match_a_hand_computation():
+    cfg = RecursiveMoEReasonConfig.from_preset("debug", h_cycles=2, l_cycles=1, halt_max_steps=3,
+                                               recursion_gradient="one_step")
+    S, H, I, L, V, E, k = 16, 32, 64, 2, 256, 4, 2
+    attention = H * (4 + 2 * 2) * 8 + 4 * 8 * H  # q + k + v (4 heads, 2 kv heads, head_dim 8), o
+    expert = H * I + I * H  # plain SiLU experts (the preset default, as in exp8): up and down
+    decoder = 2 * L * (attention + H * E + k * expert) + 4 * L * S * H
+    head = 2 * H * V
+    passes, grad_passes, heads = 2 * (1 + 1) * 3, 2 * 3, 3  # h(l+1) per supervision step; one_step: 2 with grad
+    assert training_flops_per_token(cfg, S) == decoder * (passes + 2 * grad_passes) + 3 * heads * head
+    base = build_config(parse_args(["--model_preset", "debug"])[0])
+    assert training_flops_per_token(base, S) == 3 * (decoder + head)
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_shipped_experiment_parses_and_every_variant_builds_a_valid_config(path):
+    spec = yaml.safe_load(path.read_text())
+    if "variants" in spec:
+        grid = load_grid(path)
+        runs = [{**grid["base"], **over} for over in grid["variants"].values()]
+    else:
+        cmp = load_comparison(path)
+        runs = [{**cmp["base"], **arm} for arm in cmp["arms"].values()]
+    for values in runs:
+        model_args, _, train_args = parse_args(to_argv(values))
+        build_config(model_args, vocab_size=49152).check()  # raises on any invalid field
+        assert train_args.max_steps >= 1
+    if path.stem.startswith("exp8_ablations"):
+        assert len([n for n in grid["variants"] if not n.startswith("recursive")]) == 15
+        small = {**grid["base"], **grid["variants"]["small_model"]}
+        config = build_config(parse_args(to_argv(small))[0])
+        assert config.intermediate_size == 4 * config.hidden_size  # the original kept 2048 at width 256
+
+
+# ----------------------------------------------------------------------------
+# evaluate
+
+
+@pytest.mark.slow
+def test_evaluate_reproduces_the_trainers_final_validation_loss(tmp_path, corpus):
+    out = tmp_path / "run"
+    launch(train_args(tmp_path, corpus, output_dir=out, per_device_eval_batch_size=4, eval_batches=2))
+    data_flags = ["--data_files", str(corpus), "--tokenizer_vocab_size", "320", "--block_size", "32",
+                  "--validation_documents", "6", "--data_cache_dir", str(tmp_path / "eval_cache"),
+                  "--preprocessing_num_workers", "1"]
+    result = subprocess.run([sys.executable, "-m", "moe_reason.evaluate", "--model_path", str(out / "final"),
+                             "--max_blocks", "8", "--output_file", str(tmp_path / "eval.json"), *data_flags],
+                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written == json.loads(result.stdout[result.stdout.index("{"):])
+    assert written["loss"] == pytest.approx(eval_records(out)[-1]["eval/loss"], abs=1e-4)
+    for key in ("perplexity", "accuracy", "tokens", "ln_vocab"):
+        assert key in written
+    bad = subprocess.run([sys.executable, "-m", "moe_reason.evaluate", "--model_path", str(tmp_path / "nowhere")],
+                         cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "no config.json there" in bad.stderr
+
+
+# ----------------------------------------------------------------------------
+# ablate
+
+
+@pytest.mark.slow
+def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_failure(tmp_path, corpus, capsys):
+    grid = {"seeds": [0, 1], "base": tiny_base(tmp_path, corpus),
+            "variants": {"baseline": {}, "no_aux": {"router_aux_loss_coef": 0.0},
+                         "broken": {"num_experts_per_tok": 9}}}  # invalid: the debug preset has 4 experts
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
+    out = tmp_path / "ablation"
+    payload = ablate_main([str(tmp_path / "grid.yaml"), "--output_dir", str(out)])
+    for name in ("results.json", "ablation_comparison.png", "SUMMARY.md"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert results["ranking"] and set(results["ranking"]) == {"baseline", "no_aux"}
+    runs = results["runs"]
+    assert [(r["variant"], r["seed"], r["status"]) for r in runs] == [
+        ("baseline", 0, "finished"), ("baseline", 1, "finished"), ("no_aux", 0, "finished"),
+        ("no_aux", 1, "finished"), ("broken", 0, "failed"), ("broken", 1, "failed")]
+    for run in runs[:4]:
+        for field in RUN_FIELDS:
+            assert field in run, field
+        assert run["train_loss_curve"][-1][0] == 4 and run["nan"] is False
+    assert "num_experts_per_tok=9 is invalid" in runs[4]["error"]
+    assert runs[0]["final_val_loss"] != runs[1]["final_val_loss"]  # the seeds differ
+    stats = results["variants"]["no_aux"]
+    assert stats["val_loss_std"] > 0 and stats["beyond_seed_spread"] in (True, False)
+    summary = (out / "SUMMARY.md").read_text()
+    assert "ln(vocab) = 5.768" in summary and "± " in summary and "broken" in summary
+    assert payload["ranking"] == results["ranking"]
+
+    capsys.readouterr()
+    ablate_main([str(tmp_path / "grid.yaml"), "--output_dir", str(out)])  # restarted: finished runs are skipped
+    printed = capsys.readouterr().out
+    assert printed.count("[skip]") == 4 and printed.count("[FAILED]") == 2
+    assert json.loads((out / "results.json").read_text())["variants"]["baseline"]["val_loss_mean"] == \
+        results["variants"]["baseline"]["val_loss_mean"]
+
+
+@pytest.mark.slow
+def test_ablation_runs_through_accelerate_launch_too(tmp_path, corpus):
+    grid = {"seeds": [3], "launcher": "accelerate", "base": tiny_base(tmp_path, corpus), "variants": {"only": {}}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    payload = ablate_main([str(tmp_path / "grid.yaml"), "--output_dir", str(tmp_path / "out")])
+    assert payload["runs"][0]["status"] == "finished" and payload["runs"][0]["config"]["seed"] == 3
+    assert "[done]" not in (tmp_path / "out" / "only" / "seed_3" / "train.log").read_text()  # the run's own log
+
+
+def test_grid_mistakes_are_refused_before_any_run(tmp_path):
+    def grid_error(grid) -> str:
+        (tmp_path / "g.yaml").write_text(yaml.safe_dump(grid))
+        with pytest.raises(ValueError) as err:
+            load_grid(tmp_path / "g.yaml")
+        return str(err.value)
+
+    assert "unknown argument(s) ['learning_rat']" in grid_error({"base": {}, "variants": {"a": {"learning_rat": 1}}})
+    assert "seeds=[0, 0] is invalid" in grid_error({"seeds": [0, 0], "variants": {"a": {}}})
+    assert "non-empty mapping" in grid_error({"base": {}})
+    assert "unknown key(s) ['variant']" in grid_error({"variant": {}})
+
+
+# ----------------------------------------------------------------------------
+# compare
+
+
+@pytest.mark.slow
+def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path, corpus):
+    spec = {"seeds": [0, 1], "base": tiny_base(tmp_path, corpus, max_steps=6, eval_interval=3),
+            "baseline": {}, "recursive": {"h_cycles": 1, "l_cycles": 1, "halt_max_steps": 2}}
+    (tmp_path / "cmp.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "cmp"
+    payload = compare_main([str(tmp_path / "cmp.yaml"), "--output_dir", str(out)])
+    for name in ("comparison.json", "comparison.png", "COMPARISON.md"):
+        assert (out / name).stat().st_size > 0, name
+    acc = payload["accounting"]
+    # recursive h=1, l=1, 2 supervision steps: 4 decoder passes, all with gradient; the LM head twice
+    recursive = RecursiveMoEReasonConfig.from_preset("debug", vocab_size=320, h_cycles=1, l_cycles=1,
+                                                     halt_max_steps=2)
+    assert acc["flops_per_token"]["recursive"] == training_flops_per_token(recursive, 32)
+    assert acc["costlier_arm"] == "recursive"
+    assert acc["equal_flops_steps"] == int(6 * acc["flops_per_token"]["baseline"] / acc["flops_per_token"]["recursive"])
+    runs = payload["runs"]
+    assert sorted({(r["label"], r["steps"]) for r in runs}) == [
+        ("baseline", 6), ("recursive", 6), ("recursive_equal_flops", acc["equal_flops_steps"])]
+    assert all(r["status"] == "finished" for r in runs) and len(runs) == 6
+    # identical data order and settings: a run's config differs from its counterpart only in model fields
+    base0 = next(r for r in runs if r["label"] == "baseline" and r["seed"] == 0)["config"]
+    rec0 = next(r for r in runs if r["label"] == "recursive" and r["seed"] == 0)["config"]
+    assert {k for k in base0.keys() | rec0.keys() if base0.get(k) != rec0.get(k)} == \
+        {"model_type", "h_cycles", "l_cycles", "halt_max_steps"}
+    for side in ("equal_steps", "equal_flops"):
+        assert payload[side]["verdict"] and payload[side]["beyond_seed_spread"] in (True, False)
+    report = (out / "COMPARISON.md").read_text()
+    assert "Equal steps:" in report and "Equal FLOPs:" in report and "ln(vocab)" in report
+
+
+def test_compare_refuses_training_settings_in_an_arm(tmp_path):
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": {}, "baseline": {"learning_rate": 1e-3},
+                                                     "recursive": {}}))
+    with pytest.raises(ValueError, match="model fields only"):
+        load_comparison(tmp_path / "c.yaml")
+
+
+def test_equal_flops_budget_gives_the_costlier_arm_fewer_steps(tmp_path, corpus):
+    cmp = load_comparison_for(tmp_path, corpus, recursive={"h_cycles": 2, "l_cycles": 2, "halt_max_steps": 2})
+    plan, acc = plan_runs(cmp)
+    assert acc["flop_ratio"] > 4 and acc["equal_flops_steps"] == int(acc["steps"] / acc["flop_ratio"])
+    assert [p["kind"] for p in plan] == ["equal_steps", "equal_steps", "equal_flops"]
+
+
+def load_comparison_for(tmp_path, corpus, recursive):
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": tiny_base(tmp_path, corpus, max_steps=100),
+                                                     "baseline": {}, "recursive": recursive}))
+    return load_comparison(tmp_path / "c.yaml")
