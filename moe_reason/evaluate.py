@@ -47,9 +47,10 @@ class EvaluateArguments:
 
 
 @torch.no_grad()
-def evaluate_model(model, batches, gather=lambda t: t, progress: bool = False) -> dict:
+def evaluate_model(model, batches, vocab_size: int, gather=lambda t: t, progress: bool = False) -> dict:
     """Loss, perplexity, accuracy (and recursion steps) over `batches`; `gather` joins ranks' tensors.
 
+    `model` may be wrapped (DDP, a DeepSpeed engine), so the vocabulary size is passed in.
     Statistics are computed from fp32 logits and summed in float64, never in bf16.
     """
     was_training = model.training
@@ -61,7 +62,7 @@ def evaluate_model(model, batches, gather=lambda t: t, progress: bool = False) -
         if getattr(out, "recursion_steps", None) is not None:
             recursion_steps.append(gather(out.recursion_steps.float().reshape(-1)))
     model.train(was_training)
-    result = summarise_eval(torch.cat(stats), model.config.vocab_size)
+    result = summarise_eval(torch.cat(stats), vocab_size)
     if recursion_steps:
         result["recursion_steps"] = float(torch.cat(recursion_steps).mean())
     return result
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     loader = DataLoader(split, batch_size=eval_args.batch_size, collate_fn=collate_blocks)
     batches = ({k: v.to(device) for k, v in batch.items()} for batch in loader)
     result = {"model_path": eval_args.model_path, "model_type": model.config.model_type, "split": eval_args.split,
-              "blocks": len(split), **evaluate_model(model, batches, progress=True)}
+              "blocks": len(split), **evaluate_model(model, batches, model.config.vocab_size, progress=True)}
     output = Path(eval_args.output_file or Path(eval_args.model_path) / f"eval_{eval_args.split}.json")
     output.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

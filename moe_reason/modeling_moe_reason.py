@@ -457,10 +457,14 @@ def next_token_statistics(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     """Per sequence [B, 3]: summed next-token NLL (fp32), labelled positions, right argmax predictions.
 
     logits [B, S, V] predict labels shifted by one; positions labelled -100 are left out.
+    The labels are shifted rather than the logits: slicing [B, S, V] logits would cost a copy
+    forward and a zero-filled one backward, and flat 2-D cross-entropy is the fast kernel.
     """
-    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    B, S, V = logits.shape
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, S]: the last position predicts nothing
     valid = targets != -100
-    nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")  # [B, S-1]
+    nll = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=-100,
+                          reduction="none").view(B, S)  # 0 where ignored
     correct = (logits.argmax(-1) == targets) & valid
     return torch.stack([(nll * valid).sum(1), valid.sum(1).float(), correct.sum(1).float()], dim=1)
 

@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f.write(json.dumps({"step": step, **record}) + "\n")
 
     def run_eval(step: int) -> dict:
-        result = evaluate_model(model, eval_loader, accelerator.gather_for_metrics)
+        result = evaluate_model(model, eval_loader, config.vocab_size, accelerator.gather_for_metrics)
         log({f"eval/{k}": v for k, v in result.items()}, step)
         accelerator.print(f"step {step}: val loss {result['loss']:.4f} (ln vocab {result['ln_vocab']:.2f}), "
                           f"ppl {result['perplexity']:.1f}, acc {result['accuracy']:.3f}")
