@@ -155,6 +155,11 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_group
         use_grouped = _grouped_mm_supported(x, w)
     if use_grouped:
         return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
+    return _per_expert_mm(x, w, counts)
+
+
+@torch.compiler.disable  # traced, the host-side counts would become guards and recompile every step
+def _per_expert_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     chunks = x.split(counts.tolist())
     return torch.cat([chunk @ w[e] for e, chunk in enumerate(chunks)])
 
@@ -163,6 +168,8 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
         return False
     aligned = all(size * x.element_size() % 16 == 0 for size in (x.shape[-1], w.shape[-1]))
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # the op's compile-time (fake tensor) rule accepts bf16 only (torch 2.13)
     if x.device.type == "cpu":
         return aligned and x.dtype == torch.float32
     if x.device.type == "cuda":
@@ -289,6 +296,14 @@ class MoEReasonModelOutput(MoeModelOutputWithPast):
     selected_experts: tuple[torch.LongTensor, ...] | None = None
 
 
+@torch.compiler.disable  # traced, the ids' min/max would become guards and recompile every step
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} is out of range: ids must be in [0, vocab_size={vocab_size})")
+
+
 class MoEReasonPreTrainedModel(PreTrainedModel):
     config_class = MoEReasonConfig
     config: MoEReasonConfig
@@ -352,10 +367,7 @@ class MoEReasonModel(MoEReasonPreTrainedModel):
         if input_ids.device.type == "cpu" and input_ids.numel() > 0:
             # a clear error instead of an IndexError; on accelerators this would cost a sync
             # per step, so there the data pipeline checks ids once when it prepares them
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.config.vocab_size:
-                bad = low if low < 0 else high
-                raise ValueError(f"token id {bad} is out of range: ids must be in [0, vocab_size={self.config.vocab_size})")
+            check_token_ids(input_ids, self.config.vocab_size)
         return self.embed_dropout(self.embed_tokens(input_ids) * self.embed_scale)
 
     def prepare_positions(self, inputs_embeds, attention_mask, position_ids, past_key_values):

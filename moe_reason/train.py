@@ -67,7 +67,8 @@ def make_accelerator(args) -> Accelerator:
     cpu = not torch.cuda.is_available() and not use_deepspeed
     return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                        mixed_precision=args.mixed_precision, log_with="tensorboard", cpu=cpu,
-                       project_dir=args.output_dir, deepspeed_plugin=plugin, kwargs_handlers=handlers)
+                       project_dir=args.output_dir, deepspeed_plugin=plugin, kwargs_handlers=handlers,
+                       dynamo_backend="inductor" if args.torch_compile else "no")
 
 
 def reconcile_deepspeed_config(accelerator, args) -> None:
