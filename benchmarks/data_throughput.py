@@ -16,6 +16,7 @@ import torch
 
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM
 from moe_reason.data import DataArguments, prepare_data
+from timing import time_rounds, training_step
 
 
 def main(argv=None):
@@ -37,21 +38,11 @@ def main(argv=None):
 
     torch.manual_seed(0)
     config = MoEReasonConfig.from_preset(args.preset, vocab_size=data.summary["vocab_size"])
-    model = MoEReasonForCausalLM(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model = MoEReasonForCausalLM(config)
     batch = torch.tensor(data.train[: args.batch_size]["input_ids"], dtype=torch.long)
-
-    def step():
-        loss = model(batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()  # warm-up: allocations, first-call overheads
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    train_rate = args.steps * batch.numel() / (time.perf_counter() - start)
+    seconds = time_rounds({"train": training_step(model, batch, torch.device("cpu"))}, torch.device("cpu"),
+                          rounds=1, steps_per_round=args.steps, warmup=1)["train"][0]
+    train_rate = batch.numel() / seconds
 
     print(f"preparation: {prep_tokens} tokens in {prep_seconds:.1f} s = {prep_rate:,.0f} tokens/s (cold cache)")
     print(f"training ({args.preset}, batch {args.batch_size}x{args.block_size}): {train_rate:,.0f} tokens/s")

@@ -12,12 +12,12 @@ Last line: measured ratio / FLOP ratio.
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
 from moe_reason.metrics import training_flops_per_token
+from timing import time_rounds, training_step
 
 
 def main(argv=None):
@@ -47,37 +47,9 @@ def main(argv=None):
     flop_ratio = training_flops_per_token(rec_cfg, args.seq) / training_flops_per_token(base_cfg, args.seq)
     ids = torch.randint(0, base_cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def make_step(model):
-        model.to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step():
-            with autocast:
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss
-        return step
-
-    steps = {name: make_step(model) for name, model in models.items()}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                loss = step()
-            loss.item()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append((time.perf_counter() - start) / args.steps)
+    steps = {name: training_step(model, ids, device, dtype) for name, model in models.items()}
+    times = time_rounds(steps, device, args.rounds, args.steps, args.warmup)
     median = {name: statistics.median(t) for name, t in times.items()}
     measured = median["recursive"] / median["base"]
     print(f"device {device}, {args.dtype}, preset {args.preset}, batch {args.batch} x {args.seq}; recursion "

@@ -13,14 +13,14 @@ function). Last line: ours / Mixtral tokens/s.
 
 import argparse
 import statistics
-import time
 
 import torch
-from transformers import MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM
 from moe_reason.convert import to_mixtral
 from moe_reason.metrics import measure_peak_flops, training_flops_per_token
+from timing import time_rounds, training_step
 
 
 def build_models(args) -> dict:
@@ -46,28 +46,6 @@ def build_models(args) -> dict:
     for model in models.values():
         model.config._attn_implementation = "sdpa"
     return config, models
-
-
-def make_step(model, args, device, dtype):
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    forward = torch.compile(model) if args.torch_compile else model
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-    def step(ids):
-        with autocast:
-            loss = forward(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    return step
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv=None):
@@ -100,21 +78,9 @@ def main(argv=None):
           f"({sum(p.numel() for p in models['ours'].parameters()) / 1e6:.1f}M params), batch {args.batch} x "
           f"{args.seq}, compile {args.torch_compile}; measured matmul peak {peak / 1e12:.2f} TFLOP/s", flush=True)
 
-    steps = {name: make_step(model, args, device, dtype) for name, model in models.items()}
-    for name, step in steps.items():
-        for _ in range(args.warmup):
-            step(ids)
-    sync(device)
-    rates = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                loss = step(ids)
-            loss.item()
-            sync(device)
-            rates[name].append(tokens * args.steps / (time.perf_counter() - start))
+    steps = {name: training_step(model, ids, device, dtype, args.torch_compile) for name, model in models.items()}
+    times = time_rounds(steps, device, args.rounds, args.steps, args.warmup)
+    rates = {name: [tokens / t for t in ts] for name, ts in times.items()}
     median = {name: statistics.median(r) for name, r in rates.items()}
     for name, rate in median.items():
         print(f"{name:10s} {rate:12,.0f} tokens/s   MFU {rate * flops_per_token / peak:6.1%}   "

@@ -21,37 +21,23 @@ error and the grid goes on; rerunning the command skips finished runs and resume
 interrupted ones.
 """
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
-
-from .experiments import (SPREAD_RULE, beyond_spread, check_arguments, check_launcher, check_seeds,
-                          load_experiment, mean_curve, mean_std, parse_overrides, run_training, safe_name,
-                          write_json)
-
-GRID_KEYS = {"output_dir", "launcher", "accelerate_config", "seeds", "reference", "base", "variants", "description"}
+from .experiments import (SPREAD_RULE, RunnerArguments, beyond_spread, check_arguments, load_runner_file, mean_curve,
+                          mean_std, parse_runner_cli, run_training, safe_name, write_json)
 
 
 @dataclass
-class AblateArguments:
-    output_dir: str | None = field(default=None, metadata={"help": "Where runs and reports go (default: the grid's)."})
-    launcher: str | None = field(default=None, metadata={"help": "in_process or accelerate (default: the grid's)."})
-    accelerate_config: str | None = field(default=None, metadata={"help": "accelerate YAML for launcher accelerate."})
-    seeds: list[int] | None = field(default=None, metadata={"help": "Replace the grid's seeds."})
+class AblateArguments(RunnerArguments):
     variants: list[str] | None = field(default=None, metadata={"help": "Run only these variants."})
-    set: list[str] | None = field(default=None, metadata={"help": "NAME=VALUE trainer arguments for every run."})
 
 
 def load_grid(path, args: AblateArguments | None = None) -> dict:
     """The grid file with CLI overrides applied, validated before any run starts."""
     args = args or AblateArguments()
-    grid = load_experiment(path, "grid")
-    unknown = sorted(set(grid) - GRID_KEYS)
-    if unknown:
-        raise ValueError(f"grid {path} has unknown key(s) {unknown}; allowed: {sorted(GRID_KEYS)}")
-    base = {**check_arguments(grid.get("base"), f"grid {path}: base"), **parse_overrides(args.set)}
+    grid, settings = load_runner_file(path, "grid", {"reference", "variants"}, args, default_seeds=[0],
+                                      output_prefix="ablation")
     variants = grid.get("variants")
     if not isinstance(variants, dict) or not variants:
         raise ValueError(f"grid {path} needs a non-empty mapping 'variants: {{name: {{overrides}}}}'")
@@ -64,12 +50,7 @@ def load_grid(path, args: AblateArguments | None = None) -> dict:
     reference = grid.get("reference", next(iter(variants)))
     if reference not in variants:
         reference = next(iter(variants))
-    output_dir = args.output_dir or grid.get("output_dir") or f"outputs/ablation_{Path(path).stem}"
-    return {"path": str(path), "description": grid.get("description", ""), "base": base, "variants": variants,
-            "seeds": check_seeds(args.seeds or grid.get("seeds", [0])), "reference": reference,
-            "launcher": check_launcher(args.launcher or grid.get("launcher", "in_process")),
-            "accelerate_config": args.accelerate_config or grid.get("accelerate_config"),
-            "output_dir": Path(output_dir)}
+    return {**settings, "variants": variants, "reference": reference}
 
 
 def run_grid(grid: dict) -> dict:
@@ -193,12 +174,8 @@ def plot(payload: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-"):
-        raise SystemExit("usage: python -m moe_reason.ablate GRID.yaml [--output_dir D] [--launcher in_process|"
-                         "accelerate] [--seeds 0 1] [--variants a b] [--set name=value ...]")
-    path = argv.pop(0)
-    (args,) = HfArgumentParser(AblateArguments).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    path, args = parse_runner_cli(argv, AblateArguments, "python -m moe_reason.ablate GRID.yaml [--output_dir D] "
+                                  "[--launcher in_process|accelerate] [--seeds 0 1] [--variants a b] [--set name=value ...]")
     return run_grid(load_grid(path, args))
 
 

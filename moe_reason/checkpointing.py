@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-EXPERT_SHARD = re.compile(r"^expert_shard_\d+_of_(\d+)\.safetensors$")
+EXPERT_SHARD = re.compile(r"^expert_shard_\d+_of_(\d+)\.safetensors$")  # what expert_shard_name writes
 STATE_FILE = "trainer_state.json"
 
 
@@ -42,6 +42,11 @@ def resolve_checkpoint(output_dir, spec: str) -> Path:
         raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a complete checkpoint folder "
                                 f"(no {STATE_FILE}); complete ones: {[str(p) for p in complete_checkpoints(output_dir)]}")
     return path
+
+
+def expert_shard_name(ep_rank: int, ep_size: int) -> str:
+    """The file an expert-parallel rank keeps its experts in, inside a checkpoint folder."""
+    return f"expert_shard_{ep_rank}_of_{ep_size}.safetensors"
 
 
 def check_expert_parallel_size(checkpoint: Path, ep_size: int) -> None:

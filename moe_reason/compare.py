@@ -22,39 +22,21 @@ gap exceeds the spread across seeds.
 """
 
 import math
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-
-from transformers import HfArgumentParser
 
 from .arguments import build_config, parse_args, to_argv
 from .data import prepare_data
-from .experiments import (SPREAD_RULE, beyond_spread, check_arguments, check_launcher, check_seeds,
-                          load_experiment, mean_curve, mean_std, model_argument_names, parse_overrides,
-                          run_training, write_json)
+from .experiments import (SPREAD_RULE, RunnerArguments, beyond_spread, check_arguments, load_runner_file, mean_curve,
+                          mean_std, model_argument_names, parse_runner_cli, run_training, write_json)
 from .metrics import training_flops_per_token
 
 ARMS = ("baseline", "recursive")
-COMPARE_KEYS = {"output_dir", "launcher", "accelerate_config", "seeds", "base", "description", *ARMS}
 
 
-@dataclass
-class CompareArguments:
-    output_dir: str | None = field(default=None, metadata={"help": "Where runs and reports go (default: the file's)."})
-    launcher: str | None = field(default=None, metadata={"help": "in_process or accelerate (default: the file's)."})
-    accelerate_config: str | None = field(default=None, metadata={"help": "accelerate YAML for launcher accelerate."})
-    seeds: list[int] | None = field(default=None, metadata={"help": "Replace the file's seeds (use 2 or more)."})
-    set: list[str] | None = field(default=None, metadata={"help": "NAME=VALUE trainer arguments for both arms."})
-
-
-def load_comparison(path, args: CompareArguments | None = None) -> dict:
-    args = args or CompareArguments()
-    spec = load_experiment(path, "comparison")
-    unknown = sorted(set(spec) - COMPARE_KEYS)
-    if unknown:
-        raise ValueError(f"comparison {path} has unknown key(s) {unknown}; allowed: {sorted(COMPARE_KEYS)}")
-    base = {**check_arguments(spec.get("base"), f"comparison {path}: base"), **parse_overrides(args.set)}
+def load_comparison(path, args: RunnerArguments | None = None) -> dict:
+    args = args or RunnerArguments()
+    spec, settings = load_runner_file(path, "comparison", set(ARMS), args, default_seeds=[0, 1],
+                                      output_prefix="compare")
     arms = {}
     for arm in ARMS:
         if arm not in spec:
@@ -63,12 +45,7 @@ def load_comparison(path, args: CompareArguments | None = None) -> dict:
                                                "train with the same settings)", model_argument_names())
     arms["baseline"].setdefault("model_type", "base")
     arms["recursive"].setdefault("model_type", "recursive")
-    output_dir = args.output_dir or spec.get("output_dir") or f"outputs/compare_{Path(path).stem}"
-    return {"path": str(path), "description": spec.get("description", ""), "base": base, "arms": arms,
-            "seeds": check_seeds(args.seeds or spec.get("seeds", [0, 1])),
-            "launcher": check_launcher(args.launcher or spec.get("launcher", "in_process")),
-            "accelerate_config": args.accelerate_config or spec.get("accelerate_config"),
-            "output_dir": Path(output_dir)}
+    return {**settings, "arms": arms}
 
 
 def flops_per_token(values: dict) -> tuple[float, int]:
@@ -240,12 +217,8 @@ def plot(p: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-"):
-        raise SystemExit("usage: python -m moe_reason.compare CONFIG.yaml [--output_dir D] [--seeds 0 1 2] "
-                         "[--launcher in_process|accelerate] [--set name=value ...]")
-    path = argv.pop(0)
-    (args,) = HfArgumentParser(CompareArguments).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    path, args = parse_runner_cli(argv, RunnerArguments, "python -m moe_reason.compare CONFIG.yaml [--output_dir D] "
+                                  "[--seeds 0 1 2] [--launcher in_process|accelerate] [--set name=value ...]")
     return run_comparison(load_comparison(path, args))
 
 

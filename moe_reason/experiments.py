@@ -20,14 +20,60 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from transformers import HfArgumentParser
 
 from .arguments import ARGUMENT_CLASSES, ModelArguments, to_argv
 
 LAUNCHERS = ("in_process", "accelerate")
 RUN_SPEC = "experiment_run.json"  # the arguments a run folder was made with
+RUNNER_KEYS = {"output_dir", "launcher", "accelerate_config", "seeds", "base", "description"}
+
+
+@dataclass
+class RunnerArguments:
+    """Command-line overrides of an experiment file, shared by the ablation and comparison runners."""
+    output_dir: str | None = field(default=None, metadata={"help": "Where runs and reports go (default: the file's)."})
+    launcher: str | None = field(default=None, metadata={"help": "in_process or accelerate (default: the file's)."})
+    accelerate_config: str | None = field(default=None, metadata={"help": "accelerate YAML for launcher accelerate."})
+    seeds: list[int] | None = field(default=None, metadata={"help": (
+        "Replace the file's seeds (2 or more to measure the spread).")})
+    set: list[str] | None = field(default=None, metadata={"help": "NAME=VALUE trainer arguments for every run."})
+
+
+def parse_runner_cli(argv: list[str] | None, arguments_class, usage: str) -> tuple[str, RunnerArguments]:
+    """FILE.yaml [--flag value ...] -> (the file, the parsed overrides)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit(f"usage: {usage}")
+    path = argv.pop(0)
+    (args,) = HfArgumentParser(arguments_class).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return path, args
+
+
+def load_runner_file(path, kind: str, own_keys: set[str], args: RunnerArguments, default_seeds: list[int],
+                     output_prefix: str) -> tuple[dict, dict]:
+    """An experiment file -> (its raw mapping, the settings every runner shares), validated before any run.
+
+    Shared settings: path, description, base (with --set applied), seeds, launcher,
+    accelerate_config and output_dir, each from the command line first, then the file.
+    """
+    spec = load_experiment(path, kind)
+    allowed = RUNNER_KEYS | own_keys
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ValueError(f"{kind} {path} has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    output_dir = args.output_dir or spec.get("output_dir") or f"outputs/{output_prefix}_{Path(path).stem}"
+    return spec, {
+        "path": str(path), "description": spec.get("description", ""),
+        "base": {**check_arguments(spec.get("base"), f"{kind} {path}: base"), **parse_overrides(args.set)},
+        "seeds": check_seeds(args.seeds or spec.get("seeds", default_seeds)),
+        "launcher": check_launcher(args.launcher or spec.get("launcher", "in_process")),
+        "accelerate_config": args.accelerate_config or spec.get("accelerate_config"),
+        "output_dir": Path(output_dir)}
 
 
 def argument_names() -> set[str]:

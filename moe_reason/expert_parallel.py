@@ -30,6 +30,7 @@ from deepspeed.utils import groups
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .checkpointing import expert_shard_name
 from .modeling_moe_reason import MoEReasonExperts, MoEReasonSparseMoeBlock
 
 
@@ -135,42 +136,42 @@ class ExpertParallelExperts(MoEReasonExperts, MoE):
         return full[0], full[1]
 
 
-def moe_blocks(model: nn.Module) -> list[tuple[str, MoEReasonSparseMoeBlock]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoEReasonSparseMoeBlock)]
+def sharded_experts(model: nn.Module) -> list[tuple[str, ExpertParallelExperts]]:
+    """(block name, its expert-parallel experts) for every sharded MoE layer, in layer order."""
+    return [(name, m.experts) for name, m in model.named_modules()
+            if isinstance(m, MoEReasonSparseMoeBlock) and isinstance(m.experts, ExpertParallelExperts)]
 
 
-def shard_experts(model: nn.Module, ep_size: int) -> int:
-    """Keep this rank's slice of every layer's experts (the model was built or loaded in full). Returns the EP rank."""
+def shard_experts(model: nn.Module, ep_size: int) -> list[ExpertParallelExperts]:
+    """Keep this rank's slice of every layer's experts (the model was built or loaded in full)."""
     group = create_groups(ep_size)
     ep_rank = dist.get_rank(group)
-    for _, block in moe_blocks(model):
+    blocks = [m for m in model.modules() if isinstance(m, MoEReasonSparseMoeBlock)]
+    for block in blocks:
         block.experts = ExpertParallelExperts(block.experts, ep_size, ep_rank, group)
-    return ep_rank
+    return [block.experts for block in blocks]
 
 
 def full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Replace each sharded expert tensor in `state` by the gathered [E, ...] one. Every rank must call this."""
-    for name, block in moe_blocks(model):
-        if isinstance(block.experts, ExpertParallelExperts):
-            up, down = block.experts.gather_full()
-            state[f"{name}.experts.up_proj"], state[f"{name}.experts.down_proj"] = up, down
+    for name, experts in sharded_experts(model):
+        state[f"{name}.experts.up_proj"], state[f"{name}.experts.down_proj"] = experts.gather_full()
     return state
 
 
-def tokens_per_rank(model: nn.Module) -> torch.Tensor | None:
-    """[L] rows each MoE layer's local experts processed in the last forward (None without EP)."""
-    received = [b.experts.tokens_received for _, b in moe_blocks(model)
-                if isinstance(b.experts, ExpertParallelExperts) and b.experts.tokens_received is not None]
+def tokens_per_rank(experts: list[ExpertParallelExperts]) -> torch.Tensor | None:
+    """[L] rows each MoE layer's local experts processed in their last forward (None before any)."""
+    received = [e.tokens_received for e in experts if e.tokens_received is not None]
     return torch.stack(received) if received else None
 
 
-def shard_file(folder: Path, ep_rank: int, ep_size: int) -> Path:
-    return Path(folder) / f"expert_shard_{ep_rank}_of_{ep_size}.safetensors"
+def shard_file(folder, ep_rank: int, ep_size: int) -> Path:
+    return Path(folder) / expert_shard_name(ep_rank, ep_size)
 
 
 def save_shards(model: nn.Module, folder) -> None:
     """Each EP rank's expert weights into the checkpoint folder (one writer per EP rank). Every rank calls this."""
-    experts = [(name, b.experts) for name, b in moe_blocks(model) if isinstance(b.experts, ExpertParallelExperts)]
+    experts = sharded_experts(model)
     if not experts:
         return
     first = experts[0][1]
@@ -183,7 +184,7 @@ def save_shards(model: nn.Module, folder) -> None:
 @torch.no_grad()
 def load_shards(model: nn.Module, folder) -> None:
     """Restore this rank's expert weights saved by `save_shards`; a different EP size is refused."""
-    experts = [(name, b.experts) for name, b in moe_blocks(model) if isinstance(b.experts, ExpertParallelExperts)]
+    experts = sharded_experts(model)
     if not experts:
         return
     first = experts[0][1]

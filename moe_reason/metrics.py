@@ -28,9 +28,9 @@ def decoder_flops_per_token(config, seq_len: int) -> float:
     return 2 * matmul_params_per_token(config) + 4 * config.num_hidden_layers * seq_len * config.hidden_size
 
 
-def forward_flops_per_token(config, seq_len: int) -> float:
-    """One forward of the base model: a decoder pass and the LM head."""
-    return decoder_flops_per_token(config, seq_len) + 2 * config.hidden_size * config.vocab_size
+def head_flops_per_token(config) -> float:
+    """One application of the LM head."""
+    return 2 * config.hidden_size * config.vocab_size
 
 
 def training_flops_per_token(config, seq_len: int) -> float:
@@ -42,8 +42,7 @@ def training_flops_per_token(config, seq_len: int) -> float:
     Q-head (H weights on a pooled state) is negligible and not counted.
     """
     passes, grad_passes, heads = forward_passes(config)
-    return decoder_flops_per_token(config, seq_len) * (passes + 2 * grad_passes) \
-        + 3 * heads * 2 * config.hidden_size * config.vocab_size
+    return decoder_flops_per_token(config, seq_len) * (passes + 2 * grad_passes) + 3 * heads * head_flops_per_token(config)
 
 
 def forward_passes(config) -> tuple[int, int, int]:

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.resume_from_checkpoint else None
     if checkpoint is not None:
         check_expert_parallel_size(checkpoint, args.expert_parallel_size)
-    build_config(model_args)  # invalid model fields fail here, before any data or process-group work
+    num_experts = build_config(model_args).num_experts  # invalid model fields fail here, before any other work
     resolve_global_batch(args, int(os.environ.get("WORLD_SIZE", "1")))
 
     accelerator = make_accelerator(args)
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     expert_parallel = args.expert_parallel_size > 1
     if expert_parallel:  # imported only here: it needs DeepSpeed
         from .expert_parallel import check_layout, load_shards, save_shards, shard_experts, tokens_per_rank
-        check_layout(build_config(model_args).num_experts, args.expert_parallel_size, accelerator.num_processes,
+        check_layout(num_experts, args.expert_parallel_size, accelerator.num_processes,
                      accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed else None)
     out = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     if expert_parallel:  # every rank built (or loaded) the same full model; each keeps its experts' slice
-        shard_experts(model, args.expert_parallel_size)
+        ep_experts = shard_experts(model, args.expert_parallel_size)
         accelerator.print(f"expert parallelism: {args.expert_parallel_size} ranks per group, "
                           f"{config.num_experts // args.expert_parallel_size} experts per rank")
     if is_deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3:
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
                             extra_window[name] = extra_window.get(name, 0.0) + torch.as_tensor(value).detach().float()
                     load_meter.update(getattr(output, "expert_load", None))
                     if expert_parallel:
-                        received = tokens_per_rank(accelerator.unwrap_model(model))
+                        received = tokens_per_rank(ep_experts)
                         rank_rows = received if rank_rows is None else rank_rows + received
                 window["micro"] += 1
                 window["skipped"] += int(nonfinite)
