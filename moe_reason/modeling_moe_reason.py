@@ -21,6 +21,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .chunked_loss import linear_cross_entropy
 from .configuration_moe_reason import MoEReasonConfig
 
 # ----------------------------------------------------------------------------
@@ -177,6 +178,67 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return False
 
 
+class SwiGLU(torch.autograd.Function):
+    """h = [gate | up] [N, 2I] -> silu(gate) * up [N, I], with a hand-written backward.
+
+    h, the experts' up projection, is read by nothing else and is dead once this backward has
+    run, so the backward writes the gradient into h's own buffer, as Liger-Kernel's SwiGLU does.
+    Autograd would keep silu(gate) beside h and allocate three [N, I] temporaries and a fourth
+    [N, 2I] buffer to concatenate the halves' gradients into. Here: one activation less per
+    layer and one temporary, which on a CPU (where each fresh buffer this large costs page
+    faults) more than halves the activation's time. A second backward through the same graph
+    fails with autograd's in-place error rather than reading the overwritten h.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        ctx.save_for_backward(h)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (h,) = ctx.saved_tensors
+        # the one temporary, silu(gate), is made a block of rows at a time: on a CPU a 2 MB
+        # buffer the allocator reuses instead of a fresh [N, I] one; elsewhere one block
+        rows = max(1, 2**19 // grad.shape[-1]) if h.device.type == "cpu" else h.shape[0]
+        for h_block, grad_block in zip(h.split(rows), grad.split(rows)):
+            gate, up = h_block.chunk(2, dim=-1)
+            silu = F.silu(gate)
+            up.mul_(grad_block)  # grad * up
+            torch.ops.aten.silu_backward.grad_input(up, gate, grad_input=gate)  # d gate = grad * up * silu'(gate)
+            torch.mul(silu, grad_block, out=up)  # d up = grad * silu(gate)
+        return h
+
+
+class SiLU(torch.autograd.Function):
+    """silu(h) whose backward writes the gradient into h's buffer (see `SwiGLU` for why)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h)
+        return F.silu(h)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (h,) = ctx.saved_tensors
+        return torch.ops.aten.silu_backward.grad_input(grad, h, grad_input=h)
+
+
+def expert_activation(h: torch.Tensor, gated: bool) -> torch.Tensor:
+    """silu(gate) * up of h = [gate | up] [N, 2I], or silu(h) of h [N, I] -> [N, I].
+
+    `h` must be a fresh tensor no other operation reads (a projection's output): its buffer is
+    reused for its gradient. Under torch.compile the plain ops are traced and fused instead.
+    """
+    if torch.compiler.is_compiling():
+        if gated:
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return F.silu(h)
+    return SwiGLU.apply(h) if gated else SiLU.apply(h)
+
+
 class MoEReasonExperts(nn.Module):
     """All experts of one layer as stacked [E, in, out] tensors.
 
@@ -195,11 +257,7 @@ class MoEReasonExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [N, H] grouped by expert, counts [E] -> [N, H]."""
         h = grouped_mm(x, self.up_proj, counts)  # [N, I] or [N, 2I]
-        if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.silu(h)
+        h = expert_activation(h, self.gated)  # [N, I]
         return grouped_mm(h, self.down_proj, counts)  # [N, H]
 
 
@@ -214,10 +272,7 @@ class MoEReasonMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up_proj(x)
-        if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(h))
+        return self.down_proj(expert_activation(h, self.gated))
 
 
 class MoEReasonSparseMoeBlock(nn.Module):
@@ -257,7 +312,8 @@ class MoEReasonSparseMoeBlock(nn.Module):
         order = flat.argsort(stable=True)  # assignments grouped by expert
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat))  # [E]; scatter_add, not bincount, to avoid a host sync
-        y_sorted = self.run_experts(x[order // self.top_k], counts)  # [T*k, H]
+        # index_select rather than x[...]: its backward (index_add) is several times faster on CPU
+        y_sorted = self.run_experts(x.index_select(0, order // self.top_k), counts)  # [T*k, H]
         y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)  # back to (token, slot) order
         return (y.view(T, self.top_k, H) * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
 
@@ -465,20 +521,50 @@ def router_z_loss(router_logits, token_mask=None) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """labels [B, S] -> the label each position predicts [B, S]; the last position predicts nothing (-100).
+
+    The labels are shifted rather than the logits: slicing [B, S, V] logits would cost a copy
+    forward and a zero-filled one backward.
+    """
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
 def next_token_statistics(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per sequence [B, 3]: summed next-token NLL (fp32), labelled positions, right argmax predictions.
 
     logits [B, S, V] predict labels shifted by one; positions labelled -100 are left out.
-    The labels are shifted rather than the logits: slicing [B, S, V] logits would cost a copy
-    forward and a zero-filled one backward, and flat 2-D cross-entropy is the fast kernel.
     """
     B, S, V = logits.shape
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, S]: the last position predicts nothing
+    targets = next_token_targets(labels)  # [B, S]
     valid = targets != -100
     nll = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=-100,
                           reduction="none").view(B, S)  # 0 where ignored
     correct = (logits.argmax(-1) == targets) & valid
     return torch.stack([(nll * valid).sum(1), valid.sum(1).float(), correct.sum(1).float()], dim=1)
+
+
+def next_token_loss(lm_head: "MoEReasonLMHead", hidden: torch.Tensor, labels: torch.Tensor,
+                    per_sequence: bool = False, num_items_in_batch=None):
+    """The training loss straight from the hidden states: the [B, S, V] logits are never formed.
+
+    hidden [B, S, H], labels [B, S] (unshifted; -100 is ignored) -> (loss, statistics):
+      loss  the next-token NLL summed over labelled positions and divided by their number in the
+            batch (or `num_items_in_batch`, for gradient accumulation), or with `per_sequence`, the
+            sum over sequences of each one's mean NLL;
+      statistics [B, 3] as `next_token_statistics`, without gradient.
+    """
+    B, S, H = hidden.shape
+    targets = next_token_targets(labels)  # [B, S]
+    valid = targets != -100
+    if per_sequence:
+        denominator = valid.sum(1, keepdim=True).clamp(min=1)  # [B, 1]
+    else:
+        denominator = num_items_in_batch if num_items_in_batch is not None else valid.sum().clamp(min=1)
+    token_weights = (valid / denominator).float()  # [B, S]
+    loss, nll, correct = lm_head(hidden.reshape(-1, H), targets.reshape(-1), token_weights.reshape(-1))
+    stats = torch.stack([nll.view(B, S).sum(1), valid.sum(1).float(), correct.view(B, S).sum(1).float()], dim=1)
+    return loss, stats
 
 
 def expert_load(selected_experts, num_experts: int) -> torch.Tensor:
@@ -508,13 +594,31 @@ class MoEReasonCausalLMOutput(MoeCausalLMOutputWithPast):
     expert_load: torch.FloatTensor | None = None
 
 
+class MoEReasonLMHead(nn.Linear):
+    """The output projection hidden -> vocabulary logits.
+
+    Called with `targets` (and per-token weights), it returns the weighted next-token loss
+    computed chunk by chunk instead of the logits (`chunked_loss.linear_cross_entropy`). That is
+    still a call of this module, so ZeRO-3 gathers the weight for it as for any layer.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__(hidden_size, vocab_size, bias=False)
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None,
+                token_weights: torch.Tensor | None = None):
+        if targets is None:
+            return super().forward(hidden)
+        return linear_cross_entropy(hidden, self.weight, targets, token_weights)
+
+
 class MoEReasonForCausalLM(MoEReasonPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: MoEReasonConfig):
         super().__init__(config)
         self.model = MoEReasonModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = MoEReasonLMHead(config.hidden_size, config.vocab_size)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -548,7 +652,13 @@ class MoEReasonForCausalLM(MoEReasonPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
                 logits_to_keep: int = 0, **kwargs) -> MoEReasonCausalLMOutput:
-        """Labels are the inputs (shifted here); positions labelled -100 are ignored."""
+        """Labels are the inputs (shifted here); positions labelled -100 are ignored.
+
+        In training mode with labels, only the loss is needed: it is computed from the hidden
+        states chunk by chunk (`next_token_loss`) and `logits` is None. The [B, S, V] logits, their
+        log-softmax and their gradient are never formed (1.6 GB each in fp32 at exp8's batch).
+        Call in eval mode, or without labels, for the logits.
+        """
         kwargs.pop("return_dict", None)
         kwargs.pop("output_attentions", None)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -556,11 +666,16 @@ class MoEReasonForCausalLM(MoEReasonPreTrainedModel, GenerationMixin):
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, **kwargs)
         hidden = out.last_hidden_state if logits_to_keep == 0 else out.last_hidden_state[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)  # [B, S, V]
         aux, z = self.router_losses(out.router_logits, out.selected_experts, attention_mask)
-        lm_loss = loss = None
+        logits = lm_loss = loss = None
+        if labels is not None and self.training:
+            lm_loss, _ = next_token_loss(self.lm_head, hidden, labels, num_items_in_batch=num_items_in_batch)
+        else:
+            logits = self.lm_head(hidden)  # [B, S, V]
+            if labels is not None:
+                lm_loss = self.loss_function(logits, labels, self.config.vocab_size,
+                                             num_items_in_batch=num_items_in_batch)
         if labels is not None:
-            lm_loss = self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch)
             loss = self.combine_losses(lm_loss, aux, z)
         return MoEReasonCausalLMOutput(
             loss=loss,

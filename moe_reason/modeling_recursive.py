@@ -32,7 +32,8 @@ from torch import nn
 from transformers import initialization as init
 
 from .configuration_recursive import RecursiveMoEReasonConfig
-from .modeling_moe_reason import MoEReasonCausalLMOutput, MoEReasonForCausalLM, expert_load, next_token_statistics
+from .modeling_moe_reason import (MoEReasonCausalLMOutput, MoEReasonForCausalLM, expert_load, next_token_loss,
+                                  next_token_statistics)
 
 
 @dataclass
@@ -134,7 +135,8 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
             min_steps = torch.where(explore, drawn, min_steps)
 
         def rows_of(t, rows):  # per-example tensors follow the active rows; shared ones broadcast
-            return t if t is None or t.shape[0] == 1 else t[rows]
+            # rows is an increasing subset of 0..B-1, so all B of them means no copy is needed
+            return t if t is None or t.shape[0] == 1 or len(rows) == t.shape[0] else t.index_select(0, rows)
 
         rows = torch.arange(B, device=x.device)  # the examples still running
         z_H = self.z_init.weight[0].to(x.dtype).expand(B, S, -1)
@@ -156,20 +158,21 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
             pe = (rows_of(cos, rows), rows_of(sin, rows))
             mask_rows = rows_of(mask, rows)
             z_H, z_L = self.supervision_step(x_rows, z_H, z_L, pe, mask_rows, m_rows, passes)
-            logits = self.lm_head(z_H if labels is not None or logits_to_keep == 0 else z_H[:, -logits_to_keep:])
             q = self.q_head((z_H * m_rows[..., None]).sum(1) / m_rows.sum(1, keepdim=True).clamp(min=1)).squeeze(-1)
             steps[rows] = step
             halt = torch.full_like(q, step == cfg.halt_max_steps, dtype=torch.bool)
-            if labels is not None:
-                nll, accuracy = sequence_statistics(logits, rows_of(labels, rows))
-                correct = accuracy >= cfg.halt_target_accuracy
+            logits, stats, lm_term = self.predict(z_H, rows_of(labels, rows), logits_to_keep)
+            if stats is not None:
+                _, count, right = stats.unbind(1)  # per sequence
+                correct = right / count.clamp(min=1) >= cfg.halt_target_accuracy
                 bce = F.binary_cross_entropy_with_logits(q.float(), correct.float(), reduction="none")
-                lm_sum, act_sum = lm_sum + nll.sum(), act_sum + bce.sum()
+                lm_sum, act_sum = lm_sum + lm_term, act_sum + bce.sum()
                 pairs += len(rows)
                 q_right += int(((q > 0) == correct).sum())
             if halt_by_q:
                 halt = halt | ((q.detach() > 0) & (step >= min_steps[rows]))
-            finished.append((rows[halt], logits[halt]))
+            finished.append((rows[halt], None if logits is None else logits[halt],
+                             None if stats is None else stats[halt]))
             keep = ~halt
             ghost = (x_rows[:1], z_H[:1].detach(), z_L[:1].detach(), (pe[0][:1], pe[1][:1]),
                      None if mask_rows is None else mask_rows[:1], m_rows[:1])
@@ -177,15 +180,19 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
             if not self.any_rank_running(len(rows) > 0, x.device):
                 break
 
-        order = torch.cat([r for r, _ in finished])
-        final_logits = torch.cat([lg for _, lg in finished])[torch.argsort(order)]  # back to batch order
+        batch_order = torch.argsort(torch.cat([r for r, _, _ in finished]))
+        final_logits = final_stats = None
+        if finished[0][1] is not None:
+            final_logits = torch.cat([lg for _, lg, _ in finished])[batch_order]  # [B, S, V]
+        if finished[0][2] is not None:
+            final_stats = torch.cat([st for _, _, st in finished])  # [B, 3], order irrelevant
         aux, z_loss, load = self.pass_router_losses(passes)
         lm_loss = loss = act_loss = None
         if labels is not None:
-            lm_loss = self.loss_function(final_logits, labels, cfg.vocab_size)
+            lm_loss = final_stats[:, 0].sum() / final_stats[:, 1].sum().clamp(min=1)  # token mean, as the base's
             act_loss = act_sum / pairs
             loss = self.combine_losses((lm_sum + cfg.act_loss_coef * act_sum) / pairs, aux, z_loss) + ghost_term
-        if logits_to_keep and labels is not None:
+        if logits_to_keep and final_logits is not None and labels is not None:
             final_logits = final_logits[:, -logits_to_keep:]
         halt_rate = (steps < cfg.halt_max_steps).float().mean()
         q_accuracy = torch.tensor(q_right / pairs) if pairs else None
@@ -197,6 +204,23 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
             act_loss=act_loss, recursion_steps=steps, halt_rate=halt_rate, q_accuracy=q_accuracy,
             training_metrics=metrics,
         )
+
+    def predict(self, z_H, labels, logits_to_keep: int = 0):
+        """The LM head on z_H -> (logits, statistics, lm_term), each None where it is not needed.
+
+        logits [b, S, V]; statistics [b, 3] per sequence as `next_token_statistics` (no gradient);
+        lm_term = the sum over sequences of each one's mean next-token NLL, with gradient. In
+        training with labels the logits are not needed: the rest comes from `next_token_loss`
+        chunk by chunk, and no [b, S, V] tensor is formed.
+        """
+        if labels is not None and self.training:
+            lm_term, stats = next_token_loss(self.lm_head, z_H, labels, per_sequence=True)
+            return None, stats, lm_term
+        logits = self.lm_head(z_H if labels is not None or logits_to_keep == 0 else z_H[:, -logits_to_keep:])
+        if labels is None:
+            return logits, None, None
+        stats = next_token_statistics(logits, labels)
+        return logits, stats.detach(), (stats[:, 0] / stats[:, 1].clamp(min=1)).sum()
 
     def any_rank_running(self, local: bool, device) -> bool:
         """Whether any rank still has examples running (one small all-reduce per step in distributed training)."""
@@ -227,9 +251,3 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
 
-
-def sequence_statistics(logits: torch.Tensor, labels: torch.Tensor):
-    """Per sequence: mean next-token NLL (fp32) and share of right predictions, over labelled positions."""
-    nll, count, right = next_token_statistics(logits, labels).unbind(1)
-    count = count.clamp(min=1)
-    return nll / count, right / count

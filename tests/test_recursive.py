@@ -49,6 +49,38 @@ def test_latent_init_learns_when_a_gradient_pass_reads_it():
     assert model.z_init.weight.grad.abs().sum() > 0
 
 
+def test_training_statistics_without_logits_equal_the_logits_path():
+    """Training with labels takes each step's statistics from the chunked loss (no logits); eval
+    mode from the logits. With Q-head halting in both, no exploration, dropout or jitter, both run
+    the same steps and give the same losses and gradients, including per-sequence means over
+    sequences with different numbers of labels and rows that halt early."""
+    model = recursive(h_cycles=1, l_cycles=1, halt_max_steps=3, use_act=True, eval_halting="q_head",
+                      halt_exploration_prob=0.0, hidden_dropout=0.0, attention_dropout=0.0,
+                      router_jitter_noise=0.0)
+    torch.nn.init.normal_(model.q_head.weight, std=1.0)
+    torch.nn.init.zeros_(model.q_head.bias)
+    ids = random_ids(batch=6)
+    labels = ids.clone()
+    labels[1, :9] = -100
+    labels[4, 3:] = -100
+    results = []
+    for train in (True, False):
+        model.train(train)
+        out = model(ids, labels=labels)
+        assert (out.logits is None) == train
+        out.loss.backward()
+        results.append(({k: getattr(out, k).detach() for k in ("loss", "lm_loss", "act_loss", "recursion_steps")},
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad()
+    (figures, grads), (ref_figures, ref_grads) = results
+    assert 1 < len(set(figures["recursion_steps"].tolist())), "some rows must halt before others"
+    for key, value in figures.items():
+        torch.testing.assert_close(value, ref_figures[key], atol=1e-6, rtol=1e-6, msg=key)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_q_head_gets_gradient_and_aux_loss_counts_every_pass():
     model = recursive(h_cycles=2, l_cycles=1, halt_max_steps=2, router_aux_loss_coef=0.1).train()
     ids = random_ids()

@@ -1,0 +1,111 @@
+"""The hand-written fused operations: chunked LM-head cross-entropy and the expert activations.
+
+Each must compute the same function and the same gradients as the plain torch ops it replaces.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_reason import chunked_loss
+from moe_reason.chunked_loss import linear_cross_entropy
+from moe_reason.modeling_moe_reason import expert_activation
+
+from conftest import random_ids, tiny_model
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 7 rows (vocabulary 40): several chunks and a short last one."""
+    monkeypatch.setitem(chunked_loss.CHUNK_ELEMENTS, "cpu", 7 * 40)
+
+
+def reference_cross_entropy(hidden, weight, targets, token_weights):
+    logits = hidden @ weight.T
+    nll = F.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
+    return (nll * token_weights).sum(), nll, (logits.argmax(-1) == targets)
+
+
+def test_chunked_cross_entropy_matches_the_logits_path(small_chunks):
+    T, H, V = 30, 16, 40
+    hidden = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (T,))
+    targets[[0, 5, 6, 29]] = -100
+    token_weights = torch.rand(T, dtype=torch.float64) * (targets != -100)
+
+    loss, nll, correct = linear_cross_entropy(hidden, weight, targets, token_weights)
+    (2.5 * loss).backward()  # a non-unit incoming gradient is applied to the precomputed ones
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    ref_loss, ref_nll, ref_correct = reference_cross_entropy(hidden, weight, targets, token_weights)
+    (2.5 * ref_loss).backward()
+
+    torch.testing.assert_close(loss, ref_loss, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(nll, ref_nll.detach(), atol=1e-12, rtol=1e-12)
+    assert torch.equal(correct, ref_correct)
+    assert not nll.requires_grad and not correct[targets == -100].any()
+    torch.testing.assert_close(grads[0], hidden.grad, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grads[1], weight.grad, atol=1e-12, rtol=1e-12)
+
+    with torch.no_grad():  # the no-gradient path gives the same figures
+        no_grad = linear_cross_entropy(hidden, weight, targets, token_weights)
+    torch.testing.assert_close(no_grad[0], ref_loss.detach(), atol=1e-12, rtol=1e-12)
+
+
+def test_chunked_cross_entropy_under_bf16_autocast_keeps_fp32_statistics(small_chunks):
+    hidden = torch.randn(30, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (30,))
+    token_weights = torch.full((30,), 1 / 30)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, nll, _ = linear_cross_entropy(hidden, weight, targets, token_weights)
+        ref, _, _ = reference_cross_entropy(hidden, weight, targets, token_weights)
+    assert loss.dtype == nll.dtype == torch.float32
+    torch.testing.assert_close(loss, ref.float(), atol=2e-2, rtol=1e-2)
+    loss.backward()
+    assert hidden.grad.dtype == weight.grad.dtype == torch.float32
+
+
+def test_training_loss_skips_the_logits_and_equals_the_logits_path(small_chunks):
+    """Training with labels goes through the chunked loss; eval mode through the logits. With no
+    dropout or jitter both compute the same loss and gradients (token mean, ignored labels)."""
+    model = tiny_model(vocab_size=40, hidden_dropout=0.0, attention_dropout=0.0, router_jitter_noise=0.0)
+    ids = random_ids(3, 12, vocab=40)
+    labels = ids.clone()
+    labels[0, :5] = -100
+    results = []
+    for train in (True, False):
+        model.train(train)
+        out = model(ids, labels=labels)
+        assert (out.logits is None) == train
+        out.loss.backward()
+        results.append((out.loss.detach(), out.lm_loss.detach(),
+                        {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad()
+    (loss, lm, grads), (ref_loss, ref_lm, ref_grads) = results
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lm, ref_lm, atol=1e-6, rtol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_expert_activation_matches_autograd_and_refuses_a_second_backward(gated):
+    x = torch.randn(37, 24, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(24, 48 if gated else 24, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(37, 24, dtype=torch.float64)
+    expert_activation(x @ w, gated).backward(grad)
+    fused = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    h = x @ w
+    gate, up = h.chunk(2, dim=-1)
+    (F.silu(gate) * up if gated else F.silu(h)).backward(grad)
+    torch.testing.assert_close(fused[0], x.grad, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(fused[1], w.grad, atol=1e-12, rtol=1e-12)
+
+    # the backward reuses h's buffer: a second backward through the graph must fail, not be wrong
+    out = expert_activation(x @ w, gated).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        out.backward()
