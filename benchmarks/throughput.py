@@ -57,7 +57,7 @@ def main(argv=None):
                         help="bfloat16 runs under autocast (weights stay fp32, as in mixed-precision training)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     parser.add_argument("--models", nargs="+", default=["ours", "mixtral", "qwen3_moe"],
                         choices=["ours", "mixtral", "qwen3_moe"])
