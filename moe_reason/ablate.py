@@ -42,14 +42,17 @@ def load_grid(path, args: AblateArguments | None = None) -> dict:
     if not isinstance(variants, dict) or not variants:
         raise ValueError(f"grid {path} needs a non-empty mapping 'variants: {{name: {{overrides}}}}'")
     variants = {safe_name(name): check_arguments(over, f"grid {path}: variant {name}") for name, over in variants.items()}
+    reference = grid.get("reference", next(iter(variants)))
+    if reference not in variants:
+        raise ValueError(f"grid {path}: reference {reference!r} is not one of its variants: {list(variants)}")
     if args.variants:
         missing = sorted(set(args.variants) - set(variants))
         if missing:
             raise ValueError(f"--variants {missing} not in the grid; it has {list(variants)}")
         variants = {name: variants[name] for name in args.variants}
-    reference = grid.get("reference", next(iter(variants)))
-    if reference not in variants:
-        reference = next(iter(variants))
+        if reference not in variants:  # compared with the first selected variant instead, and said so
+            print(f"ablate: reference {reference!r} is not among --variants; comparing with {args.variants[0]!r}")
+            reference = args.variants[0]
     return {**settings, "variants": variants, "reference": reference}
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from moe_reason.ablate import load_grid, main as ablate_main
+from moe_reason.ablate import AblateArguments, load_grid, main as ablate_main
 from moe_reason.arguments import build_config, parse_args, to_argv
 from moe_reason.compare import load_comparison, main as compare_main, plan_runs
 from moe_reason.configuration_recursive import RecursiveMoEReasonConfig
@@ -154,6 +154,16 @@ def test_grid_mistakes_are_refused_before_any_run(tmp_path):
     assert "seeds=[0, 0] is invalid" in grid_error({"seeds": [0, 0], "variants": {"a": {}}})
     assert "non-empty mapping" in grid_error({"base": {}})
     assert "unknown key(s) ['variant']" in grid_error({"variant": {}})
+    assert "reference 'basline' is not one of its variants" in grid_error(
+        {"reference": "basline", "variants": {"baseline": {}, "a": {}}})
+
+
+def test_a_reference_left_out_by_the_variants_option_falls_back_to_the_first_selected(tmp_path, capsys):
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump({"reference": "baseline", "variants": {"baseline": {}, "a": {},
+                                                                                           "b": {}}}))
+    grid = load_grid(tmp_path / "g.yaml", AblateArguments(variants=["b", "a"]))
+    assert grid["reference"] == "b" and list(grid["variants"]) == ["b", "a"]
+    assert "comparing with 'b'" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------
