@@ -164,6 +164,120 @@ def any_nonfinite(accelerator, value: torch.Tensor) -> bool:
     return bool(bad.item() > 0)
 
 
+def build_model(model_args, args, data, accelerator, is_deepspeed: bool):
+    """The model for this run's tokenizer -> (model, config, this rank's expert modules under EP or None)."""
+    config = build_config(model_args, vocab_size=len(data.tokenizer))
+    config.eos_token_id = config.pad_token_id = data.tokenizer.eos_token_id
+    config.bos_token_id = data.tokenizer.bos_token_id
+    check_against_model(data, config)
+    model_class = model_class_for(config)
+    model = model_class.from_pretrained(model_args.init_from, config=config) if model_args.init_from \
+        else model_class(config)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    ep_experts = None
+    if args.expert_parallel_size > 1:  # every rank built (or loaded) the same full model; each keeps its slice
+        from .expert_parallel import shard_experts
+        ep_experts = shard_experts(model, args.expert_parallel_size)
+        accelerator.print(f"expert parallelism: {args.expert_parallel_size} ranks per group, "
+                          f"{config.num_experts // args.expert_parallel_size} experts per rank")
+    if is_deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        # ZeRO-3 gathers a module's parameters when its forward starts; an expert that gets no
+        # tokens on one rank would skip that gather and hang the others, so the whole MoE block is one leaf
+        from deepspeed.utils import set_z3_leaf_modules
+        set_z3_leaf_modules(model, [type(model.model.layers[0].mlp)])
+    n_params = sum(p.numel() for p in model.parameters())
+    accelerator.print(f"model: {model_class.__name__}, {n_params / 1e6:.2f}M parameters, {accelerator.num_processes} "
+                      f"process(es) ({accelerator.distributed_type.value}), "
+                      f"{config.num_experts} experts top-{config.num_experts_per_tok}, vocab {config.vocab_size}")
+    return model, config, ep_experts
+
+
+def make_loaders(data, args, num_processes: int) -> tuple[DataLoader, DataLoader]:
+    """Training loader (seeded epoch order, resumable) and the fixed validation slice."""
+    train_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, drop_last=True,
+                              sampler=EpochSampler(len(data.train), args.seed), collate_fn=collate_blocks,
+                              generator=torch.Generator().manual_seed(args.seed))
+    # the validation set is a fixed slice of blocks, the same whatever the number of processes
+    eval_blocks = len(data.validation) if args.eval_batches == 0 else \
+        min(len(data.validation), args.eval_batches * args.per_device_eval_batch_size)
+    eval_loader = DataLoader(data.validation.select(range(eval_blocks)), batch_size=args.per_device_eval_batch_size,
+                             collate_fn=collate_blocks)
+    if len(train_loader) < num_processes:
+        raise ValueError(f"{len(data.train)} training blocks make fewer batches than there are processes")
+    return train_loader, eval_loader
+
+
+# ----------------------------------------------------------------------------
+# Logging
+
+
+class LogWindow:
+    """What the micro-batches since the last log line add up to.
+
+    Losses, recursion metrics and expert load are summed as tensors on the device, so a
+    micro-batch costs no host sync; `record` reduces over processes once per log line and
+    opens the next window.
+    """
+
+    LOSSES = ("loss", "lm_loss", "aux_loss", "z_loss")
+
+    def __init__(self, ep_experts=None):
+        self.ep_experts = ep_experts
+        if ep_experts is not None:  # imported only under EP: it needs DeepSpeed
+            from .expert_parallel import tokens_per_rank
+            self.tokens_per_rank = tokens_per_rank
+        self.load = ExpertLoadMeter()
+        self.restart()
+
+    def restart(self) -> None:
+        self.sums = {name: 0.0 for name in self.LOSSES}
+        self.extra: dict[str, torch.Tensor] = {}  # recursion steps, halt rate, ...
+        self.micro = self.skipped = 0
+        self.rank_rows = None  # [L] rows this rank's experts processed per MoE layer (EP only)
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Evaluation and checkpointing time is not training time."""
+        self.tick = time.perf_counter()
+
+    def add(self, output, nonfinite: bool) -> None:
+        self.micro += 1
+        if nonfinite:
+            self.skipped += 1
+            return
+        self.sums["loss"] += output.loss.detach().float()
+        self.sums["lm_loss"] += (output.lm_loss if output.lm_loss is not None else output.loss).detach().float()
+        for name in ("aux_loss", "z_loss"):
+            if getattr(output, name, None) is not None:
+                self.sums[name] += getattr(output, name).detach().float()
+        for name, value in (getattr(output, "training_metrics", None) or {}).items():
+            if value is not None:
+                self.extra[name] = self.extra.get(name, 0.0) + torch.as_tensor(value).detach().float()
+        self.load.update(getattr(output, "expert_load", None))
+        if self.ep_experts is not None:
+            received = self.tokens_per_rank(self.ep_experts)
+            self.rank_rows = received if self.rank_rows is None else self.rank_rows + received
+
+    def record(self, accelerator, tokens_per_micro_batch: int, flops_per_token: float, peak: float,
+               **fields) -> dict:
+        """The train/* record of this window (means over good micro-batches and processes); restarts."""
+        elapsed = time.perf_counter() - self.tick
+        good = max(self.micro - self.skipped, 1)
+        tokens_per_s = tokens_per_micro_batch * self.micro / max(elapsed, 1e-9)
+        record = {f"train/{name}": float(accelerator.reduce(torch.as_tensor(value, device=accelerator.device).float(),
+                                                            "mean")) / good
+                  for name, value in self.sums.items()}
+        record.update({f"train/{name}": value for name, value in fields.items()})
+        record.update({"train/tokens_per_s": tokens_per_s,
+                       "train/mfu": tokens_per_s * flops_per_token / (peak * accelerator.num_processes),
+                       "train/skipped_micro_batches": self.skipped,
+                       **{f"train/{name}": float(value) / good for name, value in self.extra.items()},
+                       **self.load.summary(), **rank_load_summary(accelerator, self.rank_rows)})
+        self.restart()
+        return record
+
+
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, args = parse_args(argv)
     run_args = {cls.__name__: vars(obj) for cls, obj in zip(ARGUMENT_CLASSES, (model_args, data_args, args))}
@@ -187,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
         reconcile_deepspeed_config(accelerator, args)
     expert_parallel = args.expert_parallel_size > 1
     if expert_parallel:  # imported only here: it needs DeepSpeed
-        from .expert_parallel import check_layout, load_shards, save_shards, shard_experts, tokens_per_rank
+        from .expert_parallel import check_layout, load_shards, save_shards
         check_layout(num_experts, args.expert_parallel_size, accelerator.num_processes,
                      accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed else None)
     out = Path(args.output_dir)
@@ -204,41 +318,12 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.print(f"data: {json.dumps({k: data.summary[k] for k in ('train', 'validation', 'cache_hit')})}")
 
     # ---- model
-    config = build_config(model_args, vocab_size=len(data.tokenizer))
-    config.eos_token_id = config.pad_token_id = data.tokenizer.eos_token_id
-    config.bos_token_id = data.tokenizer.bos_token_id
-    check_against_model(data, config)
-    model_class = model_class_for(config)
-    model = model_class.from_pretrained(model_args.init_from, config=config) if model_args.init_from \
-        else model_class(config)
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-    if expert_parallel:  # every rank built (or loaded) the same full model; each keeps its experts' slice
-        ep_experts = shard_experts(model, args.expert_parallel_size)
-        accelerator.print(f"expert parallelism: {args.expert_parallel_size} ranks per group, "
-                          f"{config.num_experts // args.expert_parallel_size} experts per rank")
-    if is_deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3:
-        # ZeRO-3 gathers a module's parameters when its forward starts; an expert that gets no
-        # tokens on one rank would skip that gather and hang the others, so the whole MoE block is one leaf
-        from deepspeed.utils import set_z3_leaf_modules
-        set_z3_leaf_modules(model, [type(model.model.layers[0].mlp)])
+    model, config, ep_experts = build_model(model_args, args, data, accelerator, is_deepspeed)
     n_params = sum(p.numel() for p in model.parameters())
-    accelerator.print(f"model: {model_class.__name__}, {n_params / 1e6:.2f}M parameters, {accelerator.num_processes} "
-                      f"process(es) ({accelerator.distributed_type.value}), "
-                      f"{config.num_experts} experts top-{config.num_experts_per_tok}, vocab {config.vocab_size}")
 
     # ---- optimizer, schedule, loaders, Accelerate
     optimizer, scheduler = make_optimizer_and_scheduler(model, args)
-    train_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, drop_last=True,
-                              sampler=EpochSampler(len(data.train), args.seed), collate_fn=collate_blocks,
-                              generator=torch.Generator().manual_seed(args.seed))
-    # the validation set is a fixed slice of blocks, the same whatever the number of processes
-    eval_blocks = len(data.validation) if args.eval_batches == 0 else \
-        min(len(data.validation), args.eval_batches * args.per_device_eval_batch_size)
-    eval_loader = DataLoader(data.validation.select(range(eval_blocks)), batch_size=args.per_device_eval_batch_size,
-                             collate_fn=collate_blocks)
-    if len(train_loader) < accelerator.num_processes:
-        raise ValueError(f"{len(data.train)} training blocks make fewer batches than there are processes")
+    train_loader, eval_loader = make_loaders(data, args, accelerator.num_processes)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     # the scheduler is stepped once per optimizer step by us; Accelerate's wrapper would step it
     # once per process, making the schedule depend on the world size
@@ -286,14 +371,11 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- the loop
     stop = StopRequest()
     tokens_per_micro_batch = args.per_device_train_batch_size * seq_len * accelerator.num_processes
-    window = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0, "micro": 0, "skipped": 0}
-    extra_window: dict[str, float] = {}
-    load_meter = ExpertLoadMeter()
-    rank_rows = None  # [L] rows this rank's experts processed per MoE layer since the last log (EP only)
+    window = LogWindow(ep_experts)
     progress = tqdm(total=args.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
                     desc="training", dynamic_ncols=True)
     last_eval, saved_step, step_ok = None, state["step"] if args.resume_from_checkpoint else None, True
-    started = tick = time.perf_counter()
+    started = time.perf_counter()
     tokens_total = 0
     model.train()
     while state["step"] < args.max_steps:
@@ -310,20 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        "steps inside backward: stopping (lower the learning rate, or use bf16)")
                 if not nonfinite:
                     accelerator.backward(output.loss)
-                    window["loss"] += output.loss.detach().float()
-                    window["lm_loss"] += (output.lm_loss if output.lm_loss is not None else output.loss).detach().float()
-                    for name in ("aux_loss", "z_loss"):
-                        if getattr(output, name, None) is not None:
-                            window[name] += getattr(output, name).detach().float()
-                    for name, value in (getattr(output, "training_metrics", None) or {}).items():
-                        if value is not None:  # recursion steps, halt rate, ...: summed as tensors, no sync here
-                            extra_window[name] = extra_window.get(name, 0.0) + torch.as_tensor(value).detach().float()
-                    load_meter.update(getattr(output, "expert_load", None))
-                    if expert_parallel:
-                        received = tokens_per_rank(ep_experts)
-                        rank_rows = received if rank_rows is None else rank_rows + received
-                window["micro"] += 1
-                window["skipped"] += int(nonfinite)
+                window.add(output, nonfinite)
                 step_ok = step_ok and not nonfinite
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(
@@ -353,34 +422,19 @@ def main(argv: list[str] | None = None) -> dict:
             progress.update(1)
 
             if step % args.log_interval == 0 or step == args.max_steps:
-                elapsed = time.perf_counter() - tick
-                good = max(window["micro"] - window["skipped"], 1)
-                means = {k: float(accelerator.reduce(torch.as_tensor(window[k], device=accelerator.device).float(),
-                                                     "mean")) / good for k in ("loss", "lm_loss", "aux_loss", "z_loss")}
-                tokens_per_s = tokens_per_micro_batch * window["micro"] / max(elapsed, 1e-9)
-                record = {"train/loss": means["loss"], "train/lm_loss": means["lm_loss"],
-                          "train/aux_loss": means["aux_loss"], "train/z_loss": means["z_loss"],
-                          "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
-                          "train/tokens_per_s": tokens_per_s,
-                          "train/mfu": tokens_per_s * flops_per_token / (peak * accelerator.num_processes),
-                          "train/epoch": state["epoch"], "train/skipped_micro_batches": window["skipped"],
-                          **{f"train/{k}": float(v) / good for k, v in extra_window.items()},
-                          **load_meter.summary(), **rank_load_summary(accelerator, rank_rows)}
-                rank_rows = None
+                record = window.record(accelerator, tokens_per_micro_batch, flops_per_token, peak,
+                                       lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, epoch=state["epoch"])
                 log(record, step)
-                progress.set_postfix(loss=f"{means['lm_loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                window = {k: 0.0 if k not in ("micro", "skipped") else 0 for k in window}
-                extra_window = {}
-                tick = time.perf_counter()
+                progress.set_postfix(loss=f"{record['train/lm_loss']:.3f}", tok_s=f"{record['train/tokens_per_s']:,.0f}")
 
             if step % args.eval_interval == 0 or step == args.max_steps:
                 last_eval = (step, run_eval(step))
-                tick = time.perf_counter()
+                window.restart_clock()
             stopping = stop.agreed(accelerator)
             if step % args.save_interval == 0 or step == args.max_steps or stopping:
                 save(step)
                 saved_step = step
-                tick = time.perf_counter()
+                window.restart_clock()
             if stopping:
                 progress.close()
                 accelerator.print(f"stopped at step {step}; checkpoint saved in {out}/checkpoint-{step}. Resume with:\n"
