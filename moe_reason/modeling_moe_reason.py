@@ -148,10 +148,17 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_group
 
     x [N, in] (rows of expert 0, then expert 1, ...), w [E, in, out], counts [E] -> [N, out].
     `torch._grouped_mm` does all experts in one kernel with no padding. Where it is not
-    available (old torch, CUDA without bf16 Hopper support, strides not 16-byte aligned)
+    available (old torch, CUDA before SM80 or outside bf16, strides not 16-byte aligned)
     the fallback runs one matmul per expert on its contiguous slice, which needs the
     counts on the host (one sync).
+
+    The op has no autocast rule (torch 2.13), so under autocast both operands are cast to the
+    autocast dtype here, as autocast casts any matmul's: without this, mixed-precision
+    training on a GPU (fp32 weights, bf16 autocast) would miss the bf16 kernel.
     """
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
     if use_grouped is None:
         use_grouped = _grouped_mm_supported(x, w)
     if use_grouped:
@@ -173,8 +180,9 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
         return False  # the op's compile-time (fake tensor) rule accepts bf16 only (torch 2.13)
     if x.device.type == "cpu":
         return aligned and x.dtype == torch.float32
-    if x.device.type == "cuda":
-        return aligned and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    if x.device.type == "cuda":  # the bf16 kernel: Hopper-only before torch 2.9, SM80+ since
+        min_capability = (8, 0) if torch.__version__ >= "2.9" else (9, 0)
+        return aligned and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= min_capability
     return False
 
 

@@ -55,6 +55,20 @@ def test_grouped_mm_and_fallback_agree_including_empty_experts():
     assert grads[0][1][1].abs().sum() == 0  # an expert with no tokens gets a zero gradient
 
 
+def test_grouped_mm_follows_autocast_like_a_matmul():
+    """torch._grouped_mm has no autocast rule: ours casts its operands as autocast casts `x @ w`."""
+    x = torch.randn(10, 16)
+    w = torch.randn(4, 16, 8, requires_grad=True)
+    counts = torch.tensor([3, 0, 7, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_mm(x, w, counts)
+        reference = torch.cat([x[:3] @ w[0], x[3:] @ w[2]])
+    assert y.dtype == reference.dtype == torch.bfloat16
+    torch.testing.assert_close(y, reference)
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and w.grad[0].abs().sum() > 0
+
+
 def test_aux_loss_is_one_for_uniform_routing_and_larger_when_skewed():
     T, E = 64, 4
     uniform_logits = torch.zeros(T, E)
