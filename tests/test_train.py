@@ -121,6 +121,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_plain_deepspeed_launcher_trains_like_accelerate_launch(tmp_path, corpus):
+    """`deepspeed train.py --deepspeed ds_configs/zero2.json` (2 CPU processes) gives the same
+    per-step losses as `accelerate launch` with the ZeRO-2 config, which names that JSON."""
+    common = dict(max_steps=4, eval_interval=4, save_interval=4, eval_batches=1)
+    launch(train_args(tmp_path, corpus, output_dir=tmp_path / "accelerate", **common),
+           config_file="accelerate_configs/deepspeed_zero2.yaml")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           str(REPO / "train.py"), "--deepspeed", str(REPO / "ds_configs/zero2.json"),
+           *train_args(tmp_path, corpus, output_dir=tmp_path / "deepspeed", **common)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=clean_env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "2 process(es) (DEEPSPEED)" in result.stdout
+    losses = train_losses(tmp_path / "deepspeed")
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert losses == pytest.approx(train_losses(tmp_path / "accelerate"), abs=1e-6)
+    assert (tmp_path / "deepspeed" / "final" / "model.safetensors").exists()
+
+
 def test_two_machines_on_loopback_train_together(tmp_path, corpus):
     out, port = tmp_path / "two_machines", free_port()
     argv = train_args(tmp_path, corpus, output_dir=out, max_steps=4, eval_interval=4, save_interval=4,
