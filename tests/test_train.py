@@ -98,7 +98,7 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path, 
         eval_records(tmp_path / "one")[-1]["eval/loss"], abs=5e-3)
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", ["zero2", "zero3", "zero3_offload"])
 def test_deepspeed_zero_runs_lower_the_loss_and_export_the_gathered_weights(tmp_path, corpus, stage):
     out = tmp_path / stage
     result = launch(train_args(tmp_path, corpus, output_dir=out, max_steps=12, eval_interval=12, save_interval=12,
