@@ -216,8 +216,8 @@ class LogWindow:
     """What the micro-batches since the last log line add up to.
 
     Losses, recursion metrics and expert load are summed as tensors on the device, so a
-    micro-batch costs no host sync; `record` reduces over processes once per log line and
-    opens the next window.
+    micro-batch costs no host sync; `record` averages losses and recursion metrics over
+    processes once per log line and opens the next window.
     """
 
     LOSSES = ("loss", "lm_loss", "aux_loss", "z_loss")
@@ -265,14 +265,15 @@ class LogWindow:
         elapsed = time.perf_counter() - self.tick
         good = max(self.micro - self.skipped, 1)
         tokens_per_s = tokens_per_micro_batch * self.micro / max(elapsed, 1e-9)
+        # every rank reports the same names (the model's outputs), so the reductions pair up
+        sums = {**self.sums, **dict(sorted(self.extra.items()))}
         record = {f"train/{name}": float(accelerator.reduce(torch.as_tensor(value, device=accelerator.device).float(),
                                                             "mean")) / good
-                  for name, value in self.sums.items()}
+                  for name, value in sums.items()}
         record.update({f"train/{name}": value for name, value in fields.items()})
         record.update({"train/tokens_per_s": tokens_per_s,
                        "train/mfu": tokens_per_s * flops_per_token / (peak * accelerator.num_processes),
                        "train/skipped_micro_batches": self.skipped,
-                       **{f"train/{name}": float(value) / good for name, value in self.extra.items()},
                        **self.load.summary(), **rank_load_summary(accelerator, self.rank_rows)})
         self.restart()
         return record

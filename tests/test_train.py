@@ -115,6 +115,30 @@ def test_deepspeed_zero_runs_lower_the_loss_and_export_the_gathered_weights(tmp_
     assert evaluate_export(out / "final", tmp_path, corpus) == pytest.approx(eval_records(out)[-1]["eval/loss"], abs=1e-5)
 
 
+def test_log_window_averages_losses_and_recursion_metrics_over_processes():
+    """The logged recursion metrics are the mean over processes, as the losses are, not rank 0's."""
+    from types import SimpleNamespace
+    from moe_reason.train import LogWindow
+
+    class TwoRanks:  # stands in for a 2-process Accelerator whose other rank saw 3x our values
+        device, num_processes = torch.device("cpu"), 2
+
+        def reduce(self, tensor, op):
+            assert op == "mean"
+            return (tensor + 3 * tensor) / 2
+
+    window = LogWindow()
+    for _ in range(2):
+        window.add(SimpleNamespace(loss=torch.tensor(1.0), lm_loss=torch.tensor(0.5), aux_loss=None, z_loss=None,
+                                   expert_load=None, training_metrics={"recursion_steps": torch.tensor(1.5)}),
+                   nonfinite=False)
+    window.add(None, nonfinite=True)  # a skipped micro-batch counts for throughput only
+    record = window.record(TwoRanks(), tokens_per_micro_batch=64, flops_per_token=1.0, peak=1.0, lr=0.1)
+    assert record["train/loss"] == 2.0 and record["train/lm_loss"] == 1.0
+    assert record["train/recursion_steps"] == 3.0 and record["train/lr"] == 0.1
+    assert record["train/skipped_micro_batches"] == 1 and window.micro == 0  # the next window is open
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
