@@ -44,7 +44,8 @@ class RecursiveCausalLMOutput(MoEReasonCausalLMOutput):
     + the router terms; `lm_loss` is the token-mean cross-entropy of each example's final
     prediction (comparable with the base model's); `recursion_steps` [B] counts the supervision
     steps each example ran; `halt_rate` is the share halted before halt_max_steps; `q_accuracy`
-    the share of Q-head decisions (halt = logit > 0) that matched the target.
+    the share of Q-head decisions (halt = logit > 0) that matched the target. As for the base
+    model, `logits` is None in training mode with labels (see `predict`).
     """
 
     act_loss: torch.FloatTensor | None = None
