@@ -35,10 +35,8 @@ class MoEReasonRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # statistics in fp32 whatever the compute dtype: bf16 squares lose too much
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # torch's fused kernel (one kernel on GPU); it accumulates bf16 inputs in fp32
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class MoEReasonRotaryEmbedding(nn.Module):
