@@ -43,7 +43,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, token_weights)
-    nll, correct, _, _ = _chunked(hidden, weight, targets, token_weights, False, False)
+    nll, correct, _, _, _ = _chunked(hidden, weight, targets, token_weights, False, False)
     return (nll * token_weights).sum(), nll, correct
 
 
@@ -51,33 +51,43 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, token_weights):
         want_hidden, want_weight = ctx.needs_input_grad[:2]
-        nll, correct, grad_hidden, grad_weight = _chunked(hidden, weight, targets, token_weights,
-                                                          want_hidden, want_weight)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        nll, correct, grad_hidden, grad_weight, scale = _chunked(hidden, weight, targets, token_weights,
+                                                                 want_hidden, want_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight, scale)
+        ctx.dtypes = hidden.dtype, weight.dtype
         ctx.mark_non_differentiable(nll, correct)
         return (nll * token_weights).sum(), nll, correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_nll, _grad_correct):
-        # scaled in place: the buffers are this graph's own (a second backward through it fails
-        # with autograd's in-place error instead of scaling twice)
-        grad_hidden, grad_weight = ctx.saved_tensors
+        # scaled in place, in fp32: the buffers are this graph's own (a second backward through
+        # it fails with autograd's in-place error instead of scaling twice)
+        grad_hidden, grad_weight, scale = ctx.saved_tensors
+        factor = scale * grad_loss
         if grad_hidden is not None:
-            grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+            grad_hidden = grad_hidden.mul_(factor).to(ctx.dtypes[0])
         if grad_weight is not None:
-            grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
+            grad_weight = grad_weight.mul_(factor).to(ctx.dtypes[1])
         return grad_hidden, grad_weight, None, None
 
 
 def _chunked(hidden, weight, targets, token_weights, want_hidden: bool, want_weight: bool):
-    """The loop over row chunks; gradients are those of sum_t token_weights_t * nll_t."""
+    """The loop over row chunks.
+
+    Returns nll, correct, and the gradients of sum_t token_weights_t * nll_t divided by `scale`
+    (the largest token weight) with `scale`. The matmuls see w / scale <= 1 times
+    (softmax - one_hot), values of order one: with fp16 operands, the token weights themselves
+    (1 / tokens) would flush the small gradients to zero before any loss scaling could apply.
+    The gradients are kept in fp32 (at least) until backward applies `scale` and the incoming
+    gradient.
+    """
     T = hidden.shape[0]
     stat_dtype = torch.promote_types(hidden.dtype, torch.float32)  # at least fp32
     nll = torch.empty(T, dtype=stat_dtype, device=hidden.device)
     correct = torch.empty(T, dtype=torch.bool, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden) if want_hidden else None
+    grad_hidden = torch.empty(hidden.shape, dtype=stat_dtype, device=hidden.device) if want_hidden else None
     grad_weight = torch.zeros_like(weight, dtype=stat_dtype) if want_weight else None
+    scale = token_weights.abs().amax().to(stat_dtype).clamp(min=torch.finfo(stat_dtype).tiny)  # no host sync
     rows = chunk_rows(weight.shape[0], hidden.device)
     for start in range(0, T, rows):
         chunk = slice(start, start + rows)
@@ -94,7 +104,7 @@ def _chunked(hidden, weight, targets, token_weights, want_hidden: bool, want_wei
         nll[chunk] = torch.where(valid, (top + total.log()).squeeze(1) - target_logit, 0.0)
         if want_hidden or want_weight:
             # d(w * nll) / d logits = w * (softmax - one_hot)
-            w = (token_weights[chunk] * valid).to(stat_dtype)[:, None]  # [c, 1]; ignored rows get 0
+            w = (token_weights[chunk] * valid).to(stat_dtype)[:, None] / scale  # [c, 1]; ignored rows get 0
             grad = probs.div_(total)
             grad.scatter_add_(1, safe, -valid.to(stat_dtype)[:, None])
             grad = grad.mul_(w).to(weight.dtype)  # the cast is a no-op in fp32 and under autocast
@@ -102,4 +112,4 @@ def _chunked(hidden, weight, targets, token_weights, want_hidden: bool, want_wei
                 grad_hidden[chunk] = grad @ weight  # [c, H]
             if want_weight:
                 grad_weight += grad.T @ h  # [V, H]
-    return nll, correct, grad_hidden, grad_weight
+    return nll, correct, grad_hidden, grad_weight, scale

@@ -109,3 +109,22 @@ def test_expert_activation_matches_autograd_and_refuses_a_second_backward(gated)
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace operation"):
         out.backward()
+
+
+def test_chunked_gradients_survive_fp16_autocast_with_tiny_token_weights(small_chunks):
+    """fp16 autocast relies on loss scaling to keep small gradients representable. The chunked
+    loss forms its gradients before the scale is known, so it must keep them in range itself:
+    token weights of 1e-6 (a mean over a million tokens) may not flush them to zero."""
+    hidden = torch.randn(30, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (30,))
+    token_weights = torch.full((30,), 1e-6)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss, _, _ = linear_cross_entropy(hidden, weight, targets, token_weights)
+    (loss * 65536.0).backward()  # what a GradScaler does
+    grads = hidden.grad / 65536.0, weight.grad / 65536.0
+    hidden.grad = weight.grad = None
+    ref, _, _ = reference_cross_entropy(hidden.double(), weight.double(), targets, token_weights.double())
+    ref.backward()
+    for got, want in zip(grads, (hidden.grad, weight.grad)):
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max()
