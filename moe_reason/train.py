@@ -1,6 +1,6 @@
 """The training loop: arguments -> data -> model -> Accelerator/DeepSpeed -> loop -> checkpoints/metrics.
 
-    accelerate launch train.py                                   # small preset, offline corpus, ~10 min on 2 CPU cores
+    accelerate launch train.py                                   # small preset, offline corpus, ~7 min on 2 CPU cores
     accelerate launch train.py configs/x.yaml --max_steps 100    # file values, then flag overrides
     accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml train.py
     deepspeed train.py --deepspeed ds_configs/zero2.json         # the plain DeepSpeed launcher
