@@ -608,8 +608,8 @@ class MoEReasonLMHead(nn.Linear):
     still a call of this module, so ZeRO-3 gathers the weight for it as for any layer.
     """
 
-    def __init__(self, hidden_size: int, vocab_size: int):
-        super().__init__(hidden_size, vocab_size, bias=False)
+    def __init__(self, hidden_size: int, vocab_size: int, **factory_kwargs):
+        super().__init__(hidden_size, vocab_size, bias=False, **factory_kwargs)
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None,
                 token_weights: torch.Tensor | None = None):
@@ -632,6 +632,19 @@ class MoEReasonForCausalLM(MoEReasonPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear):
+        """Keep the head a `MoEReasonLMHead`: `resize_token_embeddings` hands in a plain nn.Linear."""
+        if not isinstance(new_embeddings, MoEReasonLMHead):
+            if new_embeddings.bias is not None:
+                raise ValueError("the LM head has no bias; got an output projection with one")
+            head = MoEReasonLMHead(new_embeddings.in_features, new_embeddings.out_features, device="meta")
+            head.weight = new_embeddings.weight
+            new_embeddings = head
+        self.lm_head = new_embeddings
 
     def router_losses(self, router_logits, selected_experts, attention_mask):
         """(aux loss, z-loss), each None when its coefficient is 0."""

@@ -128,3 +128,17 @@ def test_chunked_gradients_survive_fp16_autocast_with_tiny_token_weights(small_c
     ref.backward()
     for got, want in zip(grads, (hidden.grad, weight.grad)):
         assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_training_loss_still_works_after_resize_token_embeddings(tie):
+    """transformers' resize hands the model a plain nn.Linear head; the chunked loss needs ours."""
+    model = tiny_model(tie_word_embeddings=tie, hidden_dropout=0.0, attention_dropout=0.0, router_jitter_noise=0.0)
+    model.resize_token_embeddings(300, mean_resizing=False)
+    assert model.lm_head.weight.shape == (300, 32)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    ids = random_ids(2, 16, vocab=300)
+    train_loss = model.train()(ids, labels=ids).loss
+    train_loss.backward()
+    assert model.lm_head.weight.grad is not None
+    torch.testing.assert_close(train_loss, model.eval()(ids, labels=ids).loss, atol=1e-6, rtol=1e-6)
