@@ -31,6 +31,28 @@ def random_ids(batch=2, seq=16, vocab=256) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq))
 
 
+def assert_training_path_equals_eval_path(model, ids, labels, fields=("loss", "lm_loss")) -> dict:
+    """Training mode with labels takes the chunked loss (no logits); eval mode the logits. Without
+    dropout, jitter or exploration both must give the same `fields` (1e-6) and gradients (1e-6,
+    rel 1e-5). Returns the training path's figures."""
+    results = []
+    for train in (True, False):
+        model.train(train)
+        out = model(ids, labels=labels)
+        assert (out.logits is None) == train
+        out.loss.backward()
+        results.append(({k: getattr(out, k).detach() for k in fields},
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad()
+    (figures, grads), (ref_figures, ref_grads) = results
+    for key, value in figures.items():
+        torch.testing.assert_close(value, ref_figures[key], atol=1e-6, rtol=1e-6, msg=key)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    return figures
+
+
 def write_corpus(folder, n=40, column="text"):
     """A jsonl corpus of n distinguishable documents of different lengths."""
     path = folder / "docs.jsonl"

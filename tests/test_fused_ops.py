@@ -11,7 +11,7 @@ from moe_reason import chunked_loss
 from moe_reason.chunked_loss import linear_cross_entropy
 from moe_reason.modeling_moe_reason import expert_activation
 
-from conftest import random_ids, tiny_model
+from conftest import assert_training_path_equals_eval_path, random_ids, tiny_model
 
 
 @pytest.fixture
@@ -74,20 +74,7 @@ def test_training_loss_skips_the_logits_and_equals_the_logits_path(small_chunks)
     ids = random_ids(3, 12, vocab=40)
     labels = ids.clone()
     labels[0, :5] = -100
-    results = []
-    for train in (True, False):
-        model.train(train)
-        out = model(ids, labels=labels)
-        assert (out.logits is None) == train
-        out.loss.backward()
-        results.append((out.loss.detach(), out.lm_loss.detach(),
-                        {n: p.grad.clone() for n, p in model.named_parameters()}))
-        model.zero_grad()
-    (loss, lm, grads), (ref_loss, ref_lm, ref_grads) = results
-    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(lm, ref_lm, atol=1e-6, rtol=1e-6)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert_training_path_equals_eval_path(model, ids, labels)
 
 
 @pytest.mark.parametrize("gated", [True, False])

@@ -6,7 +6,8 @@ from transformers import AutoModelForCausalLM
 
 from moe_reason import MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
 
-from conftest import launch, random_ids, read_metrics, train_args, train_losses, write_corpus
+from conftest import (assert_training_path_equals_eval_path, launch, random_ids, read_metrics, train_args,
+                      train_losses, write_corpus)
 
 
 def recursive(**overrides) -> RecursiveMoEReasonForCausalLM:
@@ -63,22 +64,9 @@ def test_training_statistics_without_logits_equal_the_logits_path():
     labels = ids.clone()
     labels[1, :9] = -100
     labels[4, 3:] = -100
-    results = []
-    for train in (True, False):
-        model.train(train)
-        out = model(ids, labels=labels)
-        assert (out.logits is None) == train
-        out.loss.backward()
-        results.append(({k: getattr(out, k).detach() for k in ("loss", "lm_loss", "act_loss", "recursion_steps")},
-                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-        model.zero_grad()
-    (figures, grads), (ref_figures, ref_grads) = results
+    figures = assert_training_path_equals_eval_path(model, ids, labels,
+                                                    ("loss", "lm_loss", "act_loss", "recursion_steps"))
     assert 1 < len(set(figures["recursion_steps"].tolist())), "some rows must halt before others"
-    for key, value in figures.items():
-        torch.testing.assert_close(value, ref_figures[key], atol=1e-6, rtol=1e-6, msg=key)
-    assert grads.keys() == ref_grads.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_q_head_gets_gradient_and_aux_loss_counts_every_pass():
