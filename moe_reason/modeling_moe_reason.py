@@ -536,6 +536,11 @@ def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=-100)
 
 
+def sequence_sums(nll: torch.Tensor, valid: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+    """Per-token nll / valid / correct [B, S] -> per sequence [B, 3]: NLL sum, labelled positions, right ones."""
+    return torch.stack([(nll * valid).sum(1), valid.sum(1).float(), (correct & valid).sum(1).float()], dim=1)
+
+
 def next_token_statistics(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per sequence [B, 3]: summed next-token NLL (fp32), labelled positions, right argmax predictions.
 
@@ -546,8 +551,7 @@ def next_token_statistics(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     valid = targets != -100
     nll = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=-100,
                           reduction="none").view(B, S)  # 0 where ignored
-    correct = (logits.argmax(-1) == targets) & valid
-    return torch.stack([(nll * valid).sum(1), valid.sum(1).float(), correct.sum(1).float()], dim=1)
+    return sequence_sums(nll, valid, logits.argmax(-1) == targets)
 
 
 def next_token_loss(lm_head: "MoEReasonLMHead", hidden: torch.Tensor, labels: torch.Tensor,
@@ -569,8 +573,7 @@ def next_token_loss(lm_head: "MoEReasonLMHead", hidden: torch.Tensor, labels: to
         denominator = num_items_in_batch if num_items_in_batch is not None else valid.sum().clamp(min=1)
     token_weights = (valid / denominator).float()  # [B, S]
     loss, nll, correct = lm_head(hidden.reshape(-1, H), targets.reshape(-1), token_weights.reshape(-1))
-    stats = torch.stack([nll.view(B, S).sum(1), valid.sum(1).float(), correct.view(B, S).sum(1).float()], dim=1)
-    return loss, stats
+    return loss, sequence_sums(nll.view(B, S), valid, correct.view(B, S))
 
 
 def expert_load(selected_experts, num_experts: int) -> torch.Tensor:
