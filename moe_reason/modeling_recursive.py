@@ -95,30 +95,44 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
 
     # ---- the recurrent network
 
-    def f(self, hidden, position_embeddings, mask, token_mask, passes: list):
-        """One pass of the shared network: decoder stack + final norm. Records router outputs in `passes`."""
-        hidden, router_logits, experts, _ = self.model.decode(hidden, position_embeddings, mask)
-        passes.append((router_logits, experts, token_mask))
-        return self.model.norm(hidden)
+    def f(self, hidden, position_embeddings, mask):
+        """One pass of the shared network: decoder stack + final norm -> (hidden, router logits, experts).
 
-    def supervision_step(self, x, z_H, z_L, position_embeddings, mask, token_mask, passes: list):
-        """h_cycles x (l_cycles L-updates + 1 H-update); gradient only through the configured last passes."""
+        Under torch.compile this is the compiled unit (see `forward`): a pure function of tensors,
+        so its guards do not depend on where in the recursion it is called.
+        """
+        hidden, router_logits, experts, _ = self.model.decode(hidden, position_embeddings, mask)
+        return self.model.norm(hidden), router_logits, experts
+
+    @torch.compiler.disable(recursive=False)  # eager control flow; each pass `f` compiles (see `forward`)
+    def supervision_step(self, x, z_H, z_L, position_embeddings, mask, token_mask):
+        """h_cycles x (l_cycles L-updates + 1 H-update); gradient only through the configured last passes.
+
+        -> (z_H, z_L, passes): one (router logits, experts, token mask) record per pass.
+        """
         cfg = self.config
         total = cfg.h_cycles * (cfg.l_cycles + 1)
         with_grad = cfg.grad_passes_per_supervision_step()
-        index = 0
+        passes, index = [], 0
         for _ in range(cfg.h_cycles):
             for _ in range(cfg.l_cycles):
                 with torch.set_grad_enabled(torch.is_grad_enabled() and index >= total - with_grad):
-                    z_L = self.f(z_L + z_H + x, position_embeddings, mask, token_mask, passes)
+                    z_L, router_logits, experts = self.f(z_L + z_H + x, position_embeddings, mask)
+                passes.append((router_logits, experts, token_mask))
                 index += 1
             with torch.set_grad_enabled(torch.is_grad_enabled() and index >= total - with_grad):
-                z_H = self.f(z_H + z_L, position_embeddings, mask, token_mask, passes)
+                z_H, router_logits, experts = self.f(z_H + z_L, position_embeddings, mask)
+            passes.append((router_logits, experts, token_mask))
             index += 1
-        return z_H, z_L
+        return z_H, z_L, passes
 
     # ---- forward with deep supervision and halting
 
+    # Under torch.compile the recursion's control flow (halting, dropping halted rows, collecting the
+    # passes) runs eagerly, and what it calls is compiled function by function: above all `f`, the
+    # decoder stack, whose guards see only tensor shapes, so halting costs one dynamic-shape recompile.
+    # Traced whole, the loop unrolled into a frame per pass and hit the recompile limit within a step.
+    @torch.compiler.disable(recursive=False)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
                 logits_to_keep: int = 0, **kwargs) -> RecursiveCausalLMOutput:
@@ -150,7 +164,7 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
             if len(rows) == 0:
                 # every local example halted but another rank still runs: repeat a zero-weighted pass so
                 # each rank makes the same module calls (ZeRO-3 gathers parameters per call)
-                gz_H, _ = self.supervision_step(*ghost, passes=[])
+                gz_H, _, _ = self.supervision_step(*ghost)
                 ghost_term = ghost_term + 0.0 * (self.lm_head(gz_H).float().sum() + self.q_head(gz_H).float().sum())
                 if not self.any_rank_running(False, x.device):
                     break
@@ -158,7 +172,8 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
             x_rows, m_rows = rows_of(x, rows), rows_of(token_mask, rows)
             pe = (rows_of(cos, rows), rows_of(sin, rows))
             mask_rows = rows_of(mask, rows)
-            z_H, z_L = self.supervision_step(x_rows, z_H, z_L, pe, mask_rows, m_rows, passes)
+            z_H, z_L, step_passes = self.supervision_step(x_rows, z_H, z_L, pe, mask_rows, m_rows)
+            passes += step_passes
             q = self.q_head((z_H * m_rows[..., None]).sum(1) / m_rows.sum(1, keepdim=True).clamp(min=1)).squeeze(-1)
             steps[rows] = step
             halt = torch.full_like(q, step == cfg.halt_max_steps, dtype=torch.bool)
@@ -206,6 +221,7 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
             training_metrics=metrics,
         )
 
+    @torch.compiler.disable  # the chunk loop's length follows the active rows: traced, each count compiles anew
     def predict(self, z_H, labels, logits_to_keep: int = 0):
         """The LM head on z_H -> (logits, statistics, lm_term), each None where it is not needed.
 
@@ -232,6 +248,7 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
+    @torch.compiler.disable  # the passes' number and shapes follow halting: traced, each pattern compiles anew
     def pass_router_losses(self, passes):
         """Aux loss and z-loss averaged over every pass; expert load summed over every pass."""
         aux_terms, z_terms, load = [], [], None

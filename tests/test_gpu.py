@@ -7,7 +7,7 @@ Skipped without CUDA. Run them whenever a GPU is at hand: `python -m pytest -q t
 import pytest
 import torch
 
-from moe_reason import MoEReasonConfig, MoEReasonForCausalLM
+from moe_reason import MoEReasonConfig, MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
 from moe_reason.modeling_moe_reason import _grouped_mm_supported, grouped_mm
 
 from conftest import launch, train_args, train_losses, write_corpus
@@ -68,6 +68,30 @@ def test_compiled_bf16_training_matches_eager_and_does_not_recompile():
                 new_ids = torch.randint(0, model.config.vocab_size, (4, 64), device="cuda")
                 compiled(new_ids, labels=new_ids).loss.backward()
     assert first.item() == pytest.approx(eager, rel=2e-2)
+
+
+@needs_sm80
+def test_compiled_bf16_recursive_model_compiles_in_the_first_step_only():
+    """As tests/test_compile.py checks on CPU with aot_eager, here with inductor, bf16 and the grouped
+    kernel traced inside each pass: examples halt at random steps, nothing compiles after step one."""
+    torch._dynamo.reset()
+    settings = dict(expert_activation="swiglu", hidden_dropout=0.0, attention_dropout=0.0, router_jitter_noise=0.0)
+    config = RecursiveMoEReasonConfig.from_preset("debug", halt_max_steps=4, halt_exploration_prob=1.0, **settings)
+    model = RecursiveMoEReasonForCausalLM(config).cuda().train()
+    with torch.no_grad():
+        model.q_head.bias.fill_(5.0)  # halt as soon as the drawn minimum allows
+    compiled = torch.compile(model)
+    for i in range(4):
+        ids = torch.randint(0, config.vocab_size, (16, 64), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16), \
+                torch._dynamo.config.patch(error_on_recompile=i > 0, fail_on_recompile_limit_hit=True):
+            torch.manual_seed(i)
+            loss = compiled(ids, labels=ids).loss
+            loss.backward()
+            torch.manual_seed(i)
+            eager = model(ids, labels=ids).loss
+        model.zero_grad()
+        assert loss.item() == pytest.approx(eager.item(), rel=2e-2)
 
 
 def test_exp8_training_step_at_batch_16x512_uses_under_a_quarter_of_an_80gb_gpu():

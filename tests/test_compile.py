@@ -1,0 +1,99 @@
+"""torch.compile on CPU: compiled training equals eager, and compiles a bounded number of times.
+
+Whether dynamo recompiles is decided by its guards, which do not depend on the backend, so the
+recompile checks use "aot_eager" (dynamo + AOT autograd, no code generation: seconds, not minutes).
+The trainer test runs inductor through Accelerate, as `--torch_compile` does.
+"""
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from moe_reason import MoEReasonConfig, MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
+
+from conftest import launch, train_args, train_losses, write_corpus
+
+DETERMINISTIC = dict(expert_activation="swiglu", hidden_dropout=0.0, attention_dropout=0.0, router_jitter_noise=0.0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def compiled_and_eager_steps(model, compiled, batches):
+    """Per batch: (compiled loss, eager loss, compiled grads, eager grads), same random draws for both."""
+    results = []
+    for i, ids in enumerate(batches):
+        pair = []
+        for run in (compiled, model):
+            torch.manual_seed(i)  # the recursive model draws its halting exploration
+            out = run(ids, labels=ids)
+            out.loss.backward()
+            pair.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                         getattr(out, "recursion_steps", None)))
+            model.zero_grad()
+        results.append(pair)
+    return results
+
+
+def assert_same_step(compiled, eager, atol=1e-5):
+    (loss, grads, steps), (ref_loss, ref_grads, ref_steps) = compiled, eager
+    torch.testing.assert_close(loss, ref_loss, atol=atol, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=atol, rtol=1e-4, msg=name)
+    if steps is not None:
+        assert torch.equal(steps, ref_steps)
+
+
+def test_compiled_base_model_trains_like_eager_and_compiles_once():
+    model = MoEReasonForCausalLM(MoEReasonConfig.from_preset("debug", **DETERMINISTIC)).train()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    batches = [torch.randint(0, model.config.vocab_size, (4, 32)) for _ in range(4)]
+    first = compiled_and_eager_steps(model, compiled, batches[:1])
+    frames = counter.frame_count
+    with torch._dynamo.config.patch(error_on_recompile=True):  # new data, same shapes: no new compilation
+        rest = compiled_and_eager_steps(model, compiled, batches[1:])
+    assert counter.frame_count == frames
+    for compiled_step, eager_step in first + rest:
+        assert_same_step(compiled_step, eager_step)
+
+
+def test_compiled_recursive_model_trains_like_eager_while_halting_changes_the_batch():
+    """Examples halt at random steps, so the passes see ever different numbers of rows. Traced whole,
+    the recursion unrolled into a frame per pass and hit dynamo's recompile limit in the first step
+    (after which dynamo runs the rest eagerly). Now the first step's compilations (per grad mode,
+    static then dynamic row count) serve every later batch, whatever its halting."""
+    config = RecursiveMoEReasonConfig.from_preset("debug", halt_max_steps=4, halt_exploration_prob=1.0, **DETERMINISTIC)
+    model = RecursiveMoEReasonForCausalLM(config).train()
+    with torch.no_grad():
+        model.q_head.bias.fill_(5.0)  # halt as soon as the drawn minimum allows: 2 to 4 steps per example
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    batches = [torch.randint(0, config.vocab_size, (16, 16)) for _ in range(8)]
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
+        first = compiled_and_eager_steps(model, compiled, batches[:1])
+        frames = counter.frame_count
+        rest = compiled_and_eager_steps(model, compiled, batches[1:])
+    assert counter.frame_count == frames  # nothing compiled after the first step
+    halted = [compiled_step[2].tolist() for compiled_step, _ in first + rest]
+    assert all(len(set(steps)) > 1 for steps in halted)  # in each batch, examples halted at different steps
+    for compiled_step, eager_step in first + rest:
+        assert_same_step(compiled_step, eager_step)
+
+
+@pytest.mark.parametrize("model_type", ["base", "recursive"])
+def test_trainer_with_torch_compile_reproduces_the_eager_losses(tmp_path, model_type):
+    corpus, losses = write_corpus(tmp_path, n=80), {}
+    for compile_ in (False, True):
+        out = tmp_path / f"compile_{compile_}"
+        launch(train_args(tmp_path, corpus, model_type=model_type, output_dir=out, max_steps=4, eval_interval=100,
+                          save_interval=100, torch_compile=compile_))
+        losses[compile_] = train_losses(out)
+    assert losses[True].keys() == losses[False].keys() == {1, 2, 3, 4}
+    for step, loss in losses[False].items():
+        assert losses[True][step] == pytest.approx(loss, rel=1e-4), step
