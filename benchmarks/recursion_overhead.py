@@ -8,6 +8,7 @@ Last line: measured ratio / FLOP ratio.
 
     python benchmarks/recursion_overhead.py                    # small preset, CPU
     python benchmarks/recursion_overhead.py --preset exp8 --batch 16 --seq 512 --device cuda --dtype bfloat16
+    python benchmarks/recursion_overhead.py --preset exp8 --batch 16 --seq 512 --device cuda --dtype bfloat16 --torch_compile
 """
 
 import argparse
@@ -31,6 +32,7 @@ def main(argv=None):
     parser.add_argument("--recursion_gradient", default="last_cycle", choices=["last_cycle", "one_step"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--torch_compile", action="store_true", help="compile both models (warm-up steps compile)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
@@ -48,13 +50,13 @@ def main(argv=None):
     ids = torch.randint(0, base_cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
 
-    steps = {name: training_step(model, ids, device, dtype) for name, model in models.items()}
+    steps = {name: training_step(model, ids, device, dtype, args.torch_compile) for name, model in models.items()}
     times = time_rounds(steps, device, args.rounds, args.steps, args.warmup)
     median = {name: statistics.median(t) for name, t in times.items()}
     measured = median["recursive"] / median["base"]
-    print(f"device {device}, {args.dtype}, preset {args.preset}, batch {args.batch} x {args.seq}; recursion "
-          f"h={args.h_cycles} l={args.l_cycles} supervision steps={args.halt_max_steps} ({args.recursion_gradient}): "
-          f"{rec_cfg.passes_per_step()} decoder passes per step")
+    print(f"device {device}, {args.dtype}, compile {args.torch_compile}, preset {args.preset}, "
+          f"batch {args.batch} x {args.seq}; recursion h={args.h_cycles} l={args.l_cycles} supervision "
+          f"steps={args.halt_max_steps} ({args.recursion_gradient}): {rec_cfg.passes_per_step()} decoder passes per step")
     for name, t in median.items():
         print(f"{name:10s} {t * 1000:9.1f} ms/step   {args.batch * args.seq / t:10,.0f} tokens/s")
     print(f"measured step-time ratio {measured:.2f}, FLOP ratio {flop_ratio:.2f}")
