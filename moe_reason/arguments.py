@@ -118,7 +118,7 @@ class TrainingArguments:
     torch_compile: bool = field(default=False, metadata={"help": (
         "Compile the model with torch.compile (inductor) through Accelerate. Shapes are fixed (packed blocks), so it "
         "compiles in the first steps only; the recursive model compiles each decoder-stack pass and runs its halting "
-        "loop eagerly. The expert-parallel all-to-all and the fp32 expert fallback break the graph.")})
+        "loop eagerly. The expert-parallel all-to-all breaks the graph.")})
     deepspeed: str | None = field(default=None, metadata={"help": (
         "DeepSpeed JSON config (see ds_configs/); also lets the plain `deepspeed` launcher run train.py.")})
     expert_parallel_size: int = field(default=1, metadata={"help": (

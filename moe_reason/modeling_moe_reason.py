@@ -164,10 +164,51 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_group
     return _per_expert_mm(x, w, counts)
 
 
-@torch.compiler.disable  # traced, the host-side counts would become guards and recompile every step
+# The fallback is a custom op: torch.compile keeps it as one opaque node, so the graph does not
+# break around the experts and the counts (read on the host inside) never become guards.
+@torch.library.custom_op("moe_reason::per_expert_mm", mutates_args=())
 def _per_expert_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    chunks = x.split(counts.tolist())
-    return torch.cat([chunk @ w[e] for e, chunk in enumerate(chunks)])
+    """x [N, in] grouped by expert, w [E, in, out], counts [E] -> [N, out], one matmul per expert."""
+    out = x.new_empty(x.shape[0], w.shape[-1])
+    sizes = counts.tolist()  # the one host sync
+    for e, (x_e, out_e) in enumerate(zip(x.split(sizes), out.split(sizes))):
+        torch.mm(x_e, w[e], out=out_e)
+    return out
+
+
+@torch.library.custom_op("moe_reason::per_expert_weight_grad", mutates_args=())
+def _per_expert_weight_grad(x: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [N, in], grad [N, out] grouped by expert -> [E, in, out]: each expert's x^T grad (0 without rows)."""
+    out = x.new_empty(counts.shape[0], x.shape[-1], grad.shape[-1])
+    sizes = counts.tolist()
+    for e, (x_e, grad_e) in enumerate(zip(x.split(sizes), grad.split(sizes))):
+        torch.mm(x_e.T, grad_e, out=out[e])  # an expert without rows gets zeros
+    return out
+
+
+@_per_expert_mm.register_fake
+def _(x, w, counts):
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@_per_expert_weight_grad.register_fake
+def _(x, grad, counts):
+    return x.new_empty(counts.shape[0], x.shape[-1], grad.shape[-1])
+
+
+def _per_expert_mm_setup(ctx, inputs, output):
+    x, w, counts = inputs
+    ctx.save_for_backward(x, w, counts)
+
+
+def _per_expert_mm_backward(ctx, grad):
+    x, w, counts = ctx.saved_tensors
+    grad_x = _per_expert_mm(grad, w.transpose(1, 2), counts) if ctx.needs_input_grad[0] else None
+    grad_w = _per_expert_weight_grad(x, grad, counts) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+_per_expert_mm.register_autograd(_per_expert_mm_backward, setup_context=_per_expert_mm_setup)
 
 
 def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -374,7 +415,7 @@ class MoEReasonPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MoEReasonDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
-    _can_compile_fullgraph = False  # the fallback expert path syncs; the grouped path compiles
+    _can_compile_fullgraph = False  # the token-id check runs eagerly (see check_token_ids)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

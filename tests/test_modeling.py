@@ -48,11 +48,18 @@ def test_grouped_mm_and_fallback_agree_including_empty_experts():
     grads = []
     for use_grouped in (True, False):
         y = grouped_mm(x, w, counts, use_grouped=use_grouped)
-        (g,) = torch.autograd.grad((y * torch.arange(8.0)).sum(), w)
-        grads.append((y, g))
-    torch.testing.assert_close(grads[0][0], grads[1][0])
-    torch.testing.assert_close(grads[0][1], grads[1][1])
-    assert grads[0][1][1].abs().sum() == 0  # an expert with no tokens gets a zero gradient
+        grads.append((y, *torch.autograd.grad((y * torch.arange(8.0)).sum(), (x, w))))
+    for grouped, fallback in zip(*grads):
+        torch.testing.assert_close(grouped, fallback)
+    assert grads[1][2][1].abs().sum() == 0  # an expert with no tokens gets a zero gradient
+
+
+def test_the_per_expert_fallback_is_a_well_formed_custom_op():
+    """torch.library.opcheck: schema, fake implementation and autograd registration agree with the
+    op, as torch.compile relies on them to keep the fallback in the graph."""
+    x = torch.randn(10, 16, requires_grad=True)
+    w = torch.randn(4, 16, 8, requires_grad=True)
+    torch.library.opcheck(torch.ops.moe_reason.per_expert_mm, (x, w, torch.tensor([3, 0, 7, 0])))
 
 
 def test_grouped_mm_follows_autocast_like_a_matmul():
