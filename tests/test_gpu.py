@@ -1,8 +1,11 @@
-"""GPU checks: the bf16 grouped expert kernel, no host syncs in the MoE block, torch.compile
-without recompiles, exp8's memory at batch 16 x 512, NCCL DDP.
+"""GPU checks: the bf16 grouped expert kernel, no host syncs in the MoE block and one in a whole
+training step, torch.compile without recompiles (base and recursive), exp8's memory at batch
+16 x 512, NCCL DDP.
 
 Skipped without CUDA. Run them whenever a GPU is at hand: `python -m pytest -q tests/test_gpu.py`.
 """
+
+import warnings
 
 import pytest
 import torch
@@ -51,6 +54,34 @@ def test_moe_block_forward_and_backward_make_no_host_sync():
             out.float().sum().backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_sm80
+def test_a_whole_training_step_syncs_only_for_the_token_id_check():
+    """Forward, backward and a fused AdamW step in bf16: the one host sync allowed is the token-id
+    range check at the start of the forward (it turns a device-side assert into a clear error)."""
+    model = debug_model()
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    ids = torch.randint(0, model.config.vocab_size, (4, 64), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: lazy initialisation, optimizer state
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1, syncs
 
 
 @needs_sm80
