@@ -56,7 +56,8 @@ def main(argv=None):
     measured = median["recursive"] / median["base"]
     print(f"device {device}, {args.dtype}, compile {args.torch_compile}, preset {args.preset}, "
           f"batch {args.batch} x {args.seq}; recursion h={args.h_cycles} l={args.l_cycles} supervision "
-          f"steps={args.halt_max_steps} ({args.recursion_gradient}): {rec_cfg.passes_per_step()} decoder passes per step")
+          f"steps={args.halt_max_steps} ({args.recursion_gradient}): "
+          f"{rec_cfg.passes_per_step()} decoder passes per step")
     for name, t in median.items():
         print(f"{name:10s} {t * 1000:9.1f} ms/step   {args.batch * args.seq / t:10,.0f} tokens/s")
     print(f"measured step-time ratio {measured:.2f}, FLOP ratio {flop_ratio:.2f}")

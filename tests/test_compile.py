@@ -24,7 +24,7 @@ def _fresh_dynamo():
 
 
 def compiled_and_eager_steps(model, compiled, batches):
-    """Per batch: (compiled loss, eager loss, compiled grads, eager grads), same random draws for both."""
+    """Per batch: [(loss, grads, recursion steps) compiled, the same eager], with the same random draws."""
     results = []
     for i, ids in enumerate(batches):
         pair = []
@@ -32,8 +32,8 @@ def compiled_and_eager_steps(model, compiled, batches):
             torch.manual_seed(i)  # the recursive model draws its halting exploration
             out = run(ids, labels=ids)
             out.loss.backward()
-            pair.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                         getattr(out, "recursion_steps", None)))
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            pair.append((out.loss.detach(), grads, getattr(out, "recursion_steps", None)))
             model.zero_grad()
         results.append(pair)
     return results
