@@ -10,8 +10,10 @@ save leaves the previous checkpoint intact (a stale .tmp is cleared by the next 
 """
 
 import json
+import logging
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -76,7 +78,8 @@ def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, tot
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with _quiet_tied_head_notice():
+        accelerator.save_state(str(tmp))
     if save_extra is not None:
         save_extra(tmp)
     accelerator.wait_for_everyone()
@@ -87,6 +90,26 @@ def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, tot
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextmanager
+def _quiet_tied_head_notice():
+    """Drop one benign warning of Accelerate's safetensors save.
+
+    With tied embeddings `lm_head.weight` shares the embedding's storage, so the save writes it
+    once and warns "Removed shared tensor {'lm_head.weight'} ... check ... while reloading" at
+    every checkpoint. Loading re-ties the head (resume is tested to be exact); any other
+    shared tensor still warns.
+    """
+    def drop(record: logging.LogRecord) -> bool:
+        return "Removed shared tensor {'lm_head.weight'} while saving" not in record.getMessage()
+
+    logger = logging.getLogger("accelerate.utils.other")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def export_model(accelerator, model, tokenizer, folder, gather_experts: bool = False) -> Path:
