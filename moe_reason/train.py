@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
 
     # ---- optimizer, schedule, loaders, Accelerate
-    optimizer, scheduler = make_optimizer_and_scheduler(model, args)
+    optimizer, scheduler = make_optimizer_and_scheduler(model, args, accelerator.device)
     train_loader, eval_loader = make_loaders(data, args, accelerator.num_processes)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     # the scheduler is stepped once per optimizer step by us; Accelerate's wrapper would step it

@@ -3,8 +3,10 @@
 import math
 
 import pytest
+import torch
 
-from moe_reason.optim import lr_multiplier, parameter_groups
+from moe_reason.arguments import TrainingArguments
+from moe_reason.optim import lr_multiplier, make_optimizer_and_scheduler, parameter_groups
 
 from conftest import tiny_model
 
@@ -50,8 +52,27 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     assert any(n.endswith("router.weight") for n in decay["names"])
 
 
+def test_fused_adamw_on_cpu_steps_like_the_default_implementation():
+    """The trainer's AdamW is torch's fused kernel on CPU/CUDA: same update, per group, as the default."""
+    args = TrainingArguments(learning_rate=1e-2, weight_decay=0.1, warmup_steps=0)
+    models, optimizers = [], []
+    for device in ("cpu", "meta"):  # "meta": a device without the fused kernel gets torch's default
+        torch.manual_seed(0)
+        models.append(tiny_model(num_shared_experts=1).train())
+        optimizers.append(make_optimizer_and_scheduler(models[-1], args, torch.device(device))[0])
+    assert optimizers[0].defaults["fused"] is True and not optimizers[1].defaults["fused"]
+    ids = torch.randint(0, 256, (2, 16))
+    for _ in range(3):
+        for model, optimizer in zip(models, optimizers):
+            model(ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for (name, fused), default in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(fused, default, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_global_batch_size_sets_accumulation_or_is_refused():
-    from moe_reason.arguments import TrainingArguments, resolve_global_batch
+    from moe_reason.arguments import resolve_global_batch
     args = TrainingArguments(per_device_train_batch_size=4, global_batch_size=32)
     resolve_global_batch(args, world_size=2)
     assert args.gradient_accumulation_steps == 4
