@@ -9,10 +9,12 @@ def training_step(model, ids: torch.Tensor, device: torch.device, dtype: torch.d
                   compile: bool = False):
     """A closure running forward (LM + router losses) + backward + AdamW on `ids`; returns the loss.
 
-    bf16 runs under autocast with fp32 weights, as mixed-precision training does.
+    bf16 runs under autocast with fp32 weights, as mixed-precision training does. AdamW is
+    torch's fused kernel on CPU and CUDA, as in our trainer and in transformers' Trainer
+    (its default optimizer since torch 2.8).
     """
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if device.type in ("cpu", "cuda") else None)
     forward = torch.compile(model) if compile else model
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
