@@ -401,7 +401,7 @@ class MoEReasonModelOutput(MoeModelOutputWithPast):
 
 @torch.compiler.disable  # traced, the ids' min/max would become guards and recompile every step
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync on an accelerator, not two
+    low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one pass over the ids
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"token id {bad} is out of range: ids must be in [0, vocab_size={vocab_size})")

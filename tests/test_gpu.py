@@ -1,4 +1,4 @@
-"""GPU checks: the bf16 grouped expert kernel, no host syncs in the MoE block and one in a whole
+"""GPU checks: the bf16 grouped expert kernel, no host syncs in the MoE block or a whole
 training step, torch.compile without recompiles (base and recursive), exp8's memory at batch
 16 x 512, NCCL DDP.
 
@@ -57,9 +57,9 @@ def test_moe_block_forward_and_backward_make_no_host_sync():
 
 
 @needs_sm80
-def test_a_whole_training_step_syncs_only_for_the_token_id_check():
-    """Forward, backward and a fused AdamW step in bf16: the one host sync allowed is the token-id
-    range check at the start of the forward (it turns a device-side assert into a clear error)."""
+def test_a_whole_training_step_makes_no_host_sync():
+    """Forward, backward and a fused AdamW step in bf16 make no host sync (the token-id range check
+    runs on CPU inputs only; on a GPU the data pipeline has checked the ids once)."""
     model = debug_model()
     optimizer = torch.optim.AdamW(model.parameters(), fused=True)
     ids = torch.randint(0, model.config.vocab_size, (4, 64), device="cuda")
@@ -81,7 +81,7 @@ def test_a_whole_training_step_syncs_only_for_the_token_id_check():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) <= 1, syncs
+    assert not syncs, syncs
 
 
 @needs_sm80
