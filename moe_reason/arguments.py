@@ -103,7 +103,8 @@ class TrainingArguments:
     min_lr_ratio: float = field(default=0.1, metadata={"help": (
         "Floor of the decay as a share of the peak learning rate (exp8: linear to 0.1).")})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip gradients to this global norm (0 = off)."})
-    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (passed to Accelerate)."})
+    mixed_precision: str = field(default="no", metadata={"help": (
+        "no, bf16 or fp16 (passed to Accelerate). bf16 also runs on the CPU (autocast); fp16 needs a GPU.")})
     seed: int = field(default=42, metadata={"help": "Seed of initialisation, dropout, routing noise and data order."})
     eval_interval: int = field(default=200, metadata={"help": "Evaluate every this many steps (and at the end)."})
     eval_batches: int = field(default=20, metadata={"help": (

@@ -188,8 +188,9 @@ def build_model(model_args, args, data, accelerator, is_deepspeed: bool):
         set_z3_leaf_modules(model, [type(model.model.layers[0].mlp)])
     n_params = sum(p.numel() for p in model.parameters())
     accelerator.print(f"model: {model_class.__name__}, {n_params / 1e6:.2f}M parameters, {accelerator.num_processes} "
-                      f"process(es) ({accelerator.distributed_type.value}), "
-                      f"{config.num_experts} experts top-{config.num_experts_per_tok}, vocab {config.vocab_size}")
+                      f"process(es) ({accelerator.distributed_type.value}), mixed precision "
+                      f"{accelerator.mixed_precision}, {config.num_experts} experts top-{config.num_experts_per_tok}, "
+                      f"vocab {config.vocab_size}")
     return model, config, ep_experts
 
 
@@ -294,6 +295,10 @@ def main(argv: list[str] | None = None) -> dict:
     resolve_global_batch(args, int(os.environ.get("WORLD_SIZE", "1")))
 
     accelerator = make_accelerator(args)
+    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate applies fp16 autocast on accelerators only: on the CPU the run would be fp32
+        raise ValueError("--mixed_precision fp16 needs a GPU: on the CPU Accelerate does not apply it and the run "
+                         "would train in fp32 unannounced; use --mixed_precision bf16 (CPU autocast) or no")
     if not torch.cuda.is_available():
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         torch.set_num_threads(args.cpu_threads or max(1, (os.cpu_count() or 1) // local_processes))
@@ -343,8 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     seq_len = data.summary["block_size"]
     flops_per_token = training_flops_per_token(config, seq_len)
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else measure_peak_flops(
-        accelerator.device, torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32)
+    matmul_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else measure_peak_flops(accelerator.device, matmul_dtype)
     hparams = {k: v for group in run_args.values() for k, v in group.items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers("tensorboard", config=hparams)
     metrics_file = out / "metrics.jsonl"

@@ -231,8 +231,26 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint_intact(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-20"]
 
 
+@pytest.mark.parametrize("model_type", ["base", "recursive"])
+def test_bf16_mixed_precision_on_cpu_tracks_fp32(tmp_path, corpus, model_type):
+    """--mixed_precision bf16 runs the GPU's mixed-precision path (autocast, bf16 expert matmuls, chunked
+    loss with fp32 statistics) on the CPU: its losses follow the fp32 run's closely, yet not bit for bit."""
+    runs = {}
+    for precision in ("no", "bf16"):
+        out = tmp_path / precision
+        run = launch(train_args(tmp_path, corpus, output_dir=out, model_type=model_type, max_steps=8, eval_interval=8,
+                                save_interval=8, mixed_precision=precision))
+        assert f"mixed precision {precision}," in run.stdout + run.stderr
+        runs[precision] = train_losses(out), eval_records(out)[-1]["eval/loss"]
+    (fp32, fp32_eval), (bf16, bf16_eval) = runs["no"], runs["bf16"]
+    assert fp32.keys() == bf16.keys() and bf16 != fp32  # autocast really changed the arithmetic
+    for step, loss in fp32.items():
+        assert bf16[step] == pytest.approx(loss, abs=5e-3), (step, bf16, fp32)
+    assert bf16_eval == pytest.approx(fp32_eval, abs=5e-3)
+
+
 @pytest.mark.parametrize("case", ["unknown_arg", "unknown_preset", "bad_yaml", "ds_contradiction", "occupied_output",
-                                  "bad_resume", "indivisible_batch"])
+                                  "bad_resume", "indivisible_batch", "fp16_on_cpu"])
 def test_bad_setups_fail_before_training_with_a_clear_message(tmp_path, corpus, case):
     out = tmp_path / "run"
     argv = train_args(tmp_path, corpus, output_dir=out)
@@ -254,6 +272,8 @@ def test_bad_setups_fail_before_training_with_a_clear_message(tmp_path, corpus, 
         expected = "already holds a different run"
     elif case == "indivisible_batch":
         argv, expected = argv + ["--global_batch_size", "10"], "global_batch_size=10 is not a multiple of"
+    elif case == "fp16_on_cpu":  # Accelerate would run it in fp32 without a word
+        argv, expected = argv + ["--mixed_precision", "fp16"], "--mixed_precision fp16 needs a GPU"
     else:
         argv, expected = argv + ["--resume_from_checkpoint", str(tmp_path / "nowhere")], "not a complete checkpoint"
     result = subprocess.run([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, env=clean_env(),
