@@ -217,8 +217,8 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     aligned = all(size * x.element_size() % 16 == 0 for size in (x.shape[-1], w.shape[-1]))
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
         return False  # the op's compile-time (fake tensor) rule accepts bf16 only (torch 2.13)
-    if x.device.type == "cpu":
-        return aligned and x.dtype == torch.float32
+    if x.device.type == "cpu":  # bf16 too: the GPU's compiled path can then be traced and tested on a CPU
+        return aligned and x.dtype in (torch.float32, torch.bfloat16)
     if x.device.type == "cuda":  # the bf16 kernel: Hopper-only before torch 2.9, SM80+ since
         min_capability = (8, 0) if torch.__version__ >= "2.9" else (9, 0)
         return aligned and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= min_capability

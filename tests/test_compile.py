@@ -2,7 +2,9 @@
 
 Whether dynamo recompiles is decided by its guards, which do not depend on the backend, so the
 recompile checks use "aot_eager" (dynamo + AOT autograd, no code generation: seconds, not minutes).
-The trainer test runs inductor through Accelerate, as `--torch_compile` does.
+Under bf16 autocast they trace what a GPU compiles: `torch._grouped_mm` inside the graph (in fp32
+its compile-time rule refuses it, and the per-expert custom op stands in). The trainer test runs
+inductor through Accelerate, as `--torch_compile` does.
 """
 
 import pytest
@@ -14,6 +16,19 @@ from moe_reason import MoEReasonConfig, MoEReasonForCausalLM, RecursiveMoEReason
 from conftest import launch, train_args, train_losses, write_corpus
 
 DETERMINISTIC = dict(expert_activation="swiglu", hidden_dropout=0.0, attention_dropout=0.0, router_jitter_noise=0.0)
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+
+
+class GraphRecorder(CompileCounterWithBackend):
+    """Counts compiled frames (as its parent) and the `torch._grouped_mm` calls in their graphs."""
+
+    def __init__(self):
+        super().__init__("aot_eager")
+        self.grouped_mm_calls = 0
+
+    def __call__(self, gm, example_inputs):
+        self.grouped_mm_calls += sum(node.target is torch._grouped_mm for node in gm.graph.nodes)
+        return super().__call__(gm, example_inputs)
 
 
 @pytest.fixture(autouse=True)
@@ -23,14 +38,16 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def compiled_and_eager_steps(model, compiled, batches):
-    """Per batch: [(loss, grads, recursion steps) compiled, the same eager], with the same random draws."""
+def compiled_and_eager_steps(model, compiled, batches, dtype=torch.float32):
+    """Per batch: [(loss, grads, recursion steps) compiled, the same eager], with the same random draws;
+    bf16 runs under autocast, as mixed-precision training does."""
     results = []
     for i, ids in enumerate(batches):
         pair = []
         for run in (compiled, model):
             torch.manual_seed(i)  # the recursive model draws its halting exploration
-            out = run(ids, labels=ids)
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                out = run(ids, labels=ids)
             out.loss.backward()
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
             pair.append((out.loss.detach(), grads, getattr(out, "recursion_steps", None)))
@@ -49,21 +66,25 @@ def assert_same_step(compiled, eager, atol=1e-5):
         assert torch.equal(steps, ref_steps)
 
 
-def test_compiled_base_model_trains_like_eager_and_compiles_once():
+@DTYPES
+def test_compiled_base_model_trains_like_eager_and_compiles_once(dtype):
     model = MoEReasonForCausalLM(MoEReasonConfig.from_preset("debug", **DETERMINISTIC)).train()
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = GraphRecorder()
     compiled = torch.compile(model, backend=counter)
     batches = [torch.randint(0, model.config.vocab_size, (4, 32)) for _ in range(4)]
-    first = compiled_and_eager_steps(model, compiled, batches[:1])
+    first = compiled_and_eager_steps(model, compiled, batches[:1], dtype)
     frames = counter.frame_count
     with torch._dynamo.config.patch(error_on_recompile=True):  # new data, same shapes: no new compilation
-        rest = compiled_and_eager_steps(model, compiled, batches[1:])
+        rest = compiled_and_eager_steps(model, compiled, batches[1:], dtype)
     assert counter.frame_count == frames
+    # up and down projection of each of the 2 layers, in the one graph
+    assert counter.grouped_mm_calls == (4 if dtype == torch.bfloat16 else 0)
     for compiled_step, eager_step in first + rest:
         assert_same_step(compiled_step, eager_step)
 
 
-def test_compiled_recursive_model_trains_like_eager_while_halting_changes_the_batch():
+@DTYPES
+def test_compiled_recursive_model_trains_like_eager_while_halting_changes_the_batch(dtype):
     """Examples halt at random steps, so the passes see ever different numbers of rows. Traced whole,
     the recursion unrolled into a frame per pass and hit dynamo's recompile limit in the first step
     (after which dynamo runs the rest eagerly). Now the first step's compilations (per grad mode,
@@ -72,14 +93,15 @@ def test_compiled_recursive_model_trains_like_eager_while_halting_changes_the_ba
     model = RecursiveMoEReasonForCausalLM(config).train()
     with torch.no_grad():
         model.q_head.bias.fill_(5.0)  # halt as soon as the drawn minimum allows: 2 to 4 steps per example
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = GraphRecorder()
     compiled = torch.compile(model, backend=counter)
     batches = [torch.randint(0, config.vocab_size, (16, 16)) for _ in range(8)]
     with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
-        first = compiled_and_eager_steps(model, compiled, batches[:1])
+        first = compiled_and_eager_steps(model, compiled, batches[:1], dtype)
         frames = counter.frame_count
-        rest = compiled_and_eager_steps(model, compiled, batches[1:])
+        rest = compiled_and_eager_steps(model, compiled, batches[1:], dtype)
     assert counter.frame_count == frames  # nothing compiled after the first step
+    assert (counter.grouped_mm_calls > 0) == (dtype == torch.bfloat16)
     halted = [compiled_step[2].tolist() for compiled_step, _ in first + rest]
     assert all(len(set(steps)) > 1 for steps in halted)  # in each batch, examples halted at different steps
     for compiled_step, eager_step in first + rest:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from moe_reason.modeling_moe_reason import grouped_mm, load_balancing_loss, router_z_loss
+from moe_reason.modeling_moe_reason import _grouped_mm_supported, grouped_mm, load_balancing_loss, router_z_loss
 
 from conftest import random_ids, tiny_model
 
@@ -41,14 +41,16 @@ def test_sorted_dispatch_matches_token_loop(activation, shared):
     torch.testing.assert_close(out[0], reference_moe(block, x), atol=1e-5, rtol=1e-5)
 
 
-def test_grouped_mm_and_fallback_agree_including_empty_experts():
-    x = torch.randn(10, 16, requires_grad=True)
-    w = torch.randn(4, 16, 8, requires_grad=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_grouped_mm_and_fallback_agree_including_empty_experts(dtype):
+    x = torch.randn(10, 16, dtype=dtype, requires_grad=True)
+    w = torch.randn(4, 16, 8, dtype=dtype, requires_grad=True)
     counts = torch.tensor([3, 0, 7, 0])  # experts 1 and 3 get no tokens
+    assert _grouped_mm_supported(x, w)  # on a CPU: fp32, and bf16 as on a GPU
     grads = []
     for use_grouped in (True, False):
         y = grouped_mm(x, w, counts, use_grouped=use_grouped)
-        grads.append((y, *torch.autograd.grad((y * torch.arange(8.0)).sum(), (x, w))))
+        grads.append((y, *torch.autograd.grad((y.float() * torch.arange(8.0)).sum(), (x, w))))
     for grouped, fallback in zip(*grads):
         torch.testing.assert_close(grouped, fallback)
     assert grads[1][2][1].abs().sum() == 0  # an expert with no tokens gets a zero gradient
