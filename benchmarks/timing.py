@@ -4,6 +4,8 @@ import time
 
 import torch
 
+from moe_reason.optim import fused_adamw
+
 
 def training_step(model, ids: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32,
                   compile: bool = False):
@@ -14,7 +16,7 @@ def training_step(model, ids: torch.Tensor, device: torch.device, dtype: torch.d
     (its default optimizer since torch 2.8).
     """
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if device.type in ("cpu", "cuda") else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw(device))
     forward = torch.compile(model) if compile else model
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 

@@ -186,11 +186,6 @@ def build_model(model_args, args, data, accelerator, is_deepspeed: bool):
         # tokens on one rank would skip that gather and hang the others, so the whole MoE block is one leaf
         from deepspeed.utils import set_z3_leaf_modules
         set_z3_leaf_modules(model, [type(model.model.layers[0].mlp)])
-    n_params = sum(p.numel() for p in model.parameters())
-    accelerator.print(f"model: {model_class.__name__}, {n_params / 1e6:.2f}M parameters, {accelerator.num_processes} "
-                      f"process(es) ({accelerator.distributed_type.value}), mixed precision "
-                      f"{accelerator.mixed_precision}, {config.num_experts} experts top-{config.num_experts_per_tok}, "
-                      f"vocab {config.vocab_size}")
     return model, config, ep_experts
 
 
@@ -325,7 +320,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- model
     model, config, ep_experts = build_model(model_args, args, data, accelerator, is_deepspeed)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters())  # this rank's share under expert parallelism
+    accelerator.print(f"model: {type(model).__name__}, {n_params / 1e6:.2f}M parameters, {accelerator.num_processes} "
+                      f"process(es) ({accelerator.distributed_type.value}), mixed precision "
+                      f"{accelerator.mixed_precision}, {config.num_experts} experts top-{config.num_experts_per_tok}, "
+                      f"vocab {config.vocab_size}")
 
     # ---- optimizer, schedule, loaders, Accelerate
     optimizer, scheduler = make_optimizer_and_scheduler(model, args, accelerator.device)
