@@ -10,7 +10,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 # Named model sizes. `small` is the default offline run; `exp8` is the model of
-# the original experiment (see shared/seeds). Derived sizes (head_dim, ...) are
+# the Exp8 study this toolkit reproduces. Derived sizes (head_dim, ...) are
 # always recomputed from these fields, never stored, so a preset with a smaller
 # hidden_size cannot silently keep a larger feed-forward (an exp8 defect).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -75,7 +75,7 @@ class MoEReasonConfig(PretrainedConfig):
     """
 
     model_type = "moe_reason"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
 
     vocab_size: int = 8192
     hidden_size: int = 256

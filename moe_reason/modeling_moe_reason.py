@@ -3,8 +3,10 @@
 Read top to bottom: norm and rotary embeddings, attention, router, experts and the
 MoE block, the decoder layer, the model, the router losses, the causal LM.
 
-This file is copied next to saved checkpoints for `trust_remote_code=True`
-loading: it imports torch, transformers and its own configuration only.
+This file is copied next to saved models for `trust_remote_code=True` loading, with
+the files it imports from this package: its configuration, the experts' kernels
+(`expert_kernels.py`) and the chunked loss (`chunked_loss.py`). Beyond those it needs
+torch and transformers only.
 """
 
 from dataclasses import dataclass
@@ -20,9 +22,11 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .chunked_loss import linear_cross_entropy
 from .configuration_moe_reason import MoEReasonConfig
+from .expert_kernels import expert_activation, grouped_mm
 
 # ----------------------------------------------------------------------------
 # Norm and rotary position embeddings
@@ -97,13 +101,13 @@ class MoEReasonAttention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, position_embeddings, attention_mask, past_key_values: Cache | None = None, **kwargs):
+    def forward(self, x, position_embeddings, attention_mask, cache: Cache | None = None, **kwargs):
         B, S, _ = x.shape
         qkv = self.qkv_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # [B, Hq + 2 Hkv, S, D]
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         q, k = apply_rotary(q, k, *position_embeddings)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)  # [B, Hkv, S_past + S, D]
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # [B, Hkv, S_past + S, D]
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, sdpa_attention_forward)
         out, _ = attention(
             self, q, k, v, attention_mask,
@@ -115,7 +119,7 @@ class MoEReasonAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# Router, experts and the MoE block
+# Router, experts and the MoE block (their kernels: expert_kernels.py)
 
 
 class MoEReasonRouter(nn.Module):
@@ -139,151 +143,6 @@ class MoEReasonRouter(nn.Module):
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights, experts
-
-
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_grouped: bool | None = None) -> torch.Tensor:
-    """Per-expert matmul over rows already grouped by expert.
-
-    x [N, in] (rows of expert 0, then expert 1, ...), w [E, in, out], counts [E] -> [N, out].
-    `torch._grouped_mm` does all experts in one kernel with no padding. Where it is not
-    available (old torch, CUDA before SM80 or outside bf16, strides not 16-byte aligned)
-    the fallback runs one matmul per expert on its contiguous slice, which needs the
-    counts on the host (one sync).
-
-    The op has no autocast rule (torch 2.13), so under autocast both operands are cast to the
-    autocast dtype here, as autocast casts any matmul's: without this, mixed-precision
-    training on a GPU (fp32 weights, bf16 autocast) would miss the bf16 kernel.
-    """
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w = x.to(dtype), w.to(dtype)
-    if use_grouped is None:
-        use_grouped = _grouped_mm_supported(x, w)
-    if use_grouped:
-        return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
-    return _per_expert_mm(x, w, counts)
-
-
-# The fallback is a custom op: torch.compile keeps it as one opaque node, so the graph does not
-# break around the experts and the counts (read on the host inside) never become guards.
-@torch.library.custom_op("moe_reason::per_expert_mm", mutates_args=())
-def _per_expert_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """x [N, in] grouped by expert, w [E, in, out], counts [E] -> [N, out], one matmul per expert."""
-    out = x.new_empty(x.shape[0], w.shape[-1])
-    sizes = counts.tolist()  # the one host sync
-    for e, (x_e, out_e) in enumerate(zip(x.split(sizes), out.split(sizes))):
-        torch.mm(x_e, w[e], out=out_e)
-    return out
-
-
-@torch.library.custom_op("moe_reason::per_expert_weight_grad", mutates_args=())
-def _per_expert_weight_grad(x: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """x [N, in], grad [N, out] grouped by expert -> [E, in, out]: each expert's x^T grad (0 without rows)."""
-    out = x.new_empty(counts.shape[0], x.shape[-1], grad.shape[-1])
-    sizes = counts.tolist()
-    for e, (x_e, grad_e) in enumerate(zip(x.split(sizes), grad.split(sizes))):
-        torch.mm(x_e.T, grad_e, out=out[e])  # an expert without rows gets zeros
-    return out
-
-
-@_per_expert_mm.register_fake
-def _(x, w, counts):
-    return x.new_empty(x.shape[0], w.shape[-1])
-
-
-@_per_expert_weight_grad.register_fake
-def _(x, grad, counts):
-    return x.new_empty(counts.shape[0], x.shape[-1], grad.shape[-1])
-
-
-def _per_expert_mm_setup(ctx, inputs, output):
-    x, w, counts = inputs
-    ctx.save_for_backward(x, w, counts)
-
-
-def _per_expert_mm_backward(ctx, grad):
-    x, w, counts = ctx.saved_tensors
-    grad_x = _per_expert_mm(grad, w.transpose(1, 2), counts) if ctx.needs_input_grad[0] else None
-    grad_w = _per_expert_weight_grad(x, grad, counts) if ctx.needs_input_grad[1] else None
-    return grad_x, grad_w, None
-
-
-_per_expert_mm.register_autograd(_per_expert_mm_backward, setup_context=_per_expert_mm_setup)
-
-
-def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
-        return False
-    aligned = all(size * x.element_size() % 16 == 0 for size in (x.shape[-1], w.shape[-1]))
-    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
-        return False  # the op's compile-time (fake tensor) rule accepts bf16 only (torch 2.13)
-    if x.device.type == "cpu":  # bf16 too: the GPU's compiled path can then be traced and tested on a CPU
-        return aligned and x.dtype in (torch.float32, torch.bfloat16)
-    if x.device.type == "cuda":  # the bf16 kernel: Hopper-only before torch 2.9, SM80+ since
-        min_capability = (8, 0) if torch.__version__ >= "2.9" else (9, 0)
-        return aligned and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= min_capability
-    return False
-
-
-class SwiGLU(torch.autograd.Function):
-    """h = [gate | up] [N, 2I] -> silu(gate) * up [N, I], with a hand-written backward.
-
-    h, the experts' up projection, is read by nothing else and is dead once this backward has
-    run, so the backward writes the gradient into h's own buffer, as Liger-Kernel's SwiGLU does.
-    Autograd would keep silu(gate) beside h and allocate three [N, I] temporaries and a fourth
-    [N, 2I] buffer to concatenate the halves' gradients into. Here: one activation less per
-    layer and one temporary, which on a CPU (where each fresh buffer this large costs page
-    faults) more than halves the activation's time. A second backward through the same graph
-    fails with autograd's in-place error rather than reading the overwritten h.
-    """
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
-        gate, up = h.chunk(2, dim=-1)
-        ctx.save_for_backward(h)
-        return F.silu(gate).mul_(up)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (h,) = ctx.saved_tensors
-        # the one temporary, silu(gate), is made a block of rows at a time: on a CPU a 2 MB
-        # buffer the allocator reuses instead of a fresh [N, I] one; elsewhere one block
-        rows = max(1, 2**19 // grad.shape[-1]) if h.device.type == "cpu" else h.shape[0]
-        for h_block, grad_block in zip(h.split(rows), grad.split(rows)):
-            gate, up = h_block.chunk(2, dim=-1)
-            silu = F.silu(gate)
-            up.mul_(grad_block)  # grad * up
-            torch.ops.aten.silu_backward.grad_input(up, gate, grad_input=gate)  # d gate = grad * up * silu'(gate)
-            torch.mul(silu, grad_block, out=up)  # d up = grad * silu(gate)
-        return h
-
-
-class SiLU(torch.autograd.Function):
-    """silu(h) whose backward writes the gradient into h's buffer (see `SwiGLU` for why)."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(h)
-        return F.silu(h)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (h,) = ctx.saved_tensors
-        return torch.ops.aten.silu_backward.grad_input(grad, h, grad_input=h)
-
-
-def expert_activation(h: torch.Tensor, gated: bool) -> torch.Tensor:
-    """silu(gate) * up of h = [gate | up] [N, 2I], or silu(h) of h [N, I] -> [N, I].
-
-    `h` must be a fresh tensor no other operation reads (a projection's output): its buffer is
-    reused for its gradient. Under torch.compile the plain ops are traced and fused instead.
-    """
-    if torch.compiler.is_compiling():
-        if gated:
-            gate, up = h.chunk(2, dim=-1)
-            return F.silu(gate) * up
-        return F.silu(h)
-    return SwiGLU.apply(h) if gated else SiLU.apply(h)
 
 
 class MoEReasonExperts(nn.Module):
@@ -384,9 +243,9 @@ class MoEReasonDecoderLayer(GradientCheckpointingLayer):
         self.mlp = MoEReasonSparseMoeBlock(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
         attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask,
-                              past_key_values=past_key_values, **kwargs)
+                              cache=cache, **kwargs)
         hidden_states = hidden_states + self.dropout(attn)
         moe, router_logits, experts = self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states + self.dropout(moe), router_logits, experts
@@ -413,7 +272,7 @@ class MoEReasonPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MoEReasonDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _can_compile_fullgraph = False  # the token-id check runs eagerly (see check_token_ids)
 
@@ -473,9 +332,9 @@ class MoEReasonModel(MoEReasonPreTrainedModel):
             check_token_ids(input_ids, self.config.vocab_size)
         return self.embed_dropout(self.embed_tokens(input_ids) * self.embed_scale)
 
-    def prepare_positions(self, inputs_embeds, attention_mask, position_ids, past_key_values):
+    def prepare_positions(self, inputs_embeds, attention_mask, position_ids, cache):
         """Position ids, the (cos, sin) tables and the 4-D causal/padding mask for one forward."""
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
         if past + inputs_embeds.shape[1] > self.config.max_position_embeddings:
             raise ValueError(
                 f"sequence length {past + inputs_embeds.shape[1]} exceeds "
@@ -483,10 +342,10 @@ class MoEReasonModel(MoEReasonPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
         mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, position_ids=position_ids)
+                                  cache=cache, position_ids=position_ids)
         return self.rotary_emb(position_ids, inputs_embeds.dtype), mask
 
-    def decode(self, hidden_states, position_embeddings, mask, past_key_values=None, output_hidden_states=False,
+    def decode(self, hidden_states, position_embeddings, mask, cache=None, output_hidden_states=False,
                **kwargs):
         """Run the decoder stack (no final norm) -> hidden [B, S, H], router logits, experts, all hidden states."""
         all_hidden, router_logits, experts = [], [], []
@@ -494,27 +353,28 @@ class MoEReasonModel(MoEReasonPreTrainedModel):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             hidden_states, logits, chosen = layer(hidden_states, position_embeddings, mask,
-                                                  past_key_values=past_key_values, **kwargs)
+                                                  cache=cache, **kwargs)
             router_logits.append(logits)
             experts.append(chosen)
         return hidden_states, tuple(router_logits), tuple(experts), all_hidden
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    @deprecate_kwarg("past_key_values", "6.0", new_name="cache")
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, use_cache=None, output_hidden_states=None, **kwargs) -> MoEReasonModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None and not (self.gradient_checkpointing and self.training):
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None and not (self.gradient_checkpointing and self.training):
+            cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
-        position_embeddings, mask = self.prepare_positions(inputs_embeds, attention_mask, position_ids, past_key_values)
+        position_embeddings, mask = self.prepare_positions(inputs_embeds, attention_mask, position_ids, cache)
         hidden, router_logits, experts, all_hidden = self.decode(
-            inputs_embeds, position_embeddings, mask, past_key_values, output_hidden_states, **kwargs)
+            inputs_embeds, position_embeddings, mask, cache, output_hidden_states, **kwargs)
         hidden = self.norm(hidden)
         return MoEReasonModelOutput(
             last_hidden_state=hidden,
-            past_key_values=past_key_values if use_cache else None,
+            cache=cache if use_cache else None,
             hidden_states=tuple(all_hidden) + (hidden,) if output_hidden_states else None,
             router_logits=router_logits,
             selected_experts=experts,
@@ -712,7 +572,8 @@ class MoEReasonForCausalLM(MoEReasonPreTrainedModel, GenerationMixin):
             loss = loss + self.config.router_z_loss_coef * z
         return loss
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    @deprecate_kwarg("past_key_values", "6.0", new_name="cache")
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
                 logits_to_keep: int = 0, **kwargs) -> MoEReasonCausalLMOutput:
         """Labels are the inputs (shifted here); positions labelled -100 are ignored.
@@ -726,7 +587,7 @@ class MoEReasonForCausalLM(MoEReasonPreTrainedModel, GenerationMixin):
         kwargs.pop("output_attentions", None)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, **kwargs)
         hidden = out.last_hidden_state if logits_to_keep == 0 else out.last_hidden_state[:, -logits_to_keep:]
         aux, z = self.router_losses(out.router_logits, out.selected_experts, attention_mask)
@@ -744,7 +605,7 @@ class MoEReasonForCausalLM(MoEReasonPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux,
             logits=logits,
-            past_key_values=out.past_key_values,
+            cache=out.cache,
             hidden_states=out.hidden_states,
             router_logits=out.router_logits,
             lm_loss=lm_loss,

@@ -32,9 +32,15 @@ def test_from_mixtral_with_padding_and_cache_matches():
     mask[0, :5] = 0  # left padding
     torch.testing.assert_close(ours(ids, attention_mask=mask).logits[mask.bool()],
                                mixtral(ids, attention_mask=mask).logits[mask.bool()], atol=1e-5, rtol=0)
-    g_ours = ours.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    g_mix = mixtral.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    assert torch.equal(g_ours, g_mix)
+    # Generation with our KV cache, checked against Mixtral along the same tokens. Comparing the two
+    # models' own greedy outputs would test the kernels instead: on a random model near-tied argmaxes
+    # flip under rounding that differs between CPUs, and the sequences part after a token or two.
+    out = ours.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True,
+                        return_dict_in_generate=True)
+    cached = torch.stack(out.logits, dim=1)  # [B, 6, V]: each step's logits, from the cache
+    full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1]:])], dim=1)
+    reference = mixtral(out.sequences, attention_mask=full_mask).logits[:, ids.shape[1] - 1:-1]  # no cache
+    torch.testing.assert_close(cached, reference, atol=1e-4, rtol=0)
 
 
 def test_aux_loss_is_mixtrals_divided_by_k_per_layer():
