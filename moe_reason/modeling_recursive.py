@@ -2,12 +2,12 @@
 
 Follows HRM (sapientinc/HRM) and its simplification TRM (SamsungSAILMontreal/TinyRecursiveModels)
 on a causal LM. Per token there are two latent states, z_H (the answer) and z_L (the scratchpad),
-with learned initial values. With f = final_norm(decoder_stack(.)) and x the embedded input
+with learned initial values. With shared_pass = final_norm(decoder_stack(.)) and x the embedded input
 (computed once per forward), one *supervision step* is:
 
     for each of h_cycles:
-        repeat l_cycles times:  z_L <- f(z_L + z_H + x)
-        z_H <- f(z_H + z_L)
+        repeat l_cycles times:  z_L <- shared_pass(z_L + z_H + x)
+        z_H <- shared_pass(z_H + z_L)
     logits = lm_head(z_H)
 
 Only the last passes of a step carry gradient (config.recursion_gradient). Deep supervision runs up
@@ -95,7 +95,7 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
 
     # ---- the recurrent network
 
-    def f(self, hidden, position_embeddings, mask):
+    def shared_pass(self, hidden, position_embeddings, mask):
         """One pass of the shared network: decoder stack + final norm -> (hidden, router logits, experts).
 
         Under torch.compile this is the compiled unit (see `forward`): a pure function of tensors,
@@ -104,7 +104,7 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         hidden, router_logits, experts, _ = self.model.decode(hidden, position_embeddings, mask)
         return self.model.norm(hidden), router_logits, experts
 
-    @torch.compiler.disable(recursive=False)  # eager control flow; each pass `f` compiles (see `forward`)
+    @torch.compiler.disable(recursive=False)  # eager control flow; each `shared_pass` compiles (see `forward`)
     def supervision_step(self, x, z_H, z_L, position_embeddings, mask, token_mask):
         """h_cycles x (l_cycles L-updates + 1 H-update); gradient only through the configured last passes.
 
@@ -117,11 +117,11 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         for _ in range(cfg.h_cycles):
             for _ in range(cfg.l_cycles):
                 with torch.set_grad_enabled(torch.is_grad_enabled() and index >= total - with_grad):
-                    z_L, router_logits, experts = self.f(z_L + z_H + x, position_embeddings, mask)
+                    z_L, router_logits, experts = self.shared_pass(z_L + z_H + x, position_embeddings, mask)
                 passes.append((router_logits, experts, token_mask))
                 index += 1
             with torch.set_grad_enabled(torch.is_grad_enabled() and index >= total - with_grad):
-                z_H, router_logits, experts = self.f(z_H + z_L, position_embeddings, mask)
+                z_H, router_logits, experts = self.shared_pass(z_H + z_L, position_embeddings, mask)
             passes.append((router_logits, experts, token_mask))
             index += 1
         return z_H, z_L, passes
@@ -129,11 +129,11 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
     # ---- forward with deep supervision and halting
 
     # Under torch.compile the recursion's control flow (halting, dropping halted rows, collecting the
-    # passes) runs eagerly, and what it calls is compiled function by function: above all `f`, the
+    # passes) runs eagerly, and what it calls is compiled function by function: above all `shared_pass`, the
     # decoder stack, whose guards see only tensor shapes, so halting costs one dynamic-shape recompile.
     # Traced whole, the loop unrolled into a frame per pass and hit the recompile limit within a step.
     @torch.compiler.disable(recursive=False)
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
                 logits_to_keep: int = 0, **kwargs) -> RecursiveCausalLMOutput:
         cfg = self.config
@@ -161,11 +161,8 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         pairs = q_right = 0
         ghost, ghost_term = None, x.new_zeros((), dtype=torch.float32)
         for step in range(1, cfg.halt_max_steps + 1):
-            if len(rows) == 0:
-                # every local example halted but another rank still runs: repeat a zero-weighted pass so
-                # each rank makes the same module calls (ZeRO-3 gathers parameters per call)
-                gz_H, _, _ = self.supervision_step(*ghost)
-                ghost_term = ghost_term + 0.0 * (self.lm_head(gz_H).float().sum() + self.q_head(gz_H).float().sum())
+            if len(rows) == 0:  # every local example halted, but another rank still runs
+                ghost_term = ghost_term + self.ghost_step(ghost)
                 if not self.any_rank_running(False, x.device):
                     break
                 continue
@@ -196,12 +193,7 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
             if not self.any_rank_running(len(rows) > 0, x.device):
                 break
 
-        batch_order = torch.argsort(torch.cat([r for r, _, _ in finished]))
-        final_logits = final_stats = None
-        if finished[0][1] is not None:
-            final_logits = torch.cat([lg for _, lg, _ in finished])[batch_order]  # [B, S, V]
-        if finished[0][2] is not None:
-            final_stats = torch.cat([st for _, _, st in finished])  # [B, 3], order irrelevant
+        final_logits, final_stats = self.gather_finished(finished)
         aux, z_loss, load = self.pass_router_losses(passes)
         lm_loss = loss = act_loss = None
         if labels is not None:
@@ -221,6 +213,16 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
             training_metrics=metrics,
         )
 
+    @staticmethod
+    @torch.compiler.disable  # the number and sizes of the pieces follow halting: traced, each pattern compiles anew
+    def gather_finished(finished):
+        """(rows, logits, statistics) of each step's halted examples -> logits [B, S, V] in batch order and
+        statistics [B, 3] (in any order), each None where the steps produced none."""
+        batch_order = torch.argsort(torch.cat([r for r, _, _ in finished]))
+        logits = torch.cat([lg for _, lg, _ in finished])[batch_order] if finished[0][1] is not None else None
+        stats = torch.cat([st for _, _, st in finished]) if finished[0][2] is not None else None
+        return logits, stats
+
     @torch.compiler.disable  # the chunk loop's length follows the active rows: traced, each count compiles anew
     def predict(self, z_H, labels, logits_to_keep: int = 0):
         """The LM head on z_H -> (logits, statistics, lm_term), each None where it is not needed.
@@ -238,6 +240,23 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
             return logits, None, None
         stats = next_token_statistics(logits, labels)
         return logits, stats.detach(), (stats[:, 0] / stats[:, 1].clamp(min=1)).sum()
+
+    # ---- keeping the ranks of a distributed run in step
+    #
+    # Halting makes the number of supervision steps differ between examples, and so between ranks.
+    # But every rank must call the same modules the same number of times: ZeRO-3 gathers a module's
+    # parameters with a collective at each call, and the gradient reduction expects every parameter
+    # on every rank. Only the forward knows where its halting loop stands, so the agreement lives
+    # here in the model: `any_rank_running` (one small all-reduce per step) decides together when to
+    # stop, and a rank whose examples have all halted runs `ghost_step` until the others are done.
+    # Outside a process group both cost nothing.
+
+    @torch.compiler.disable(recursive=False)  # eager, as `forward`; the passes it runs compile as usual
+    def ghost_step(self, ghost) -> torch.Tensor:
+        """Repeat one supervision step on a detached copy of the last example's state -> a zero loss term
+        that still reaches the LM head and Q-head, so their parameters take part as on the other ranks."""
+        z_H, _, _ = self.supervision_step(*ghost)
+        return 0.0 * (self.lm_head(z_H).float().sum() + self.q_head(z_H).float().sum())
 
     def any_rank_running(self, local: bool, device) -> bool:
         """Whether any rank still has examples running (one small all-reduce per step in distributed training)."""
