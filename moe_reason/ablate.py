@@ -25,7 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .experiments import (SPREAD_RULE, RunnerArguments, beyond_spread, check_arguments, load_runner_file, mean_curve,
-                          mean_std, parse_runner_cli, run_training, safe_name, write_json)
+                          mean_std, pyplot, run_runner, run_training, safe_name, save_figure, write_json)
+
+USAGE = ("python -m moe_reason.ablate GRID.yaml [--output_dir D] [--launcher in_process|accelerate] [--seeds 0 1] "
+         "[--variants a b] [--set name=value ...]")
 
 
 @dataclass
@@ -144,10 +147,7 @@ def summary_markdown(payload: dict) -> str:
 
 def plot(payload: dict, path: Path) -> None:
     """Left: final validation loss per variant (mean ± std, seeds as dots). Right: mean training curves."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = payload["ranking"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(15, max(4.5, 0.42 * len(names) + 1.5)))
     colors = plt.cm.tab20.colors
@@ -171,15 +171,11 @@ def plot(payload: dict, path: Path) -> None:
     right.set_title("Training curves")
     right.grid(alpha=0.3)
     right.legend(fontsize=7, ncol=2 if len(names) > 8 else 1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    path, args = parse_runner_cli(argv, AblateArguments, "python -m moe_reason.ablate GRID.yaml [--output_dir D] "
-                                  "[--launcher in_process|accelerate] [--seeds 0 1] [--variants a b] [--set name=value ...]")
-    return run_grid(load_grid(path, args))
+    return run_runner(argv, AblateArguments, load_grid, run_grid, USAGE)
 
 
 if __name__ == "__main__":

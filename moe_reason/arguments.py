@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from accelerate.utils import DynamoBackend
 from transformers import HfArgumentParser
 
 from .configuration_moe_reason import PRESETS, MoEReasonConfig, require
@@ -22,6 +23,7 @@ from .configuration_recursive import RecursiveMoEReasonConfig
 from .data import DataArguments
 
 MODEL_TYPES = ("base", "recursive")
+DYNAMO_BACKENDS = {b.value for b in DynamoBackend}
 
 
 def _config_field_help(config_class) -> dict[str, str]:
@@ -120,6 +122,10 @@ class TrainingArguments:
         "Compile the model with torch.compile (inductor) through Accelerate. Shapes are fixed (packed blocks), so it "
         "compiles in the first steps only; the recursive model compiles each decoder-stack pass and runs its halting "
         "loop eagerly. The expert-parallel all-to-all breaks the graph.")})
+    torch_compile_backend: str = field(default="inductor", metadata={"help": (
+        "torch.compile backend for --torch_compile, by Accelerate's names: inductor (generated kernels), "
+        "aot_eager (traced and differentiated ahead of time, no code generation: shows in seconds that a model "
+        "compiles without recompiling), eager, cudagraphs, ...")})
     deepspeed: str | None = field(default=None, metadata={"help": (
         "DeepSpeed JSON config (see ds_configs/); also lets the plain `deepspeed` launcher run train.py.")})
     expert_parallel_size: int = field(default=1, metadata={"help": (
@@ -149,11 +155,13 @@ class TrainingArguments:
             ("max_grad_norm", self.max_grad_norm >= 0, ">= 0"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("mixed_precision", self.mixed_precision in ("no", "bf16", "fp16"), "no, bf16 or fp16"),
+            ("torch_compile_backend", self.torch_compile_backend.upper() in DYNAMO_BACKENDS,
+             f"one of {sorted(b.lower() for b in DYNAMO_BACKENDS if b != 'NO')}"),
         ]
         for name, ok, allowed in checks:
             require(self, name, ok, allowed)
-        if self.deepspeed and not Path(self.deepspeed).is_file():
-            raise FileNotFoundError(f"DeepSpeed config not found: {self.deepspeed}")
+        if self.deepspeed:
+            load_mapping(self.deepspeed, "DeepSpeed config")  # a syntax error is named here, with the file
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
@@ -168,21 +176,28 @@ def parse_args(argv: list[str] | None = None):
     parser = HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False)  # a typo must not pass as another flag
     file_args = []
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-        file_args = config_file_to_argv(argv.pop(0), parser)
+        file_args = config_file_to_argv(argv.pop(0))
     return parser.parse_args_into_dataclasses(args=file_args + argv, look_for_args_file=False)
 
 
-def config_file_to_argv(path: str, parser: HfArgumentParser | None = None) -> list[str]:
-    """A YAML/JSON mapping of argument names to values -> equivalent command-line flags."""
+def load_mapping(path, what: str) -> dict:
+    """A YAML or JSON file holding a mapping, or an error naming the file: the one reader of the trainer's
+    config files and the runners' experiment files."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        values = yaml.safe_load(file.read_text()) if file.suffix in (".yaml", ".yml") else json.loads(file.read_text())
+        values = json.loads(file.read_text()) if file.suffix == ".json" else yaml.safe_load(file.read_text())
     except (yaml.YAMLError, json.JSONDecodeError) as err:
-        raise ValueError(f"config file {path} does not parse: {err}") from err
+        raise ValueError(f"{what} {path} does not parse: {err}") from err
     if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a mapping of argument names to values")
+        raise ValueError(f"{what} {path} must hold a mapping of names to values")
+    return values
+
+
+def config_file_to_argv(path: str) -> list[str]:
+    """A YAML/JSON mapping of argument names to values -> equivalent command-line flags."""
+    values = load_mapping(path, "config file")
     known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -214,15 +229,6 @@ def build_config(model_args, vocab_size: int | None = None):
     if recursive_only:
         raise ValueError(f"{recursive_only} apply to the recursive model only; add --model_type recursive")
     return MoEReasonConfig.from_preset(model_args.model_preset, **overrides)
-
-
-def model_class_for(config):
-    """The causal-LM class that matches a config (the recursive subclass is imported only when needed)."""
-    if config.model_type == "moe_reason_recursive":
-        from .modeling_recursive import RecursiveMoEReasonForCausalLM
-        return RecursiveMoEReasonForCausalLM
-    from .modeling_moe_reason import MoEReasonForCausalLM
-    return MoEReasonForCausalLM
 
 
 def resolve_global_batch(args, world_size: int) -> None:

@@ -1,7 +1,8 @@
-"""Resumable checkpoints and exported models, written atomically.
+"""Resumable checkpoints and exported models, written atomically (folder names: `layout.py`).
 
-Layout under output_dir:
-    checkpoint-STEP/   accelerator.save_state (model, optimizer, scheduler, RNG) + trainer_state.json
+    checkpoint-STEP/   accelerator.save_state (model, optimizer, RNG) + trainer_state.json (the loop's
+                       state and the learning-rate schedule)
+                       + each expert-parallel rank's shard of the experts
     best/, final/      save_pretrained: model.safetensors + config.json + tokenizer files
 
 Every folder is written as NAME.tmp and renamed into place only when complete, and old
@@ -11,25 +12,19 @@ save leaves the previous checkpoint intact (a stale .tmp is cleared by the next 
 
 import json
 import logging
-import re
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-EXPERT_SHARD = re.compile(r"^expert_shard_\d+_of_(\d+)\.safetensors$")  # what expert_shard_name writes
-STATE_FILE = "trainer_state.json"
+from .expert_parallel import NoExpertParallel
+from .layout import CHECKPOINT, TRAINER_STATE, checkpoint_name, complete_checkpoints
+from .safe_loading import (check_no_custom_pickles, check_random_states, damaged_files, deepspeed_globals,
+                           deepspeed_weights_only)
 
-
-def complete_checkpoints(output_dir) -> list[Path]:
-    """Complete checkpoint folders (they hold trainer_state.json), oldest first."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if CHECKPOINT.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
+NO_EXPERT_PARALLEL = NoExpertParallel()
 
 
 def resolve_checkpoint(output_dir, spec: str) -> Path:
@@ -40,56 +35,73 @@ def resolve_checkpoint(output_dir, spec: str) -> Path:
             raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
         return found[-1]
     path = Path(spec)
-    if not (path / STATE_FILE).is_file():
+    if not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a complete checkpoint folder "
-                                f"(no {STATE_FILE}); complete ones: {[str(p) for p in complete_checkpoints(output_dir)]}")
+                                f"(no {TRAINER_STATE}); complete ones: {[str(p) for p in complete_checkpoints(output_dir)]}")
     return path
 
 
-def expert_shard_name(ep_rank: int, ep_size: int) -> str:
-    """The file an expert-parallel rank keeps its experts in, inside a checkpoint folder."""
-    return f"expert_shard_{ep_rank}_of_{ep_size}.safetensors"
-
-
-def check_expert_parallel_size(checkpoint: Path, ep_size: int) -> None:
-    """A checkpoint resumes only at the expert-parallel size it was saved with (its experts are sharded)."""
-    saved = {int(m.group(1)) for p in checkpoint.iterdir() if (m := EXPERT_SHARD.match(p.name))} or {1}
-    if saved != {ep_size}:
-        raise ValueError(f"checkpoint {checkpoint} was saved with expert_parallel_size={max(saved)}, not {ep_size}: "
-                         "resume at the size it was saved with, or start a new run from its exported model "
-                         "(best/ or final/) with --init_from, which loads at any expert_parallel_size")
+def unfinished_checkpoints_after(output_dir, checkpoint: Path) -> list[Path]:
+    """checkpoint-N folders newer than `checkpoint` without trainer_state.json: saves that did not finish."""
+    step = int(CHECKPOINT.match(checkpoint.name).group(1)) if CHECKPOINT.match(checkpoint.name) else -1
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if (m := CHECKPOINT.match(p.name))
+             and int(m.group(1)) > step and not (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
 
 
 def read_trainer_state(checkpoint: Path) -> dict:
     try:
-        return json.loads((checkpoint / STATE_FILE).read_text())
+        return json.loads((checkpoint / TRAINER_STATE).read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"checkpoint {checkpoint} is corrupt: {STATE_FILE} unreadable ({err})") from err
+        raise ValueError(f"checkpoint {checkpoint} is corrupt: {TRAINER_STATE} unreadable ({err})") from err
 
 
-def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, total_limit: int,
-                    save_extra=None) -> Path:
-    """accelerator.save_state into checkpoint-STEP.tmp, then rename and rotate. All ranks call this.
+def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, total_limit: int, model=None,
+                    expert_parallel: NoExpertParallel = NO_EXPERT_PARALLEL) -> Path:
+    """accelerator.save_state (+ the expert shards) into checkpoint-STEP.tmp, then rename and rotate.
 
-    `save_extra(folder)`, if given, runs on every rank after save_state (expert-parallel shards).
+    All ranks call this.
     """
-    final = Path(output_dir) / f"checkpoint-{step}"
+    final = Path(output_dir) / checkpoint_name(step)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     with _quiet_tied_head_notice():
         accelerator.save_state(str(tmp))
-    if save_extra is not None:
-        save_extra(tmp)
+    expert_parallel.save(model, tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         _replace(tmp, final)
         for old in complete_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator, model, checkpoint: Path,
+                    expert_parallel: NoExpertParallel = NO_EXPERT_PARALLEL) -> dict:
+    """Restore what `save_checkpoint` wrote into the prepared model and optimizer and the random states
+    -> the trainer state saved with them. Nothing is unpickled beyond tensors (`safe_loading.py`); a file
+    that does not load is named. All ranks call this."""
+    trainer_state = read_trainer_state(checkpoint)
+    check_no_custom_pickles(checkpoint)
+    same_world = trainer_state.get("num_processes", accelerator.num_processes) == accelerator.num_processes
+    if not check_random_states(checkpoint, accelerator.process_index, required=same_world):
+        print(f"process {accelerator.process_index}: {checkpoint} holds no random states for it (saved by "
+              f"{trainer_state['num_processes']} processes): its dropout and routing noise start afresh", flush=True)
+    try:
+        with deepspeed_weights_only(model):
+            accelerator.load_state(str(checkpoint), **expert_parallel.load_state_kwargs)
+        expert_parallel.load(accelerator.unwrap_model(model), checkpoint)
+    except Exception:
+        damaged = damaged_files(checkpoint, deepspeed_globals() if hasattr(model, "checkpoint_engine") else ())
+        if not damaged:
+            raise
+        raise ValueError(f"checkpoint {checkpoint} cannot be resumed: {'; '.join(damaged)}. Resume from an "
+                         "earlier checkpoint with --resume_from_checkpoint DIR") from None
+    return trainer_state
 
 
 @contextmanager
@@ -112,18 +124,15 @@ def _quiet_tied_head_notice():
         logger.removeFilter(drop)
 
 
-def export_model(accelerator, model, tokenizer, folder, gather_experts: bool = False) -> Path:
-    """Full weights (gathered under ZeRO-3) as safetensors + config + tokenizer. All ranks call this.
+def export_model(accelerator, model, tokenizer, folder,
+                 expert_parallel: NoExpertParallel = NO_EXPERT_PARALLEL) -> Path:
+    """Full weights (gathered under ZeRO-3 and expert parallelism) as safetensors + config + tokenizer.
 
-    With expert parallelism (`gather_experts`) each rank holds a slice of the experts: the full
-    [E, ...] tensors are gathered, so the export never depends on the EP size. Refuses to write
-    a model with non-finite weights.
+    All ranks call this. Refuses to write a model with non-finite weights.
     """
     folder = Path(folder)
     state = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank takes part
-    if gather_experts:
-        from .expert_parallel import full_state_dict
-        state = full_state_dict(accelerator.unwrap_model(model), state)
+    state = expert_parallel.full_state_dict(accelerator.unwrap_model(model), state)
     if accelerator.is_main_process:
         bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
         if bad:
@@ -132,9 +141,20 @@ def export_model(accelerator, model, tokenizer, folder, gather_experts: bool = F
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _readable_like_the_rest(tmp)
         _replace(tmp, folder)
     accelerator.wait_for_everyone()
     return folder
+
+
+def _readable_like_the_rest(folder: Path) -> None:
+    """Give every file the mode this process's umask gives new files: safetensors writes its files 0600,
+    so an export shared with a group or served from the folder would be missing its weights."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _replace(tmp: Path, final: Path) -> None:

@@ -27,10 +27,14 @@ from pathlib import Path
 from .arguments import build_config, parse_args, to_argv
 from .data import prepare_data
 from .experiments import (SPREAD_RULE, RunnerArguments, beyond_spread, check_arguments, load_runner_file, mean_curve,
-                          mean_std, model_argument_names, parse_runner_cli, run_training, write_json)
+                          mean_std, model_argument_names, pyplot, run_runner, run_training, save_figure,
+                          write_json)
 from .metrics import training_flops_per_token
 
 ARMS = ("baseline", "recursive")
+
+USAGE = ("python -m moe_reason.compare CONFIG.yaml [--output_dir D] [--seeds 0 1 2] [--launcher in_process|accelerate] "
+         "[--set name=value ...]")
 
 
 def load_comparison(path, args: RunnerArguments | None = None) -> dict:
@@ -173,10 +177,7 @@ def comparison_markdown(p: dict) -> str:
 
 def plot(p: dict, path: Path) -> None:
     """Val loss vs steps, val loss vs training FLOPs, final accuracy and tokens/s per run kind."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     done = [r for r in p["runs"] if r["status"] == "finished"]
     labels = list(dict.fromkeys(r["label"] for r in done))
     colors = dict(zip(labels, ["tab:blue", "tab:orange", "tab:green", "tab:red"]))
@@ -211,15 +212,11 @@ def plot(p: dict, path: Path) -> None:
     speed.set_title("Throughput")
     fig.suptitle(f"Baseline vs recursive ({len(p['seeds'])} seeds): equal steps — {p['equal_steps']['verdict']}; "
                  f"equal FLOPs — {p['equal_flops']['verdict']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    path, args = parse_runner_cli(argv, RunnerArguments, "python -m moe_reason.compare CONFIG.yaml [--output_dir D] "
-                                  "[--seeds 0 1 2] [--launcher in_process|accelerate] [--set name=value ...]")
-    return run_comparison(load_comparison(path, args))
+    return run_runner(argv, RunnerArguments, load_comparison, run_comparison, USAGE)
 
 
 if __name__ == "__main__":

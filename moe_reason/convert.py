@@ -28,6 +28,18 @@ _MIXTRAL_FUNCTION = {
 }
 
 
+# The one name table, read in both directions: (our suffix, Mixtral's, stored transposed). Experts are
+# [E, in, out] here and [E, out, in] there; names not listed are the same in both models.
+_NAMES = (
+    ("mlp.router.weight", "mlp.gate.weight", False),
+    ("mlp.experts.up_proj", "mlp.experts.gate_up_proj", True),
+    ("mlp.experts.down_proj", "mlp.experts.down_proj", True),
+)
+# our fused attention input projection, and Mixtral's three it is the concatenation of
+_QKV = "self_attn.qkv_proj.weight"
+_Q_K_V = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+
+
 def to_mixtral(model: MoEReasonForCausalLM) -> MixtralForCausalLM:
     """Export to an equivalent `MixtralForCausalLM` (same logits)."""
     config = model.config
@@ -51,18 +63,10 @@ def to_mixtral(model: MoEReasonForCausalLM) -> MixtralForCausalLM:
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     state = {}
     for name, tensor in model.state_dict().items():
-        if name.endswith("self_attn.qkv_proj.weight"):
-            prefix = name[: -len("qkv_proj.weight")]
-            for part, weight in zip(("q_proj", "k_proj", "v_proj"), tensor.split([q, kv, kv])):
-                state[f"{prefix}{part}.weight"] = weight
-        elif name.endswith("mlp.router.weight"):
-            state[name.replace("mlp.router.", "mlp.gate.")] = tensor
-        elif name.endswith("mlp.experts.up_proj"):
-            state[name.replace("up_proj", "gate_up_proj")] = tensor.transpose(1, 2)
-        elif name.endswith("mlp.experts.down_proj"):
-            state[name] = tensor.transpose(1, 2)
+        if name.endswith(_QKV):  # one fused projection -> Mixtral's three
+            state.update({name[: -len(_QKV)] + part: w for part, w in zip(_Q_K_V, tensor.split([q, kv, kv]))})
         else:
-            state[name] = tensor
+            state.update([_rename(name, tensor, to_mixtral=True)])
     mixtral.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True)
     return mixtral
 
@@ -100,22 +104,22 @@ def from_mixtral(model: MixtralForCausalLM) -> MoEReasonForCausalLM:
     source = model.state_dict()
     state = {}
     for name, tensor in source.items():
-        if name.endswith("self_attn.q_proj.weight"):
-            prefix = name[: -len("q_proj.weight")]
-            state[f"{prefix}qkv_proj.weight"] = torch.cat(
-                [tensor, source[f"{prefix}k_proj.weight"], source[f"{prefix}v_proj.weight"]])
-        elif name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
-            continue
-        elif name.endswith("mlp.gate.weight"):
-            state[name.replace("mlp.gate.", "mlp.router.")] = tensor
-        elif name.endswith("mlp.experts.gate_up_proj"):
-            state[name.replace("gate_up_proj", "up_proj")] = tensor.transpose(1, 2)
-        elif name.endswith("mlp.experts.down_proj"):
-            state[name] = tensor.transpose(1, 2)
-        else:
-            state[name] = tensor
+        if name.endswith(_Q_K_V[0]):  # Mixtral's three projections -> one fused
+            prefix = name[: -len(_Q_K_V[0])]
+            state[prefix + _QKV] = torch.cat([source[prefix + part] for part in _Q_K_V])
+        elif not name.endswith(_Q_K_V[1:]):
+            state.update([_rename(name, tensor, to_mixtral=False)])
     ours.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True)
     return ours
+
+
+def _rename(name: str, tensor: torch.Tensor, to_mixtral: bool) -> tuple[str, torch.Tensor]:
+    """One weight's name and layout in the other model, by `_NAMES` read in either direction."""
+    for ours, theirs, transposed in _NAMES:
+        source, target = (ours, theirs) if to_mixtral else (theirs, ours)
+        if name.endswith(source):
+            return name[: -len(source)] + target, tensor.transpose(1, 2) if transposed else tensor
+    return name, tensor
 
 
 def _single(token_id):

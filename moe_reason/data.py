@@ -10,10 +10,12 @@
 `prepare_data(args)` is the one function the trainer calls.
 """
 
+import codecs
 import hashlib
 import json
 import os
 import shutil
+import sys
 import sysconfig
 import time
 from dataclasses import dataclass, field
@@ -23,13 +25,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 from datasets import Dataset, load_dataset, load_from_disk
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .configuration_moe_reason import require
 
-CACHE_VERSION = 1  # bump when the prepared layout changes
+CACHE_VERSION = 2  # bump when the prepared data or the trained tokenizer would differ
 EOS_TOKEN = "<|endoftext|>"
+MAX_PIECE = 256  # characters: the longest run without white space BPE training sees whole
 LOADERS = {".txt": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SKIPPED_STDLIB_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
 
@@ -123,6 +126,20 @@ def expand_files(paths: list[str]) -> list[Path]:
     return files
 
 
+def check_utf8(files: list[Path]) -> None:
+    """Refuse the first file that is not UTF-8 text, naming it and the byte where decoding fails."""
+    for path in files:
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"data file {path} is not UTF-8 text: byte {offset + err.start} ({err.reason}). "
+                                     "Convert it (e.g. iconv -f LATIN1 -t UTF-8) or leave it out") from None
+                offset += len(chunk)
+
+
 def source_identity(args: DataArguments) -> dict:
     """What the documents are, for the cache key: names, or paths with sizes and mtimes."""
     if args.dataset_name:
@@ -133,7 +150,7 @@ def source_identity(args: DataArguments) -> dict:
             "default": not args.data_files}
 
 
-def load_documents(args: DataArguments) -> Dataset:
+def load_documents(args: DataArguments, log=print) -> Dataset:
     """All documents as a Dataset with one `text` column, in a fixed order."""
     if args.dataset_name:
         raw = _load_hub(args)
@@ -141,14 +158,23 @@ def load_documents(args: DataArguments) -> Dataset:
         files = expand_files(args.data_files) if args.data_files else stdlib_files()
         loader = LOADERS[files[0].suffix] if files else "text"
         kwargs = {"sample_by": "document"} if loader == "text" else {}
-        raw = load_dataset(loader, data_files=[str(p) for p in files], split="train", **kwargs)
+        try:
+            raw = load_dataset(loader, data_files=[str(p) for p in files], split="train", **kwargs)
+        except Exception as err:  # datasets' errors do not say which file; find it, or pass the error on
+            if loader in ("text", "json"):
+                check_utf8(files)
+            raise RuntimeError(f"could not read the data files ({len(files)}, first {files[0]}): {err}") from err
     if args.text_column not in raw.column_names:
         raise ValueError(f"text column {args.text_column!r} not found; columns are {raw.column_names} "
                          "(set --text_column)")
     docs = raw.select_columns([args.text_column])
     if args.text_column != "text":
         docs = docs.rename_column(args.text_column, "text")
+    rows = len(docs)
     docs = docs.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+    if len(docs) < rows:  # a row without the column reads as None: say so rather than drop it unseen
+        log(f"{rows - len(docs)} of {rows} rows have no text in column {args.text_column!r} (missing or blank) "
+            "and are left out")
     if args.max_documents is not None:
         docs = docs.select(range(min(args.max_documents, len(docs))))
     if len(docs) == 0:
@@ -185,7 +211,7 @@ def split_documents(docs: Dataset, args: DataArguments) -> tuple[Dataset, Datase
 # Tokenizer
 
 
-def load_or_train_tokenizer(args: DataArguments, train_docs: Dataset, folder: Path):
+def load_or_train_tokenizer(args: DataArguments, train_docs: Dataset, folder: Path, log=print):
     """A Hub/local tokenizer, or byte-level BPE trained on the training documents and saved to `folder`."""
     if args.tokenizer_name:
         try:
@@ -197,15 +223,23 @@ def load_or_train_tokenizer(args: DataArguments, train_docs: Dataset, folder: Pa
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {args.tokenizer_name!r} has no EOS token to separate documents")
         return tokenizer
+    log(f"training a byte-level BPE tokenizer ({args.tokenizer_vocab_size} tokens) on {len(train_docs)} documents")
     return train_bpe_tokenizer(train_docs["text"], args.tokenizer_vocab_size, folder)
 
 
 def train_bpe_tokenizer(texts, vocab_size: int, folder: Path):
-    """Byte-level BPE (GPT-2 style) with one special token that is EOS, BOS and padding."""
+    """Byte-level BPE (GPT-2 style) with one special token that is EOS, BOS and padding.
+
+    Runs of more than MAX_PIECE characters without white space are cut into pieces of that length
+    before the GPT-2 split: BPE training is quadratic in a piece's length, so one long unbroken line
+    (minified code, a base64 blob) would otherwise stall it for minutes. Ordinary words never reach it.
+    """
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(rf"\S{{{MAX_PIECE}}}"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=sys.stderr.isatty(),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(texts, trainer=trainer, length=len(texts))
     wrapped = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
@@ -291,11 +325,11 @@ def prepare_data(args: DataArguments, log=print) -> PreparedData:
         return load_prepared(root, summary)
 
     log(f"preparing data (cache miss {key}) ...")
-    docs = load_documents(args)
+    docs = load_documents(args, log)
     train_docs, val_docs = split_documents(docs, args)
     tmp = root.with_name(f"{key}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = load_or_train_tokenizer(args, train_docs, tmp / "tokenizer")
+    tokenizer = load_or_train_tokenizer(args, train_docs, tmp / "tokenizer", log)
     if args.tokenizer_name:
         tokenizer.save_pretrained(tmp / "tokenizer")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -323,14 +357,16 @@ def load_prepared(root: Path, summary: dict) -> PreparedData:
                         AutoTokenizer.from_pretrained(root / "tokenizer"), summary)
 
 
-def check_against_model(data: PreparedData, config) -> None:
-    """Refuse data the model cannot take: too-long blocks, ids beyond its vocabulary."""
+def check_against_model(data: PreparedData, config, vocab_remedy: str | None = None) -> None:
+    """Refuse data the model cannot take: too-long blocks, ids beyond its vocabulary. `vocab_remedy` is what
+    to do about a tokenizer larger than the model (default: the trainer's --vocab_size)."""
     if data.summary["block_size"] > config.max_position_embeddings:
         raise ValueError(f"block_size={data.summary['block_size']} is larger than the model's "
                          f"max_position_embeddings={config.max_position_embeddings}")
     if data.summary["vocab_size"] > config.vocab_size:
+        remedy = vocab_remedy or f"set --vocab_size {data.summary['vocab_size']} or more"
         raise ValueError(f"the tokenizer has {data.summary['vocab_size']} tokens but the model's "
-                         f"vocab_size={config.vocab_size}; set --vocab_size {data.summary['vocab_size']} or more")
+                         f"vocab_size={config.vocab_size}; {remedy}")
     for name, split in (("train", data.train), ("validation", data.validation)):
         ids = flat_ids(split)
         if len(ids) and ids.max() >= config.vocab_size:

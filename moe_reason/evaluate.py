@@ -22,7 +22,9 @@ from transformers import AutoModelForCausalLM, HfArgumentParser
 
 from .configuration_moe_reason import require
 from .data import DataArguments, check_against_model, collate_blocks, prepare_data
-from .metrics import summarise_eval, token_statistics
+from .metrics import summarise_eval
+from .modeling_moe_reason import next_token_statistics
+from .safe_loading import from_pretrained
 
 SPLITS = ("validation", "train")
 
@@ -58,7 +60,7 @@ def evaluate_model(model, batches, vocab_size: int, gather=lambda t: t, progress
     stats, recursion_steps = [], []
     for batch in tqdm(batches, desc="evaluating", disable=not progress, dynamic_ncols=True):
         out = model(input_ids=batch["input_ids"], use_cache=False)
-        stats.append(gather(token_statistics(out.logits, batch["labels"])))
+        stats.append(gather(next_token_statistics(out.logits, batch["labels"])))
         if getattr(out, "recursion_steps", None) is not None:
             recursion_steps.append(gather(out.recursion_steps.float().reshape(-1)))
     model.train(was_training)
@@ -77,9 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
         data_args.tokenizer_name = eval_args.model_path  # the tokenizer the model was trained with
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if eval_args.device == "auto"
                           else eval_args.device)
-    model = AutoModelForCausalLM.from_pretrained(eval_args.model_path).to(device)
+    model = from_pretrained(AutoModelForCausalLM, eval_args.model_path).to(device)
     data = prepare_data(data_args, log=lambda msg: print(msg, file=sys.stderr))
-    check_against_model(data, model.config)
+    check_against_model(data, model.config, vocab_remedy=(
+        "evaluate with the tokenizer the model was trained with: leave --tokenizer_name unset to use the one "
+        f"saved in {eval_args.model_path}"))
     split = data.validation if eval_args.split == "validation" else data.train
     if eval_args.max_blocks:
         split = split.select(range(min(eval_args.max_blocks, len(split))))

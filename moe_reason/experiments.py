@@ -6,7 +6,7 @@ in this process (`launcher: in_process`, the default, no start-up cost) or as
 `accelerate launch` (`launcher: accelerate`, optionally with `accelerate_config`), which
 is how multi-GPU and DeepSpeed runs are made. Either way its output goes to
 `RUN_DIR/train.log` and the runner prints one line when it starts and one when it ends.
-A run folder whose `train_results.json` exists and whose arguments are unchanged is
+A run folder whose results file (`train_results.json`) exists and whose arguments are unchanged is
 finished and skipped; an interrupted one resumes from its last checkpoint.
 """
 
@@ -24,9 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from accelerate.state import AcceleratorState, GradientState
 from transformers import HfArgumentParser
 
-from .arguments import ARGUMENT_CLASSES, ModelArguments, to_argv
+from .arguments import ARGUMENT_CLASSES, ModelArguments, load_mapping, to_argv
+from .checkpointing import complete_checkpoints
+from .layout import METRICS, RESULTS
+from .train import main as train_main
 
 LAUNCHERS = ("in_process", "accelerate")
 RUN_SPEC = "experiment_run.json"  # the arguments a run folder was made with
@@ -54,6 +58,12 @@ def parse_runner_cli(argv: list[str] | None, arguments_class, usage: str) -> tup
     return path, args
 
 
+def run_runner(argv: list[str] | None, arguments_class, load, run, usage: str) -> dict:
+    """A runner's command line: FILE.yaml and its overrides -> load(file, overrides), validated, then run it."""
+    path, args = parse_runner_cli(argv, arguments_class, usage)
+    return run(load(path, args))
+
+
 def load_runner_file(path, kind: str, own_keys: set[str], args: RunnerArguments, default_seeds: list[int],
                      output_prefix: str) -> tuple[dict, dict]:
     """An experiment file -> (its raw mapping, the settings every runner shares), validated before any run.
@@ -61,7 +71,7 @@ def load_runner_file(path, kind: str, own_keys: set[str], args: RunnerArguments,
     Shared settings: path, description, base (with --set applied), seeds, launcher,
     accelerate_config and output_dir, each from the command line first, then the file.
     """
-    spec = load_experiment(path, kind)
+    spec = load_mapping(path, f"{kind} file")
     allowed = RUNNER_KEYS | own_keys
     unknown = sorted(set(spec) - allowed)
     if unknown:
@@ -82,20 +92,6 @@ def argument_names() -> set[str]:
 
 def model_argument_names() -> set[str]:
     return {f.name for f in dataclasses.fields(ModelArguments)}
-
-
-def load_experiment(path, kind: str) -> dict:
-    """A YAML experiment file as a mapping, or a clear error naming the file."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"{kind} file not found: {path}")
-    try:
-        spec = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{kind} file {path} does not parse: {err}") from err
-    if not isinstance(spec, dict):
-        raise ValueError(f"{kind} file {path} must hold a mapping (base, seeds, ...)")
-    return spec
 
 
 def check_arguments(values, where: str, allowed: set[str] | None = None) -> dict:
@@ -151,12 +147,12 @@ def run_training(name: str, values: dict, run_dir: Path, launcher: str = "in_pro
     run_dir = Path(run_dir)
     values = {**values, "output_dir": str(run_dir)}
     spec = {"values": values, "launcher": launcher, "accelerate_config": accelerate_config}
-    if (run_dir / "train_results.json").is_file() and _spec_of(run_dir) == spec:
+    if (run_dir / RESULTS).is_file() and _spec_of(run_dir) == spec:
         record = collect_run(run_dir)
         print(f"[skip] {name}: finished earlier, val loss {record['final_val_loss']:.4f}", flush=True)
         return {**record, "name": name, "status": "finished", "skipped": True}
 
-    resume = _spec_of(run_dir) == spec and any(run_dir.glob("checkpoint-*/trainer_state.json"))
+    resume = _spec_of(run_dir) == spec and bool(complete_checkpoints(run_dir))
     flags = ["--resume_from_checkpoint", "latest"] if resume else ["--overwrite_output_dir", "true"]
     argv = to_argv(values) + flags
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -166,8 +162,8 @@ def run_training(name: str, values: dict, run_dir: Path, launcher: str = "in_pro
     error = (_train_in_process if launcher == "in_process" else _train_with_accelerate)(
         argv, run_dir / "train.log", accelerate_config)
     wall = time.perf_counter() - started
-    if error is None and not (run_dir / "train_results.json").is_file():
-        error = "the run ended without train_results.json (stopped by a signal?)"
+    if error is None and not (run_dir / RESULTS).is_file():
+        error = f"the run ended without {RESULTS} (stopped by a signal?)"
     if error is not None:
         print(f"[FAILED] {name} after {wall:.0f} s: {error.splitlines()[-1][:300]} (log: {run_dir / 'train.log'})",
               flush=True)
@@ -187,14 +183,10 @@ def _spec_of(run_dir: Path):
 
 
 def _train_in_process(argv: list[str], log_file: Path, _accelerate_config) -> str | None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    from .train import main
-
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with open(log_file, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
-            result = main(argv)
+            result = train_main(argv)
         except Exception:  # noqa: BLE001  (any failure of one run is recorded; the grid goes on)
             text = traceback.format_exc()
             log.write(text)
@@ -229,10 +221,10 @@ def _train_with_accelerate(argv: list[str], log_file: Path, accelerate_config: s
 
 
 def collect_run(run_dir) -> dict:
-    """The figures a report needs, from train_results.json and metrics.jsonl."""
+    """The figures a report needs, from the run's results and metrics files."""
     run_dir = Path(run_dir)
-    results = json.loads((run_dir / "train_results.json").read_text())
-    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    results = json.loads((run_dir / RESULTS).read_text())
+    records = [json.loads(line) for line in open(run_dir / METRICS)]
     train = [r for r in records if "train/loss" in r]
     evals = [r for r in records if "eval/loss" in r]
     final = results["final_eval"]
@@ -293,3 +285,17 @@ def write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: reports are files, and no display is needed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    pyplot().close(fig)

@@ -1,11 +1,9 @@
-"""FLOPs, MFU, expert load and evaluation metrics."""
+"""What training measures: FLOPs and MFU, expert load, the logged window of micro-batches, evaluation sums."""
 
 import math
 import time
 
 import torch
-
-from .modeling_moe_reason import next_token_statistics as token_statistics  # noqa: F401  (re-exported)
 
 
 def matmul_params_per_token(config) -> int:
@@ -53,22 +51,34 @@ def forward_passes(config) -> tuple[int, int, int]:
     return config.passes_per_step(), config.grad_passes_per_supervision_step() * steps, steps
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048) -> float:
-    """Best FLOP/s of a square matmul on this device: the 'peak' MFU is stated against."""
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, max_size: int = 2048,
+                       budget_s: float = 0.05) -> float:
+    """Best FLOP/s of a square matmul on this device: the 'peak' MFU is stated against.
+
+    The matrices grow from 256 to `max_size` while one matmul takes under `budget_s`: where the
+    dtype has no fast kernel (bf16 on a CPU without AMX or AVX512-BF16 is emulated, hundreds of
+    times slower than fp32) a full-size measurement would hold up the start for minutes.
+    """
     # a private generator: drawing from the global RNG here would change dropout and routing noise
     generator = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
-    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
-    best = math.inf
-    for _ in range(4):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    size = 256
+    while True:
+        a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+        b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+        best = min(_timed_matmul(a, b) for _ in range(4))
+        if size >= max_size or best > budget_s:
+            return 2 * size**3 / best
+        size *= 2
+
+
+def _timed_matmul(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.device.type == "cuda":
+        torch.cuda.synchronize(a.device)
+    start = time.perf_counter()
+    a @ b
+    if a.device.type == "cuda":
+        torch.cuda.synchronize(a.device)
+    return time.perf_counter() - start
 
 
 class ExpertLoadMeter:
@@ -102,3 +112,89 @@ def summarise_eval(stats: torch.Tensor, vocab_size: int) -> dict[str, float]:
     loss = nll / max(tokens, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct / max(tokens, 1.0),
             "tokens": int(tokens), "ln_vocab": math.log(vocab_size)}
+
+
+def rank_load_summary(accelerator, rank_rows: torch.Tensor | None) -> dict:
+    """Rows each rank's experts processed per layer (EP), gathered: imbalance across ranks in TensorBoard."""
+    if rank_rows is None:
+        return {}
+    table = accelerator.gather(rank_rows.reshape(1, -1).float()).cpu()  # [world, L]
+    record = {f"expert_parallel/rows_layer{layer}_rank{rank}": float(table[rank, layer])
+              for rank in range(table.shape[0]) for layer in range(table.shape[1])}
+    per_rank = table.sum(1)
+    record["expert_parallel/rank_imbalance"] = float(per_rank.max() / per_rank.mean().clamp_min(1))
+    return record
+
+
+def any_nonfinite(accelerator, value: torch.Tensor) -> bool:
+    """Whether `value` is NaN or infinite on any rank (every rank gets the same answer)."""
+    bad = (~torch.isfinite(value.detach().float())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, "sum")
+    return bool(bad.item() > 0)
+
+
+class LogWindow:
+    """What the micro-batches since the last log line add up to.
+
+    Losses, recursion metrics and expert load are summed as tensors on the device, so a
+    micro-batch costs no host sync; `record` averages losses and recursion metrics over
+    processes once per log line and opens the next window.
+    """
+
+    LOSSES = ("loss", "lm_loss", "aux_loss", "z_loss")
+
+    def __init__(self, rows_per_layer=lambda: None):
+        # rows_per_layer(): [L] rows this rank's experts took in the last forward (expert parallelism), or None
+        self.rows_per_layer = rows_per_layer
+        self.load = ExpertLoadMeter()
+        self.restart()
+
+    def restart(self) -> None:
+        self.sums = {name: 0.0 for name in self.LOSSES}
+        self.extra: dict[str, torch.Tensor] = {}  # recursion steps, halt rate, ...
+        self.micro = self.skipped = 0
+        self.rank_rows = None  # [L] rows this rank's experts processed per MoE layer (EP only)
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Evaluation and checkpointing time is not training time."""
+        self.tick = time.perf_counter()
+
+    def add(self, output, nonfinite: bool) -> None:
+        self.micro += 1
+        if nonfinite:
+            self.skipped += 1
+            return
+        self.sums["loss"] += output.loss.detach().float()
+        self.sums["lm_loss"] += (output.lm_loss if output.lm_loss is not None else output.loss).detach().float()
+        for name in ("aux_loss", "z_loss"):
+            if getattr(output, name, None) is not None:
+                self.sums[name] += getattr(output, name).detach().float()
+        for name, value in (getattr(output, "training_metrics", None) or {}).items():
+            if value is not None:
+                self.extra[name] = self.extra.get(name, 0.0) + torch.as_tensor(value).detach().float()
+        self.load.update(getattr(output, "expert_load", None))
+        received = self.rows_per_layer()
+        if received is not None:
+            self.rank_rows = received if self.rank_rows is None else self.rank_rows + received
+
+    def record(self, accelerator, tokens_per_micro_batch: int, flops_per_token: float, peak: float,
+               **fields) -> dict:
+        """The train/* record of this window (means over good micro-batches and processes); restarts."""
+        elapsed = time.perf_counter() - self.tick
+        good = max(self.micro - self.skipped, 1)
+        tokens_per_s = tokens_per_micro_batch * self.micro / max(elapsed, 1e-9)
+        # every rank reports the same names (the model's outputs), so the reductions pair up
+        sums = {**self.sums, **dict(sorted(self.extra.items()))}
+        record = {f"train/{name}": float(accelerator.reduce(torch.as_tensor(value, device=accelerator.device).float(),
+                                                            "mean")) / good
+                  for name, value in sums.items()}
+        record.update({f"train/{name}": value for name, value in fields.items()})
+        record.update({"train/tokens_per_s": tokens_per_s,
+                       "train/mfu": tokens_per_s * flops_per_token / (peak * accelerator.num_processes),
+                       "train/skipped_micro_batches": self.skipped,
+                       **self.load.summary(), **rank_load_summary(accelerator, self.rank_rows)})
+        self.restart()
+        return record
+

@@ -1,39 +1,117 @@
-"""The training loop: arguments -> data -> model -> Accelerator/DeepSpeed -> loop -> checkpoints/metrics.
+"""The training loop: arguments -> data -> model -> Accelerator/DeepSpeed -> steps -> checkpoints/metrics.
 
-    accelerate launch train.py                                   # small preset, offline corpus, ~7 min on 2 CPU cores
+    accelerate launch train.py                                   # small preset, offline corpus
     accelerate launch train.py configs/x.yaml --max_steps 100    # file values, then flag overrides
     accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml train.py
     deepspeed train.py --deepspeed ds_configs/zero2.json         # the plain DeepSpeed launcher
+
+Read `Trainer` top to bottom: `setup` builds everything once; `train` is the loop, one `train_step`
+(one optimizer step over its micro-batches) after another, with `evaluate` and `save` at their
+intervals; `finish` evaluates, exports and writes the results. Everything the loop carries from one
+step to the next is the `TrainState`, and that is what a checkpoint's trainer_state.json holds.
+Expert parallelism is one object built at set-up (`make_expert_parallel`), a no-op at size 1.
 """
 
+import dataclasses
 import json
 import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from .arguments import ARGUMENT_CLASSES, build_config, model_class_for, parse_args, resolve_global_batch
-from .checkpointing import (check_expert_parallel_size, complete_checkpoints, export_model, read_trainer_state,
-                            resolve_checkpoint, save_checkpoint)
+from .arguments import ARGUMENT_CLASSES, build_config, parse_args, resolve_global_batch
+from .checkpointing import (export_model, load_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint,
+                            unfinished_checkpoints_after)
 from .data import EpochSampler, check_against_model, collate_blocks, prepare_data
 from .evaluate import evaluate_model
-from .metrics import ExpertLoadMeter, measure_peak_flops, training_flops_per_token
+from .expert_parallel import make_expert_parallel
+from .layout import (BEST, FINAL, METRICS, RESULTS, RUN_ARGS, RUN_LOCK, RUN_LOCK_OWNER, complete_checkpoints,
+                     run_outputs)
+from .metrics import LogWindow, any_nonfinite, measure_peak_flops, training_flops_per_token
 from .optim import make_optimizer_and_scheduler
+from .safe_loading import from_pretrained
 
-RUN_FILE = "run_args.json"
+# arguments that may change between a run and its resumption (the rest must match run_args.json)
+RESUMABLE_ARGUMENTS = ("resume_from_checkpoint", "overwrite_output_dir", "max_steps", "local_rank", "cpu_threads")
+
+
+LR_SCHEDULER = "lr_scheduler"  # its state dict's key in trainer_state.json, beside the TrainState's fields
+
+
+@dataclass
+class TrainState:
+    """Everything the loop carries from one optimizer step to the next; each checkpoint saves it as JSON."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    samples_in_epoch: int = 0  # training blocks of this epoch consumed, by all processes together
+    num_processes: int = 1  # that trained up to here (a ZeRO optimizer state is partitioned that many ways)
+    best_val_loss: float | None = None
+    nonfinite_in_a_row: int = 0  # consecutive steps skipped for a non-finite loss or gradient
+    last_eval: dict | None = None  # {"step": S, "loss": ..., ...}: the latest evaluation
+    last_save: int | None = None  # the step of the latest checkpoint
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, saved: dict) -> None:
+        """From trainer_state.json; a field an older checkpoint lacks keeps its default."""
+        for name in (f.name for f in dataclasses.fields(self)):
+            if name in saved:
+                setattr(self, name, saved[name])
+
+
+def check_deepspeed_world(checkpoint: Path, num_processes: int) -> None:
+    """A ZeRO checkpoint resumes only on the number of processes that saved it: its optimizer state is
+    partitioned that many ways, and DeepSpeed loads it no other way (a plain DDP checkpoint resumes on any)."""
+    saved = read_trainer_state(checkpoint).get("num_processes")
+    if saved is not None and saved != num_processes:
+        raise ValueError(
+            f"checkpoint {checkpoint} was saved by {saved} DeepSpeed processes, and this launch has {num_processes}: "
+            f"ZeRO's optimizer state is partitioned {saved} ways and DeepSpeed loads it only so. Resume with "
+            f"`accelerate launch --num_processes {saved} ...`, or train on {num_processes} from its weights: "
+            "--init_from OUTPUT_DIR/best (or final/), which restarts the optimizer")
+
+
+def micro_batches_to_skip(state: TrainState, per_device_batch: int, num_processes: int, checkpoint=None) -> int:
+    """The micro-batches each process skips to resume at the state's sample position, on any number of
+    processes: process p takes every num_processes-th batch of the epoch's order, so after k of its
+    batches all processes together have consumed k * per_device_batch * num_processes blocks."""
+    per_round = per_device_batch * num_processes
+    if state.samples_in_epoch % per_round:
+        raise ValueError(
+            f"{checkpoint or 'the checkpoint'} stopped {state.samples_in_epoch} blocks into epoch {state.epoch}, "
+            f"which is not a whole number of rounds of {per_device_batch} blocks x {num_processes} process(es): "
+            "resuming here would repeat or skip blocks. Resume with a per_device_train_batch_size and number of "
+            f"processes whose product divides {state.samples_in_epoch}")
+    return state.samples_in_epoch // per_round
+
 
 # ----------------------------------------------------------------------------
-# Set-up: output folder, Accelerator and DeepSpeed
+# Set-up: output folder, Accelerator and DeepSpeed, model, loaders
+
+
+def run_arguments(model_args, data_args, args) -> dict:
+    """The arguments that define a run, as saved in run_args.json."""
+    run_args = {cls.__name__: vars(obj) for cls, obj in zip(ARGUMENT_CLASSES, (model_args, data_args, args))}
+    run_args["TrainingArguments"] = {k: v for k, v in run_args["TrainingArguments"].items()
+                                     if k not in RESUMABLE_ARGUMENTS}
+    return run_args
 
 
 def check_output_dir(args, run_args: dict) -> None:
@@ -41,24 +119,57 @@ def check_output_dir(args, run_args: dict) -> None:
     out = Path(args.output_dir)
     if args.resume_from_checkpoint or args.overwrite_output_dir or not out.exists():
         return
-    if (out / RUN_FILE).exists() or complete_checkpoints(out) or (out / "final").exists():
-        same = (out / RUN_FILE).exists() and json.loads((out / RUN_FILE).read_text()) == run_args
+    if (out / RUN_ARGS).exists() or complete_checkpoints(out) or (out / FINAL).exists():
+        same = (out / RUN_ARGS).exists() and json.loads((out / RUN_ARGS).read_text()) == run_args
         what = "this run's earlier output" if same else "a different run"
         raise ValueError(f"output_dir {out} already holds {what}; pass --resume_from_checkpoint latest to continue "
                          "it or --overwrite_output_dir to start afresh (its checkpoints are deleted)")
 
 
-def clear_output_dir(out: Path) -> None:
-    for path in [*out.glob("checkpoint-*"), out / "best", out / "final", out / "tensorboard"]:
-        shutil.rmtree(path, ignore_errors=True)
-    for name in ("metrics.jsonl", RUN_FILE, "train_results.json"):
-        (out / name).unlink(missing_ok=True)
+def lock_output_dir(out: Path) -> FileLock | None:
+    """Hold the output folder for the run's lifetime (the main process of the launch takes it): a second
+    run into the same folder is refused, naming the holder, before it can write or delete anything."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / RUN_LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = json.loads((out / RUN_LOCK_OWNER).read_text())
+            who = f"PID {holder['pid']} on {holder['host']}, started {holder['started']}"
+        except (OSError, ValueError, KeyError):
+            who = "a process that has not said who it is yet"
+        raise RuntimeError(f"output_dir {out} is in use by another run ({who}): wait for it to end, stop it, "
+                           "or train into another --output_dir") from None
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (out / RUN_LOCK_OWNER).write_text(json.dumps(owner))
+    return lock
+
+
+def clear_output_dir(accelerator, args) -> None:
+    """--overwrite_output_dir: delete what an earlier run wrote (main process; the folder is locked)."""
+    if accelerator.is_main_process and args.overwrite_output_dir and not args.resume_from_checkpoint:
+        for path in run_outputs(args.output_dir):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def truncate_metrics(out: Path, step: int) -> None:
+    """On resume: drop the records logged after the checkpoint's step (they are about to be logged again)."""
+    path = out / METRICS
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 def make_accelerator(args) -> Accelerator:
     handlers = []
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # without this each CPU process initialises its own world and believes it is alone (DESIGN.md §4)
+        # without this each CPU process initialises its own world and believes it is alone
         handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))
     plugin = DeepSpeedPlugin(hf_ds_config=args.deepspeed) if args.deepspeed else None
     use_deepspeed = plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
@@ -68,7 +179,7 @@ def make_accelerator(args) -> Accelerator:
     return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                        mixed_precision=args.mixed_precision, log_with="tensorboard", cpu=cpu,
                        project_dir=args.output_dir, deepspeed_plugin=plugin, kwargs_handlers=handlers,
-                       dynamo_backend="inductor" if args.torch_compile else "no")
+                       dynamo_backend=args.torch_compile_backend if args.torch_compile else "no")
 
 
 def reconcile_deepspeed_config(accelerator, args) -> None:
@@ -104,14 +215,72 @@ def reconcile_deepspeed_config(accelerator, args) -> None:
             config[key] = value
 
 
+def configure_device(accelerator, args) -> None:
+    """Refuse a precision this device would ignore, share the CPU's cores, and settle DeepSpeed's config."""
+    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate applies fp16 autocast on accelerators only: on the CPU the run would be fp32
+        raise ValueError("--mixed_precision fp16 needs a GPU: on the CPU Accelerate does not apply it and the run "
+                         "would train in fp32 unannounced; use --mixed_precision bf16 (CPU autocast) or no")
+    if not torch.cuda.is_available():
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        torch.set_num_threads(args.cpu_threads or max(1, (os.cpu_count() or 1) // local_processes))
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        reconcile_deepspeed_config(accelerator, args)
+
+
+def zero_stage(accelerator) -> int | None:
+    """The DeepSpeed ZeRO stage, or None without DeepSpeed."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return accelerator.state.deepspeed_plugin.zero_stage
+
+
+def build_model(model_args, args, data, accelerator, expert_parallel):
+    """The model for this run's tokenizer, this rank's experts kept under expert parallelism -> (model, config)."""
+    config = build_config(model_args, vocab_size=len(data.tokenizer))
+    config.eos_token_id = config.pad_token_id = data.tokenizer.eos_token_id
+    config.bos_token_id = data.tokenizer.bos_token_id
+    check_against_model(data, config)
+    if model_args.init_from:
+        model = from_pretrained(AutoModelForCausalLM, model_args.init_from, config=config)
+    else:  # the Auto mapping's class, built directly: from_config would partition it under ZeRO-3 even with
+        # zero3_init_flag false, and the optimizer's parameter groups would then see empty tensors
+        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    described = expert_parallel.shard(model)  # every rank built (or loaded) the same full model
+    if described:
+        accelerator.print(described)
+    if zero_stage(accelerator) == 3:
+        # ZeRO-3 gathers a module's parameters when its forward starts; an expert that gets no
+        # tokens on one rank would skip that gather and hang the others, so the whole MoE block is one
+        # leaf. (Imported here: a run without DeepSpeed need not pay for importing it.)
+        from deepspeed.utils import set_z3_leaf_modules
+        set_z3_leaf_modules(model, [type(model.model.layers[0].mlp)])
+    return model, config
+
+
+def make_loaders(data, args, num_processes: int) -> tuple[DataLoader, DataLoader]:
+    """Training loader (seeded epoch order, resumable) and the fixed validation slice."""
+    train_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, drop_last=True,
+                              sampler=EpochSampler(len(data.train), args.seed), collate_fn=collate_blocks,
+                              generator=torch.Generator().manual_seed(args.seed))
+    # the validation set is a fixed slice of blocks, the same whatever the number of processes
+    eval_blocks = len(data.validation) if args.eval_batches == 0 else \
+        min(len(data.validation), args.eval_batches * args.per_device_eval_batch_size)
+    eval_loader = DataLoader(data.validation.select(range(eval_blocks)), batch_size=args.per_device_eval_batch_size,
+                             collate_fn=collate_blocks)
+    if len(train_loader) < num_processes:
+        raise ValueError(f"{len(data.train)} training blocks make fewer batches than there are processes")
+    return train_loader, eval_loader
+
+
 # ----------------------------------------------------------------------------
 # A sample
 
 
 def print_sample(folder: Path, prompt: str, tokens: int) -> str:
     """Greedy continuation of `prompt` by the exported model (loaded back with from_pretrained)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
@@ -120,7 +289,7 @@ def print_sample(folder: Path, prompt: str, tokens: int) -> str:
 
 
 # ----------------------------------------------------------------------------
-# Training
+# The trainer
 
 
 class StopRequest:
@@ -145,335 +314,297 @@ class StopRequest:
         return bool(accelerator.reduce(flag, "sum") > 0)
 
 
-def rank_load_summary(accelerator, rank_rows: torch.Tensor | None) -> dict:
-    """Rows each rank's experts processed per layer (EP), gathered: imbalance across ranks in TensorBoard."""
-    if rank_rows is None:
-        return {}
-    table = accelerator.gather(rank_rows.reshape(1, -1).float()).cpu()  # [world, L]
-    record = {f"expert_parallel/rows_layer{layer}_rank{rank}": float(table[rank, layer])
-              for rank in range(table.shape[0]) for layer in range(table.shape[1])}
-    per_rank = table.sum(1)
-    record["expert_parallel/rank_imbalance"] = float(per_rank.max() / per_rank.mean().clamp_min(1))
-    return record
+class Trainer:
+    """One training run: `setup`, then `train`, which ends in `finish` (or returns early on a stop request)."""
 
+    def __init__(self, model_args, data_args, args):
+        self.model_args, self.data_args, self.args = model_args, data_args, args
+        self.out = Path(args.output_dir)
+        self.state = TrainState()
+        self.tokens_trained = 0  # by this process's run, for its throughput (not carried across a resume)
 
-def any_nonfinite(accelerator, value: torch.Tensor) -> bool:
-    bad = (~torch.isfinite(value.detach().float())).float().reshape(1)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, "sum")
-    return bool(bad.item() > 0)
+    # ---- set-up
 
+    def setup(self) -> "Trainer":
+        """Check everything that can be checked cheaply, then build data, model, optimizer and Accelerate."""
+        checkpoint = self.check()
+        self.build()
+        if checkpoint is not None:
+            self.resume(checkpoint)
+        self.start_logging()
+        return self
 
-def build_model(model_args, args, data, accelerator, is_deepspeed: bool):
-    """The model for this run's tokenizer -> (model, config, this rank's expert modules under EP or None)."""
-    config = build_config(model_args, vocab_size=len(data.tokenizer))
-    config.eos_token_id = config.pad_token_id = data.tokenizer.eos_token_id
-    config.bos_token_id = data.tokenizer.bos_token_id
-    check_against_model(data, config)
-    model_class = model_class_for(config)
-    model = model_class.from_pretrained(model_args.init_from, config=config) if model_args.init_from \
-        else model_class(config)
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-    ep_experts = None
-    if args.expert_parallel_size > 1:  # every rank built (or loaded) the same full model; each keeps its slice
-        from .expert_parallel import shard_experts
-        ep_experts = shard_experts(model, args.expert_parallel_size)
-        accelerator.print(f"expert parallelism: {args.expert_parallel_size} ranks per group, "
-                          f"{config.num_experts // args.expert_parallel_size} experts per rank")
-    if is_deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3:
-        # ZeRO-3 gathers a module's parameters when its forward starts; an expert that gets no
-        # tokens on one rank would skip that gather and hang the others, so the whole MoE block is one leaf
-        from deepspeed.utils import set_z3_leaf_modules
-        set_z3_leaf_modules(model, [type(model.model.layers[0].mlp)])
-    return model, config, ep_experts
+    def check(self) -> Path | None:
+        """Lock the output folder, validate the arguments against it and the launch, create the Accelerator
+        -> the checkpoint to resume from, or None. Fails here, before any data or model work."""
+        args = self.args
+        self.lock = lock_output_dir(self.out)
+        self.run_args = run_arguments(self.model_args, self.data_args, args)
+        check_output_dir(args, self.run_args)
+        checkpoint = resolve_checkpoint(self.out, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+        num_experts = build_config(self.model_args).num_experts  # invalid model fields fail here
+        resolve_global_batch(args, int(os.environ.get("WORLD_SIZE", "1")))
+        self.accelerator = accelerator = make_accelerator(args)
+        configure_device(accelerator, args)
+        self.is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.expert_parallel = make_expert_parallel(args.expert_parallel_size, num_experts, accelerator.num_processes,
+                                                    zero_stage(accelerator))
+        if checkpoint is not None:
+            self.expert_parallel.check_checkpoint(checkpoint)
+            if self.is_deepspeed:
+                check_deepspeed_world(checkpoint, accelerator.num_processes)
+        clear_output_dir(accelerator, args)
+        set_seed(args.seed)
+        return checkpoint
 
+    def build(self) -> None:
+        """Data, model, optimizer, schedule and loaders, prepared by Accelerate."""
+        args, accelerator = self.args, self.accelerator
+        with accelerator.main_process_first():
+            self.data = prepare_data(self.data_args, log=accelerator.print)
+        accelerator.print(f"data: {json.dumps({k: self.data.summary[k] for k in ('train', 'validation', 'cache_hit')})}")
+        model, self.config = build_model(self.model_args, args, self.data, accelerator, self.expert_parallel)
+        self.parameters = sum(p.numel() for p in model.parameters())  # this rank's share under expert parallelism
+        accelerator.print(f"model: {type(model).__name__}, {self.parameters / 1e6:.2f}M parameters, "
+                          f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value}), mixed "
+                          f"precision {accelerator.mixed_precision}, {self.config.num_experts} experts "
+                          f"top-{self.config.num_experts_per_tok}, vocab {self.config.vocab_size}")
+        optimizer, self.scheduler = make_optimizer_and_scheduler(model, args, accelerator.device)
+        train_loader, eval_loader = make_loaders(self.data, args, accelerator.num_processes)
+        # the scheduler is not prepared: Accelerate's wrapper would step it once per process, making the
+        # schedule depend on the world size. Nor registered for checkpointing, which would pickle it:
+        # its few numbers are saved in trainer_state.json (`save`)
+        self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
+            model, optimizer, train_loader, eval_loader)
 
-def make_loaders(data, args, num_processes: int) -> tuple[DataLoader, DataLoader]:
-    """Training loader (seeded epoch order, resumable) and the fixed validation slice."""
-    train_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, drop_last=True,
-                              sampler=EpochSampler(len(data.train), args.seed), collate_fn=collate_blocks,
-                              generator=torch.Generator().manual_seed(args.seed))
-    # the validation set is a fixed slice of blocks, the same whatever the number of processes
-    eval_blocks = len(data.validation) if args.eval_batches == 0 else \
-        min(len(data.validation), args.eval_batches * args.per_device_eval_batch_size)
-    eval_loader = DataLoader(data.validation.select(range(eval_blocks)), batch_size=args.per_device_eval_batch_size,
-                             collate_fn=collate_blocks)
-    if len(train_loader) < num_processes:
-        raise ValueError(f"{len(data.train)} training blocks make fewer batches than there are processes")
-    return train_loader, eval_loader
-
-
-# ----------------------------------------------------------------------------
-# Logging
-
-
-class LogWindow:
-    """What the micro-batches since the last log line add up to.
-
-    Losses, recursion metrics and expert load are summed as tensors on the device, so a
-    micro-batch costs no host sync; `record` averages losses and recursion metrics over
-    processes once per log line and opens the next window.
-    """
-
-    LOSSES = ("loss", "lm_loss", "aux_loss", "z_loss")
-
-    def __init__(self, ep_experts=None):
-        self.ep_experts = ep_experts
-        if ep_experts is not None:  # imported only under EP: it needs DeepSpeed
-            from .expert_parallel import tokens_per_rank
-            self.tokens_per_rank = tokens_per_rank
-        self.load = ExpertLoadMeter()
-        self.restart()
-
-    def restart(self) -> None:
-        self.sums = {name: 0.0 for name in self.LOSSES}
-        self.extra: dict[str, torch.Tensor] = {}  # recursion steps, halt rate, ...
-        self.micro = self.skipped = 0
-        self.rank_rows = None  # [L] rows this rank's experts processed per MoE layer (EP only)
-        self.restart_clock()
-
-    def restart_clock(self) -> None:
-        """Evaluation and checkpointing time is not training time."""
-        self.tick = time.perf_counter()
-
-    def add(self, output, nonfinite: bool) -> None:
-        self.micro += 1
-        if nonfinite:
-            self.skipped += 1
-            return
-        self.sums["loss"] += output.loss.detach().float()
-        self.sums["lm_loss"] += (output.lm_loss if output.lm_loss is not None else output.loss).detach().float()
-        for name in ("aux_loss", "z_loss"):
-            if getattr(output, name, None) is not None:
-                self.sums[name] += getattr(output, name).detach().float()
-        for name, value in (getattr(output, "training_metrics", None) or {}).items():
-            if value is not None:
-                self.extra[name] = self.extra.get(name, 0.0) + torch.as_tensor(value).detach().float()
-        self.load.update(getattr(output, "expert_load", None))
-        if self.ep_experts is not None:
-            received = self.tokens_per_rank(self.ep_experts)
-            self.rank_rows = received if self.rank_rows is None else self.rank_rows + received
-
-    def record(self, accelerator, tokens_per_micro_batch: int, flops_per_token: float, peak: float,
-               **fields) -> dict:
-        """The train/* record of this window (means over good micro-batches and processes); restarts."""
-        elapsed = time.perf_counter() - self.tick
-        good = max(self.micro - self.skipped, 1)
-        tokens_per_s = tokens_per_micro_batch * self.micro / max(elapsed, 1e-9)
-        # every rank reports the same names (the model's outputs), so the reductions pair up
-        sums = {**self.sums, **dict(sorted(self.extra.items()))}
-        record = {f"train/{name}": float(accelerator.reduce(torch.as_tensor(value, device=accelerator.device).float(),
-                                                            "mean")) / good
-                  for name, value in sums.items()}
-        record.update({f"train/{name}": value for name, value in fields.items()})
-        record.update({"train/tokens_per_s": tokens_per_s,
-                       "train/mfu": tokens_per_s * flops_per_token / (peak * accelerator.num_processes),
-                       "train/skipped_micro_batches": self.skipped,
-                       **self.load.summary(), **rank_load_summary(accelerator, self.rank_rows)})
-        self.restart()
-        return record
-
-
-def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, args = parse_args(argv)
-    run_args = {cls.__name__: vars(obj) for cls, obj in zip(ARGUMENT_CLASSES, (model_args, data_args, args))}
-    run_args["TrainingArguments"] = {k: v for k, v in run_args["TrainingArguments"].items()
-                                     if k not in ("resume_from_checkpoint", "overwrite_output_dir", "max_steps",
-                                                  "local_rank", "cpu_threads")}
-    check_output_dir(args, run_args)
-    checkpoint = resolve_checkpoint(Path(args.output_dir), args.resume_from_checkpoint) \
-        if args.resume_from_checkpoint else None
-    if checkpoint is not None:
-        check_expert_parallel_size(checkpoint, args.expert_parallel_size)
-    num_experts = build_config(model_args).num_experts  # invalid model fields fail here, before any other work
-    resolve_global_batch(args, int(os.environ.get("WORLD_SIZE", "1")))
-
-    accelerator = make_accelerator(args)
-    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        # Accelerate applies fp16 autocast on accelerators only: on the CPU the run would be fp32
-        raise ValueError("--mixed_precision fp16 needs a GPU: on the CPU Accelerate does not apply it and the run "
-                         "would train in fp32 unannounced; use --mixed_precision bf16 (CPU autocast) or no")
-    if not torch.cuda.is_available():
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        torch.set_num_threads(args.cpu_threads or max(1, (os.cpu_count() or 1) // local_processes))
-    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if is_deepspeed:
-        reconcile_deepspeed_config(accelerator, args)
-    expert_parallel = args.expert_parallel_size > 1
-    if expert_parallel:  # imported only here: it needs DeepSpeed
-        from .expert_parallel import check_layout, load_shards, save_shards
-        check_layout(num_experts, args.expert_parallel_size, accelerator.num_processes,
-                     accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed else None)
-    out = Path(args.output_dir)
-    if accelerator.is_main_process:
-        if args.overwrite_output_dir and not args.resume_from_checkpoint:
-            clear_output_dir(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_FILE).write_text(json.dumps(run_args, indent=2, default=str))
-    set_seed(args.seed)
-
-    # ---- data
-    with accelerator.main_process_first():
-        data = prepare_data(data_args, log=accelerator.print)
-    accelerator.print(f"data: {json.dumps({k: data.summary[k] for k in ('train', 'validation', 'cache_hit')})}")
-
-    # ---- model
-    model, config, ep_experts = build_model(model_args, args, data, accelerator, is_deepspeed)
-    n_params = sum(p.numel() for p in model.parameters())  # this rank's share under expert parallelism
-    accelerator.print(f"model: {type(model).__name__}, {n_params / 1e6:.2f}M parameters, {accelerator.num_processes} "
-                      f"process(es) ({accelerator.distributed_type.value}), mixed precision "
-                      f"{accelerator.mixed_precision}, {config.num_experts} experts top-{config.num_experts_per_tok}, "
-                      f"vocab {config.vocab_size}")
-
-    # ---- optimizer, schedule, loaders, Accelerate
-    optimizer, scheduler = make_optimizer_and_scheduler(model, args, accelerator.device)
-    train_loader, eval_loader = make_loaders(data, args, accelerator.num_processes)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    # the scheduler is stepped once per optimizer step by us; Accelerate's wrapper would step it
-    # once per process, making the schedule depend on the world size
-    accelerator.register_for_checkpointing(scheduler)
-
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_val_loss": None, "nonfinite_in_a_row": 0}
-    if checkpoint is not None:
-        state.update(read_trainer_state(checkpoint))
-        # under expert parallelism DeepSpeed's module file holds the dense weights only (its
-        # checkpoint code knows only its own MoE layout); the ZeRO optimizer files restore the
-        # experts' fp32 master copies and our shard files the module's expert weights
-        accelerator.load_state(str(checkpoint), **({"load_module_strict": False} if expert_parallel else {}))
-        if expert_parallel:
-            load_shards(accelerator.unwrap_model(model), checkpoint)
-        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
-
-    seq_len = data.summary["block_size"]
-    flops_per_token = training_flops_per_token(config, seq_len)
-    matmul_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else measure_peak_flops(accelerator.device, matmul_dtype)
-    hparams = {k: v for group in run_args.values() for k, v in group.items() if isinstance(v, (int, float, str, bool))}
-    accelerator.init_trackers("tensorboard", config=hparams)
-    metrics_file = out / "metrics.jsonl"
-
-    def log(record: dict, step: int) -> None:
-        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+    def resume(self, checkpoint: Path) -> None:
+        """Model, optimizer, schedule, RNG and the loop's state from a checkpoint, on the same or another
+        number of processes (not under DeepSpeed: `check_deepspeed_world`); later metrics are dropped."""
+        accelerator, args = self.accelerator, self.args
+        unfinished = unfinished_checkpoints_after(self.out, checkpoint)
+        if unfinished:
+            accelerator.print(f"{', '.join(p.name for p in unfinished)}: no trainer_state.json (the save did not "
+                              f"finish); resuming from the newest complete checkpoint, {checkpoint.name}")
+        saved = load_checkpoint(accelerator, self.model, checkpoint, self.expert_parallel)
+        self.state.load_state_dict(saved)
+        self.state.last_save = self.state.step
+        if "batches_in_epoch" in saved:  # an older checkpoint counted micro-batches per process
+            self.state.samples_in_epoch = saved["batches_in_epoch"] * args.per_device_train_batch_size \
+                * accelerator.num_processes
+        micro_batches_to_skip(self.state, args.per_device_train_batch_size, accelerator.num_processes, checkpoint)
+        if LR_SCHEDULER in saved:
+            self.scheduler.load_state_dict(saved[LR_SCHEDULER])
+        else:  # a checkpoint from before the schedule was saved as JSON: it is a function of the step
+            accelerator.print(f"{checkpoint.name} holds no {LR_SCHEDULER} state: the schedule is recomputed "
+                              f"to step {self.state.step}")
+            for _ in range(self.state.step):
+                self.scheduler.step()
         if accelerator.is_main_process:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps({"step": step, **record}) + "\n")
+            truncate_metrics(self.out, self.state.step)
+        accelerator.print(f"resumed from {checkpoint} at step {self.state.step}")
 
-    def run_eval(step: int) -> dict:
-        result = evaluate_model(model, eval_loader, config.vocab_size, accelerator.gather_for_metrics)
-        log({f"eval/{k}": v for k, v in result.items()}, step)
-        accelerator.print(f"step {step}: val loss {result['loss']:.4f} (ln vocab {result['ln_vocab']:.2f}), "
-                          f"ppl {result['perplexity']:.1f}, acc {result['accuracy']:.3f}")
-        if state["best_val_loss"] is None or result["loss"] < state["best_val_loss"]:
-            state["best_val_loss"] = result["loss"]
-            export_model(accelerator, model, data.tokenizer, out / "best", gather_experts=expert_parallel)
-        return result
+    def start_logging(self) -> None:
+        """FLOPs per token and the MFU peak, the run's arguments on disk, TensorBoard, the first log window."""
+        args, accelerator = self.args, self.accelerator
+        seq_len = self.data.summary["block_size"]
+        self.flops_per_token = training_flops_per_token(self.config, seq_len)
+        self.tokens_per_micro_batch = args.per_device_train_batch_size * seq_len * accelerator.num_processes
+        matmul_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
+        self.peak = args.peak_tflops * 1e12 if args.peak_tflops else measure_peak_flops(accelerator.device, matmul_dtype)
+        if accelerator.is_main_process:  # written only now: a run that failed in set-up leaves no claim on the folder
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / RUN_ARGS).write_text(json.dumps(self.run_args, indent=2, default=str))
+        hparams = {k: v for group in self.run_args.values() for k, v in group.items()
+                   if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("tensorboard", config=hparams)
+        self.window = LogWindow(self.expert_parallel.rows_per_layer)
 
-    def save(step: int) -> Path:
-        save_extra = (lambda folder: save_shards(accelerator.unwrap_model(model), folder)) if expert_parallel else None
-        return save_checkpoint(accelerator, out, step, dict(state), args.save_total_limit, save_extra)
+    def close(self) -> None:
+        """Release the output folder (a run in this process may train into it next)."""
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+            self.lock = None
 
     # ---- the loop
-    stop = StopRequest()
-    tokens_per_micro_batch = args.per_device_train_batch_size * seq_len * accelerator.num_processes
-    window = LogWindow(ep_experts)
-    progress = tqdm(total=args.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
-                    desc="training", dynamic_ncols=True)
-    last_eval, saved_step, step_ok = None, state["step"] if args.resume_from_checkpoint else None, True
-    started = time.perf_counter()
-    tokens_total = 0
-    model.train()
-    while state["step"] < args.max_steps:
-        train_loader.set_epoch(state["epoch"])
-        batches = accelerator.skip_first_batches(train_loader, state["batches_in_epoch"]) \
-            if state["batches_in_epoch"] else train_loader
-        for batch in batches:
-            state["batches_in_epoch"] += 1
-            with accelerator.accumulate(model):
-                output = model(**batch, use_cache=False)
+
+    def train(self) -> dict:
+        """Optimizer steps until max_steps, evaluating and saving at their intervals, then `finish`.
+
+        SIGTERM/SIGINT finish the step, save a checkpoint and return early with the command that resumes.
+        """
+        args, state = self.args, self.state
+        stop = StopRequest()
+        micro_batches = self.micro_batches()
+        progress = tqdm(total=args.max_steps, initial=state.step, disable=not self.accelerator.is_local_main_process,
+                        desc="training", dynamic_ncols=True)
+        self.started = time.perf_counter()
+        self.model.train()
+        while state.step < args.max_steps:
+            record = self.train_step(micro_batches)
+            progress.update(1)
+            last = state.step == args.max_steps
+            if state.step % args.log_interval == 0 or last:
+                record = self.window.record(self.accelerator, self.tokens_per_micro_batch, self.flops_per_token,
+                                            self.peak, lr=self.scheduler.get_last_lr()[0], epoch=state.epoch, **record)
+                self.log(record)
+                progress.set_postfix(loss=f"{record['train/lm_loss']:.3f}",
+                                     tok_s=f"{record['train/tokens_per_s']:,.0f}")
+            if state.step % args.eval_interval == 0 or last:
+                self.evaluate()
+            stopping = stop.agreed(self.accelerator)
+            if state.step % args.save_interval == 0 or last or stopping:
+                self.save()
+            if stopping:
+                progress.close()
+                return self.stopped()
+        progress.close()
+        micro_batches.close()  # done with the training loader before the final evaluation
+        return self.finish()
+
+    def micro_batches(self):
+        """Training micro-batches, epoch after epoch, from the sample position in the state (which they advance)."""
+        per_round = self.args.per_device_train_batch_size * self.accelerator.num_processes
+        while True:
+            self.train_loader.set_epoch(self.state.epoch)
+            done = micro_batches_to_skip(self.state, self.args.per_device_train_batch_size,
+                                         self.accelerator.num_processes)
+            for batch in self.accelerator.skip_first_batches(self.train_loader, done) if done else self.train_loader:
+                self.state.samples_in_epoch += per_round
+                yield batch
+            self.state.epoch += 1
+            self.state.samples_in_epoch = 0
+
+    def train_step(self, micro_batches) -> dict:
+        """One optimizer step: forward and backward over micro-batches until Accelerate syncs the gradients
+        (gradient_accumulation_steps of them; fewer where an epoch ends), then clip, update and schedule.
+
+        A micro-batch with a non-finite loss is left out of the gradient; a step with one, or with a
+        non-finite gradient norm, makes no update. -> the step's record: {"grad_norm": float}.
+        """
+        accelerator, args = self.accelerator, self.args
+        ok, grad_norm = True, math.nan
+        for batch in micro_batches:
+            with accelerator.accumulate(self.model):
+                output = self.model(**batch, use_cache=False)
                 nonfinite = any_nonfinite(accelerator, output.loss)
-                if nonfinite and is_deepspeed:
-                    raise RuntimeError(f"non-finite loss at step {state['step']} under DeepSpeed, whose engine "
+                if nonfinite and self.is_deepspeed:
+                    raise RuntimeError(f"non-finite loss at step {self.state.step} under DeepSpeed, whose engine "
                                        "steps inside backward: stopping (lower the learning rate, or use bf16)")
                 if not nonfinite:
                     accelerator.backward(output.loss)
-                window.add(output, nonfinite)
-                step_ok = step_ok and not nonfinite
+                self.window.add(output, nonfinite)
+                ok = ok and not nonfinite
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(
-                        model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
-                    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-                    step_ok = step_ok and (math.isfinite(grad_norm) or is_deepspeed)
-                    if step_ok:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-            if not accelerator.sync_gradients:
-                continue
-
-            # ---- one optimizer step done
-            state["step"] += 1
-            step = state["step"]
-            tokens_total += tokens_per_micro_batch * args.gradient_accumulation_steps
-            state["nonfinite_in_a_row"] = 0 if step_ok else state["nonfinite_in_a_row"] + 1
-            if not step_ok:
-                accelerator.print(f"step {step}: non-finite loss or gradient, update skipped "
-                                  f"({state['nonfinite_in_a_row']} in a row)")
-                log({"train/skipped_step": 1}, step)
-                if state["nonfinite_in_a_row"] >= args.max_nonfinite_steps:
-                    raise RuntimeError(f"{state['nonfinite_in_a_row']} consecutive non-finite steps at step {step}: "
-                                       "stopping. Lower --learning_rate or --max_grad_norm, or check the data.")
-            step_ok = True
-            progress.update(1)
-
-            if step % args.log_interval == 0 or step == args.max_steps:
-                record = window.record(accelerator, tokens_per_micro_batch, flops_per_token, peak,
-                                       lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, epoch=state["epoch"])
-                log(record, step)
-                progress.set_postfix(loss=f"{record['train/lm_loss']:.3f}", tok_s=f"{record['train/tokens_per_s']:,.0f}")
-
-            if step % args.eval_interval == 0 or step == args.max_steps:
-                last_eval = (step, run_eval(step))
-                window.restart_clock()
-            stopping = stop.agreed(accelerator)
-            if step % args.save_interval == 0 or step == args.max_steps or stopping:
-                save(step)
-                saved_step = step
-                window.restart_clock()
-            if stopping:
-                progress.close()
-                accelerator.print(f"stopped at step {step}; checkpoint saved in {out}/checkpoint-{step}. Resume with:\n"
-                                  f"  accelerate launch train.py {' '.join(sys.argv[1:])} "
-                                  "--resume_from_checkpoint latest")
-                accelerator.end_training()
-                return {"stopped_at": step, "output_dir": str(out)}
-            if step >= args.max_steps:
+                    norm = accelerator.clip_grad_norm_(self.model.parameters(),
+                                                       args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+                    grad_norm = float(norm) if norm is not None else math.nan
+                    ok = ok and (math.isfinite(grad_norm) or self.is_deepspeed)
+                    if ok:
+                        self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scheduler.step()
+            if accelerator.sync_gradients:
                 break
-        else:  # the epoch ran out before max_steps
-            state["epoch"] += 1
-            state["batches_in_epoch"] = 0
+        self.state.step += 1
+        self.tokens_trained += self.tokens_per_micro_batch * args.gradient_accumulation_steps
+        self.count_nonfinite(ok)
+        return {"grad_norm": grad_norm}
 
-    progress.close()
-    # ---- end of training: final evaluation, export, sample
-    if last_eval is None or last_eval[0] != state["step"]:
-        last_eval = (state["step"], run_eval(state["step"]))
-    if saved_step != state["step"]:
-        save(state["step"])
-    export_model(accelerator, model, data.tokenizer, out / "final", gather_experts=expert_parallel)
-    wall = time.perf_counter() - started
-    results = {"step": state["step"], "final_eval": last_eval[1], "best_val_loss": state["best_val_loss"],
-               "tokens_per_s": tokens_total / wall if tokens_total else None, "wall_seconds": wall,
-               "flops_per_token": flops_per_token, "tokens_per_step": tokens_per_micro_batch * args.gradient_accumulation_steps,
-               "parameters": n_params, "output_dir": str(out)}
-    if accelerator.is_main_process:
-        (out / "train_results.json").write_text(json.dumps(results, indent=2))
-        accelerator.print(f"done: {state['step']} steps in {wall / 60:.1f} min; final val loss "
-                          f"{last_eval[1]['loss']:.4f} vs ln(vocab) {last_eval[1]['ln_vocab']:.2f}; "
-                          f"exported {out / 'final'}")
-        if args.sample_tokens:
-            accelerator.print("sample:\n" + print_sample(out / "final", args.sample_prompt, args.sample_tokens))
-    accelerator.end_training()
-    return results
+    def count_nonfinite(self, ok: bool) -> None:
+        """Track the streak of skipped steps; too long a streak stops the run."""
+        state = self.state
+        state.nonfinite_in_a_row = 0 if ok else state.nonfinite_in_a_row + 1
+        if ok:
+            return
+        self.accelerator.print(f"step {state.step}: non-finite loss or gradient, update skipped "
+                               f"({state.nonfinite_in_a_row} in a row)")
+        self.log({"train/skipped_step": 1})
+        if state.nonfinite_in_a_row >= self.args.max_nonfinite_steps:
+            raise RuntimeError(f"{state.nonfinite_in_a_row} consecutive non-finite steps at step {state.step}: "
+                               "stopping. Lower --learning_rate or --max_grad_norm, or check the data.")
+
+    def log(self, record: dict) -> None:
+        """To the trackers (numbers only) and, on the main process, to metrics.jsonl, at the current step."""
+        step = self.state.step
+        self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.out / METRICS, "a") as f:
+                f.write(json.dumps({"step": step, **record}) + "\n")
+
+    # ---- evaluation, checkpoints, exports
+
+    def evaluate(self) -> dict:
+        """Loss, perplexity and accuracy on the fixed validation slice; a new best is exported to best/."""
+        state = self.state
+        result = evaluate_model(self.model, self.eval_loader, self.config.vocab_size,
+                                self.accelerator.gather_for_metrics)
+        self.log({f"eval/{k}": v for k, v in result.items()})
+        self.accelerator.print(f"step {state.step}: val loss {result['loss']:.4f} (ln vocab {result['ln_vocab']:.2f}), "
+                               f"ppl {result['perplexity']:.1f}, acc {result['accuracy']:.3f}")
+        state.last_eval = {"step": state.step, **result}
+        if state.best_val_loss is None or result["loss"] < state.best_val_loss:
+            state.best_val_loss = result["loss"]
+            self.export(BEST)
+        self.window.restart_clock()  # evaluation time is not training time
+        return result
+
+    def save(self) -> Path:
+        """A resumable checkpoint of this step (the state saved says so)."""
+        self.state.last_save = self.state.step
+        self.state.num_processes = self.accelerator.num_processes
+        trainer_state = {**self.state.state_dict(), LR_SCHEDULER: self.scheduler.state_dict()}
+        folder = save_checkpoint(self.accelerator, self.out, self.state.step, trainer_state,
+                                 self.args.save_total_limit, self.accelerator.unwrap_model(self.model),
+                                 self.expert_parallel)
+        self.window.restart_clock()
+        return folder
+
+    def export(self, name: str) -> Path:
+        """The full model (gathered under ZeRO-3 and expert parallelism) as OUTPUT_DIR/name, for from_pretrained."""
+        return export_model(self.accelerator, self.model, self.data.tokenizer, self.out / name, self.expert_parallel)
+
+    def stopped(self) -> dict:
+        step = self.state.step
+        self.accelerator.print(f"stopped at step {step}; checkpoint saved in {self.out}/checkpoint-{step}. Resume "
+                               f"with:\n  accelerate launch train.py {' '.join(sys.argv[1:])} "
+                               "--resume_from_checkpoint latest")
+        self.accelerator.end_training()
+        return {"stopped_at": step, "output_dir": str(self.out)}
+
+    def finish(self) -> dict:
+        """Evaluate and save the last step if its interval did not, export final/, write the results."""
+        state, args = self.state, self.args
+        if state.last_eval is None or state.last_eval["step"] != state.step:
+            self.evaluate()
+        if state.last_save != state.step:
+            self.save()
+        self.export(FINAL)
+        wall = time.perf_counter() - self.started
+        final_eval = {k: v for k, v in state.last_eval.items() if k != "step"}
+        results = {"step": state.step, "final_eval": final_eval, "best_val_loss": state.best_val_loss,
+                   "tokens_per_s": self.tokens_trained / wall if self.tokens_trained else None, "wall_seconds": wall,
+                   "flops_per_token": self.flops_per_token,
+                   "tokens_per_step": self.tokens_per_micro_batch * args.gradient_accumulation_steps,
+                   "parameters": self.parameters, "output_dir": str(self.out)}
+        if self.accelerator.is_main_process:
+            (self.out / RESULTS).write_text(json.dumps(results, indent=2))
+            self.accelerator.print(f"done: {state.step} steps in {wall / 60:.1f} min; final val loss "
+                                   f"{final_eval['loss']:.4f} vs ln(vocab) {final_eval['ln_vocab']:.2f}; "
+                                   f"exported {self.out / FINAL}")
+            if args.sample_tokens:
+                self.accelerator.print("sample:\n" + print_sample(self.out / FINAL, args.sample_prompt,
+                                                                  args.sample_tokens))
+        self.accelerator.end_training()
+        return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train as the arguments say -> the results (train_results.json), or {"stopped_at": step, ...}."""
+    trainer = Trainer(*parse_args(argv))
+    try:
+        return trainer.setup().train()
+    finally:
+        trainer.close()
 
 
 if __name__ == "__main__":

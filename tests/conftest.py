@@ -80,17 +80,26 @@ def train_args(tmp_path, corpus, **overrides) -> list[str]:
 
 
 def launch(argv: list[str], config_file: str | None = None, timeout: int = 300, extra_launch=(), check=True):
-    """`accelerate launch [--config_file F] train.py ARGV` as a real process; returns CompletedProcess."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    """`accelerate launch --config_file F train.py ARGV` as a real process, or without a config file the
+    single-process `python train.py ARGV` (Accelerate's launcher would add seconds of start-up and
+    nothing else); returns CompletedProcess."""
+    cmd = [sys.executable]
     if config_file:
-        cmd += ["--config_file", str(REPO / config_file)]
-    else:
-        cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd += [*extra_launch, str(REPO / "train.py"), *argv]
+        cmd += ["-m", "accelerate.commands.launch", "--config_file", str(REPO / config_file), *extra_launch]
+    cmd += [str(REPO / "train.py"), *argv]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=clean_env())
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def main_cases(argv_lists: list[list[str]], timeout: int = 300) -> list[str | None]:
+    """The trainer's `main` on each argument list in one fresh process (tests/main_cases_check.py) -> per
+    case the error it stopped with ("ExceptionType: message"), or None where it trained to the end."""
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "main_cases_check.py"), json.dumps(argv_lists)],
+                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def clean_env() -> dict:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from moe_reason import MoEReasonConfig
-from moe_reason.expert_parallel import (ExpertParallelExperts, full_state_dict, load_shards, save_shards,
+from moe_reason.sharded_experts import (ExpertParallelExperts, full_state_dict, load_shards, save_shards,
                                         shard_experts)
 from moe_reason.modeling_moe_reason import MoEReasonSparseMoeBlock
 

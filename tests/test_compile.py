@@ -4,7 +4,7 @@ Whether dynamo recompiles is decided by its guards, which do not depend on the b
 recompile checks use "aot_eager" (dynamo + AOT autograd, no code generation: seconds, not minutes).
 Under bf16 autocast they trace what a GPU compiles: `torch._grouped_mm` inside the graph (in fp32
 its compile-time rule refuses it, and the per-expert custom op stands in). The trainer test runs
-inductor through Accelerate, as `--torch_compile` does.
+`--torch_compile` through Accelerate: aot_eager in the suite, inductor as `full` tests.
 """
 
 import pytest
@@ -13,7 +13,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
 
-from conftest import launch, train_args, train_losses, write_corpus
+from conftest import main_cases, train_args, train_losses, write_corpus
 
 DETERMINISTIC = dict(expert_activation="swiglu", hidden_dropout=0.0, attention_dropout=0.0, router_jitter_noise=0.0)
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -95,7 +95,7 @@ def test_compiled_recursive_model_trains_like_eager_while_halting_changes_the_ba
         model.q_head.bias.fill_(5.0)  # halt as soon as the drawn minimum allows: 2 to 4 steps per example
     counter = GraphRecorder()
     compiled = torch.compile(model, backend=counter)
-    batches = [torch.randint(0, config.vocab_size, (16, 16)) for _ in range(8)]
+    batches = [torch.randint(0, config.vocab_size, (16, 16)) for _ in range(5)]
     with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
         first = compiled_and_eager_steps(model, compiled, batches[:1], dtype)
         frames = counter.frame_count
@@ -108,14 +108,19 @@ def test_compiled_recursive_model_trains_like_eager_while_halting_changes_the_ba
         assert_same_step(compiled_step, eager_step)
 
 
-@pytest.mark.parametrize("model_type", ["base", "recursive"])
-def test_trainer_with_torch_compile_reproduces_the_eager_losses(tmp_path, model_type):
-    corpus, losses = write_corpus(tmp_path, n=80), {}
-    for compile_ in (False, True):
-        out = tmp_path / f"compile_{compile_}"
-        launch(train_args(tmp_path, corpus, model_type=model_type, output_dir=out, max_steps=4, eval_interval=100,
-                          save_interval=100, torch_compile=compile_))
-        losses[compile_] = train_losses(out)
+# The trainer's --torch_compile through Accelerate: the base model with aot_eager (dynamo and AOT autograd,
+# no code generation) in the suite, the recursive one (whose compilation the aot_eager tests above check)
+# and inductor, which generates and compiles C++ for minutes on a 2-core CPU, as `full` tests
+@pytest.mark.parametrize("model_type, backend", [
+    ("base", "aot_eager"), pytest.param("recursive", "aot_eager", marks=pytest.mark.full),
+    pytest.param("base", "inductor", marks=pytest.mark.full), pytest.param("recursive", "inductor", marks=pytest.mark.full)])
+def test_trainer_with_torch_compile_reproduces_the_eager_losses(tmp_path, model_type, backend):
+    corpus = write_corpus(tmp_path, n=80)
+    argvs = [train_args(tmp_path, corpus, model_type=model_type, output_dir=tmp_path / f"compile_{compile_}",
+                        max_steps=4, eval_interval=100, save_interval=100, torch_compile=compile_,
+                        torch_compile_backend=backend) for compile_ in (False, True)]
+    assert main_cases(argvs) == [None, None]  # one process, both runs
+    losses = {compile_: train_losses(tmp_path / f"compile_{compile_}") for compile_ in (False, True)}
     assert losses[True].keys() == losses[False].keys() == {1, 2, 3, 4}
     for step, loss in losses[False].items():
         assert losses[True][step] == pytest.approx(loss, rel=1e-4), step

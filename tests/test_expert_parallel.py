@@ -50,7 +50,9 @@ def test_sharded_block_matches_the_full_block_and_survives_an_empty_rank(tmp_pat
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """EP=1 and EP=2, both 2-process ZeRO-2 on the same data and seed, 10 steps, checkpoints at 5 and 10."""
+    """EP=1 and EP=2, both 2-process ZeRO-2 on the same data and seed, 10 steps, checkpoints at 5 and 10.
+
+    The tests that share these runs form one xdist group (`--dist loadgroup`): one worker makes them once."""
     tmp = tmp_path_factory.mktemp("ep")
     corpus = write_corpus(tmp, n=80)
     folders = {}
@@ -64,6 +66,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("expert_parallel_runs")
 def test_ep2_matches_ep1_step_by_step_and_exports_the_same_full_weights(runs):
     tmp, corpus, folders = runs
     one, two = train_losses(folders[1]), train_losses(folders[2])
@@ -80,6 +83,7 @@ def test_ep2_matches_ep1_step_by_step_and_exports_the_same_full_weights(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("expert_parallel_runs")
 def test_ep2_export_loads_in_one_process_and_reproduces_the_trainers_val_loss(runs):
     tmp, corpus, folders = runs
     trainer_loss = eval_records(folders[2])[-1]["eval/loss"]
@@ -92,6 +96,7 @@ def test_ep2_export_loads_in_one_process_and_reproduces_the_trainers_val_loss(ru
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("expert_parallel_runs")
 def test_ep2_checkpoint_resumes_exactly_at_ep2_and_refuses_another_size(runs):
     tmp, corpus, folders = runs
     resumed = tmp / "resumed"
@@ -108,6 +113,7 @@ def test_ep2_checkpoint_resumes_exactly_at_ep2_and_refuses_another_size(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("expert_parallel_runs")
 def test_an_export_loads_for_training_at_another_ep_size(runs):
     """EP=1's export trained on at EP=2: sharding a loaded model keeps its function (a ~0 learning rate step)."""
     tmp, corpus, folders = runs

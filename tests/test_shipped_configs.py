@@ -41,6 +41,13 @@ def test_accelerate_config_loads_and_holds_launch_facts_only(path):
     assert config.num_processes >= 1
 
 
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_one_machine_configs_take_a_free_port_so_two_jobs_do_not_collide(path):
+    raw = yaml.safe_load(path.read_text())
+    if raw.get("num_machines", 1) == 1 and raw.get("num_processes", 1) > 1:
+        assert raw.get("main_process_port") == 0, "0 lets Accelerate pick a free port at launch"
+
+
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
 def test_deepspeed_config_parses_and_leaves_trainer_values_auto(path):
     config = json.loads(path.read_text())

@@ -15,9 +15,11 @@ from transformers import AutoModelForCausalLM
 
 from moe_reason.checkpointing import complete_checkpoints, save_checkpoint
 from moe_reason.data import DataArguments, collate_blocks, prepare_data
-from moe_reason.metrics import summarise_eval, token_statistics
+from moe_reason.metrics import summarise_eval
+from moe_reason.modeling_moe_reason import next_token_statistics
 
-from conftest import REPO, clean_env, eval_records, launch, read_metrics, train_args, train_losses, write_corpus
+from conftest import (REPO, clean_env, eval_records, launch, main_cases, read_metrics, train_args, train_losses,
+                      write_corpus)
 
 pytestmark = pytest.mark.slow
 
@@ -35,13 +37,14 @@ def evaluate_export(folder, tmp_path, corpus, blocks=8):
                                       preprocessing_num_workers=1), log=lambda _: None)
     batch = collate_blocks([data.validation[i] for i in range(min(blocks, len(data.validation)))])
     with torch.no_grad():
-        stats = token_statistics(model(batch["input_ids"]).logits, batch["labels"])
+        stats = next_token_statistics(model(batch["input_ids"]).logits, batch["labels"])
     return summarise_eval(stats, model.config.vocab_size)["loss"]
 
 
 def test_single_process_run_writes_everything_and_final_reproduces_val_loss(tmp_path, corpus):
     out = tmp_path / "run"
-    run = launch(train_args(tmp_path, corpus, output_dir=out, eval_batches=1, per_device_eval_batch_size=8))
+    run = launch(train_args(tmp_path, corpus, output_dir=out, eval_batches=1, per_device_eval_batch_size=8),
+                 config_file="accelerate_configs/cpu_single.yaml")  # `accelerate launch`, as the README runs it
     assert "Removed shared tensor" not in run.stderr + run.stdout  # the tied head's benign save notice is dropped
     assert list((out / "tensorboard").rglob("events.out.tfevents*"))
     assert complete_checkpoints(out)[-1].name == "checkpoint-6"
@@ -70,9 +73,10 @@ def test_loss_decreases_over_a_short_run(tmp_path, corpus):
 def test_resume_is_exact(tmp_path, corpus):
     noisy = dict(hidden_dropout=0.1, router_jitter_noise=0.1)  # resume must restore the RNG, not just weights
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    launch(train_args(tmp_path, corpus, output_dir=straight, **noisy))
-    launch(train_args(tmp_path, corpus, output_dir=halves, max_steps=3, **noisy))
-    launch(train_args(tmp_path, corpus, output_dir=halves, resume_from_checkpoint="latest", **noisy))
+    assert main_cases([train_args(tmp_path, corpus, output_dir=straight, **noisy),  # one process, three runs
+                       train_args(tmp_path, corpus, output_dir=halves, max_steps=3, **noisy),
+                       train_args(tmp_path, corpus, output_dir=halves, resume_from_checkpoint="latest", **noisy)]) \
+        == [None, None, None]
     assert train_losses(halves) == train_losses(straight)  # every step, bit for bit
     a, b = load_file(straight / "final" / "model.safetensors"), load_file(halves / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -119,7 +123,7 @@ def test_deepspeed_zero_runs_lower_the_loss_and_export_the_gathered_weights(tmp_
 def test_log_window_averages_losses_and_recursion_metrics_over_processes():
     """The logged recursion metrics are the mean over processes, as the losses are, not rank 0's."""
     from types import SimpleNamespace
-    from moe_reason.train import LogWindow
+    from moe_reason.metrics import LogWindow
 
     class TwoRanks:  # stands in for a 2-process Accelerator whose other rank saw 3x our values
         device, num_processes = torch.device("cpu"), 2
@@ -236,11 +240,12 @@ def test_bf16_mixed_precision_on_cpu_tracks_fp32(tmp_path, corpus, model_type):
     """--mixed_precision bf16 runs the GPU's mixed-precision path (autocast, bf16 expert matmuls, chunked
     loss with fp32 statistics) on the CPU: its losses follow the fp32 run's closely, yet not bit for bit."""
     runs = {}
+    argvs = [train_args(tmp_path, corpus, output_dir=tmp_path / precision, model_type=model_type, max_steps=8,
+                        eval_interval=8, save_interval=8, mixed_precision=precision) for precision in ("no", "bf16")]
+    assert main_cases(argvs) == [None, None]  # one process, both runs
     for precision in ("no", "bf16"):
         out = tmp_path / precision
-        run = launch(train_args(tmp_path, corpus, output_dir=out, model_type=model_type, max_steps=8, eval_interval=8,
-                                save_interval=8, mixed_precision=precision))
-        assert f"mixed precision {precision}," in run.stdout + run.stderr
+        assert json.loads((out / "run_args.json").read_text())["TrainingArguments"]["mixed_precision"] == precision
         runs[precision] = train_losses(out), eval_records(out)[-1]["eval/loss"]
     (fp32, fp32_eval), (bf16, bf16_eval) = runs["no"], runs["bf16"]
     assert fp32.keys() == bf16.keys() and bf16 != fp32  # autocast really changed the arithmetic
@@ -249,34 +254,40 @@ def test_bf16_mixed_precision_on_cpu_tracks_fp32(tmp_path, corpus, model_type):
     assert bf16_eval == pytest.approx(fp32_eval, abs=5e-3)
 
 
-@pytest.mark.parametrize("case", ["unknown_arg", "unknown_preset", "bad_yaml", "ds_contradiction", "occupied_output",
-                                  "bad_resume", "indivisible_batch", "fp16_on_cpu"])
-def test_bad_setups_fail_before_training_with_a_clear_message(tmp_path, corpus, case):
-    out = tmp_path / "run"
+BAD_SETUPS = ["unknown_arg", "unknown_preset", "bad_yaml", "occupied_output", "bad_resume", "indivisible_batch",
+              "fp16_on_cpu", "ds_contradiction"]  # the DeepSpeed case last: it leaves a process group behind
+
+
+def bad_setup(tmp_path, corpus, case) -> tuple[list[str], str]:
+    """A case's arguments (its own output folder) and the words its error must hold."""
+    out = tmp_path / case
     argv = train_args(tmp_path, corpus, output_dir=out)
     if case == "unknown_arg":
-        argv, expected = argv + ["--learning_rat", "1e-3"], "--learning_rat"
-    elif case == "unknown_preset":
-        argv, expected = argv + ["--model_preset", "giant"], "unknown model preset 'giant'"
-    elif case == "bad_yaml":
+        return argv + ["--learning_rat", "1e-3"], "--learning_rat"
+    if case == "unknown_preset":
+        return argv + ["--model_preset", "giant"], "unknown model preset 'giant'"
+    if case == "bad_yaml":
         (tmp_path / "x.yaml").write_text("max_steps: [1\n")
-        argv, expected = [str(tmp_path / "x.yaml")] + argv, "does not parse"
-    elif case == "ds_contradiction":
+        return [str(tmp_path / "x.yaml")] + argv, "does not parse"
+    if case == "ds_contradiction":
         ds = json.loads((REPO / "ds_configs/zero2.json").read_text())
         ds["gradient_clipping"] = 0.5
         (tmp_path / "ds.json").write_text(json.dumps(ds))
-        argv, expected = argv + ["--deepspeed", str(tmp_path / "ds.json")], "gradient_clipping=0.5 vs 1.0"
-    elif case == "occupied_output":
+        return argv + ["--deepspeed", str(tmp_path / "ds.json")], "gradient_clipping=0.5 vs 1.0"
+    if case == "occupied_output":
         out.mkdir()
         (out / "run_args.json").write_text("{}")
-        expected = "already holds a different run"
-    elif case == "indivisible_batch":
-        argv, expected = argv + ["--global_batch_size", "10"], "global_batch_size=10 is not a multiple of"
-    elif case == "fp16_on_cpu":  # Accelerate would run it in fp32 without a word
-        argv, expected = argv + ["--mixed_precision", "fp16"], "--mixed_precision fp16 needs a GPU"
-    else:
-        argv, expected = argv + ["--resume_from_checkpoint", str(tmp_path / "nowhere")], "not a complete checkpoint"
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, env=clean_env(),
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and expected in result.stderr, result.stderr[-2000:]
-    assert not (out / "final").exists()
+        return argv, "already holds a different run"
+    if case == "indivisible_batch":
+        return argv + ["--global_batch_size", "10"], "global_batch_size=10 is not a multiple of"
+    if case == "fp16_on_cpu":  # Accelerate would run it in fp32 without a word
+        return argv + ["--mixed_precision", "fp16"], "--mixed_precision fp16 needs a GPU"
+    return argv + ["--resume_from_checkpoint", str(tmp_path / "nowhere")], "not a complete checkpoint"
+
+
+def test_bad_setups_fail_before_training_with_a_clear_message(tmp_path, corpus):
+    cases = [bad_setup(tmp_path, corpus, case) for case in BAD_SETUPS]
+    errors = main_cases([argv for argv, _ in cases])
+    for case, (_, expected), error in zip(BAD_SETUPS, cases, errors):
+        assert error is not None and expected in error, (case, error)
+        assert not (tmp_path / case / "final").exists(), case

@@ -1,0 +1,62 @@
+"""A run's output folder: every name the trainer writes and the runners and tools read.
+
+    OUTPUT_DIR/
+      run_args.json            the arguments the run was started with (a rerun must match them)
+      metrics.jsonl            every logged value, one JSON object per line
+      train_results.json       final evaluation, throughput, wall time: written last, so it marks a finished run
+      tensorboard/             Accelerate's TensorBoard tracker
+      checkpoint-STEP/         accelerator.save_state + trainer_state.json
+                               (+ expert_shard_R_of_N.safetensors per expert-parallel rank)
+      best/  final/            exported models (save_pretrained)
+      run.lock, run.lock.json  held by the live run (flock, released by the kernel when it ends), and who it is
+
+A folder being written is NAME.tmp; a checkpoint counts only once its trainer_state.json is in place.
+"""
+
+import re
+from pathlib import Path
+
+RUN_ARGS = "run_args.json"
+METRICS = "metrics.jsonl"
+RESULTS = "train_results.json"
+TENSORBOARD = "tensorboard"
+TRAINER_STATE = "trainer_state.json"
+BEST, FINAL = "best", "final"
+RUN_LOCK, RUN_LOCK_OWNER = "run.lock", "run.lock.json"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+EXPERT_SHARD = re.compile(r"^expert_shard_(\d+)_of_(\d+)\.safetensors$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step}"
+
+
+def expert_shard_name(ep_rank: int, ep_size: int) -> str:
+    """The file an expert-parallel rank keeps its experts in, inside a checkpoint folder (matches EXPERT_SHARD)."""
+    return f"expert_shard_{ep_rank}_of_{ep_size}.safetensors"
+
+
+def saved_expert_parallel_sizes(folder) -> set[int]:
+    """The expert-parallel sizes a checkpoint folder's shard files were written at ({1}: none)."""
+    return {int(m.group(2)) for p in Path(folder).iterdir() if (m := EXPERT_SHARD.match(p.name))} or {1}
+
+
+def wrong_expert_parallel_size(folder, saved: set[int], ep_size: int) -> str:
+    return (f"checkpoint {folder} was saved with expert_parallel_size={max(saved)}, not {ep_size}: resume at the "
+            "size it was saved with, or start a new run from its exported model (best/ or final/) with "
+            "--init_from, which loads at any expert_parallel_size")
+
+
+def complete_checkpoints(output_dir) -> list[Path]:
+    """Complete checkpoint folders (they hold trainer_state.json), oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if CHECKPOINT.match(p.name) and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
+
+
+def run_outputs(output_dir) -> list[Path]:
+    """Everything a run writes into its folder (what --overwrite_output_dir deletes)."""
+    root = Path(output_dir)
+    return [*root.glob("checkpoint-*"), *(root / name for name in (BEST, FINAL, TENSORBOARD, METRICS, RUN_ARGS, RESULTS))]

@@ -1,0 +1,240 @@
+"""Faults a user meets: two runs in one folder, a kill between checkpoints, a set-up that fails, file modes,
+and checkpoints that are damaged or tampered with."""
+
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import stat
+import string
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from moe_reason import MoEReasonConfig, MoEReasonForCausalLM
+from moe_reason.arguments import TrainingArguments
+from moe_reason.data import MAX_PIECE, DataArguments, prepare_data
+from moe_reason.evaluate import main as evaluate_main
+from moe_reason.layout import RUN_LOCK_OWNER, complete_checkpoints
+from moe_reason.safe_loading import damaged_files, deepspeed_globals, deepspeed_weights_only
+
+from conftest import REPO, clean_env, launch, main_cases, read_metrics, train_args, train_losses, write_corpus
+
+def run_train(argv, timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_a_live_run_holds_its_folder_and_a_killed_run_resumes_without_repeating_metrics(tmp_path):
+    corpus, out = write_corpus(tmp_path, n=80), tmp_path / "run"
+    argv = train_args(tmp_path, corpus, output_dir=out, max_steps=100000, save_interval=2, eval_interval=100000,
+                      log_interval=1, save_total_limit=100000)
+    live = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, env=clean_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (complete_checkpoints(out) and len(read_metrics(out)) >= 6):
+            assert live.poll() is None and time.time() < deadline, "the run ended or stalled before training"
+            time.sleep(0.2)
+        assert json.loads((out / RUN_LOCK_OWNER).read_text())["pid"] == live.pid
+        # a second run into the folder, and one that would delete the live run's checkpoints
+        for error in main_cases([argv, argv + ["--overwrite_output_dir", "true"]]):
+            assert error is not None and f"in use by another run (PID {live.pid}" in error, error
+        assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    finally:
+        live.send_signal(signal.SIGKILL)  # no chance to save: the kernel releases its lock
+        live.wait(timeout=60)
+    logged = max(r["step"] for r in read_metrics(out))
+    (out / "checkpoint-999999").mkdir()  # a save that was cut short: no trainer_state.json
+    resumed = run_train(train_args(tmp_path, corpus, output_dir=out, max_steps=logged + 2, save_interval=2,
+                                   eval_interval=100000, log_interval=1, save_total_limit=100000,
+                                   resume_from_checkpoint="latest"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoint-999999: no trainer_state.json" in resumed.stdout
+    steps = [r["step"] for r in read_metrics(out) if "train/loss" in r]
+    assert steps == list(range(1, logged + 3))  # each step once: the records after the checkpoint were dropped
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_in_set_up_leaves_no_claim_and_exports_are_readable(tmp_path):
+    corpus, out = write_corpus(tmp_path, n=80), tmp_path / "run"
+    failed, fixed = main_cases([train_args(tmp_path, corpus, output_dir=out, block_size=256),  # debug holds 128
+                                train_args(tmp_path, corpus, output_dir=out, max_steps=1)])  # the corrected retry
+    assert failed is not None and "max_position_embeddings" in failed, failed
+    assert fixed is None, fixed
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (out / "final").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
+class Payload:
+    """Unpickled, it would create `marker`: what a planted pickle in a checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def planted_copy(checkpoint, root, name: str, target: str, marker) -> list[str]:
+    """A run folder holding a copy of `checkpoint` whose file `target` is replaced by a payload (or cut in half
+    for a .safetensors file) -> the trainer arguments that resume from it."""
+    folder = root / name
+    shutil.copytree(checkpoint, folder / checkpoint.name)
+    path = folder / checkpoint.name / target
+    if path.suffix == ".safetensors":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        torch.save({"state": Payload(marker)}, path)
+    return ["--output_dir", str(folder), "--resume_from_checkpoint", "latest"]
+
+
+@pytest.mark.slow
+def test_a_resume_never_runs_a_planted_pickle_and_names_the_damaged_file(tmp_path):
+    corpus, out, marker = write_corpus(tmp_path, n=80), tmp_path / "run", tmp_path / "PWNED"
+    base = train_args(tmp_path, corpus, max_steps=3, save_interval=2, eval_interval=100000)
+    first = run_train(base + ["--output_dir", str(out)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = out / "checkpoint-2"
+    targets = {"optimizer.bin": "optimizer.bin holds objects other than tensors",
+               "random_states_0.pkl": "random_states_0.pkl holds objects other than tensors",
+               "model.safetensors": "model.safetensors is damaged or truncated",
+               "custom_checkpoint_0.pkl": "holds custom_checkpoint_0.pkl: a pickle"}  # an older version's scheduler
+    errors = main_cases([base + planted_copy(checkpoint, tmp_path, name.replace(".", "_"), name, marker)
+                         for name in targets])
+    assert not marker.exists()  # no payload ran
+    for (name, expected), error in zip(targets.items(), errors):
+        assert error is not None and expected in error and "re-run" not in error.lower(), (name, error)  # torch advises it
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_resumes_with_weights_only_and_refuses_a_planted_pickle(tmp_path):
+    """A ZeRO-3 resume reads DeepSpeed's files with weights_only=True (its types allow-listed) and continues
+    exactly; a payload planted in one of those files, read the way DeepSpeed reads it, does not run."""
+    corpus, out, marker = write_corpus(tmp_path, n=80), tmp_path / "zero3", tmp_path / "PWNED"
+    base = train_args(tmp_path, corpus, max_steps=3, save_interval=2, eval_interval=100000)
+    launch(base + ["--output_dir", str(out)], config_file="accelerate_configs/deepspeed_zero3.yaml")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    launch(base + ["--output_dir", str(resumed), "--resume_from_checkpoint", "latest"],
+           config_file="accelerate_configs/deepspeed_zero3.yaml")
+    assert train_losses(resumed)[3] == pytest.approx(train_losses(out)[3], abs=1e-6)
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    engine = SimpleNamespace(checkpoint_engine=TorchCheckpointEngine())  # what the DeepSpeed engine reads with
+    files = sorted((out / "checkpoint-2" / "pytorch_model").glob("*.pt"))
+    with deepspeed_weights_only(engine):
+        for path in files:  # DeepSpeed's own files pass
+            engine.checkpoint_engine.load(str(path), map_location="cpu")
+        torch.save({"state": Payload(marker)}, files[0])
+        with pytest.raises(pickle.UnpicklingError):
+            engine.checkpoint_engine.load(str(files[0]), map_location="cpu")
+    assert not marker.exists()
+    assert damaged_files(out / "checkpoint-2", deepspeed_globals()) == [
+        f"pytorch_model/{files[0].name} holds objects other than tensors, which are not loaded (it may have been "
+        "tampered with)"]
+
+
+def data_args(tmp_path, files) -> DataArguments:
+    return DataArguments(data_files=[str(f) for f in files], data_cache_dir=str(tmp_path / "cache"),
+                         tokenizer_vocab_size=320, block_size=16, validation_documents=2, preprocessing_num_workers=1)
+
+
+@pytest.mark.parametrize("case", ["latin1_text", "binary_text", "rows_without_text", "deepspeed_json",
+                                  "evaluate_vocab", "truncated_export"])
+def test_bad_input_names_the_file_or_value(tmp_path, case):
+    messages = []
+    if case in ("latin1_text", "binary_text"):
+        good = tmp_path / "good.txt"
+        good.write_text("plain words\n" * 50)
+        bad = tmp_path / "bad.txt"
+        bad.write_bytes("café au lait\n".encode("latin-1") * 50 if case == "latin1_text" else bytes(range(256)) * 40)
+        with pytest.raises(ValueError, match=f"data file {bad} is not UTF-8 text: byte"):
+            prepare_data(data_args(tmp_path, [good, bad]), log=messages.append)
+    elif case == "rows_without_text":
+        path = tmp_path / "docs.jsonl"
+        path.write_text("".join(json.dumps({"text": f"document {i} " * 20} if i % 2 else {"body": "no text"}) + "\n"
+                                for i in range(20)))
+        prepare_data(data_args(tmp_path, [path]), log=messages.append)
+        assert any("10 of 20 rows have no text in column 'text'" in m for m in messages), messages
+    elif case == "deepspeed_json":
+        (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2,}}')
+        with pytest.raises(ValueError, match=f"DeepSpeed config {tmp_path / 'ds.json'} does not parse"):
+            TrainingArguments(deepspeed=str(tmp_path / "ds.json"))
+    elif case == "truncated_export":
+        MoEReasonForCausalLM(MoEReasonConfig.from_preset("debug")).save_pretrained(tmp_path / "model")
+        weights = tmp_path / "model" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        with pytest.raises(ValueError, match=f"model folder {tmp_path / 'model'} cannot be loaded: "
+                                             "model.safetensors is damaged or truncated"):
+            evaluate_main(["--model_path", str(tmp_path / "model")])
+    else:  # a tokenizer larger than the model: evaluate has no --vocab_size to suggest
+        corpus = write_corpus(tmp_path, n=40)
+        prepared = prepare_data(data_args(tmp_path, [corpus]), log=messages.append)
+        MoEReasonForCausalLM(MoEReasonConfig.from_preset("debug")).save_pretrained(tmp_path / "model")
+        prepared.tokenizer.save_pretrained(tmp_path / "tokenizer")
+        with pytest.raises(ValueError, match="evaluate with the tokenizer the model was trained with") as raised:
+            evaluate_main(["--model_path", str(tmp_path / "model"), "--data_files", str(corpus), "--data_cache_dir",
+                           str(tmp_path / "cache"), "--tokenizer_name", str(tmp_path / "tokenizer"),
+                           "--block_size", "16", "--validation_documents", "2"])
+        assert "--vocab_size" not in str(raised.value)
+
+
+@pytest.mark.slow
+def test_resuming_on_another_number_of_processes_continues_at_the_same_sample(tmp_path):
+    """With a learning rate of ~0 the weights stay put, so a step's loss tells which blocks it trained on.
+    Blocks are dealt to processes in rounds, so on 2 processes step s takes the blocks a 1-process run
+    with the same per-device batch takes in steps 2s-1 and 2s. A resume on the other number of processes
+    must continue at the block where the checkpoint stopped."""
+    corpus = write_corpus(tmp_path, n=80)
+    still = dict(learning_rate=1e-12, warmup_steps=0, hidden_dropout=0.0, attention_dropout=0.0,
+                 router_jitter_noise=0.0, per_device_train_batch_size=2, save_interval=2, save_total_limit=100,
+                 eval_interval=100000, cpu_threads=1)
+    two, one, up, down = (tmp_path / name for name in ("two", "one", "up", "down"))
+    launch(train_args(tmp_path, corpus, output_dir=two, max_steps=6, **still), config_file="accelerate_configs/cpu_ddp.yaml")
+    shutil.copytree(two / "checkpoint-2", down / "checkpoint-2")
+    # one process: an uninterrupted run, then two's checkpoint-2 resumed to step 4
+    assert main_cases([train_args(tmp_path, corpus, output_dir=one, max_steps=6, **still),
+                       train_args(tmp_path, corpus, output_dir=down, max_steps=4, resume_from_checkpoint="latest",
+                                  **still)]) == [None, None]
+    two_losses, one_losses = train_losses(two), train_losses(one)
+    # 1 -> 2: one's checkpoint-4 has consumed 8 blocks, two's first 2 steps; the next step is two's step 3
+    up.mkdir()
+    shutil.copytree(one / "checkpoint-4", up / "checkpoint-4")
+    launch(train_args(tmp_path, corpus, output_dir=up, max_steps=6, resume_from_checkpoint="latest", **still),
+           config_file="accelerate_configs/cpu_ddp.yaml")
+    up_losses = train_losses(up)
+    assert up_losses[5] == pytest.approx(two_losses[3], abs=1e-6)
+    assert up_losses[6] == pytest.approx(two_losses[4], abs=1e-6)
+    # 2 -> 1: two's checkpoint-2 has consumed 8 blocks, one's first 4 steps; the next step is one's step 5
+    down = train_losses(down)
+    assert down[3] == pytest.approx(one_losses[5], abs=1e-6) and down[4] == pytest.approx(one_losses[6], abs=1e-6)
+    assert len({round(v, 6) for v in one_losses.values()}) == 6  # the steps' blocks really differ in loss
+
+
+def test_a_megabyte_line_without_white_space_trains_the_tokenizer_in_bounded_pieces(tmp_path):
+    """BPE training is quadratic in a piece's length; the pre-tokenizer cuts unbroken runs, so this prepares in
+    seconds (it did not finish in minutes before) and ordinary text keeps its GPT-2 pieces."""
+    blobs = [tmp_path / f"blob{i}.txt" for i in range(2)]  # one document is held out: at least one trains
+    for i, blob in enumerate(blobs):
+        blob.write_text("".join(random.Random(i).choices(string.ascii_letters, k=1_000_000)) + "\n")
+    prose = tmp_path / "prose.txt"
+    prose.write_text("plain words in a plain sentence.\n" * 20)
+    args = data_args(tmp_path, [*blobs, prose])
+    args.validation_documents = 1
+    prepared = prepare_data(args, log=lambda _: None)
+    assert prepared.summary["train"]["tokens"] > 100_000  # a megabyte line was trained on
+    blob = blobs[0]
+    pieces = prepared.tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(blob.read_text()[:100_000])
+    assert max(len(piece) for piece, _ in pieces) == MAX_PIECE
+    words = prepared.tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str("plain words, as before")
+    assert [w for w, _ in words] == ["plain", "Ġwords", ",", "Ġas", "Ġbefore"]
