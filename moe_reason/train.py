@@ -228,6 +228,15 @@ def configure_device(accelerator, args) -> None:
         reconcile_deepspeed_config(accelerator, args)
 
 
+def check_model_under_zero(model_type: str, stage: int | None) -> None:
+    """The recursive model runs its shared decoder stack several times with gradient in one backward;
+    ZeRO-3 partitions each parameter's gradient as its hook fires, once (DeepSpeed asserts at step 1)."""
+    if model_type == "recursive" and stage == 3:
+        raise ValueError("the recursive model does not train under DeepSpeed ZeRO-3: its shared decoder stack is "
+                         "used several times in each backward, and ZeRO-3 reduces a parameter's gradient once. Use "
+                         "ZeRO-2 (--config_file accelerate_configs/deepspeed_zero2.yaml), ZeRO-1, or plain DDP")
+
+
 def zero_stage(accelerator) -> int | None:
     """The DeepSpeed ZeRO stage, or None without DeepSpeed."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
@@ -347,6 +356,7 @@ class Trainer:
         self.accelerator = accelerator = make_accelerator(args)
         configure_device(accelerator, args)
         self.is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        check_model_under_zero(self.model_args.model_type, zero_stage(accelerator))
         self.expert_parallel = make_expert_parallel(args.expert_parallel_size, num_experts, accelerator.num_processes,
                                                     zero_stage(accelerator))
         if checkpoint is not None:

@@ -95,7 +95,7 @@ def test_compiled_recursive_model_trains_like_eager_while_halting_changes_the_ba
         model.q_head.bias.fill_(5.0)  # halt as soon as the drawn minimum allows: 2 to 4 steps per example
     counter = GraphRecorder()
     compiled = torch.compile(model, backend=counter)
-    batches = [torch.randint(0, config.vocab_size, (16, 16)) for _ in range(5)]
+    batches = [torch.randint(0, config.vocab_size, (16, 16)) for _ in range(4)]
     with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
         first = compiled_and_eager_steps(model, compiled, batches[:1], dtype)
         frames = counter.frame_count

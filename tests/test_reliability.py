@@ -40,7 +40,7 @@ def test_a_live_run_holds_its_folder_and_a_killed_run_resumes_without_repeating_
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while not (complete_checkpoints(out) and len(read_metrics(out)) >= 6):
+        while not (complete_checkpoints(out) and len(read_metrics(out)) >= 3):
             assert live.poll() is None and time.time() < deadline, "the run ended or stalled before training"
             time.sleep(0.2)
         assert json.loads((out / RUN_LOCK_OWNER).read_text())["pid"] == live.pid
