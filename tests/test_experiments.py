@@ -1,8 +1,6 @@
 """Evaluation, the ablation runner, the baseline-vs-recursive comparison and the shipped experiment files."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -11,9 +9,10 @@ from moe_reason.ablate import AblateArguments, load_grid, main as ablate_main
 from moe_reason.arguments import build_config, parse_args, to_argv
 from moe_reason.compare import load_comparison, main as compare_main, plan_runs
 from moe_reason.configuration_recursive import RecursiveMoEReasonConfig
+from moe_reason.evaluate import main as evaluate_main
 from moe_reason.metrics import training_flops_per_token
 
-from conftest import REPO, clean_env, eval_records, launch, train_args, write_corpus
+from conftest import REPO, eval_records, launch, train_args, write_corpus
 
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 RUN_FIELDS = ("config", "final_val_loss", "best_val_loss", "perplexity", "accuracy", "train_loss_curve",
@@ -74,24 +73,23 @@ def test_shipped_experiment_parses_and_every_variant_builds_a_valid_config(path)
 
 
 @pytest.mark.slow
-def test_evaluate_reproduces_the_trainers_final_validation_loss(tmp_path, corpus):
+def test_evaluate_reproduces_the_trainers_final_validation_loss(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     launch(train_args(tmp_path, corpus, output_dir=out, per_device_eval_batch_size=4, eval_batches=2))
     data_flags = ["--data_files", str(corpus), "--tokenizer_vocab_size", "320", "--block_size", "32",
                   "--validation_documents", "6", "--data_cache_dir", str(tmp_path / "eval_cache"),
                   "--preprocessing_num_workers", "1"]
-    result = subprocess.run([sys.executable, "-m", "moe_reason.evaluate", "--model_path", str(out / "final"),
-                             "--max_blocks", "8", "--output_file", str(tmp_path / "eval.json"), *data_flags],
-                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # the CLI's main in this process: it builds no Accelerator, so nothing is left behind
+    evaluate_main(["--model_path", str(out / "final"), "--max_blocks", "8", "--output_file", str(tmp_path / "eval.json"),
+                   *data_flags])
+    printed = capsys.readouterr().out
     written = json.loads((tmp_path / "eval.json").read_text())
-    assert written == json.loads(result.stdout[result.stdout.index("{"):])
+    assert written == json.loads(printed[printed.index("{"):])
     assert written["loss"] == pytest.approx(eval_records(out)[-1]["eval/loss"], abs=1e-4)
     for key in ("perplexity", "accuracy", "tokens", "ln_vocab"):
         assert key in written
-    bad = subprocess.run([sys.executable, "-m", "moe_reason.evaluate", "--model_path", str(tmp_path / "nowhere")],
-                         cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=60)
-    assert bad.returncode != 0 and "no config.json there" in bad.stderr
+    with pytest.raises(FileNotFoundError, match="no config.json there"):
+        evaluate_main(["--model_path", str(tmp_path / "nowhere")])
 
 
 # ----------------------------------------------------------------------------

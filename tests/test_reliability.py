@@ -25,6 +25,7 @@ from moe_reason.layout import RUN_LOCK_OWNER, complete_checkpoints
 from moe_reason.safe_loading import damaged_files, deepspeed_globals, deepspeed_weights_only
 
 from conftest import REPO, clean_env, launch, main_cases, read_metrics, train_args, train_losses, write_corpus
+from test_train import assert_zero_run_learned_and_exported_its_gathered_weights
 
 def run_train(argv, timeout=180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, env=clean_env(),
@@ -121,17 +122,21 @@ def test_deepspeed_zero3_resumes_with_weights_only_and_refuses_a_planted_pickle(
     """A ZeRO-3 resume reads DeepSpeed's files with weights_only=True (its types allow-listed) and continues
     exactly; a payload planted in one of those files, read the way DeepSpeed reads it, does not run."""
     corpus, out, marker = write_corpus(tmp_path, n=80), tmp_path / "zero3", tmp_path / "PWNED"
-    base = train_args(tmp_path, corpus, max_steps=3, save_interval=2, eval_interval=100000)
-    launch(base + ["--output_dir", str(out)], config_file="accelerate_configs/deepspeed_zero3.yaml")
+    base = train_args(tmp_path, corpus, max_steps=12, save_interval=6, eval_interval=12, learning_rate=1e-2,
+                      eval_batches=1, per_device_eval_batch_size=8)
+    result = launch(base + ["--output_dir", str(out)], config_file="accelerate_configs/deepspeed_zero3.yaml")
+    assert "2 process(es) (DEEPSPEED)" in result.stdout
+    assert_zero_run_learned_and_exported_its_gathered_weights(out, tmp_path, corpus, last_step=12)
     resumed = tmp_path / "resumed"
-    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copytree(out / "checkpoint-6", resumed / "checkpoint-6")
     launch(base + ["--output_dir", str(resumed), "--resume_from_checkpoint", "latest"],
            config_file="accelerate_configs/deepspeed_zero3.yaml")
-    assert train_losses(resumed)[3] == pytest.approx(train_losses(out)[3], abs=1e-6)
+    straight = train_losses(out)
+    assert train_losses(resumed) == pytest.approx({s: straight[s] for s in range(7, 13)}, abs=1e-6)
 
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     engine = SimpleNamespace(checkpoint_engine=TorchCheckpointEngine())  # what the DeepSpeed engine reads with
-    files = sorted((out / "checkpoint-2" / "pytorch_model").glob("*.pt"))
+    files = sorted((out / "checkpoint-6" / "pytorch_model").glob("*.pt"))
     with deepspeed_weights_only(engine):
         for path in files:  # DeepSpeed's own files pass
             engine.checkpoint_engine.load(str(path), map_location="cpu")
@@ -139,7 +144,7 @@ def test_deepspeed_zero3_resumes_with_weights_only_and_refuses_a_planted_pickle(
         with pytest.raises(pickle.UnpicklingError):
             engine.checkpoint_engine.load(str(files[0]), map_location="cpu")
     assert not marker.exists()
-    assert damaged_files(out / "checkpoint-2", deepspeed_globals()) == [
+    assert damaged_files(out / "checkpoint-6", deepspeed_globals()) == [
         f"pytorch_model/{files[0].name} holds objects other than tensors, which are not loaded (it may have been "
         "tampered with)"]
 
