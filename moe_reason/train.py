@@ -351,7 +351,13 @@ class Trainer:
         self.run_args = run_arguments(self.model_args, self.data_args, args)
         check_output_dir(args, self.run_args)
         checkpoint = resolve_checkpoint(self.out, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
-        num_experts = build_config(self.model_args).num_experts  # invalid model fields fail here
+        config = build_config(self.model_args)  # invalid model fields fail here
+        if self.data_args.block_size > config.max_position_embeddings:  # refused before the data is prepared
+            raise ValueError(f"block_size={self.data_args.block_size} is larger than the model's "
+                             f"max_position_embeddings={config.max_position_embeddings} (--model_preset "
+                             f"{self.model_args.model_preset}): pass --block_size {config.max_position_embeddings} "
+                             "or less, or --max_position_embeddings")
+        num_experts = config.num_experts
         resolve_global_batch(args, int(os.environ.get("WORLD_SIZE", "1")))
         self.accelerator = accelerator = make_accelerator(args)
         configure_device(accelerator, args)

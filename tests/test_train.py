@@ -260,7 +260,7 @@ def test_bf16_mixed_precision_on_cpu_tracks_fp32(tmp_path, corpus, model_type):
 
 
 BAD_SETUPS = ["unknown_arg", "unknown_preset", "bad_yaml", "occupied_output", "bad_resume", "indivisible_batch",
-              "fp16_on_cpu", "ds_contradiction", "recursive_zero3"]  # DeepSpeed cases last: they leave a process group
+              "block_over_positions", "fp16_on_cpu", "ds_contradiction", "recursive_zero3"]  # DeepSpeed cases last: they leave a process group
 
 
 def bad_setup(tmp_path, corpus, case) -> tuple[list[str], str]:
@@ -283,6 +283,9 @@ def bad_setup(tmp_path, corpus, case) -> tuple[list[str], str]:
         out.mkdir()
         (out / "run_args.json").write_text("{}")
         return argv, "already holds a different run"
+    if case == "block_over_positions":  # the debug preset holds 128 positions; refused before preparing data
+        return argv + ["--block_size", "256", "--data_cache_dir", str(tmp_path / "untouched")], \
+            "block_size=256 is larger than the model's max_position_embeddings=128 (--model_preset debug)"
     if case == "indivisible_batch":
         return argv + ["--global_batch_size", "10"], "global_batch_size=10 is not a multiple of"
     if case == "recursive_zero3":  # DeepSpeed would assert at step 1, deep inside its gradient partitioning
@@ -299,3 +302,4 @@ def test_bad_setups_fail_before_training_with_a_clear_message(tmp_path, corpus):
     for case, (_, expected), error in zip(BAD_SETUPS, cases, errors):
         assert error is not None and expected in error, (case, error)
         assert not (tmp_path / case / "final").exists(), case
+    assert not (tmp_path / "untouched").exists()  # no data work before the refusal
