@@ -357,12 +357,17 @@ def load_prepared(root: Path, summary: dict) -> PreparedData:
                         AutoTokenizer.from_pretrained(root / "tokenizer"), summary)
 
 
+def check_block_fits(block_size: int, config, remedy: str = "") -> None:
+    """Refuse blocks longer than the model's positions (the trainer checks before preparing any data)."""
+    if block_size > config.max_position_embeddings:
+        raise ValueError(f"block_size={block_size} is larger than the model's "
+                         f"max_position_embeddings={config.max_position_embeddings}{remedy}")
+
+
 def check_against_model(data: PreparedData, config, vocab_remedy: str | None = None) -> None:
     """Refuse data the model cannot take: too-long blocks, ids beyond its vocabulary. `vocab_remedy` is what
     to do about a tokenizer larger than the model (default: the trainer's --vocab_size)."""
-    if data.summary["block_size"] > config.max_position_embeddings:
-        raise ValueError(f"block_size={data.summary['block_size']} is larger than the model's "
-                         f"max_position_embeddings={config.max_position_embeddings}")
+    check_block_fits(data.summary["block_size"], config)
     if data.summary["vocab_size"] > config.vocab_size:
         remedy = vocab_remedy or f"set --vocab_size {data.summary['vocab_size']} or more"
         raise ValueError(f"the tokenizer has {data.summary['vocab_size']} tokens but the model's "

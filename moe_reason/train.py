@@ -37,7 +37,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from .arguments import ARGUMENT_CLASSES, build_config, parse_args, resolve_global_batch
 from .checkpointing import (export_model, load_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint,
                             unfinished_checkpoints_after)
-from .data import EpochSampler, check_against_model, collate_blocks, prepare_data
+from .data import EpochSampler, check_against_model, check_block_fits, collate_blocks, prepare_data
 from .evaluate import evaluate_model
 from .expert_parallel import make_expert_parallel
 from .layout import (BEST, FINAL, METRICS, RESULTS, RUN_ARGS, RUN_LOCK, RUN_LOCK_OWNER, complete_checkpoints,
@@ -352,11 +352,8 @@ class Trainer:
         check_output_dir(args, self.run_args)
         checkpoint = resolve_checkpoint(self.out, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
         config = build_config(self.model_args)  # invalid model fields fail here
-        if self.data_args.block_size > config.max_position_embeddings:  # refused before the data is prepared
-            raise ValueError(f"block_size={self.data_args.block_size} is larger than the model's "
-                             f"max_position_embeddings={config.max_position_embeddings} (--model_preset "
-                             f"{self.model_args.model_preset}): pass --block_size {config.max_position_embeddings} "
-                             "or less, or --max_position_embeddings")
+        check_block_fits(self.data_args.block_size, config, f" (--model_preset {self.model_args.model_preset}): "
+                         f"pass --block_size {config.max_position_embeddings} or less, or --max_position_embeddings")
         num_experts = config.num_experts
         resolve_global_batch(args, int(os.environ.get("WORLD_SIZE", "1")))
         self.accelerator = accelerator = make_accelerator(args)
