@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .expert_parallel import NoExpertParallel
-from .layout import CHECKPOINT, TRAINER_STATE, checkpoint_name, complete_checkpoints
+from .layout import TRAINER_STATE, checkpoint_name, checkpoint_step, complete_checkpoints
 from .safe_loading import (check_no_custom_pickles, check_random_states, damaged_files, deepspeed_globals,
                            deepspeed_weights_only)
 
@@ -43,10 +43,11 @@ def resolve_checkpoint(output_dir, spec: str) -> Path:
 
 def unfinished_checkpoints_after(output_dir, checkpoint: Path) -> list[Path]:
     """checkpoint-N folders newer than `checkpoint` without trainer_state.json: saves that did not finish."""
-    step = int(CHECKPOINT.match(checkpoint.name).group(1)) if CHECKPOINT.match(checkpoint.name) else -1
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if (m := CHECKPOINT.match(p.name))
-             and int(m.group(1)) > step and not (p / TRAINER_STATE).is_file()]
-    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
+    step = checkpoint_step(checkpoint)
+    step = -1 if step is None else step
+    found = [p for p in Path(output_dir).glob("checkpoint-*")
+             if (n := checkpoint_step(p)) is not None and n > step and not (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=checkpoint_step)
 
 
 def read_trainer_state(checkpoint: Path) -> dict:

@@ -47,13 +47,19 @@ def wrong_expert_parallel_size(folder, saved: set[int], ep_size: int) -> str:
             "--init_from, which loads at any expert_parallel_size")
 
 
+def checkpoint_step(folder) -> int | None:
+    """The STEP of a checkpoint-STEP folder, or None for any other name."""
+    match = CHECKPOINT.match(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
 def complete_checkpoints(output_dir) -> list[Path]:
     """Complete checkpoint folders (they hold trainer_state.json), oldest first."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if CHECKPOINT.match(p.name) and (p / TRAINER_STATE).is_file()]
-    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
+    found = [p for p in root.iterdir() if checkpoint_step(p) is not None and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=checkpoint_step)
 
 
 def run_outputs(output_dir) -> list[Path]:
