@@ -251,6 +251,12 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
     # stop, and a rank whose examples have all halted runs `ghost_step` until the others are done.
     # Outside a process group both cost nothing.
 
+    # Evaluation halts by the Q-head too (eval_halting="q_head"), and a forward with collectives inside
+    # (the all-to-alls of expert parallelism) needs the ranks in step there as well. Only the caller knows
+    # whether every rank runs each evaluation forward together: the trainer says so by setting this; a
+    # model evaluated or generating on one process alone must not wait for the others.
+    evaluates_in_step: bool = False
+
     @torch.compiler.disable(recursive=False)  # eager, as `forward`; the passes it runs compile as usual
     def ghost_step(self, ghost) -> torch.Tensor:
         """Repeat one supervision step on a detached copy of the last example's state -> a zero loss term
@@ -259,8 +265,9 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         return 0.0 * (self.lm_head(z_H).float().sum() + self.q_head(z_H).float().sum())
 
     def any_rank_running(self, local: bool, device) -> bool:
-        """Whether any rank still has examples running (one small all-reduce per step in distributed training)."""
-        if not (self.training and torch.distributed.is_available() and torch.distributed.is_initialized()
+        """Whether any rank still has examples running (one small all-reduce per step in distributed training,
+        and in distributed evaluation where `evaluates_in_step`)."""
+        if not ((self.training or self.evaluates_in_step) and torch.distributed.is_available() and torch.distributed.is_initialized()
                 and torch.distributed.get_world_size() > 1):
             return local
         flag = torch.tensor([float(local)], device=device)

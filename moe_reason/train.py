@@ -42,6 +42,7 @@ from .evaluate import evaluate_model
 from .expert_parallel import make_expert_parallel
 from .layout import (BEST, FINAL, METRICS, RESULTS, RUN_ARGS, RUN_LOCK, RUN_LOCK_OWNER, complete_checkpoints,
                      run_outputs)
+from .modeling_recursive import RecursiveMoEReasonForCausalLM
 from .metrics import LogWindow, any_nonfinite, measure_peak_flops, training_flops_per_token
 from .optim import make_optimizer_and_scheduler
 from .safe_loading import from_pretrained
@@ -258,6 +259,8 @@ def build_model(model_args, args, data, accelerator, expert_parallel):
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     described = expert_parallel.shard(model)  # every rank built (or loaded) the same full model
+    if isinstance(model, RecursiveMoEReasonForCausalLM):  # `evaluate` runs each forward on every rank together
+        model.evaluates_in_step = accelerator.num_processes > 1
     if described:
         accelerator.print(described)
     if zero_stage(accelerator) == 3:

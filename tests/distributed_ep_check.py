@@ -13,7 +13,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from moe_reason import MoEReasonConfig
+from moe_reason import MoEReasonConfig, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
 from moe_reason.sharded_experts import (ExpertParallelExperts, full_state_dict, load_shards, save_shards,
                                         shard_experts)
 from moe_reason.modeling_moe_reason import MoEReasonSparseMoeBlock
@@ -55,6 +55,27 @@ def compare(case: str, full: MoEReasonSparseMoeBlock, sharded: Holder, x: torch.
         f"{case}/rank": rank}
 
 
+def recursive_evaluation_in_step(rank: int) -> dict:
+    """An expert-parallel recursive model evaluated with Q-head halting, where rank 0's examples halt after
+    step 1 and rank 1's run all 3: rank 0 must keep running (ghost) steps, or the all-to-alls of
+    rank 1's steps 2 and 3 find no partner."""
+    config = RecursiveMoEReasonConfig.from_preset("debug", vocab_size=64, halt_max_steps=3, eval_halting="q_head")
+    torch.manual_seed(0)
+    model = RecursiveMoEReasonForCausalLM(config).eval()
+    shard_experts(model, ep_size=2)
+    model.evaluates_in_step = True  # as the trainer sets it in a multi-process run
+    with torch.no_grad():
+        model.q_head.bias.fill_(10.0 if rank == 0 else -10.0)  # rank 0 halts at once, rank 1 never
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    steps = torch.tensor(out.recursion_steps.tolist())
+    gathered = [torch.zeros_like(steps) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, steps)
+    return {"recursive_eval/steps_per_rank": [g.tolist() for g in gathered],
+            "recursive_eval/loss_finite": bool(torch.isfinite(out.loss))}
+
+
 def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
@@ -67,7 +88,7 @@ def main() -> None:
     sharded = Holder(copy.deepcopy(full))
     shard_experts(sharded, ep_size=2)
     assert isinstance(sharded.mlp.experts, ExpertParallelExperts) and sharded.mlp.experts.up_proj.shape[0] == 2
-    result = {}
+    result = recursive_evaluation_in_step(rank)
 
     torch.manual_seed(100 + rank)  # each rank routes different tokens
     result |= compare("random", full, sharded, torch.randn(2, 8, config.hidden_size))

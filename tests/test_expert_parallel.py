@@ -33,7 +33,8 @@ def test_each_impossible_layout_has_its_error(layout, message):
 @pytest.mark.slow
 def test_sharded_block_matches_the_full_block_and_survives_an_empty_rank(tmp_path):
     """Forward, input/router/expert gradients of an EP=2 block equal the unsharded block's, also when
-    every token goes to rank 0's experts (rank 1 and experts 2, 3 receive nothing)."""
+    every token goes to rank 0's experts (rank 1 and experts 2, 3 receive nothing); a recursive EP model
+    whose ranks halt at different steps in evaluation keeps them in step."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(REPO / "tests" / "distributed_ep_check.py"), str(tmp_path)]
     result = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=180)
@@ -46,6 +47,9 @@ def test_sharded_block_matches_the_full_block_and_survives_an_empty_rank(tmp_pat
     assert min(found["random/rows_per_rank"]) > 0
     assert found["gathered_up_proj_diff"] == 0.0 and found["shard_round_trip_diff"] == 0.0
     assert "expert_parallel_size=2" in found["wrong_size_error"] and "--init_from" in found["wrong_size_error"]
+    # ranks halting at different steps in evaluation stayed in step (issue: gloo aborted, NCCL would hang)
+    assert found["recursive_eval/steps_per_rank"] == [[1.0, 1.0], [3.0, 3.0]]
+    assert found["recursive_eval/loss_finite"]
 
 
 @pytest.fixture(scope="module")
