@@ -104,6 +104,10 @@ class TrainingArguments:
     lr_scheduler: str = field(default="cosine", metadata={"help": "Decay after warmup: linear, cosine or constant."})
     min_lr_ratio: float = field(default=0.1, metadata={"help": (
         "Floor of the decay as a share of the peak learning rate (exp8: linear to 0.1).")})
+    ema_decay: float = field(default=0.0, metadata={"help": (
+        "Keep an exponential moving average of the weights with this decay (TRM: 0.999; 0 = off). Evaluation, "
+        "best/ and final/ use the average; training continues from the raw weights; checkpoints keep both. "
+        "Not with ZeRO-3 or expert parallelism, whose ranks hold only part of the weights.")})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip gradients to this global norm (0 = off)."})
     mixed_precision: str = field(default="no", metadata={"help": (
         "no, bf16 or fp16 (passed to Accelerate). bf16 also runs on the CPU (autocast); fp16 needs a GPU.")})
@@ -153,6 +157,7 @@ class TrainingArguments:
             ("lr_scheduler", self.lr_scheduler in ("linear", "cosine", "constant"), "linear, cosine or constant"),
             ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "in [0, 1]"),
             ("max_grad_norm", self.max_grad_norm >= 0, ">= 0"),
+            ("ema_decay", 0.0 <= self.ema_decay < 1.0, "in [0, 1) (0 = no moving average)"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("mixed_precision", self.mixed_precision in ("no", "bf16", "fp16"), "no, bf16 or fp16"),
             ("torch_compile_backend", self.torch_compile_backend.upper() in DYNAMO_BACKENDS,
@@ -218,17 +223,27 @@ def to_argv(values: dict) -> list[str]:
     return argv
 
 
-def build_config(model_args, vocab_size: int | None = None):
-    """The model config: preset, then the tokenizer's vocabulary size, then explicit overrides."""
+def build_config(model_args, vocab_size: int | None = None, task: dict | None = None):
+    """The model config: preset, then the tokenizer's vocabulary size, then explicit overrides. A `task`
+    (`TaskArguments.task_settings()`) makes it a grid model and is kept in the config as `task`."""
     overrides = model_args.overrides()
     if vocab_size is not None and "vocab_size" not in overrides:
         overrides["vocab_size"] = vocab_size
+    if task:
+        overrides.update(bidirectional=True, use_cache=False)
+    elif overrides.get("bidirectional"):
+        raise ValueError("bidirectional=True is the grid formulation of a reasoning task: pass --task sudoku or "
+                         "--task maze (on text, every position would see the label it must predict)")
     if model_args.model_type == "recursive":
-        return RecursiveMoEReasonConfig.from_preset(model_args.model_preset, **overrides)
-    recursive_only = sorted(set(overrides) - MoEReasonConfig.field_names())
-    if recursive_only:
-        raise ValueError(f"{recursive_only} apply to the recursive model only; add --model_type recursive")
-    return MoEReasonConfig.from_preset(model_args.model_preset, **overrides)
+        config = RecursiveMoEReasonConfig.from_preset(model_args.model_preset, **overrides)
+    else:
+        recursive_only = sorted(set(overrides) - MoEReasonConfig.field_names())
+        if recursive_only:
+            raise ValueError(f"{recursive_only} apply to the recursive model only; add --model_type recursive")
+        config = MoEReasonConfig.from_preset(model_args.model_preset, **overrides)
+    if task:
+        config.task = task  # saved in config.json: evaluate reads which puzzles the model was trained on
+    return config
 
 
 def resolve_global_batch(args, world_size: int) -> None:

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from .expert_parallel import NoExpertParallel
 from .layout import TRAINER_STATE, checkpoint_name, checkpoint_step, complete_checkpoints
@@ -58,8 +59,9 @@ def read_trainer_state(checkpoint: Path) -> dict:
 
 
 def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, total_limit: int, model=None,
-                    expert_parallel: NoExpertParallel = NO_EXPERT_PARALLEL) -> Path:
-    """accelerator.save_state (+ the expert shards) into checkpoint-STEP.tmp, then rename and rotate.
+                    expert_parallel: NoExpertParallel = NO_EXPERT_PARALLEL, tensor_files: dict | None = None) -> Path:
+    """accelerator.save_state (+ the expert shards, + `tensor_files`: {file name: tensors} written by the
+    main process as safetensors) into checkpoint-STEP.tmp, then rename and rotate.
 
     All ranks call this.
     """
@@ -73,6 +75,8 @@ def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, tot
     expert_parallel.save(model, tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for name, tensors in (tensor_files or {}).items():
+            save_file(tensors, tmp / name)
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         _replace(tmp, final)
         for old in complete_checkpoints(output_dir)[:-total_limit]:

@@ -1,7 +1,7 @@
-"""Baseline vs recursive: the same data, data order, training settings and seeds, compared at
-equal optimizer steps and, separately, at equal training FLOPs.
+"""N named arms trained on the same data, data order, training settings and seeds, compared at equal
+optimizer steps and, separately, at equal training FLOPs.
 
-    python -m moe_reason.compare configs/exp8_compare_offline.yaml
+    python -m moe_reason.compare experiments/exp8_compare_offline.yaml
     python -m moe_reason.compare CONFIG.yaml --output_dir outputs/cmp --seeds 0 1 2 --set max_steps=200
 
 A comparison file:
@@ -9,16 +9,21 @@ A comparison file:
     output_dir: outputs/compare
     launcher: in_process                     # or accelerate (+ accelerate_config)
     seeds: [0, 1, 2]
-    base: {model_preset: small, max_steps: 1000, learning_rate: 1.0e-3}    # shared by both arms
-    baseline: {model_type: base}
-    recursive: {model_type: recursive, h_cycles: 2, l_cycles: 2, halt_max_steps: 2}
+    base: {model_preset: small, max_steps: 1000, learning_rate: 1.0e-3}    # shared by every arm
+    arms:                                    # any number >= 2, each a mapping of model fields
+      recursive: {model_type: recursive, h_cycles: 2, l_cycles: 2, halt_max_steps: 2}
+      direct: {model_type: base}
+    reference: recursive                     # the arm the others are compared with (default: the first)
+    metric: loss                             # or exact_accuracy, for a --task base (higher is better)
+    equal_flops: true                        # also run each costlier arm at the cheapest arm's FLOPs
 
+`baseline:` and `recursive:` at the top level are the two-arm form (reference: baseline).
 The arms may set model fields only: learning rate, batch, schedule, data and seed are the
-base's, so the two can never be compared at different learning rates by accident.
-Runs per seed: both arms at `max_steps` (equal steps) and the costlier arm at the steps
-that spend the cheaper arm's FLOPs (equal FLOPs, its own full schedule). Writes
-`comparison.json`, `comparison.png` and `COMPARISON.md`; a winner is named only when the
-gap exceeds the spread across seeds.
+base's, so no two arms can be compared at different learning rates by accident.
+Runs per seed: every arm at `max_steps` (equal steps) and, with `equal_flops`, each costlier arm
+at the steps that spend the cheapest arm's FLOPs (its own full schedule). With a task base each
+finished run's export is scored on the held-out puzzles (`task_eval`). Writes `comparison.json`,
+`comparison.png` and `COMPARISON.md`; a winner is named only when the gap exceeds the seed spread.
 """
 
 import math
@@ -27,11 +32,14 @@ from pathlib import Path
 from .arguments import build_config, parse_args, to_argv
 from .data import prepare_data
 from .experiments import (SPREAD_RULE, RunnerArguments, beyond_spread, check_arguments, load_runner_file, mean_curve,
-                          mean_std, model_argument_names, pyplot, run_runner, run_training, save_figure,
+                          mean_std, model_argument_names, pyplot, run_runner, run_training, safe_name, save_figure,
                           write_json)
 from .metrics import training_flops_per_token
 
-ARMS = ("baseline", "recursive")
+LEGACY_ARMS = ("baseline", "recursive")
+METRICS = {"loss": ("final_val_loss", "validation loss", False),  # name -> (record key, label, higher is better)
+           "exact_accuracy": ("exact_accuracy", "exact accuracy on held-out puzzles", True)}
+OWN_KEYS = {"arms", "reference", "metric", "equal_flops", *LEGACY_ARMS}
 
 USAGE = ("python -m moe_reason.compare CONFIG.yaml [--output_dir D] [--seeds 0 1 2] [--launcher in_process|accelerate] "
          "[--set name=value ...]")
@@ -39,17 +47,33 @@ USAGE = ("python -m moe_reason.compare CONFIG.yaml [--output_dir D] [--seeds 0 1
 
 def load_comparison(path, args: RunnerArguments | None = None) -> dict:
     args = args or RunnerArguments()
-    spec, settings = load_runner_file(path, "comparison", set(ARMS), args, default_seeds=[0, 1],
+    spec, settings = load_runner_file(path, "comparison", OWN_KEYS, args, default_seeds=[0, 1],
                                       output_prefix="compare")
-    arms = {}
-    for arm in ARMS:
-        if arm not in spec:
-            raise ValueError(f"comparison {path} needs a '{arm}:' mapping of model fields")
-        arms[arm] = check_arguments(spec[arm], f"comparison {path}: {arm} (model fields only, so both arms "
-                                               "train with the same settings)", model_argument_names())
-    arms["baseline"].setdefault("model_type", "base")
-    arms["recursive"].setdefault("model_type", "recursive")
-    return {**settings, "arms": arms}
+    legacy = [arm for arm in LEGACY_ARMS if arm in spec]
+    if legacy and "arms" in spec:
+        raise ValueError(f"comparison {path}: give either 'arms:' or the two-arm form {LEGACY_ARMS}, not both")
+    raw = spec.get("arms") if "arms" in spec else {arm: spec.get(arm) for arm in LEGACY_ARMS}
+    if legacy and len(legacy) < 2:
+        raise ValueError(f"comparison {path} needs both '{LEGACY_ARMS[0]}:' and '{LEGACY_ARMS[1]}:' mappings")
+    if not isinstance(raw, dict) or len(raw) < 2:
+        raise ValueError(f"comparison {path}: 'arms:' must map two or more arm names to model fields")
+    arms = {safe_name(name): check_arguments(fields, f"comparison {path}: arm {name} (model fields only, so "
+                                             "every arm trains with the same settings)", model_argument_names())
+            for name, fields in raw.items()}
+    if not legacy and not all("model_type" in fields for fields in arms.values()):
+        raise ValueError(f"comparison {path}: every arm must name its model_type (base or recursive)")
+    arms.get("baseline", {}).setdefault("model_type", "base")
+    arms.get("recursive", {}).setdefault("model_type", "recursive")
+    reference = spec.get("reference", next(iter(arms)))
+    if reference not in arms:
+        raise ValueError(f"comparison {path}: reference={reference!r} names no arm; arms: {sorted(arms)}")
+    metric = spec.get("metric", "loss")
+    if metric not in METRICS:
+        raise ValueError(f"comparison {path}: metric={metric!r} is invalid: must be one of {sorted(METRICS)}")
+    if metric == "exact_accuracy" and not settings["base"].get("task"):
+        raise ValueError(f"comparison {path}: metric exact_accuracy needs a task in base (task: sudoku or maze)")
+    return {**settings, "arms": arms, "reference": reference, "metric": metric,
+            "equal_flops": bool(spec.get("equal_flops", True))}
 
 
 def flops_per_token(values: dict) -> tuple[float, int]:
@@ -59,22 +83,23 @@ def flops_per_token(values: dict) -> tuple[float, int]:
     """
     model_args, data_args, train_args = parse_args(to_argv(values))
     data = prepare_data(data_args, log=lambda _: None)
-    config = build_config(model_args, vocab_size=len(data.tokenizer))
+    config = build_config(model_args, vocab_size=len(data.tokenizer), task=data.summary.get("task"))
     return training_flops_per_token(config, data.summary["block_size"]), train_args.max_steps
 
 
 def plan_runs(cmp: dict) -> tuple[list[dict], dict]:
-    """The runs (kind, arm, steps) per seed and the FLOP accounting behind the equal-FLOPs budget."""
+    """The runs (kind, arm, steps) per seed and the FLOP accounting behind the equal-FLOPs budgets."""
     flops = {}
-    for arm in ARMS:
-        flops[arm], steps = flops_per_token({**cmp["base"], **cmp["arms"][arm]})
-    parse_args(to_argv(cmp["base"]))  # the base alone must parse too
-    cheap, costly = sorted(ARMS, key=lambda arm: flops[arm])
-    equal_flops_steps = max(1, math.floor(steps * flops[cheap] / flops[costly]))
-    plan = [{"kind": "equal_steps", "arm": arm, "steps": steps} for arm in ARMS]
-    plan.append({"kind": "equal_flops", "arm": costly, "steps": equal_flops_steps})
-    accounting = {"flops_per_token": flops, "steps": steps, "cheaper_arm": cheap, "costlier_arm": costly,
-                  "flop_ratio": flops[costly] / flops[cheap], "equal_flops_steps": equal_flops_steps}
+    for arm, fields in cmp["arms"].items():
+        flops[arm], steps = flops_per_token({**cmp["base"], **fields})
+    cheapest = min(flops, key=flops.get)
+    equal_flops_steps = {arm: max(1, math.floor(steps * flops[cheapest] / f)) for arm, f in flops.items()
+                         if f > flops[cheapest] and cmp["equal_flops"]}
+    plan = [{"kind": "equal_steps", "arm": arm, "steps": steps} for arm in cmp["arms"]]
+    plan += [{"kind": "equal_flops", "arm": arm, "steps": n} for arm, n in equal_flops_steps.items()]
+    accounting = {"flops_per_token": flops, "steps": steps, "cheapest_arm": cheapest,
+                  "flop_ratio": {arm: f / flops[cheapest] for arm, f in flops.items()},
+                  "equal_flops_steps": equal_flops_steps}
     return plan, accounting
 
 
@@ -82,12 +107,12 @@ def run_comparison(cmp: dict) -> dict:
     out = cmp["output_dir"]
     out.mkdir(parents=True, exist_ok=True)
     plan, accounting = plan_runs(cmp)
-    print(f"comparison {cmp['path']}: training FLOPs/token baseline {accounting['flops_per_token']['baseline']:.3e}, "
-          f"recursive {accounting['flops_per_token']['recursive']:.3e} (x{accounting['flop_ratio']:.2f}); "
-          f"equal steps: {accounting['steps']}, equal FLOPs: {accounting['costlier_arm']} gets "
-          f"{accounting['equal_flops_steps']} steps; seeds {cmp['seeds']} -> {out}", flush=True)
+    costs = ", ".join(f"{arm} {f:.3e} (x{accounting['flop_ratio'][arm]:.2f})"
+                      for arm, f in accounting["flops_per_token"].items())
+    print(f"comparison {cmp['path']}: training FLOPs/token {costs}; equal steps: {accounting['steps']}; equal FLOPs: "
+          f"{accounting['equal_flops_steps'] or 'none'}; seeds {cmp['seeds']} -> {out}", flush=True)
     runs = []
-    for seed in cmp["seeds"]:  # seeds outermost: a partial comparison already has both arms
+    for seed in cmp["seeds"]:  # seeds outermost: a partial comparison already has every arm
         for item in plan:
             label = item["arm"] if item["kind"] == "equal_steps" else f"{item['arm']}_equal_flops"
             values = {**cmp["base"], **cmp["arms"][item["arm"]], "seed": seed, "max_steps": item["steps"]}
@@ -99,22 +124,26 @@ def run_comparison(cmp: dict) -> dict:
     write_json(out / "comparison.json", payload)
     plot(payload, out / "comparison.png")
     (out / "COMPARISON.md").write_text(comparison_markdown(payload))
-    print(f"equal steps: {payload['equal_steps']['verdict']}\nequal FLOPs: {payload['equal_flops']['verdict']}\n"
-          f"wrote {out / 'comparison.json'}, {out / 'comparison.png'}, {out / 'COMPARISON.md'}", flush=True)
+    for kind in ("equal_steps", "equal_flops"):
+        for arm, v in payload[kind].items():
+            print(f"{kind.replace('_', ' ')}, {arm}: {v['verdict']}", flush=True)
+    print(f"wrote {out / 'comparison.json'}, {out / 'comparison.png'}, {out / 'COMPARISON.md'}", flush=True)
     return payload
 
 
-def verdict(label_a: str, a: list[float], label_b: str, b: list[float]) -> dict:
+def verdict(label_a: str, a: list[float], label_b: str, b: list[float], higher_is_better: bool = False) -> dict:
     """Mean ± std per side and a winner only when the gap exceeds the seed spread."""
     if not a or not b:
         return {"verdict": "incomplete: a side has no finished run", "winner": None}
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
     beyond = beyond_spread(a, b)
-    winner = (label_a if ma < mb else label_b) if beyond else None
+    a_better = ma > mb if higher_is_better else ma < mb
+    winner = (label_a if a_better else label_b) if beyond else None
     if beyond is None:
         text = "no winner: fewer than 2 seeds per side, the seed spread is unknown"
     elif winner:
-        text = f"{winner} wins: {min(ma, mb):.4f} vs {max(ma, mb):.4f}, gap {abs(ma - mb):.4f} > spread {sa + sb:.4f}"
+        best, other = (ma, mb) if a_better else (mb, ma)
+        text = f"{winner} wins: {best:.4f} vs {other:.4f}, gap {abs(ma - mb):.4f} > spread {sa + sb:.4f}"
     else:
         text = f"no winner: gap {abs(ma - mb):.4f} is within the seed spread {sa + sb:.4f}"
     return {label_a: {"mean": ma, "std": sa, "values": a}, label_b: {"mean": mb, "std": sb, "values": b},
@@ -122,52 +151,48 @@ def verdict(label_a: str, a: list[float], label_b: str, b: list[float]) -> dict:
 
 
 def comparison_payload(cmp: dict, accounting: dict, runs: list[dict]) -> dict:
-    def losses(label):
-        return [r["final_val_loss"] for r in runs if r["label"] == label and r["status"] == "finished"]
+    key, _, higher = METRICS[cmp["metric"]]
 
-    cheap, costly = accounting["cheaper_arm"], accounting["costlier_arm"]
+    def values(label):
+        return [r[key] for r in runs if r["label"] == label and r["status"] == "finished" and r.get(key) is not None]
+
+    reference, cheapest = cmp["reference"], accounting["cheapest_arm"]
+    equal_steps = {arm: verdict(reference, values(reference), arm, values(arm), higher)
+                   for arm in cmp["arms"] if arm != reference}
+    equal_flops = {arm: verdict(cheapest, values(cheapest), f"{arm}_equal_flops", values(f"{arm}_equal_flops"), higher)
+                   for arm in accounting["equal_flops_steps"]}
     return {"config": cmp["path"], "description": cmp["description"], "seeds": cmp["seeds"], "base": cmp["base"],
-            "arms": cmp["arms"], "accounting": accounting,
-            "equal_steps": verdict("baseline", losses("baseline"), "recursive", losses("recursive")),
-            "equal_flops": verdict(cheap, losses(cheap), f"{costly}_equal_flops", losses(f"{costly}_equal_flops")),
+            "arms": cmp["arms"], "reference": reference, "metric": cmp["metric"], "accounting": accounting,
+            "equal_steps": equal_steps, "equal_flops": equal_flops,
             "ln_vocab": next((r["ln_vocab"] for r in runs if r["status"] == "finished"), None),
             "runs": runs, "spread_rule": SPREAD_RULE}
 
 
 def comparison_markdown(p: dict) -> str:
     acc, runs = p["accounting"], p["runs"]
-    lines = [f"# Baseline vs recursive: {p['config']}", ""]
+    key, metric_label, higher = METRICS[p["metric"]]
+    lines = [f"# Comparison: {p['config']}", ""]
     if p["description"]:
         lines += [p["description"].strip(), ""]
-    lines += ["Both arms share every training setting (learning rate, batch, schedule, data, data order) and "
-              f"the seeds {p['seeds']}; they differ only in these model fields: baseline `{p['arms']['baseline']}`, "
-              f"recursive `{p['arms']['recursive']}`.", "",
-              "| arm | training FLOPs / token | steps (equal steps) | steps (equal FLOPs) |", "|---|---:|---:|---:|"]
-    for arm in ARMS:
-        eq = acc["equal_flops_steps"] if arm == acc["costlier_arm"] else acc["steps"]
-        lines.append(f"| {arm} | {acc['flops_per_token'][arm]:.4g} | {acc['steps']} | {eq} |")
-    lines += ["", f"The {acc['costlier_arm']} arm costs {acc['flop_ratio']:.2f}x the FLOPs per token, so at equal "
-              f"FLOPs it trains {acc['equal_flops_steps']} steps with its own full learning-rate schedule. "
-              "Recursive FLOPs count every supervision step (halting can only make it cheaper) and the "
-              "backward of the passes that carry gradient only.", ""]
-    if p["ln_vocab"]:
+    lines += [f"Every arm shares every training setting (learning rate, batch, schedule, data, data order) and the "
+              f"seeds {p['seeds']}; they differ only in model fields. The reference arm is `{p['reference']}`.", "",
+              "| arm | model fields | parameters | training FLOPs / token | steps (equal steps) | steps (equal FLOPs) |",
+              "|---|---|---:|---:|---:|---:|"]
+    for arm, fields in p["arms"].items():
+        params = next((r["parameters"] for r in runs if r["arm"] == arm and r["status"] == "finished"), None)
+        lines.append(f"| {arm} | `{fields}` | {f'{params:,}' if params else '—'} | "
+                     f"{acc['flops_per_token'][arm]:.4g} | {acc['steps']} | {acc['equal_flops_steps'].get(arm, '—')} |")
+    lines += ["", "Recursive FLOPs count every supervision step (halting can only make it cheaper) and the backward "
+              "of the passes that carry gradient only. An equal-FLOPs run spends the cheapest arm's "
+              f"(`{acc['cheapest_arm']}`) training FLOPs with its own full learning-rate schedule.", ""]
+    if p["ln_vocab"] and p["metric"] == "loss":
         lines += [f"Losses are validation cross-entropy in nats per token; chance (uniform guessing) is "
                   f"ln(vocab) = {p['ln_vocab']:.3f}.", ""]
-    lines += ["| run | seeds | val loss (mean ± std) | accuracy | tokens/s | recursion steps |",
-              "|---|---:|---|---:|---:|---:|"]
-    for label in dict.fromkeys(r["label"] for r in runs):
-        done = [r for r in runs if r["label"] == label and r["status"] == "finished"]
-        if not done:
-            lines.append(f"| {label} | 0 | failed | | | |")
-            continue
-        m, s = mean_std([r["final_val_loss"] for r in done])
-        steps = [r["recursion_steps"] for r in done if r.get("recursion_steps") is not None]
-        lines.append(f"| {label} | {len(done)} | {m:.4f} ± {s:.4f} | "
-                     f"{mean_std([r['accuracy'] for r in done])[0]:.3f} | "
-                     f"{mean_std([r['tokens_per_s'] for r in done])[0]:,.0f} | "
-                     f"{f'{sum(steps) / len(steps):.2f}' if steps else '—'} |")
-    lines += ["", f"**Equal steps:** {p['equal_steps']['verdict']}.", "",
-              f"**Equal FLOPs:** {p['equal_flops']['verdict']}.", "", f"Rule: {p['spread_rule']}."]
+    lines += run_table(p, key, metric_label, higher) + [""]
+    lines += [f"**Equal steps, {arm} vs {p['reference']}:** {v['verdict']}." for arm, v in p["equal_steps"].items()]
+    lines += [f"**Equal FLOPs, {arm} vs {acc['cheapest_arm']}:** {v['verdict']}." for arm, v in p["equal_flops"].items()]
+    lines += ["", f"Rule: {p['spread_rule']}."]
+    lines += steps_curve_table(runs)
     failed = [r for r in runs if r["status"] == "failed"]
     if failed:
         lines += ["", "## Failed runs", ""] + [f"- `{r['label']}` seed {r['seed']}: {r['error'].splitlines()[-1][:300]}"
@@ -175,19 +200,63 @@ def comparison_markdown(p: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_table(p: dict, key: str, metric_label: str, higher: bool) -> list[str]:
+    task = p["metric"] == "exact_accuracy"
+    lines = [f"| run | seeds | {metric_label} (mean ± std) | " + ("cell accuracy | " if task else "")
+             + "val loss | token accuracy | tokens/s | recursion steps |",
+             "|---|---:|---|" + ("---:|" if task else "") + "---:|---:|---:|---:|"]
+    for label in dict.fromkeys(r["label"] for r in p["runs"]):
+        done = [r for r in p["runs"] if r["label"] == label and r["status"] == "finished"]
+        if not done:
+            lines.append(f"| {label} | 0 | failed |" + (" |" if task else "") + " | | | |")
+            continue
+        m, s = mean_std([r[key] for r in done])
+        cells = f" {mean_std([r['cell_accuracy'] for r in done])[0]:.3f} |" if task else ""
+        steps = [r["recursion_steps"] for r in done if r.get("recursion_steps") is not None]
+        lines.append(f"| {label} | {len(done)} | {m:.4f} ± {s:.4f} |{cells} "
+                     f"{mean_std([r['final_val_loss'] for r in done])[0]:.4f} | "
+                     f"{mean_std([r['accuracy'] for r in done])[0]:.3f} | "
+                     f"{mean_std([r['tokens_per_s'] for r in done])[0]:,.0f} | "
+                     f"{f'{sum(steps) / len(steps):.2f}' if steps else '—'} |")
+    return lines
+
+
+def steps_curve_table(runs: list[dict]) -> list[str]:
+    """Exact accuracy after 1 .. 2 x halt_max_steps supervision steps (recursive task runs): test-time compute."""
+    curves = {}
+    for r in runs:
+        if r["status"] == "finished" and r.get("exact_accuracy_by_steps"):
+            curves.setdefault(r["label"], []).append(r["exact_accuracy_by_steps"])
+    if not curves:
+        return []
+    depth = max(len(c) for runs_ in curves.values() for c in runs_)
+    lines = ["", "## Exact accuracy by supervision steps at evaluation (mean over seeds)", "",
+             "| run | " + " | ".join(str(k) for k in range(1, depth + 1)) + " | Q-head halting (steps) |",
+             "|---|" + "---:|" * (depth + 1)]
+    for label, found in curves.items():
+        row = [mean_std([c[str(k)] for c in found if str(k) in c])[0] for k in range(1, depth + 1)]
+        q = [r for r in runs if r["label"] == label and r.get("q_head")]
+        q_text = (f"{mean_std([r['q_head']['exact_accuracy'] for r in q])[0]:.3f} "
+                  f"({mean_std([r['q_head']['mean_steps'] for r in q])[0]:.2f})") if q else "—"
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in row) + f" | {q_text} |")
+    return lines
+
+
 def plot(p: dict, path: Path) -> None:
-    """Val loss vs steps, val loss vs training FLOPs, final accuracy and tokens/s per run kind."""
+    """Val loss vs steps and vs training FLOPs, the final metric per run, and the steps curve (task runs)
+    or the throughput."""
     plt = pyplot()
+    key, metric_label, _ = METRICS[p["metric"]]
     done = [r for r in p["runs"] if r["status"] == "finished"]
     labels = list(dict.fromkeys(r["label"] for r in done))
-    colors = dict(zip(labels, ["tab:blue", "tab:orange", "tab:green", "tab:red"]))
+    colors = dict(zip(labels, plt.get_cmap("tab10").colors))
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    (by_step, by_flops), (accuracy, speed) = axes
+    (by_step, by_flops), (final, last) = axes
     for label in labels:
         runs = [r for r in done if r["label"] == label]
         steps, mean, std = mean_curve([r["eval_curve"] for r in runs])
         flops = [s * runs[0]["tokens_per_step"] * runs[0]["flops_per_token"] for s in steps]
-        # the equal-FLOPs run has its own shorter schedule: it belongs on the compute axis only
+        # an equal-FLOPs run has its own shorter schedule: it belongs on the compute axis only
         axes_here = ((by_flops, flops),) if label.endswith("_equal_flops") else ((by_step, steps), (by_flops, flops))
         for ax, x in axes_here:
             ax.plot(x, mean, marker="o", markersize=3, color=colors[label], label=label)
@@ -197,22 +266,42 @@ def plot(p: dict, path: Path) -> None:
     by_flops.set_xlabel("training FLOPs")
     by_flops.set_xscale("log")
     for ax, title in ((by_step, "Validation loss at equal steps"), (by_flops, "Validation loss at equal compute")):
-        ax.set_ylabel("validation loss (nats/token), mean ± std over seeds")
+        ax.set_ylabel("validation loss, mean ± std over seeds")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
-    for ax, key, ylabel in ((accuracy, "accuracy", "final validation token accuracy"),
-                            (speed, "tokens_per_s", "training throughput (tokens/s)")):
-        stats = [mean_std([r[key] for r in done if r["label"] == label]) for label in labels]
+        ax.legend(fontsize=8)
+    stats = [mean_std([r[key] for r in done if r["label"] == label]) for label in labels]
+    final.bar(labels, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=5,
+              color=[colors[label] for label in labels])
+    final.set_ylabel(metric_label + ", mean ± std")
+    final.set_title(metric_label.capitalize())
+    final.tick_params(axis="x", labelrotation=20, labelsize=8)
+    final.grid(axis="y", alpha=0.3)
+    plot_steps_curve(last, done, labels, colors)
+    fig.suptitle(f"{p['config']} ({len(p['seeds'])} seeds)", fontsize=10)
+    save_figure(fig, path)
+
+
+def plot_steps_curve(ax, done: list[dict], labels: list[str], colors: dict) -> None:
+    curved = [label for label in labels if any(r["label"] == label and r.get("exact_accuracy_by_steps") for r in done)]
+    if not curved:  # no recursive task run: the throughput instead
+        stats = [mean_std([r["tokens_per_s"] for r in done if r["label"] == label]) for label in labels]
         ax.bar(labels, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=5,
                color=[colors[label] for label in labels])
-        ax.set_ylabel(ylabel + ", mean ± std")
-        ax.grid(axis="y", alpha=0.3)
-    accuracy.set_title("Accuracy")
-    speed.set_title("Throughput")
-    fig.suptitle(f"Baseline vs recursive ({len(p['seeds'])} seeds): equal steps — {p['equal_steps']['verdict']}; "
-                 f"equal FLOPs — {p['equal_flops']['verdict']}", fontsize=9)
-    save_figure(fig, path)
+        ax.set_ylabel("training throughput (tokens/s), mean ± std")
+        ax.set_title("Throughput")
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        return
+    for label in curved:
+        found = [r["exact_accuracy_by_steps"] for r in done if r["label"] == label and r.get("exact_accuracy_by_steps")]
+        ks = sorted({int(k) for c in found for k in c})
+        ax.plot(ks, [mean_std([c[str(k)] for c in found if str(k) in c])[0] for k in ks], marker="o",
+                color=colors[label], label=label)
+    ax.set_xlabel("supervision steps at evaluation")
+    ax.set_ylabel("exact accuracy, mean over seeds")
+    ax.set_title("Test-time compute: accuracy by supervision steps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -72,6 +72,10 @@ class MoEReasonConfig(PretrainedConfig):
         rms_norm_eps (`float`): epsilon of every RMSNorm.
         initializer_range (`float`): standard deviation of the normal weight initialisation.
         use_cache (`bool`): return key/value caches for fast generation.
+        bidirectional (`bool`): the grid formulation of puzzle tasks (HRM/TRM): attention runs over the
+            whole sequence in both directions and position i predicts label i (no shift). A puzzle's
+            cells map to its answer's cells in one forward, so `generate` is refused; read the
+            answer as the argmax of the logits. Requires `use_cache=False`.
     """
 
     model_type = "moe_reason"
@@ -100,6 +104,7 @@ class MoEReasonConfig(PretrainedConfig):
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     use_cache: bool = True
+    bidirectional: bool = False
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -140,6 +145,8 @@ class MoEReasonConfig(PretrainedConfig):
         require(self, "router_jitter_noise", self.router_jitter_noise < 1.0, "a number in [0, 1)")
         for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
             require(self, name, getattr(self, name) > 0.0, "a number > 0")
+        require(self, "use_cache", not (self.bidirectional and self.use_cache),
+                 "False with bidirectional=True (a grid model has no left-to-right decoding to cache)")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             require(self, name, value is None or (_is_int(value) and 0 <= value < self.vocab_size),

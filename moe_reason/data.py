@@ -29,6 +29,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .configuration_moe_reason import require
+from .tasks import TaskArguments, prepare_task_data
 
 CACHE_VERSION = 2  # bump when the prepared data or the trained tokenizer would differ
 EOS_TOKEN = "<|endoftext|>"
@@ -38,7 +39,7 @@ SKIPPED_STDLIB_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache
 
 
 @dataclass
-class DataArguments:
+class DataArguments(TaskArguments):
     dataset_name: str | None = field(default=None, metadata={"help": (
         "Hub dataset id, e.g. HuggingFaceTB/smollm-corpus (exp8's). Leave unset for local files or the "
         "embedded offline default: the running Python's standard-library sources, one document per file.")})
@@ -66,6 +67,7 @@ class DataArguments:
     data_seed: int = field(default=0, metadata={"help": "Seed of the train/validation document split."})
 
     def __post_init__(self):
+        super().__post_init__()
         checks = [
             ("block_size", self.block_size > 1, "an integer > 1"),
             ("tokenizer_vocab_size", self.tokenizer_vocab_size >= 300, "an integer >= 300 (256 bytes + merges)"),
@@ -86,12 +88,18 @@ class DataArguments:
             raise ValueError("streaming=True needs max_documents: how many documents to read from the stream")
 
 
+    def sequence_length(self) -> int:
+        """Tokens per training sequence: block_size, or a task's grid cells."""
+        return self.task_size ** 2 if self.task else self.block_size
+
+
 @dataclass
 class PreparedData:
-    train: Dataset  # columns input_ids, labels: [block_size] int32 each
+    train: Dataset  # columns input_ids, labels: [block_size] int32 each (a task: PuzzleDraws, the same rows)
     validation: Dataset
     tokenizer: object  # a transformers tokenizer
     summary: dict
+    sampler: type  # orders the training examples: EpochSampler, or DrawSampler for a task's draws
 
 
 # ----------------------------------------------------------------------------
@@ -316,6 +324,8 @@ def _tokenizer_identity(name: str | None):
 
 def prepare_data(args: DataArguments, log=print) -> PreparedData:
     """Packed train/validation datasets and the tokenizer, from the cache when possible."""
+    if args.task:
+        return PreparedData(*prepare_task_data(args, log), sampler=DrawSampler)
     start = time.perf_counter()
     key = cache_key(args)
     root = Path(args.data_cache_dir).expanduser() / key
@@ -354,7 +364,7 @@ def prepare_data(args: DataArguments, log=print) -> PreparedData:
 def load_prepared(root: Path, summary: dict) -> PreparedData:
     """A complete cache entry -> PreparedData (the same objects on a hit and right after a miss)."""
     return PreparedData(load_from_disk(str(root / "train")), load_from_disk(str(root / "validation")),
-                        AutoTokenizer.from_pretrained(root / "tokenizer"), summary)
+                        AutoTokenizer.from_pretrained(root / "tokenizer"), summary, sampler=EpochSampler)
 
 
 def check_block_fits(block_size: int, config, remedy: str = "") -> None:
@@ -373,6 +383,8 @@ def check_against_model(data: PreparedData, config, vocab_remedy: str | None = N
         raise ValueError(f"the tokenizer has {data.summary['vocab_size']} tokens but the model's "
                          f"vocab_size={config.vocab_size}; {remedy}")
     for name, split in (("train", data.train), ("validation", data.validation)):
+        if not isinstance(split, Dataset):
+            continue  # a task's draws: ids come from its own tokenizer's vocabulary
         ids = flat_ids(split)
         if len(ids) and ids.max() >= config.vocab_size:
             raise ValueError(f"{name} data holds token id {int(ids.max())} >= vocab_size={config.vocab_size}")
@@ -402,6 +414,14 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.num_blocks
+
+
+class DrawSampler(EpochSampler):
+    """EpochSampler's order, with indices offset by epoch x N: a task's `PuzzleDraws` reads the
+    offset as "draw a fresh augmentation for this epoch"."""
+
+    def __iter__(self):
+        return (self.epoch * self.num_blocks + i for i in super().__iter__())
 
 
 def collate_blocks(rows: list[dict]) -> dict:

@@ -2,12 +2,16 @@
 
     python -m moe_reason.evaluate --model_path outputs/run/final                 # the default corpus
     python -m moe_reason.evaluate --model_path DIR --data_files docs/ --split train --max_blocks 200
+    python -m moe_reason.evaluate --model_path outputs/sudoku/final [--task_file puzzles.csv]   # a task model
 
 The data arguments are the trainer's (`DataArguments`): the same ones reproduce the same
 document split, so `--max_blocks` = the trainer's eval_batches x per_device_eval_batch_size
 reproduces its validation loss. The tokenizer defaults to the one in `--model_path`.
 Prints and writes JSON: loss, perplexity, token accuracy, tokens evaluated, ln(vocab), and
 for recursive models the mean recursion (supervision) steps.
+
+A model trained with `--task` is scored on puzzles instead (`task_eval.evaluate_puzzles`): the held-out
+test puzzles of its training, regenerated from the settings in its config, or a `--task_file`.
 """
 
 import json
@@ -21,7 +25,11 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, HfArgumentParser
 
 from .configuration_moe_reason import require
+from .layout import TASK_EVAL
 from .data import DataArguments, check_against_model, collate_blocks, prepare_data
+from .task_eval import evaluate_puzzles
+from .task_files import read_sudoku_file
+from .tasks import load_or_generate, make_task
 from .metrics import summarise_eval
 from .modeling_moe_reason import next_token_statistics
 from .safe_loading import from_pretrained
@@ -36,8 +44,13 @@ class EvaluateArguments:
     batch_size: int = field(default=8, metadata={"help": "Blocks per forward."})
     max_blocks: int = field(default=0, metadata={"help": "Evaluate the first N blocks of the split (0 = all)."})
     output_file: str | None = field(default=None, metadata={"help": (
-        "Where to write the JSON result; default: MODEL_PATH/eval_SPLIT.json.")})
+        "Where to write the JSON result; default: MODEL_PATH/eval_SPLIT.json (eval_task.json for a task model).")})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (a GPU when there is one)."})
+    task_file: str | None = field(default=None, metadata={"help": (
+        "Sudoku puzzles to score a task model on: a text file of one puzzle per line (81 characters, '.' or "
+        "'0' for a blank, optionally ',' and the solution) or a CSV with question/answer, puzzle/solution, "
+        "quizzes/solutions or unsolved/solved columns. Default: the model's held-out test puzzles.")})
+    max_puzzles: int = field(default=0, metadata={"help": "Score the first N puzzles (0 = all)."})
 
     def __post_init__(self):
         require(self, "split", self.split in SPLITS, f"one of {SPLITS}")
@@ -49,10 +62,10 @@ class EvaluateArguments:
 
 
 @torch.no_grad()
-def evaluate_model(model, batches, vocab_size: int, gather=lambda t: t, progress: bool = False) -> dict:
-    """Loss, perplexity, accuracy (and recursion steps) over `batches`; `gather` joins ranks' tensors.
+def evaluate_model(model, batches, config, gather=lambda t: t, progress: bool = False) -> dict:
+    """Loss, perplexity, accuracy, exact match (and recursion steps) over `batches`; `gather` joins ranks' tensors.
 
-    `model` may be wrapped (DDP, a DeepSpeed engine), so the vocabulary size is passed in.
+    `model` may be wrapped (DDP, a DeepSpeed engine), so its config is passed in.
     Statistics are computed from fp32 logits and summed in float64, never in bf16.
     """
     was_training = model.training
@@ -60,11 +73,11 @@ def evaluate_model(model, batches, vocab_size: int, gather=lambda t: t, progress
     stats, recursion_steps = [], []
     for batch in tqdm(batches, desc="evaluating", disable=not progress, dynamic_ncols=True):
         out = model(input_ids=batch["input_ids"], use_cache=False)
-        stats.append(gather(next_token_statistics(out.logits, batch["labels"])))
+        stats.append(gather(next_token_statistics(out.logits, batch["labels"], shift=not config.bidirectional)))
         if getattr(out, "recursion_steps", None) is not None:
             recursion_steps.append(gather(out.recursion_steps.float().reshape(-1)))
     model.train(was_training)
-    result = summarise_eval(torch.cat(stats), vocab_size)
+    result = summarise_eval(torch.cat(stats), config.vocab_size)
     if recursion_steps:
         result["recursion_steps"] = float(torch.cat(recursion_steps).mean())
     return result
@@ -80,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if eval_args.device == "auto"
                           else eval_args.device)
     model = from_pretrained(AutoModelForCausalLM, eval_args.model_path).to(device)
+    if data_args.task or eval_args.task_file or getattr(model.config, "task", None):
+        return write_result(eval_args, TASK_EVAL, evaluate_task(eval_args, data_args, model))
     data = prepare_data(data_args, log=lambda msg: print(msg, file=sys.stderr))
     check_against_model(data, model.config, vocab_remedy=(
         "evaluate with the tokenizer the model was trained with: leave --tokenizer_name unset to use the one "
@@ -90,8 +105,40 @@ def main(argv: list[str] | None = None) -> dict:
     loader = DataLoader(split, batch_size=eval_args.batch_size, collate_fn=collate_blocks)
     batches = ({k: v.to(device) for k, v in batch.items()} for batch in loader)
     result = {"model_path": eval_args.model_path, "model_type": model.config.model_type, "split": eval_args.split,
-              "blocks": len(split), **evaluate_model(model, batches, model.config.vocab_size, progress=True)}
-    output = Path(eval_args.output_file or Path(eval_args.model_path) / f"eval_{eval_args.split}.json")
+              "blocks": len(split), **evaluate_model(model, batches, model.config, progress=True)}
+    return write_result(eval_args, f"eval_{eval_args.split}.json", result)
+
+
+def evaluate_task(eval_args, data_args, model) -> dict:
+    """A task model on a --task_file or on the held-out test puzzles of its training -> the figures."""
+    settings = getattr(model.config, "task", None)
+    if not settings:
+        raise ValueError(f"{eval_args.model_path} was not trained on a task (its config has no `task`): evaluate it "
+                         "on text, without --task and --task_file")
+    if data_args.task and data_args.task != settings["task"]:
+        raise ValueError(f"--task {data_args.task}: {eval_args.model_path} was trained on {settings['task']}")
+    task = make_task(settings)
+    if eval_args.task_file:
+        if settings["task"] != "sudoku":
+            raise ValueError(f"--task_file reads Sudoku collections; {eval_args.model_path} is a {settings['task']} model")
+        puzzles, references = read_sudoku_file(eval_args.task_file)
+        if puzzles.shape[1] != task.n:
+            raise ValueError(f"{eval_args.task_file}: {puzzles.shape[1]}x{puzzles.shape[1]} puzzles, but the model "
+                             f"was trained on {task.n}x{task.n}")
+        source = eval_args.task_file
+    else:
+        cached = DataArguments(**settings, data_cache_dir=data_args.data_cache_dir)
+        puzzles, references = load_or_generate(cached, log=lambda msg: print(msg, file=sys.stderr))[0]["test"]
+        source = "held-out test puzzles"
+    if eval_args.max_puzzles:
+        puzzles = puzzles[:eval_args.max_puzzles]
+        references = None if references is None else references[:eval_args.max_puzzles]
+    return {"model_path": eval_args.model_path, "model_type": model.config.model_type, "task": settings,
+            "source": source, **evaluate_puzzles(model, task, puzzles, references, eval_args.batch_size)}
+
+
+def write_result(eval_args, name: str, result: dict) -> dict:
+    output = Path(eval_args.output_file or Path(eval_args.model_path) / name)
     output.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return result

@@ -29,7 +29,8 @@ from transformers import HfArgumentParser
 
 from .arguments import ARGUMENT_CLASSES, ModelArguments, load_mapping, to_argv
 from .checkpointing import complete_checkpoints
-from .layout import METRICS, RESULTS
+from .evaluate import main as evaluate_main
+from .layout import FINAL, METRICS, RESULTS, TASK_EVAL
 from .train import main as train_main
 
 LAUNCHERS = ("in_process", "accelerate")
@@ -148,6 +149,8 @@ def run_training(name: str, values: dict, run_dir: Path, launcher: str = "in_pro
     values = {**values, "output_dir": str(run_dir)}
     spec = {"values": values, "launcher": launcher, "accelerate_config": accelerate_config}
     if (run_dir / RESULTS).is_file() and _spec_of(run_dir) == spec:
+        if values.get("task") and not (run_dir / FINAL / TASK_EVAL).is_file():
+            score_task_run(run_dir, values)  # trained, but stopped before its scoring
         record = collect_run(run_dir)
         print(f"[skip] {name}: finished earlier, val loss {record['final_val_loss']:.4f}", flush=True)
         return {**record, "name": name, "status": "finished", "skipped": True}
@@ -168,11 +171,22 @@ def run_training(name: str, values: dict, run_dir: Path, launcher: str = "in_pro
         print(f"[FAILED] {name} after {wall:.0f} s: {error.splitlines()[-1][:300]} (log: {run_dir / 'train.log'})",
               flush=True)
         return {"name": name, "status": "failed", "error": error, "output_dir": str(run_dir), "wall_seconds": wall}
+    if values.get("task"):
+        score_task_run(run_dir, values)
     record = collect_run(run_dir)
     print(f"[done] {name}: val loss {record['final_val_loss']:.4f}, ppl {record['perplexity']:.1f}, "
           f"acc {record['accuracy']:.3f}, {record['tokens_per_s']:,.0f} tok/s, {wall:.0f} s"
           f"{', NON-FINITE values seen' if record['nan'] else ''}", flush=True)
     return {**record, "name": name, "status": "finished", "skipped": False}
+
+
+def score_task_run(run_dir: Path, values: dict) -> None:
+    """A task run's export scored on the held-out puzzles of its training -> final/eval_task.json."""
+    argv = ["--model_path", str(run_dir / FINAL), "--batch_size", "256"]
+    if values.get("data_cache_dir"):
+        argv += ["--data_cache_dir", str(values["data_cache_dir"])]
+    with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        evaluate_main(argv)
 
 
 def _spec_of(run_dir: Path):
@@ -245,7 +259,18 @@ def collect_run(run_dir) -> dict:
         "grad_norm_curve": [[r["step"], r["train/grad_norm"]] for r in train],
         "eval_curve": [[r["step"], r["eval/loss"], r["eval/accuracy"]] for r in evals],
         "nan": nan,
+        **task_figures(run_dir),
     }
+
+
+def task_figures(run_dir: Path) -> dict:
+    """exact_accuracy, cell_accuracy, exact_accuracy_by_steps and q_head of a scored task run ({} otherwise)."""
+    scored = run_dir / FINAL / TASK_EVAL
+    if not scored.is_file():
+        return {}
+    result = json.loads(scored.read_text())
+    return {k: result[k] for k in ("exact_accuracy", "cell_accuracy", "exact_accuracy_by_steps", "q_head", "puzzles")
+            if k in result}
 
 
 # ----------------------------------------------------------------------------

@@ -7,7 +7,8 @@
       tensorboard/             Accelerate's TensorBoard tracker
       checkpoint-STEP/         accelerator.save_state + trainer_state.json
                                (+ expert_shard_R_of_N.safetensors per expert-parallel rank)
-      best/  final/            exported models (save_pretrained)
+                               (+ ema.safetensors: the weights' moving average, with --ema_decay)
+      best/  final/            exported models (save_pretrained); a task model's scores: final/eval_task.json
       run.lock, run.lock.json  held by the live run (flock, released by the kernel when it ends), and who it is
 
 A folder being written is NAME.tmp; a checkpoint counts only once its trainer_state.json is in place.
@@ -21,7 +22,9 @@ METRICS = "metrics.jsonl"
 RESULTS = "train_results.json"
 TENSORBOARD = "tensorboard"
 TRAINER_STATE = "trainer_state.json"
+EMA_WEIGHTS = "ema.safetensors"
 BEST, FINAL = "best", "final"
+TASK_EVAL = "eval_task.json"  # a task model's puzzle scores, written into its export folder by evaluate
 RUN_LOCK, RUN_LOCK_OWNER = "run.lock", "run.lock.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 EXPERT_SHARD = re.compile(r"^expert_shard_(\d+)_of_(\d+)\.safetensors$")

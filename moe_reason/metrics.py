@@ -107,11 +107,14 @@ class ExpertLoadMeter:
 
 
 def summarise_eval(stats: torch.Tensor, vocab_size: int) -> dict[str, float]:
-    """Summed [N, 3] statistics -> loss, perplexity, accuracy, tokens, ln(vocab)."""
+    """Per-sequence [N, 3] statistics -> loss, perplexity, token accuracy, exact match (the share of
+    sequences with every labelled token right: a puzzle solved), tokens, ln(vocab)."""
     nll, tokens, correct = stats.double().sum(0).tolist()
     loss = nll / max(tokens, 1.0)
+    labelled = stats[:, 1] > 0
+    exact = float((stats[labelled, 2] == stats[labelled, 1]).double().mean()) if labelled.any() else 0.0
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct / max(tokens, 1.0),
-            "tokens": int(tokens), "ln_vocab": math.log(vocab_size)}
+            "exact_match": exact, "tokens": int(tokens), "ln_vocab": math.log(vocab_size)}
 
 
 def rank_load_summary(accelerator, rank_rows: torch.Tensor | None) -> dict:

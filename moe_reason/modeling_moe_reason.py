@@ -18,7 +18,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -81,7 +81,8 @@ def apply_rotary(q, k, cos, sin):
 
 
 class MoEReasonAttention(nn.Module):
-    """Causal self-attention with rotary embeddings and grouped-query heads.
+    """Causal self-attention (bidirectional with `config.bidirectional`) with rotary embeddings and
+    grouped-query heads.
 
     Q, K and V come from one fused projection (one matmul instead of three). The
     kernel is transformers' attention interface chosen by `config._attn_implementation`
@@ -97,7 +98,7 @@ class MoEReasonAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_kv_heads  # read by transformers' kernels
         self.scaling = self.head_dim**-0.5
-        self.is_causal = True
+        self.is_causal = not config.bidirectional
         self.qkv_proj = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
@@ -333,7 +334,7 @@ class MoEReasonModel(MoEReasonPreTrainedModel):
         return self.embed_dropout(self.embed_tokens(input_ids) * self.embed_scale)
 
     def prepare_positions(self, inputs_embeds, attention_mask, position_ids, cache):
-        """Position ids, the (cos, sin) tables and the 4-D causal/padding mask for one forward."""
+        """Position ids, the (cos, sin) tables and the 4-D causal (or bidirectional) padding mask for one forward."""
         past = cache.get_seq_length() if cache is not None else 0
         if past + inputs_embeds.shape[1] > self.config.max_position_embeddings:
             raise ValueError(
@@ -341,8 +342,12 @@ class MoEReasonModel(MoEReasonPreTrainedModel):
                 f"max_position_embeddings={self.config.max_position_embeddings}")
         if position_ids is None:
             position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
-        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  cache=cache, position_ids=position_ids)
+        if self.config.bidirectional:
+            mask = create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds,
+                                             attention_mask=attention_mask)
+        else:
+            mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      cache=cache, position_ids=position_ids)
         return self.rotary_emb(position_ids, inputs_embeds.dtype), mask
 
     def decode(self, hidden_states, position_embeddings, mask, cache=None, output_hidden_states=False,
@@ -428,13 +433,14 @@ def router_z_loss(router_logits, token_mask=None) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+def next_token_targets(labels: torch.Tensor, shift: bool = True) -> torch.Tensor:
     """labels [B, S] -> the label each position predicts [B, S]; the last position predicts nothing (-100).
 
     The labels are shifted rather than the logits: slicing [B, S, V] logits would cost a copy
-    forward and a zero-filled one backward.
+    forward and a zero-filled one backward. Without `shift` (the grid formulation, see
+    `config.bidirectional`) each position predicts its own label.
     """
-    return F.pad(labels[:, 1:], (0, 1), value=-100)
+    return F.pad(labels[:, 1:], (0, 1), value=-100) if shift else labels
 
 
 def sequence_sums(nll: torch.Tensor, valid: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
@@ -442,13 +448,13 @@ def sequence_sums(nll: torch.Tensor, valid: torch.Tensor, correct: torch.Tensor)
     return torch.stack([(nll * valid).sum(1), valid.sum(1).float(), (correct & valid).sum(1).float()], dim=1)
 
 
-def next_token_statistics(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def next_token_statistics(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> torch.Tensor:
     """Per sequence [B, 3]: summed next-token NLL (fp32), labelled positions, right argmax predictions.
 
-    logits [B, S, V] predict labels shifted by one; positions labelled -100 are left out.
+    logits [B, S, V] predict labels shifted by one (unless not `shift`); positions labelled -100 are left out.
     """
     B, S, V = logits.shape
-    targets = next_token_targets(labels)  # [B, S]
+    targets = next_token_targets(labels, shift)  # [B, S]
     valid = targets != -100
     nll = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=-100,
                           reduction="none").view(B, S)  # 0 where ignored
@@ -456,7 +462,7 @@ def next_token_statistics(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 
 def next_token_loss(lm_head: "MoEReasonLMHead", hidden: torch.Tensor, labels: torch.Tensor,
-                    per_sequence: bool = False, num_items_in_batch=None):
+                    per_sequence: bool = False, num_items_in_batch=None, shift: bool = True):
     """The training loss straight from the hidden states: the [B, S, V] logits are never formed.
 
     hidden [B, S, H], labels [B, S] (unshifted; -100 is ignored) -> (loss, statistics):
@@ -466,7 +472,7 @@ def next_token_loss(lm_head: "MoEReasonLMHead", hidden: torch.Tensor, labels: to
       statistics [B, 3] as `next_token_statistics`, without gradient.
     """
     B, S, H = hidden.shape
-    targets = next_token_targets(labels)  # [B, S]
+    targets = next_token_targets(labels, shift)  # [B, S]
     valid = targets != -100
     if per_sequence:
         denominator = valid.sum(1, keepdim=True).clamp(min=1)  # [B, 1]
@@ -572,11 +578,18 @@ class MoEReasonForCausalLM(MoEReasonPreTrainedModel, GenerationMixin):
             loss = loss + self.config.router_z_loss_coef * z
         return loss
 
+    def generate(self, *args, **kwargs):
+        if self.config.bidirectional:
+            raise ValueError("generate does not apply to a grid model (config.bidirectional=True): it predicts every "
+                             "cell of the answer in one forward. Take the argmax of model(input_ids).logits, or "
+                             "run python -m moe_reason.evaluate --model_path DIR --task ...")
+        return super().generate(*args, **kwargs)
+
     @deprecate_kwarg("past_key_values", "6.0", new_name="cache")
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
                 logits_to_keep: int = 0, **kwargs) -> MoEReasonCausalLMOutput:
-        """Labels are the inputs (shifted here); positions labelled -100 are ignored.
+        """Labels are the inputs (shifted here, unless `config.bidirectional`); positions labelled -100 are ignored.
 
         In training mode with labels, only the loss is needed: it is computed from the hidden
         states chunk by chunk (`next_token_loss`) and `logits` is None. The [B, S, V] logits, their
@@ -592,13 +605,18 @@ class MoEReasonForCausalLM(MoEReasonPreTrainedModel, GenerationMixin):
         hidden = out.last_hidden_state if logits_to_keep == 0 else out.last_hidden_state[:, -logits_to_keep:]
         aux, z = self.router_losses(out.router_logits, out.selected_experts, attention_mask)
         logits = lm_loss = loss = None
+        shift = not self.config.bidirectional
         if labels is not None and self.training:
-            lm_loss, _ = next_token_loss(self.lm_head, hidden, labels, num_items_in_batch=num_items_in_batch)
+            lm_loss, _ = next_token_loss(self.lm_head, hidden, labels, num_items_in_batch=num_items_in_batch,
+                                         shift=shift)
         else:
             logits = self.lm_head(hidden)  # [B, S, V]
-            if labels is not None:
+            if labels is not None and shift:
                 lm_loss = self.loss_function(logits, labels, self.config.vocab_size,
                                              num_items_in_batch=num_items_in_batch)
+            elif labels is not None:
+                stats = next_token_statistics(logits, labels, shift=False)
+                lm_loss = stats[:, 0].sum() / stats[:, 1].sum().clamp(min=1)
         if labels is not None:
             loss = self.combine_losses(lm_loss, aux, z)
         return MoEReasonCausalLMOutput(

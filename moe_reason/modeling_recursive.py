@@ -232,13 +232,14 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         training with labels the logits are not needed: the rest comes from `next_token_loss`
         chunk by chunk, and no [b, S, V] tensor is formed.
         """
+        shift = not self.config.bidirectional
         if labels is not None and self.training:
-            lm_term, stats = next_token_loss(self.lm_head, z_H, labels, per_sequence=True)
+            lm_term, stats = next_token_loss(self.lm_head, z_H, labels, per_sequence=True, shift=shift)
             return None, stats, lm_term
         logits = self.lm_head(z_H if labels is not None or logits_to_keep == 0 else z_H[:, -logits_to_keep:])
         if labels is None:
             return logits, None, None
-        stats = next_token_statistics(logits, labels)
+        stats = next_token_statistics(logits, labels, shift)
         return logits, stats.detach(), (stats[:, 0] / stats[:, 1].clamp(min=1)).sum()
 
     # ---- keeping the ranks of a distributed run in step

@@ -12,6 +12,7 @@ step to the next is the `TrainState`, and that is what a checkpoint's trainer_st
 Expert parallelism is one object built at set-up (`make_expert_parallel`), a no-op at size 1.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,6 +30,7 @@ import torch
 from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from filelock import FileLock, Timeout
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -37,15 +39,18 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from .arguments import ARGUMENT_CLASSES, build_config, parse_args, resolve_global_batch
 from .checkpointing import (export_model, load_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint,
                             unfinished_checkpoints_after)
-from .data import EpochSampler, check_against_model, check_block_fits, collate_blocks, prepare_data
+from .data import check_against_model, check_block_fits, collate_blocks, prepare_data
 from .evaluate import evaluate_model
+from .ema import WeightEMA
 from .expert_parallel import make_expert_parallel
-from .layout import (BEST, FINAL, METRICS, RESULTS, RUN_ARGS, RUN_LOCK, RUN_LOCK_OWNER, complete_checkpoints,
-                     run_outputs)
-from .modeling_recursive import RecursiveMoEReasonForCausalLM
+from .layout import (BEST, EMA_WEIGHTS, FINAL, METRICS, RESULTS, RUN_ARGS, RUN_LOCK, RUN_LOCK_OWNER,
+                     complete_checkpoints, run_outputs)
 from .metrics import LogWindow, any_nonfinite, measure_peak_flops, training_flops_per_token
+from .modeling_recursive import RecursiveMoEReasonForCausalLM
 from .optim import make_optimizer_and_scheduler
 from .safe_loading import from_pretrained
+from .task_eval import predict_answers
+from .tasks import make_task, render
 
 # arguments that may change between a run and its resumption (the rest must match run_args.json)
 RESUMABLE_ARGUMENTS = ("resume_from_checkpoint", "overwrite_output_dir", "max_steps", "local_rank", "cpu_threads")
@@ -247,8 +252,10 @@ def zero_stage(accelerator) -> int | None:
 
 def build_model(model_args, args, data, accelerator, expert_parallel):
     """The model for this run's tokenizer, this rank's experts kept under expert parallelism -> (model, config)."""
-    config = build_config(model_args, vocab_size=len(data.tokenizer))
-    config.eos_token_id = config.pad_token_id = data.tokenizer.eos_token_id
+    config = build_config(model_args, vocab_size=len(data.tokenizer), task=data.summary.get("task"))
+    config.eos_token_id = data.tokenizer.eos_token_id
+    config.pad_token_id = data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None else \
+        data.tokenizer.eos_token_id
     config.bos_token_id = data.tokenizer.bos_token_id
     check_against_model(data, config)
     if model_args.init_from:
@@ -275,7 +282,7 @@ def build_model(model_args, args, data, accelerator, expert_parallel):
 def make_loaders(data, args, num_processes: int) -> tuple[DataLoader, DataLoader]:
     """Training loader (seeded epoch order, resumable) and the fixed validation slice."""
     train_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, drop_last=True,
-                              sampler=EpochSampler(len(data.train), args.seed), collate_fn=collate_blocks,
+                              sampler=data.sampler(len(data.train), args.seed), collate_fn=collate_blocks,
                               generator=torch.Generator().manual_seed(args.seed))
     # the validation set is a fixed slice of blocks, the same whatever the number of processes
     eval_blocks = len(data.validation) if args.eval_batches == 0 else \
@@ -298,6 +305,16 @@ def print_sample(folder: Path, prompt: str, tokens: int) -> str:
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def solved_sample(folder: Path, puzzle_tokens: list[int]) -> str:
+    """The first held-out puzzle and the exported task model's answer, judged by the task's validator."""
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    task = make_task(model.config.task)
+    puzzle = task.from_tokens(puzzle_tokens)
+    answer = predict_answers(model, task, puzzle[None])[0][0]
+    verdict = "solved" if task.is_valid(puzzle, answer) else "not solved"
+    return f"sample puzzle:\n{render(task, puzzle)}\nthe model's answer ({verdict}):\n{render(task, answer)}"
 
 
 # ----------------------------------------------------------------------------
@@ -354,15 +371,20 @@ class Trainer:
         self.run_args = run_arguments(self.model_args, self.data_args, args)
         check_output_dir(args, self.run_args)
         checkpoint = resolve_checkpoint(self.out, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
-        config = build_config(self.model_args)  # invalid model fields fail here
-        check_block_fits(self.data_args.block_size, config, f" (--model_preset {self.model_args.model_preset}): "
-                         f"pass --block_size {config.max_position_embeddings} or less, or --max_position_embeddings")
+        task = self.data_args.task_settings() if self.data_args.task else None
+        config = build_config(self.model_args, task=task)  # invalid model fields fail here
+        check_block_fits(self.data_args.sequence_length(), config,
+                         f" (--model_preset {self.model_args.model_preset}): pass --max_position_embeddings "
+                         f"{self.data_args.sequence_length()} or more" + ("" if task else ", or a smaller --block_size"))
         num_experts = config.num_experts
         resolve_global_batch(args, int(os.environ.get("WORLD_SIZE", "1")))
         self.accelerator = accelerator = make_accelerator(args)
         configure_device(accelerator, args)
         self.is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         check_model_under_zero(self.model_args.model_type, zero_stage(accelerator))
+        if args.ema_decay and (zero_stage(accelerator) == 3 or args.expert_parallel_size > 1):
+            raise ValueError("--ema_decay needs every rank to hold the whole model: not with ZeRO-3 or "
+                             "--expert_parallel_size > 1 (use ZeRO-2 or DDP with expert_parallel_size 1)")
         self.expert_parallel = make_expert_parallel(args.expert_parallel_size, num_experts, accelerator.num_processes,
                                                     zero_stage(accelerator))
         if checkpoint is not None:
@@ -392,6 +414,7 @@ class Trainer:
         # its few numbers are saved in trainer_state.json (`save`)
         self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
             model, optimizer, train_loader, eval_loader)
+        self.ema = WeightEMA(accelerator.unwrap_model(self.model), args.ema_decay) if args.ema_decay else None
 
     def resume(self, checkpoint: Path) -> None:
         """Model, optimizer, schedule, RNG and the loop's state from a checkpoint, on the same or another
@@ -402,6 +425,10 @@ class Trainer:
             accelerator.print(f"{', '.join(p.name for p in unfinished)}: no trainer_state.json (the save did not "
                               f"finish); resuming from the newest complete checkpoint, {checkpoint.name}")
         saved = load_checkpoint(accelerator, self.model, checkpoint, self.expert_parallel)
+        if self.ema is not None:
+            if not (checkpoint / EMA_WEIGHTS).is_file():
+                raise ValueError(f"{checkpoint} holds no {EMA_WEIGHTS}: it was saved without --ema_decay")
+            self.ema.load_state_dict(load_file(checkpoint / EMA_WEIGHTS), str(checkpoint / EMA_WEIGHTS))
         self.state.load_state_dict(saved)
         self.state.last_save = self.state.step
         if "batches_in_epoch" in saved:  # an older checkpoint counted micro-batches per process
@@ -517,6 +544,8 @@ class Trainer:
                     ok = ok and (math.isfinite(grad_norm) or self.is_deepspeed)
                     if ok:
                         self.optimizer.step()
+                        if self.ema is not None:
+                            self.ema.update()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scheduler.step()
             if accelerator.sync_gradients:
@@ -552,11 +581,12 @@ class Trainer:
     def evaluate(self) -> dict:
         """Loss, perplexity and accuracy on the fixed validation slice; a new best is exported to best/."""
         state = self.state
-        result = evaluate_model(self.model, self.eval_loader, self.config.vocab_size,
-                                self.accelerator.gather_for_metrics)
+        with self.ema_applied():
+            result = evaluate_model(self.model, self.eval_loader, self.config, self.accelerator.gather_for_metrics)
         self.log({f"eval/{k}": v for k, v in result.items()})
         self.accelerator.print(f"step {state.step}: val loss {result['loss']:.4f} (ln vocab {result['ln_vocab']:.2f}), "
-                               f"ppl {result['perplexity']:.1f}, acc {result['accuracy']:.3f}")
+                               f"ppl {result['perplexity']:.1f}, acc {result['accuracy']:.3f}"
+                               + (f", puzzles solved {result['exact_match']:.3f}" if self.data_args.task else ""))
         state.last_eval = {"step": state.step, **result}
         if state.best_val_loss is None or result["loss"] < state.best_val_loss:
             state.best_val_loss = result["loss"]
@@ -571,13 +601,20 @@ class Trainer:
         trainer_state = {**self.state.state_dict(), LR_SCHEDULER: self.scheduler.state_dict()}
         folder = save_checkpoint(self.accelerator, self.out, self.state.step, trainer_state,
                                  self.args.save_total_limit, self.accelerator.unwrap_model(self.model),
-                                 self.expert_parallel)
+                                 self.expert_parallel, {EMA_WEIGHTS: self.ema.state_dict()} if self.ema else None)
         self.window.restart_clock()
         return folder
 
     def export(self, name: str) -> Path:
-        """The full model (gathered under ZeRO-3 and expert parallelism) as OUTPUT_DIR/name, for from_pretrained."""
-        return export_model(self.accelerator, self.model, self.data.tokenizer, self.out / name, self.expert_parallel)
+        """The full model (gathered under ZeRO-3 and expert parallelism; the moving average with --ema_decay) as
+        OUTPUT_DIR/name, for from_pretrained."""
+        with self.ema_applied():
+            return export_model(self.accelerator, self.model, self.data.tokenizer, self.out / name,
+                                self.expert_parallel)
+
+    def ema_applied(self):
+        """The weights evaluation and exports see: the moving average with --ema_decay, else the raw ones."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def stopped(self) -> dict:
         step = self.state.step
@@ -607,7 +644,9 @@ class Trainer:
             self.accelerator.print(f"done: {state.step} steps in {wall / 60:.1f} min; final val loss "
                                    f"{final_eval['loss']:.4f} vs ln(vocab) {final_eval['ln_vocab']:.2f}; "
                                    f"exported {self.out / FINAL}")
-            if args.sample_tokens:
+            if self.data_args.task:
+                self.accelerator.print(solved_sample(self.out / FINAL, self.data.validation[0]["input_ids"]))
+            elif args.sample_tokens:
                 self.accelerator.print("sample:\n" + print_sample(self.out / FINAL, args.sample_prompt,
                                                                   args.sample_tokens))
         self.accelerator.end_training()

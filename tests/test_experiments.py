@@ -182,11 +182,12 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
     recursive = RecursiveMoEReasonConfig.from_preset("debug", vocab_size=320, h_cycles=1, l_cycles=1,
                                                      halt_max_steps=2)
     assert acc["flops_per_token"]["recursive"] == training_flops_per_token(recursive, 32)
-    assert acc["costlier_arm"] == "recursive"
-    assert acc["equal_flops_steps"] == int(6 * acc["flops_per_token"]["baseline"] / acc["flops_per_token"]["recursive"])
+    assert acc["cheapest_arm"] == "baseline"
+    equal_flops = int(6 * acc["flops_per_token"]["baseline"] / acc["flops_per_token"]["recursive"])
+    assert acc["equal_flops_steps"] == {"recursive": equal_flops}
     runs = payload["runs"]
     assert sorted({(r["label"], r["steps"]) for r in runs}) == [
-        ("baseline", 6), ("recursive", 6), ("recursive_equal_flops", acc["equal_flops_steps"])]
+        ("baseline", 6), ("recursive", 6), ("recursive_equal_flops", equal_flops)]
     assert all(r["status"] == "finished" for r in runs) and len(runs) == 6
     # identical data order and settings: a run's config differs from its counterpart only in model fields
     base0 = next(r for r in runs if r["label"] == "baseline" and r["seed"] == 0)["config"]
@@ -194,9 +195,10 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
     assert {k for k in base0.keys() | rec0.keys() if base0.get(k) != rec0.get(k)} == \
         {"model_type", "h_cycles", "l_cycles", "halt_max_steps"}
     for side in ("equal_steps", "equal_flops"):
-        assert payload[side]["verdict"] and payload[side]["beyond_seed_spread"] in (True, False)
+        assert payload[side]["recursive"]["verdict"] and payload[side]["recursive"]["beyond_seed_spread"] in (True, False)
     report = (out / "COMPARISON.md").read_text()
-    assert "Equal steps:" in report and "Equal FLOPs:" in report and "ln(vocab)" in report
+    assert "Equal steps, recursive vs baseline:" in report and "Equal FLOPs, recursive vs baseline:" in report
+    assert "ln(vocab)" in report
 
 
 def test_compare_refuses_training_settings_in_an_arm(tmp_path):
@@ -209,7 +211,8 @@ def test_compare_refuses_training_settings_in_an_arm(tmp_path):
 def test_equal_flops_budget_gives_the_costlier_arm_fewer_steps(tmp_path, corpus):
     cmp = load_comparison_for(tmp_path, corpus, recursive={"h_cycles": 2, "l_cycles": 2, "halt_max_steps": 2})
     plan, acc = plan_runs(cmp)
-    assert acc["flop_ratio"] > 4 and acc["equal_flops_steps"] == int(acc["steps"] / acc["flop_ratio"])
+    ratio = acc["flop_ratio"]["recursive"]
+    assert ratio > 4 and acc["equal_flops_steps"] == {"recursive": int(acc["steps"] / ratio)}
     assert [p["kind"] for p in plan] == ["equal_steps", "equal_steps", "equal_flops"]
 
 

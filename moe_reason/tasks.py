@@ -1,0 +1,288 @@
+"""Reasoning tasks (Sudoku, mazes) as training data: the task interface, disjoint train/test splits,
+a fresh draw of augmented puzzles every epoch, a character tokenizer, and the on-disk cache.
+
+A puzzle and its answer are grids of cell codes; as tokens they are the grid read row by row
+(token = code, 0 = padding). The formulation is HRM/TRM's grid: the model reads the puzzle and
+predicts the answer's cell at every position (`config.bidirectional`).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast
+
+from . import maze, sudoku
+from .configuration_moe_reason import require
+
+TASKS = ("sudoku", "maze")
+TASK_CACHE_VERSION = 1  # bump when generated puzzles for the same arguments would differ
+PAD_TOKEN = "<pad>"
+
+
+@dataclass
+class TaskArguments:
+    task: str | None = field(default=None, metadata={"help": (
+        f"Train on a generated reasoning task instead of text: one of {TASKS}. The model then reads the whole "
+        "puzzle (bidirectional attention) and predicts the answer's cell at every position (HRM/TRM's grid "
+        "formulation); the validation set is the held-out test puzzles.")})
+    task_size: int | None = field(default=None, metadata={"help": (
+        "Grid side: Sudoku 4, 6 or 9 (default 9); maze n x n (default 8).")})
+    sudoku_blanks: int = field(default=45, metadata={"help": (
+        "Blank cells per Sudoku (difficulty), kept only while the solution stays unique. At 9x9, 45 blanks "
+        "need about 4.5 rounds of single-candidate filling and no guessing; 55 need about 10, and a quarter "
+        "need backtracking. The measured rounds are in the data summary.")})
+    maze_min_path: int | None = field(default=None, metadata={"help": (
+        "Shortest-path length in cells (start and goal included) a maze must reach (difficulty); default 2 x size.")})
+    maze_wall_share: float = field(default=0.3, metadata={"help": "Share of maze cells drawn as walls."})
+    task_train_puzzles: int = field(default=1000, metadata={"help": (
+        "Distinct training puzzles; each epoch draws a fresh augmentation of every one (TRM: 1000).")})
+    task_test_puzzles: int = field(default=1000, metadata={"help": (
+        "Held-out test puzzles: never equal to a training puzzle's solution up to the augmentations.")})
+    task_augment: bool = field(default=True, metadata={"help": (
+        "Augment training puzzles (TRM's): Sudoku digit relabelling, band/row and stack/column shuffles and "
+        "transpose; maze rotations and mirrors.")})
+
+    def __post_init__(self):
+        require(self, "task", self.task is None or self.task in TASKS, f"None or one of {TASKS}")
+        if self.task is None:
+            return
+        if self.task_size is None:
+            self.task_size = 9 if self.task == "sudoku" else 8
+        if self.task == "sudoku":
+            require(self, "task_size", self.task_size in sudoku.BOXES, f"one of {sorted(sudoku.BOXES)} for sudoku")
+            require(self, "sudoku_blanks", 1 <= self.sudoku_blanks < self.task_size ** 2,
+                    f"in [1, {self.task_size ** 2 - 1}] for a {self.task_size}x{self.task_size} sudoku")
+        else:
+            require(self, "task_size", self.task_size >= 2, ">= 2 for a maze")
+            if self.maze_min_path is None:
+                self.maze_min_path = 2 * self.task_size
+            require(self, "maze_min_path", 2 <= self.maze_min_path <= self.task_size ** 2, "in [2, size x size]")
+            require(self, "maze_wall_share", 0.0 <= self.maze_wall_share < 1.0, "in [0, 1)")
+        require(self, "task_train_puzzles", self.task_train_puzzles >= 1, ">= 1")
+        require(self, "task_test_puzzles", self.task_test_puzzles >= 1, ">= 1")
+
+    def task_settings(self) -> dict:
+        """What decides the generated puzzles (saved in the model's config as `task`, so that evaluation
+        regenerates the same held-out test puzzles)."""
+        keys = ["task", "task_size"] + (["sudoku_blanks"] if self.task == "sudoku" else
+                                        ["maze_min_path", "maze_wall_share"])
+        keys += ["task_train_puzzles", "task_test_puzzles", "data_seed"]  # data_seed: DataArguments, this class's user
+        return {k: getattr(self, k) for k in keys}
+
+
+# ----------------------------------------------------------------------------
+# The tasks
+
+
+class SudokuTask:
+    """Cells: 0 blank, 1..n digits. Tokens: code + 1 (1 = blank), so the vocabulary is <pad> . 1 .. n."""
+
+    def __init__(self, task_size: int, sudoku_blanks: int = 45, **_):
+        self.n, self.blanks = task_size, sudoku_blanks
+        self.symbols = "." + "123456789"[: self.n]
+
+    def generate(self, rng):
+        solution = sudoku.random_solution(self.n, rng)
+        return sudoku.make_puzzle(solution, self.blanks, rng), solution
+
+    def key(self, puzzle, answer):
+        # 9x9: no test solution grid is an augmentation of a training one. The small grids have too few
+        # solution grids for that (4x4: two up to the augmentations), so there no puzzle is.
+        return sudoku.canonical_key(answer) if self.n == 9 else sudoku.canonical_puzzle_key(puzzle)
+
+    def augment(self, puzzle, answer, rng):
+        aug = sudoku.random_augmentation(self.n, rng)
+        return sudoku.augment(puzzle, aug), sudoku.augment(answer, aug)
+
+    def is_valid(self, puzzle, answer) -> bool:
+        return sudoku.is_valid(puzzle, answer)
+
+    def to_tokens(self, grid: np.ndarray) -> np.ndarray:
+        return grid.reshape(-1).astype(np.int64) + 1
+
+    def from_tokens(self, tokens) -> np.ndarray:
+        return (np.asarray(tokens).reshape(self.n, self.n) - 1).clip(0, self.n).astype(np.int8)
+
+    def difficulty(self, puzzles: np.ndarray) -> dict:
+        rounds = [sudoku.propagation_rounds(p) for p in puzzles]
+        solved = [r for r in rounds if r is not None]
+        return {"blanks_mean": float((puzzles == 0).sum((1, 2)).mean()),
+                "propagation_rounds_mean": float(np.mean(solved)) if solved else None,
+                "propagation_rounds_max": max(solved) if solved else None,
+                "needs_backtracking": sum(r is None for r in rounds) / len(rounds)}
+
+
+class MazeTask:
+    """Cells and tokens: 1 wall #, 2 free ., 3 start S, 4 goal G, 5 path o."""
+
+    def __init__(self, task_size: int, maze_min_path: int = 16, maze_wall_share: float = 0.3, **_):
+        self.n, self.min_path, self.wall_share = task_size, maze_min_path, maze_wall_share
+        self.symbols = "#.SGo"
+
+    def generate(self, rng):
+        return maze.make_maze(self.n, self.min_path, rng, self.wall_share)
+
+    def key(self, puzzle, answer):
+        return maze.canonical_key(answer)
+
+    def augment(self, puzzle, answer, rng):
+        k = int(rng.integers(8))
+        return maze.dihedral(puzzle, k), maze.dihedral(answer, k)
+
+    def is_valid(self, puzzle, answer) -> bool:
+        return maze.is_valid(puzzle, answer)
+
+    def to_tokens(self, grid: np.ndarray) -> np.ndarray:
+        return grid.reshape(-1).astype(np.int64)
+
+    def from_tokens(self, tokens) -> np.ndarray:
+        return np.asarray(tokens).reshape(self.n, self.n).clip(1, 5).astype(np.int8)
+
+    def difficulty(self, puzzles: np.ndarray) -> dict:
+        del puzzles  # the answers hold the paths; the summary's caller passes those
+        return {}
+
+
+def make_task(settings: dict):
+    """`TaskArguments.task_settings()` (or a model config's `task`) -> the task object."""
+    cls = {"sudoku": SudokuTask, "maze": MazeTask}[settings["task"]]
+    return cls(**{k: v for k, v in settings.items() if k != "task"})  # each takes the settings it needs
+
+
+def render(task, grid: np.ndarray) -> str:
+    """A grid as text, one row per line, in the task's symbols."""
+    tokens = task.to_tokens(grid).reshape(task.n, task.n)
+    return "\n".join("".join(task.symbols[t - 1] for t in row.tolist()) for row in tokens)
+
+
+def task_tokenizer(task) -> PreTrainedTokenizerFast:
+    """One token per character of the task's symbols (ids 1..), <pad> = 0; saved with exported models."""
+    vocab = {PAD_TOKEN: 0, **{s: i + 1 for i, s in enumerate(task.symbols)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=PAD_TOKEN))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD_TOKEN)
+
+
+# ----------------------------------------------------------------------------
+# Splits and epochs
+
+
+def generate_splits(task, train: int, test: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Test puzzles first, then training puzzles that are no augmentation of a test (or an earlier training)
+    puzzle, judged by `task.key` (on the solution grid where there are enough of them). Each split has its own seeded stream, so its puzzles do not depend on
+    the other's size."""
+    keys, splits = set(), {}
+    for name, count, stream in (("test", test, 1), ("train", train, 0)):
+        rng = np.random.default_rng([seed, stream])
+        puzzles, answers, rejected = [], [], 0
+        with tqdm(total=count, desc=f"generating {name} puzzles", dynamic_ncols=True, mininterval=2) as bar:
+            while len(puzzles) < count:
+                puzzle, answer = task.generate(rng)
+                key = task.key(puzzle, answer)
+                if key in keys:
+                    rejected += 1
+                    if rejected > 10 * count + 100:
+                        raise ValueError(f"only {len(puzzles)} distinct {name} puzzles found of {count}: the task "
+                                         "has too few distinct puzzles at this size; lower the puzzle counts")
+                    continue
+                keys.add(key)
+                puzzles.append(puzzle)
+                answers.append(answer)
+                bar.update()
+        splits[name] = (np.stack(puzzles), np.stack(answers))
+    return splits
+
+
+class PuzzleDraws(torch.utils.data.Dataset):
+    """Training examples: index e * N + i is base puzzle i under the augmentation drawn from (seed, e, i).
+
+    Each epoch is a fresh draw (`DrawSampler` offsets the indices by the epoch), and the draw is a
+    pure function of the index, so a resumed run sees exactly the examples it would have seen.
+    """
+
+    def __init__(self, task, puzzles: np.ndarray, answers: np.ndarray, seed: int, augment: bool):
+        self.task, self.puzzles, self.answers, self.seed, self.augment = task, puzzles, answers, seed, augment
+
+    def __len__(self) -> int:
+        return len(self.puzzles)
+
+    def __getitem__(self, index: int) -> dict:
+        epoch, i = divmod(int(index), len(self.puzzles))
+        puzzle, answer = self.puzzles[i], self.answers[i]
+        if self.augment:
+            puzzle, answer = self.task.augment(puzzle, answer, np.random.default_rng([self.seed, epoch, i]))
+        return {"input_ids": self.task.to_tokens(puzzle).tolist(), "labels": self.task.to_tokens(answer).tolist()}
+
+
+def token_dataset(task, puzzles: np.ndarray, answers: np.ndarray) -> Dataset:
+    return Dataset.from_dict({"input_ids": [task.to_tokens(p).tolist() for p in puzzles],
+                              "labels": [task.to_tokens(a).tolist() for a in answers]})
+
+
+# ----------------------------------------------------------------------------
+# Preparation with a cache
+
+
+def task_cache_key(args) -> str:
+    blob = json.dumps({"v": TASK_CACHE_VERSION, **args.task_settings()}, sort_keys=True)
+    return "task-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_or_generate(args, log=print) -> tuple[dict, dict]:
+    """-> ({split: (puzzles, answers)}, summary), generated once per settings and cached atomically."""
+    start = time.perf_counter()
+    root = Path(args.data_cache_dir).expanduser() / task_cache_key(args)
+    task = make_task(args.task_settings())
+    cache_hit = (root / "summary.json").exists()
+    if not cache_hit:
+        log(f"generating {args.task} puzzles ({root.name}) ...")
+        splits = generate_splits(task, args.task_train_puzzles, args.task_test_puzzles, args.data_seed)
+        tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        summary = {"task": args.task_settings(), "generation_seconds": round(time.perf_counter() - start, 2)}
+        for name, (puzzles, answers) in splits.items():
+            np.savez(tmp / f"{name}.npz", puzzles=puzzles, answers=answers)
+            summary[name] = {"puzzles": len(puzzles), **describe(task, puzzles, answers)}
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        if root.exists():  # a concurrent preparation finished first; keep its result
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(root)  # atomic: a crash never leaves a half-written entry
+    summary = {**json.loads((root / "summary.json").read_text()), "cache_hit": cache_hit}
+    splits = {}
+    for name in ("train", "test"):
+        with np.load(root / f"{name}.npz", allow_pickle=False) as saved:
+            splits[name] = (saved["puzzles"], saved["answers"])
+    return splits, summary
+
+
+def describe(task, puzzles, answers) -> dict:
+    if isinstance(task, MazeTask):
+        lengths = (answers == maze.PATH).sum((1, 2)) + 2
+        return {"path_cells_mean": float(lengths.mean()), "path_cells_max": int(lengths.max())}
+    return task.difficulty(puzzles)
+
+
+def prepare_task_data(args, log=print):
+    """-> (training draws, the held-out test puzzles as validation, tokenizer, summary) for `--task`."""
+    start = time.perf_counter()
+    splits, summary = load_or_generate(args, log)
+    task = make_task(args.task_settings())
+    tokenizer = task_tokenizer(task)
+    train = PuzzleDraws(task, *splits["train"], seed=args.data_seed, augment=args.task_augment)
+    validation = token_dataset(task, *splits["test"])
+    summary.update(block_size=task.n * task.n, vocab_size=len(tokenizer), eos_token_id=None, unit="puzzle",
+                   validation=summary.pop("test"), seconds=round(time.perf_counter() - start, 3))
+    return train, validation, tokenizer, summary

@@ -1,0 +1,222 @@
+"""Reasoning tasks: generators, validators, splits, the grid formulation, puzzle files, training on
+puzzles through the real trainer, and the weights' moving average."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from moe_reason import MoEReasonConfig, MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
+from moe_reason import maze, sudoku
+from moe_reason.data import DataArguments, DrawSampler
+from moe_reason.task_eval import evaluate_puzzles
+from moe_reason.task_files import read_sudoku_file
+from moe_reason.tasks import MazeTask, PuzzleDraws, SudokuTask, generate_splits, load_or_generate, make_task
+
+from conftest import main_cases
+
+
+# ---- generators and validators
+
+
+@pytest.mark.parametrize("n, blanks, count", [(4, 10, 20), (6, 22, 10), (9, 50, 4)])
+def test_every_sudoku_has_exactly_one_solution_and_the_validator_judges_it(n, blanks, count):
+    rng = np.random.default_rng(1)
+    for _ in range(count):
+        solution = sudoku.random_solution(n, rng)
+        puzzle = sudoku.make_puzzle(solution, blanks, rng)
+        found, first = sudoku.solve(puzzle, limit=5)
+        assert found == 1 and (first == solution).all()
+        assert (puzzle == 0).sum() <= blanks and ((puzzle == 0) | (puzzle == solution)).all()
+        assert sudoku.is_valid(puzzle, solution)
+        blank = tuple(np.argwhere(puzzle == 0)[0])
+        changed = solution.copy()
+        changed[blank] = changed[blank] % n + 1  # one cell off: a row, column and box now repeat a digit
+        assert not sudoku.is_valid(puzzle, changed)
+        given = tuple(np.argwhere(puzzle != 0)[0])
+        relabelled = sudoku.augment(solution, (np.array([0, *np.roll(np.arange(1, n + 1), 1)]), np.arange(n),
+                                               np.arange(n), False))
+        assert sudoku.is_valid(np.zeros_like(puzzle), relabelled)  # still a Sudoku ...
+        assert relabelled[given] != puzzle[given] and not sudoku.is_valid(puzzle, relabelled)  # ... not this one's
+
+
+def test_blank_count_sets_difficulty_and_the_grader_measures_it():
+    rng = np.random.default_rng(0)
+    grids = [sudoku.random_solution(9, rng) for _ in range(6)]
+    easy = [sudoku.propagation_rounds(sudoku.make_puzzle(g, 30, rng)) for g in grids]
+    hard = [sudoku.propagation_rounds(sudoku.make_puzzle(g, 55, rng)) for g in grids]
+    assert all(r is not None for r in easy)
+    assert np.mean([r if r is not None else 99 for r in hard]) > np.mean(easy)
+    assert sudoku.propagation_rounds(grids[0]) == 0
+    # a puzzle that stalls single-candidate filling is measured as needing backtracking
+    assert sudoku.propagation_rounds(np.zeros((9, 9), dtype=np.int8)) is None
+
+
+def test_maze_labels_are_shortest_paths_and_the_validator_judges_them():
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        puzzle, answer = maze.make_maze(8, 12, rng)
+        start, goal = tuple(np.argwhere(puzzle == maze.START)[0]), tuple(np.argwhere(puzzle == maze.GOAL)[0])
+        shortest = maze.distances(puzzle, start)[goal]
+        assert shortest + 1 >= 12 and (answer == maze.PATH).sum() == shortest - 1
+        assert maze.is_valid(puzzle, answer)
+        path_cells = np.argwhere(answer == maze.PATH)
+        broken = answer.copy()
+        broken[tuple(path_cells[len(path_cells) // 2])] = maze.FREE  # a gap in the path
+        assert not maze.is_valid(puzzle, broken)
+        longer = answer.copy()
+        free = np.argwhere(answer == maze.FREE)
+        if len(free):
+            longer[tuple(free[0])] = maze.PATH  # a cell too many: not a shortest path
+            assert not maze.is_valid(puzzle, longer)
+        for k in range(8):  # every symmetry keeps a valid answer valid
+            assert maze.is_valid(maze.dihedral(puzzle, k), maze.dihedral(answer, k))
+
+
+@pytest.mark.parametrize("task", [SudokuTask(9, 40), SudokuTask(4, 8), MazeTask(6, 8)], ids=["sudoku9", "sudoku4", "maze6"])
+def test_splits_are_disjoint_up_to_augmentation_and_seeds_reproduce(task):
+    splits = generate_splits(task, train=30, test=20, seed=3)
+    keys = {name: [task.key(p, a) for p, a in zip(*split)] for name, split in splits.items()}
+    assert not set(keys["train"]) & set(keys["test"]) and len(set(keys["train"])) == 30
+    rng = np.random.default_rng(0)
+    puzzle, answer = splits["test"][0][0], splits["test"][1][0]
+    for _ in range(5):  # the key sees through the augmentations, so the check above is the real one
+        p, a = task.augment(puzzle, answer, rng)
+        assert task.key(p, a) == keys["test"][0] and task.is_valid(p, a)
+    again = generate_splits(task, train=30, test=20, seed=3)
+    assert all((again[s][i] == splits[s][i]).all() for s in splits for i in (0, 1))
+    other = generate_splits(task, train=30, test=20, seed=4)
+    assert not (other["test"][0] == splits["test"][0]).all()
+
+
+def test_an_epoch_is_a_fresh_draw_and_a_pure_function_of_the_index():
+    task = SudokuTask(4, 8)
+    splits = generate_splits(task, train=8, test=4, seed=0)
+    draws = PuzzleDraws(task, *splits["train"], seed=0, augment=True)
+    sampler = DrawSampler(len(draws), seed=0)
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert sorted(epoch1) == list(range(8, 16))
+    assert draws[epoch1[0]] == draws[epoch1[0]]  # the same draw every time it is read (exact resume)
+    assert draws[3] != draws[3 + 8]  # base puzzle 3 in epoch 0 and epoch 1: two augmentations
+    for i in (3, 11):
+        row = draws[i]
+        assert task.is_valid(task.from_tokens(row["input_ids"]), task.from_tokens(row["labels"]))
+
+
+# ---- the grid formulation
+
+
+@pytest.mark.parametrize("model_class, config_class", [(MoEReasonForCausalLM, MoEReasonConfig),
+                                                       (RecursiveMoEReasonForCausalLM, RecursiveMoEReasonConfig)])
+def test_grid_attention_is_bidirectional_and_generate_is_refused(model_class, config_class):
+    torch.manual_seed(0)
+    model = model_class(config_class.from_preset("debug", vocab_size=11, bidirectional=True, use_cache=False)).eval()
+    ids = torch.randint(1, 11, (2, 81))
+    later = ids.clone()
+    later[:, 80] = later[:, 80] % 10 + 1  # change the last cell only
+    with torch.no_grad():
+        first, changed = model(input_ids=ids).logits, model(input_ids=later).logits
+    assert (first[:, 0] - changed[:, 0]).abs().max() > 1e-4  # position 0 saw position 80
+    causal = model_class(config_class.from_preset("debug", vocab_size=11)).eval()
+    with torch.no_grad():
+        assert torch.allclose(causal(input_ids=ids).logits[:, :80], causal(input_ids=later).logits[:, :80], atol=1e-6)
+    with pytest.raises(ValueError, match="generate does not apply to a grid model"):
+        model.generate(ids, max_new_tokens=1)
+    with pytest.raises(ValueError, match="use_cache"):
+        MoEReasonConfig.from_preset("debug", bidirectional=True)  # use_cache=True would cache a left-to-right decode
+
+
+# ---- puzzle files
+
+
+SOLVED = "4213134224313124"
+
+
+def test_task_file_reads_text_and_csv_and_names_a_malformed_line(tmp_path):
+    text = tmp_path / "puzzles.txt"
+    text.write_text(f"# two 4x4 puzzles\n\n4..31.4224..3...,{SOLVED}\n4.1.1.4224..3..0\n")
+    puzzles, solutions = read_sudoku_file(text)
+    assert puzzles.shape == (2, 4, 4) and solutions is None  # the second line has no solution
+    assert puzzles[0, 0, 0] == 4 and puzzles[0, 0, 1] == 0 and puzzles[1, 3, 3] == 0
+    csv = tmp_path / "extreme.csv"
+    csv.write_text(f"source,question,answer,rating\nx,4..31.4224..3...,{SOLVED},3\n")
+    puzzles, solutions = read_sudoku_file(csv)
+    assert (solutions[0].reshape(-1) == [int(c) for c in SOLVED]).all()
+    for name, line, error in [("short.txt", "4..31.4224..3..", "line 2: the puzzle has 15 characters"),
+                              ("letters.txt", "4..31.4224..3..x", "line 2: the puzzle holds 'x'"),
+                              ("blank_solution.txt", f"4..31.4224..3...,{SOLVED[:-1]}.", "line 2: the solution holds '.'")]:
+        (tmp_path / name).write_text("# header\n" + line + "\n")
+        with pytest.raises(ValueError, match=error):
+            read_sudoku_file(tmp_path / name)
+    (tmp_path / "cols.csv").write_text("id,grid\n1,4..31.4224..3...\n")
+    with pytest.raises(ValueError, match="line 1: no puzzle column"):
+        read_sudoku_file(tmp_path / "cols.csv")
+
+
+# ---- training on puzzles, and the moving average of the weights
+
+
+def task_argv(tmp_path, out, **extra) -> list[str]:
+    args = dict(task="sudoku", task_size=4, sudoku_blanks=8, task_train_puzzles=32, task_test_puzzles=16,
+                model_preset="debug", hidden_size=64, intermediate_size=128, output_dir=out,
+                data_cache_dir=tmp_path / "cache", per_device_train_batch_size=32, warmup_steps=10,
+                eval_interval=1000, save_interval=1000, log_interval=50, cpu_threads=2)
+    args.update(extra)
+    return [item for k, v in args.items() for item in (f"--{k}", str(v))]
+
+
+@pytest.mark.slow
+def test_recursive_model_overfits_32_puzzles_and_the_ema_is_exported_and_resumed(tmp_path):
+    """One process: a tiny recursive model memorises 32 Sudoku puzzles (100% exact); then 8 EMA steps
+    straight through, and the same 8 as 4 + a resumed 4."""
+    fit, ema, halves = tmp_path / "fit", tmp_path / "ema", tmp_path / "halves"
+    quick = dict(max_steps=8, save_interval=4, lr_scheduler="constant", warmup_steps=0, ema_decay=0.5,
+                 learning_rate=1e-2)
+    errors = main_cases([
+        task_argv(tmp_path, fit, model_type="recursive", task_augment="false", max_steps=300, learning_rate=1e-2,
+                  h_cycles=1, l_cycles=2),
+        task_argv(tmp_path, ema, **quick),
+        task_argv(tmp_path, halves, **{**quick, "max_steps": 4}),
+        task_argv(tmp_path, halves, **quick, resume_from_checkpoint="latest"),
+    ], timeout=400)
+    assert errors == [None] * 4
+
+    model = AutoModelForCausalLM.from_pretrained(fit / "final")
+    settings = model.config.task
+    splits, _ = load_or_generate(DataArguments(**settings, data_cache_dir=str(tmp_path / "cache")))
+    result = evaluate_puzzles(model, make_task(settings), *splits["train"])
+    assert result["puzzles"] == 32 and result["exact_accuracy"] == 1.0, result
+    assert set(result["exact_accuracy_by_steps"]) == {1, 2, 3, 4} and "q_head" in result
+
+    average = load_file(ema / "checkpoint-8" / "ema.safetensors")
+    raw = load_file(ema / "checkpoint-8" / "model.safetensors")
+    exported = load_file(ema / "final" / "model.safetensors")
+    name = "model.layers.0.self_attn.qkv_proj.weight"
+    assert (average[name] - raw[name]).abs().max() > 1e-4  # the average is not the weights ...
+    assert all(torch.equal(exported[k], average[k]) for k in exported)  # ... and it is what was exported
+    resumed = load_file(halves / "checkpoint-8" / "ema.safetensors")
+    assert all(torch.allclose(resumed[k], average[k], atol=1e-6, rtol=0) for k in average)
+    evals = [json.loads(line) for line in open(ema / "metrics.jsonl") if "eval/exact_match" in line]
+    assert evals and 0.0 <= evals[-1]["eval/exact_match"] <= 1.0
+
+
+def test_task_options_are_checked_before_any_work():
+    with pytest.raises(ValueError, match="task_size=5 is invalid: must be one of \\[4, 6, 9\\]"):
+        DataArguments(task="sudoku", task_size=5)
+    with pytest.raises(ValueError, match="sudoku_blanks=16 is invalid"):
+        DataArguments(task="sudoku", task_size=4, sudoku_blanks=16)
+    with pytest.raises(ValueError, match="task='chess' is invalid"):
+        DataArguments(task="chess")
+    assert DataArguments(task="maze").maze_min_path == 16 and DataArguments(task="sudoku").sequence_length() == 81
+
+
+def test_a_task_model_without_a_task_config_is_refused_by_evaluate(tmp_path):
+    """--task_file on a model that was never trained on a task: a clear error, not a crash in the forward."""
+    from moe_reason.evaluate import main as evaluate_main
+    MoEReasonForCausalLM(MoEReasonConfig.from_preset("debug")).save_pretrained(tmp_path / "text_model")
+    with pytest.raises(ValueError, match="was not trained on a task"):
+        evaluate_main(["--model_path", str(tmp_path / "text_model"), "--task_file", str(tmp_path / "none.txt")])
