@@ -225,15 +225,17 @@ def to_argv(values: dict) -> list[str]:
 
 def build_config(model_args, vocab_size: int | None = None, task: dict | None = None):
     """The model config: preset, then the tokenizer's vocabulary size, then explicit overrides. A `task`
-    (`TaskArguments.task_settings()`) makes it a grid model and is kept in the config as `task`."""
+    (`TaskArguments.task_settings()`) is kept in the config as `task`; its grid formulation makes a
+    bidirectional model."""
     overrides = model_args.overrides()
     if vocab_size is not None and "vocab_size" not in overrides:
         overrides["vocab_size"] = vocab_size
-    if task:
+    if task and task.get("task_formulation", "grid") == "grid":
         overrides.update(bidirectional=True, use_cache=False)
     elif overrides.get("bidirectional"):
         raise ValueError("bidirectional=True is the grid formulation of a reasoning task: pass --task sudoku or "
-                         "--task maze (on text, every position would see the label it must predict)")
+                         "--task maze with --task_formulation grid (on text, or in the prompt formulation, every "
+                         "position would see the label it must predict)")
     if model_args.model_type == "recursive":
         config = RecursiveMoEReasonConfig.from_preset(model_args.model_preset, **overrides)
     else:

@@ -29,7 +29,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .configuration_moe_reason import require
-from .tasks import TaskArguments, prepare_task_data
+from .tasks import TaskArguments, formulation_of, make_task, prepare_task_data
 
 CACHE_VERSION = 2  # bump when the prepared data or the trained tokenizer would differ
 EOS_TOKEN = "<|endoftext|>"
@@ -89,8 +89,9 @@ class DataArguments(TaskArguments):
 
 
     def sequence_length(self) -> int:
-        """Tokens per training sequence: block_size, or a task's grid cells."""
-        return self.task_size ** 2 if self.task else self.block_size
+        """Tokens per training sequence: block_size, or what a task's formulation makes of its grid."""
+        return formulation_of(self.task_settings()).length(make_task(self.task_settings())) if self.task \
+            else self.block_size
 
 
 @dataclass

@@ -51,6 +51,8 @@ class EvaluateArguments:
         "'0' for a blank, optionally ',' and the solution) or a CSV with question/answer, puzzle/solution, "
         "quizzes/solutions or unsolved/solved columns. Default: the model's held-out test puzzles.")})
     max_puzzles: int = field(default=0, metadata={"help": "Score the first N puzzles (0 = all)."})
+    curve_puzzles: int = field(default=0, metadata={"help": (
+        "Run a recursive model's accuracy-by-supervision-steps curve on the first N puzzles (0 = all of them).")})
 
     def __post_init__(self):
         require(self, "split", self.split in SPLITS, f"one of {SPLITS}")
@@ -134,7 +136,8 @@ def evaluate_task(eval_args, data_args, model) -> dict:
         puzzles = puzzles[:eval_args.max_puzzles]
         references = None if references is None else references[:eval_args.max_puzzles]
     return {"model_path": eval_args.model_path, "model_type": model.config.model_type, "task": settings,
-            "source": source, **evaluate_puzzles(model, task, puzzles, references, eval_args.batch_size)}
+            "source": source, **evaluate_puzzles(model, task, puzzles, references, eval_args.batch_size,
+                                                 eval_args.curve_puzzles)}
 
 
 def write_result(eval_args, name: str, result: dict) -> dict:

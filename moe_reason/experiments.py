@@ -35,6 +35,7 @@ from .train import main as train_main
 
 LAUNCHERS = ("in_process", "accelerate")
 RUN_SPEC = "experiment_run.json"  # the arguments a run folder was made with
+CURVE_PUZZLES = 200  # a task run's accuracy-by-steps curve: its first held-out puzzles (all of them are scored)
 RUNNER_KEYS = {"output_dir", "launcher", "accelerate_config", "seeds", "base", "description"}
 
 
@@ -182,7 +183,7 @@ def run_training(name: str, values: dict, run_dir: Path, launcher: str = "in_pro
 
 def score_task_run(run_dir: Path, values: dict) -> None:
     """A task run's export scored on the held-out puzzles of its training -> final/eval_task.json."""
-    argv = ["--model_path", str(run_dir / FINAL), "--batch_size", "256"]
+    argv = ["--model_path", str(run_dir / FINAL), "--batch_size", "256", "--curve_puzzles", str(CURVE_PUZZLES)]
     if values.get("data_cache_dir"):
         argv += ["--data_cache_dir", str(values["data_cache_dir"])]
     with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -269,8 +270,8 @@ def task_figures(run_dir: Path) -> dict:
     if not scored.is_file():
         return {}
     result = json.loads(scored.read_text())
-    return {k: result[k] for k in ("exact_accuracy", "cell_accuracy", "exact_accuracy_by_steps", "q_head", "puzzles")
-            if k in result}
+    return {k: result[k] for k in ("exact_accuracy", "cell_accuracy", "exact_accuracy_by_steps", "q_head", "puzzles",
+                                   "curve_puzzles") if k in result}
 
 
 # ----------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""Reasoning tasks (Sudoku, mazes) as training data: the task interface, disjoint train/test splits,
-a fresh draw of augmented puzzles every epoch, a character tokenizer, and the on-disk cache.
+"""Reasoning tasks (Sudoku, mazes) as training data: the task interface, the two formulations,
+disjoint train/test splits, a fresh draw of augmented puzzles every epoch, a character tokenizer,
+and the on-disk cache.
 
 A puzzle and its answer are grids of cell codes; as tokens they are the grid read row by row
-(token = code, 0 = padding). The formulation is HRM/TRM's grid: the model reads the puzzle and
-predicts the answer's cell at every position (`config.bidirectional`).
+(token = code, 0 = padding). Two formulations share the model code: `grid` (HRM/TRM) reads the
+puzzle and predicts the answer's cell at every position (`config.bidirectional`); `prompt` is a
+causal LM that reads the puzzle and '=' and writes the answer with `generate`.
 """
 
 import hashlib
@@ -23,10 +25,14 @@ from transformers import PreTrainedTokenizerFast
 
 from . import maze, sudoku
 from .configuration_moe_reason import require
+from .task_files import read_sudoku_file
 
 TASKS = ("sudoku", "maze")
+FORMULATIONS = ("grid", "prompt")
 TASK_CACHE_VERSION = 1  # bump when generated puzzles for the same arguments would differ
 PAD_TOKEN = "<pad>"
+SEP_TOKEN = "="  # the prompt formulation's end of the puzzle; its id follows the task's symbols
+DEFAULT_BLANKS = {4: 8, 6: 20, 9: 45}  # about half the cells, by grid size
 
 
 @dataclass
@@ -35,31 +41,47 @@ class TaskArguments:
         f"Train on a generated reasoning task instead of text: one of {TASKS}. The model then reads the whole "
         "puzzle (bidirectional attention) and predicts the answer's cell at every position (HRM/TRM's grid "
         "formulation); the validation set is the held-out test puzzles.")})
+    task_formulation: str = field(default="grid", metadata={"help": (
+        "grid: the model reads the whole puzzle (bidirectional attention) and predicts each cell of the answer at "
+        "its position, in one forward (HRM/TRM); prompt: a causal LM reads the puzzle and '=' and writes the "
+        "answer with generate, labels on the answer only (what transfers to language models).")})
     task_size: int | None = field(default=None, metadata={"help": (
         "Grid side: Sudoku 4, 6 or 9 (default 9); maze n x n (default 8).")})
-    sudoku_blanks: int = field(default=45, metadata={"help": (
-        "Blank cells per Sudoku (difficulty), kept only while the solution stays unique. At 9x9, 45 blanks "
+    sudoku_blanks: int | None = field(default=None, metadata={"help": (
+        "Blank cells per Sudoku (difficulty), kept only while the solution stays unique; default 45 at 9x9, "
+        f"{DEFAULT_BLANKS[6]} at 6x6, {DEFAULT_BLANKS[4]} at 4x4. At 9x9, 45 blanks "
         "need about 4.5 rounds of single-candidate filling and no guessing; 55 need about 10, and a quarter "
         "need backtracking. The measured rounds are in the data summary.")})
     maze_min_path: int | None = field(default=None, metadata={"help": (
         "Shortest-path length in cells (start and goal included) a maze must reach (difficulty); default 2 x size.")})
     maze_wall_share: float = field(default=0.3, metadata={"help": "Share of maze cells drawn as walls."})
     task_train_puzzles: int = field(default=1000, metadata={"help": (
-        "Distinct training puzzles; each epoch draws a fresh augmentation of every one (TRM: 1000).")})
+        "Distinct training puzzles (with --task_train_file: the file's first ones); each epoch draws a fresh "
+        "augmentation of every one (TRM: 1000).")})
     task_test_puzzles: int = field(default=1000, metadata={"help": (
-        "Held-out test puzzles: never equal to a training puzzle's solution up to the augmentations.")})
+        "Held-out test puzzles: never equal to a training puzzle's solution up to the augmentations (with "
+        "--task_test_file: the file's first ones).")})
+    task_train_file: str | None = field(default=None, metadata={"help": (
+        "Train on these Sudoku puzzles with solutions instead of generated ones: a text or CSV collection as "
+        "`evaluate --task_file` reads (e.g. Sudoku-Extreme's train.csv). Needs --task_test_file; the files' "
+        "puzzles are taken as they are (their overlap is the collection's business).")})
+    task_test_file: str | None = field(default=None, metadata={"help": (
+        "The held-out puzzles with solutions that go with --task_train_file (e.g. Sudoku-Extreme's test.csv).")})
     task_augment: bool = field(default=True, metadata={"help": (
         "Augment training puzzles (TRM's): Sudoku digit relabelling, band/row and stack/column shuffles and "
         "transpose; maze rotations and mirrors.")})
 
     def __post_init__(self):
         require(self, "task", self.task is None or self.task in TASKS, f"None or one of {TASKS}")
+        require(self, "task_formulation", self.task_formulation in FORMULATIONS, f"one of {FORMULATIONS}")
         if self.task is None:
             return
         if self.task_size is None:
             self.task_size = 9 if self.task == "sudoku" else 8
         if self.task == "sudoku":
             require(self, "task_size", self.task_size in sudoku.BOXES, f"one of {sorted(sudoku.BOXES)} for sudoku")
+            if self.sudoku_blanks is None:
+                self.sudoku_blanks = DEFAULT_BLANKS[self.task_size]
             require(self, "sudoku_blanks", 1 <= self.sudoku_blanks < self.task_size ** 2,
                     f"in [1, {self.task_size ** 2 - 1}] for a {self.task_size}x{self.task_size} sudoku")
         else:
@@ -68,15 +90,20 @@ class TaskArguments:
                 self.maze_min_path = 2 * self.task_size
             require(self, "maze_min_path", 2 <= self.maze_min_path <= self.task_size ** 2, "in [2, size x size]")
             require(self, "maze_wall_share", 0.0 <= self.maze_wall_share < 1.0, "in [0, 1)")
+        require(self, "task_test_file", bool(self.task_train_file) == bool(self.task_test_file),
+                "given together with task_train_file (training and held-out puzzles)")
+        require(self, "task_train_file", not self.task_train_file or self.task == "sudoku",
+                "None for a maze task (puzzle files hold Sudoku collections)")
         require(self, "task_train_puzzles", self.task_train_puzzles >= 1, ">= 1")
         require(self, "task_test_puzzles", self.task_test_puzzles >= 1, ">= 1")
 
     def task_settings(self) -> dict:
         """What decides the generated puzzles (saved in the model's config as `task`, so that evaluation
         regenerates the same held-out test puzzles)."""
-        keys = ["task", "task_size"] + (["sudoku_blanks"] if self.task == "sudoku" else
+        keys = ["task", "task_formulation", "task_size"] + (["sudoku_blanks"] if self.task == "sudoku" else
                                         ["maze_min_path", "maze_wall_share"])
-        keys += ["task_train_puzzles", "task_test_puzzles", "data_seed"]  # data_seed: DataArguments, this class's user
+        keys += ["task_train_puzzles", "task_test_puzzles"]
+        keys += ["task_train_file", "task_test_file"] if self.task_train_file else ["data_seed"]  # DataArguments
         return {k: getattr(self, k) for k in keys}
 
 
@@ -87,7 +114,7 @@ class TaskArguments:
 class SudokuTask:
     """Cells: 0 blank, 1..n digits. Tokens: code + 1 (1 = blank), so the vocabulary is <pad> . 1 .. n."""
 
-    def __init__(self, task_size: int, sudoku_blanks: int = 45, **_):
+    def __init__(self, task_size: int = 9, sudoku_blanks: int = 45, **_):
         self.n, self.blanks = task_size, sudoku_blanks
         self.symbols = "." + "123456789"[: self.n]
 
@@ -165,9 +192,45 @@ def render(task, grid: np.ndarray) -> str:
     return "\n".join("".join(task.symbols[t - 1] for t in row.tolist()) for row in tokens)
 
 
-def task_tokenizer(task) -> PreTrainedTokenizerFast:
-    """One token per character of the task's symbols (ids 1..), <pad> = 0; saved with exported models."""
-    vocab = {PAD_TOKEN: 0, **{s: i + 1 for i, s in enumerate(task.symbols)}}
+def sep_id(task) -> int:
+    return len(task.symbols) + 1
+
+
+class GridFormulation:
+    """HRM/TRM: the puzzle's cells in, the answer's cells out at the same positions (a bidirectional model)."""
+
+    def length(self, task) -> int:
+        return task.n * task.n
+
+    def row(self, task, puzzle, answer) -> dict:
+        return {"input_ids": task.to_tokens(puzzle).tolist(), "labels": task.to_tokens(answer).tolist()}
+
+
+class PromptFormulation:
+    """A causal LM: the puzzle, '=', the answer; labelled on the answer only (its first token is predicted
+    at the '='), so `generate` after puzzle + '=' writes the answer."""
+
+    def length(self, task) -> int:
+        return 2 * task.n * task.n + 1
+
+    def row(self, task, puzzle, answer) -> dict:
+        prompt, target = self.prompt(task, puzzle), task.to_tokens(answer).tolist()
+        return {"input_ids": prompt + target, "labels": [-100] * len(prompt) + target}
+
+    def prompt(self, task, puzzle) -> list[int]:
+        return task.to_tokens(puzzle).tolist() + [sep_id(task)]
+
+
+def formulation_of(settings: dict):
+    """`task_settings()` (or a model config's `task`) -> its formulation object (grid before there was a choice)."""
+    return {"grid": GridFormulation, "prompt": PromptFormulation}[settings.get("task_formulation", "grid")]()
+
+
+def task_tokenizer(task, formulation) -> PreTrainedTokenizerFast:
+    """One token per character of the task's symbols (ids 1..), <pad> = 0, and '=' for the prompt formulation;
+    saved with exported models."""
+    symbols = task.symbols + (SEP_TOKEN if isinstance(formulation, PromptFormulation) else "")
+    vocab = {PAD_TOKEN: 0, **{s: i + 1 for i, s in enumerate(symbols)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=PAD_TOKEN))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -211,8 +274,9 @@ class PuzzleDraws(torch.utils.data.Dataset):
     pure function of the index, so a resumed run sees exactly the examples it would have seen.
     """
 
-    def __init__(self, task, puzzles: np.ndarray, answers: np.ndarray, seed: int, augment: bool):
-        self.task, self.puzzles, self.answers, self.seed, self.augment = task, puzzles, answers, seed, augment
+    def __init__(self, task, formulation, puzzles: np.ndarray, answers: np.ndarray, seed: int, augment: bool):
+        self.task, self.formulation, self.seed, self.augment = task, formulation, seed, augment
+        self.puzzles, self.answers = puzzles, answers
 
     def __len__(self) -> int:
         return len(self.puzzles)
@@ -222,12 +286,12 @@ class PuzzleDraws(torch.utils.data.Dataset):
         puzzle, answer = self.puzzles[i], self.answers[i]
         if self.augment:
             puzzle, answer = self.task.augment(puzzle, answer, np.random.default_rng([self.seed, epoch, i]))
-        return {"input_ids": self.task.to_tokens(puzzle).tolist(), "labels": self.task.to_tokens(answer).tolist()}
+        return self.formulation.row(self.task, puzzle, answer)
 
 
-def token_dataset(task, puzzles: np.ndarray, answers: np.ndarray) -> Dataset:
-    return Dataset.from_dict({"input_ids": [task.to_tokens(p).tolist() for p in puzzles],
-                              "labels": [task.to_tokens(a).tolist() for a in answers]})
+def token_dataset(task, formulation, puzzles: np.ndarray, answers: np.ndarray) -> Dataset:
+    rows = [formulation.row(task, p, a) for p, a in zip(puzzles, answers)]
+    return Dataset.from_dict({key: [row[key] for row in rows] for key in ("input_ids", "labels")})
 
 
 # ----------------------------------------------------------------------------
@@ -235,12 +299,35 @@ def token_dataset(task, puzzles: np.ndarray, answers: np.ndarray) -> Dataset:
 
 
 def task_cache_key(args) -> str:
-    blob = json.dumps({"v": TASK_CACHE_VERSION, **args.task_settings()}, sort_keys=True)
+    settings = {k: v for k, v in args.task_settings().items() if k != "task_formulation"}  # the same puzzles
+    blob = json.dumps({"v": TASK_CACHE_VERSION, **settings}, sort_keys=True)
     return "task-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def read_task_files(args) -> tuple[dict, dict]:
+    """--task_train_file / --task_test_file -> ({split: (puzzles, solutions)}, summary)."""
+    splits, summary = {}, {"task": args.task_settings(), "cache_hit": False}
+    for name, path, count in (("train", args.task_train_file, args.task_train_puzzles),
+                              ("test", args.task_test_file, args.task_test_puzzles)):
+        puzzles, solutions = read_sudoku_file(path)
+        puzzles, solutions = puzzles[:count], None if solutions is None else solutions[:count]
+        if solutions is None:
+            raise ValueError(f"{path}: training and held-out puzzles need their solutions (puzzle,solution lines "
+                             "or a CSV answer column)")
+        if puzzles.shape[1] != args.task_size:
+            raise ValueError(f"{path} holds {puzzles.shape[1]}x{puzzles.shape[1]} puzzles; pass --task_size "
+                             f"{puzzles.shape[1]}")
+        splits[name] = (puzzles, solutions)
+        summary[name] = {"puzzles": len(puzzles), "file": str(path),
+                         "blanks_mean": float((puzzles == 0).sum((1, 2)).mean())}
+    return splits, summary
+
+
 def load_or_generate(args, log=print) -> tuple[dict, dict]:
-    """-> ({split: (puzzles, answers)}, summary), generated once per settings and cached atomically."""
+    """-> ({split: (puzzles, answers)}, summary), read from the task files, or generated once per settings
+    and cached atomically."""
+    if args.task_train_file:
+        return read_task_files(args)
     start = time.perf_counter()
     root = Path(args.data_cache_dir).expanduser() / task_cache_key(args)
     task = make_task(args.task_settings())
@@ -279,10 +366,10 @@ def prepare_task_data(args, log=print):
     """-> (training draws, the held-out test puzzles as validation, tokenizer, summary) for `--task`."""
     start = time.perf_counter()
     splits, summary = load_or_generate(args, log)
-    task = make_task(args.task_settings())
-    tokenizer = task_tokenizer(task)
-    train = PuzzleDraws(task, *splits["train"], seed=args.data_seed, augment=args.task_augment)
-    validation = token_dataset(task, *splits["test"])
-    summary.update(block_size=task.n * task.n, vocab_size=len(tokenizer), eos_token_id=None, unit="puzzle",
+    task, formulation = make_task(args.task_settings()), formulation_of(args.task_settings())
+    tokenizer = task_tokenizer(task, formulation)
+    train = PuzzleDraws(task, formulation, *splits["train"], seed=args.data_seed, augment=args.task_augment)
+    validation = token_dataset(task, formulation, *splits["test"])
+    summary.update(block_size=formulation.length(task), vocab_size=len(tokenizer), eos_token_id=None, unit="puzzle",
                    validation=summary.pop("test"), seconds=round(time.perf_counter() - start, 3))
     return train, validation, tokenizer, summary

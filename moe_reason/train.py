@@ -290,7 +290,10 @@ def make_loaders(data, args, num_processes: int) -> tuple[DataLoader, DataLoader
     eval_loader = DataLoader(data.validation.select(range(eval_blocks)), batch_size=args.per_device_eval_batch_size,
                              collate_fn=collate_blocks)
     if len(train_loader) < num_processes:
-        raise ValueError(f"{len(data.train)} training blocks make fewer batches than there are processes")
+        unit = data.summary.get("unit", "block")
+        raise ValueError(f"{len(data.train)} training {unit}s make {len(train_loader)} full batch(es) of "
+                         f"per_device_train_batch_size={args.per_device_train_batch_size}, fewer than the "
+                         f"{num_processes} process(es): lower the batch size or add data")
     return train_loader, eval_loader
 
 
@@ -311,7 +314,7 @@ def solved_sample(folder: Path, puzzle_tokens: list[int]) -> str:
     """The first held-out puzzle and the exported task model's answer, judged by the task's validator."""
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     task = make_task(model.config.task)
-    puzzle = task.from_tokens(puzzle_tokens)
+    puzzle = task.from_tokens(puzzle_tokens[: task.n * task.n])  # both formulations start with the puzzle
     answer = predict_answers(model, task, puzzle[None])[0][0]
     verdict = "solved" if task.is_valid(puzzle, answer) else "not solved"
     return f"sample puzzle:\n{render(task, puzzle)}\nthe model's answer ({verdict}):\n{render(task, answer)}"

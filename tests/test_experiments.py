@@ -220,3 +220,24 @@ def load_comparison_for(tmp_path, corpus, recursive):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": tiny_base(tmp_path, corpus, max_steps=100),
                                                      "baseline": {}, "recursive": recursive}))
     return load_comparison(tmp_path / "c.yaml")
+
+
+def test_compare_takes_any_number_of_named_arms_and_refuses_a_reference_that_names_none(tmp_path, corpus):
+    arms = {"recursive": {"model_type": "recursive", "h_cycles": 1, "l_cycles": 1, "halt_max_steps": 2},
+            "direct": {"model_type": "base"}, "direct_deep": {"model_type": "base", "num_hidden_layers": 4}}
+    spec = {"base": tiny_base(tmp_path, corpus, max_steps=100), "arms": arms, "reference": "recursive"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))  # the file's order is the arms' order
+    cmp = load_comparison(tmp_path / "c.yaml")
+    assert list(cmp["arms"]) == ["recursive", "direct", "direct_deep"] and cmp["reference"] == "recursive"
+    plan, acc = plan_runs(cmp)
+    assert acc["cheapest_arm"] == "direct" and set(acc["equal_flops_steps"]) == {"recursive", "direct_deep"}
+    assert acc["equal_flops_steps"]["direct_deep"] == int(100 / acc["flop_ratio"]["direct_deep"])
+    assert [(p["kind"], p["arm"]) for p in plan][3:] == [("equal_flops", "recursive"), ("equal_flops", "direct_deep")]
+    for change, error in [({"reference": "baseline"}, "reference='baseline' names no arm"),
+                          ({"metric": "exact_accuracy"}, "metric exact_accuracy needs a task in base"),
+                          ({"arms": {"only": {"model_type": "base"}}}, "two or more arm names"),
+                          ({"arms": {**arms, "lr": {"model_type": "base", "learning_rate": 1e-3}}}, "model fields only"),
+                          ({"baseline": {}}, "either 'arms:' or the two-arm form")]:
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**spec, **change}))
+        with pytest.raises(ValueError, match=error):
+            load_comparison(tmp_path / "bad.yaml")

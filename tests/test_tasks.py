@@ -14,7 +14,8 @@ from moe_reason import maze, sudoku
 from moe_reason.data import DataArguments, DrawSampler
 from moe_reason.task_eval import evaluate_puzzles
 from moe_reason.task_files import read_sudoku_file
-from moe_reason.tasks import MazeTask, PuzzleDraws, SudokuTask, generate_splits, load_or_generate, make_task
+from moe_reason.tasks import (GridFormulation, MazeTask, PuzzleDraws, SudokuTask, generate_splits, load_or_generate,
+                              make_task)
 
 from conftest import main_cases
 
@@ -95,7 +96,7 @@ def test_splits_are_disjoint_up_to_augmentation_and_seeds_reproduce(task):
 def test_an_epoch_is_a_fresh_draw_and_a_pure_function_of_the_index():
     task = SudokuTask(4, 8)
     splits = generate_splits(task, train=8, test=4, seed=0)
-    draws = PuzzleDraws(task, *splits["train"], seed=0, augment=True)
+    draws = PuzzleDraws(task, GridFormulation(), *splits["train"], seed=0, augment=True)
     sampler = DrawSampler(len(draws), seed=0)
     sampler.set_epoch(1)
     epoch1 = list(sampler)
@@ -171,26 +172,32 @@ def task_argv(tmp_path, out, **extra) -> list[str]:
 
 @pytest.mark.slow
 def test_recursive_model_overfits_32_puzzles_and_the_ema_is_exported_and_resumed(tmp_path):
-    """One process: a tiny recursive model memorises 32 Sudoku puzzles (100% exact); then 8 EMA steps
-    straight through, and the same 8 as 4 + a resumed 4."""
-    fit, ema, halves = tmp_path / "fit", tmp_path / "ema", tmp_path / "halves"
+    """One process: a tiny recursive grid model memorises 32 Sudoku puzzles (100% exact), and so does a
+    causal LM in the prompt formulation, solving them with generate; then 8 EMA steps straight through,
+    and the same 8 as 4 + a resumed 4."""
+    fit, prompt, ema, halves = tmp_path / "fit", tmp_path / "prompt", tmp_path / "ema", tmp_path / "halves"
     quick = dict(max_steps=8, save_interval=4, lr_scheduler="constant", warmup_steps=0, ema_decay=0.5,
                  learning_rate=1e-2)
     errors = main_cases([
         task_argv(tmp_path, fit, model_type="recursive", task_augment="false", max_steps=300, learning_rate=1e-2,
                   h_cycles=1, l_cycles=2),
+        task_argv(tmp_path, prompt, task_formulation="prompt", task_augment="false", max_steps=300,
+                  learning_rate=1e-2),
         task_argv(tmp_path, ema, **quick),
         task_argv(tmp_path, halves, **{**quick, "max_steps": 4}),
         task_argv(tmp_path, halves, **quick, resume_from_checkpoint="latest"),
     ], timeout=400)
-    assert errors == [None] * 4
+    assert errors == [None] * 5
 
-    model = AutoModelForCausalLM.from_pretrained(fit / "final")
-    settings = model.config.task
-    splits, _ = load_or_generate(DataArguments(**settings, data_cache_dir=str(tmp_path / "cache")))
-    result = evaluate_puzzles(model, make_task(settings), *splits["train"])
-    assert result["puzzles"] == 32 and result["exact_accuracy"] == 1.0, result
-    assert set(result["exact_accuracy_by_steps"]) == {1, 2, 3, 4} and "q_head" in result
+    results = {}
+    for folder in (fit, prompt):  # the grid model answers in one forward, the prompt model through generate
+        model = AutoModelForCausalLM.from_pretrained(folder / "final")
+        settings = model.config.task
+        splits, _ = load_or_generate(DataArguments(**settings, data_cache_dir=str(tmp_path / "cache")))
+        results[folder] = evaluate_puzzles(model, make_task(settings), *splits["train"])
+        assert results[folder]["puzzles"] == 32 and results[folder]["exact_accuracy"] == 1.0, results[folder]
+        assert model.config.bidirectional == (folder == fit)
+    assert set(results[fit]["exact_accuracy_by_steps"]) == {1, 2, 3, 4} and "q_head" in results[fit]
 
     average = load_file(ema / "checkpoint-8" / "ema.safetensors")
     raw = load_file(ema / "checkpoint-8" / "model.safetensors")
@@ -220,3 +227,28 @@ def test_a_task_model_without_a_task_config_is_refused_by_evaluate(tmp_path):
     MoEReasonForCausalLM(MoEReasonConfig.from_preset("debug")).save_pretrained(tmp_path / "text_model")
     with pytest.raises(ValueError, match="was not trained on a task"):
         evaluate_main(["--model_path", str(tmp_path / "text_model"), "--task_file", str(tmp_path / "none.txt")])
+
+
+def test_training_puzzles_can_come_from_files(tmp_path):
+    """--task_train_file/--task_test_file (Sudoku-Extreme's CSV layout): the first N of each, solutions required."""
+    task = SudokuTask(4, 8)
+    splits = generate_splits(task, train=6, test=3, seed=0)
+    for name, (puzzles, answers) in splits.items():
+        rows = ["source,question,answer,rating"] + [
+            f"gen,{''.join(map(str, p.reshape(-1))).replace('0', '.')},{''.join(map(str, a.reshape(-1)))},0"
+            for p, a in zip(puzzles, answers)]
+        (tmp_path / f"{name}.csv").write_text("\n".join(rows) + "\n")
+    args = DataArguments(task="sudoku", task_size=4, task_train_file=str(tmp_path / "train.csv"),
+                         task_test_file=str(tmp_path / "test.csv"), task_train_puzzles=5)
+    loaded, summary = load_or_generate(args)
+    assert (loaded["train"][0] == splits["train"][0][:5]).all() and (loaded["test"][1] == splits["test"][1]).all()
+    assert summary["train"]["puzzles"] == 5 and args.task_settings()["task_test_file"].endswith("test.csv")
+    (tmp_path / "unsolved.txt").write_text("4..31.4224..3...\n")
+    with pytest.raises(ValueError, match="need their solutions"):
+        load_or_generate(DataArguments(task="sudoku", task_size=4, task_train_file=str(tmp_path / "unsolved.txt"),
+                                       task_test_file=str(tmp_path / "test.csv")))
+    with pytest.raises(ValueError, match="given together with task_train_file"):
+        DataArguments(task="sudoku", task_train_file=str(tmp_path / "train.csv"))
+    with pytest.raises(ValueError, match="pass --task_size 4"):
+        load_or_generate(DataArguments(task="sudoku", task_train_file=str(tmp_path / "train.csv"),
+                                       task_test_file=str(tmp_path / "test.csv")))
