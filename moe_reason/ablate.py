@@ -3,6 +3,7 @@ trained by the same trainer, then compared.
 
     python -m moe_reason.ablate configs/exp8_ablations_offline.yaml
     python -m moe_reason.ablate GRID.yaml --output_dir outputs/abl --set max_steps=50 --variants baseline no_aux
+    python -m moe_reason.ablate --report outputs/abl        # SUMMARY.md and the plot again, from results.json
 
 A grid file:
 
@@ -18,14 +19,16 @@ A grid file:
 Writes into output_dir: one folder per run (VARIANT/seed_S), `results.json` (updated after
 every run), `ablation_comparison.png` and `SUMMARY.md`. A failed run is recorded with its
 error and the grid goes on; rerunning the command skips finished runs and resumes
-interrupted ones.
+interrupted ones. `--max_hours H` starts no run after H hours (the report covers those done),
+and a one-line ETA follows every run.
 """
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .experiments import (SPREAD_RULE, RunnerArguments, beyond_spread, check_arguments, load_runner_file, mean_curve,
-                          mean_std, pyplot, run_runner, run_training, safe_name, save_figure, write_json)
+from .experiments import (SPREAD_RULE, RunBudget, RunnerArguments, beyond_spread, check_arguments, load_json_report,
+                          load_runner_file, mean_curve, mean_std, pyplot, run_runner, run_training, safe_name,
+                          save_figure, write_json)
 
 USAGE = ("python -m moe_reason.ablate GRID.yaml [--output_dir D] [--launcher in_process|accelerate] [--seeds 0 1] "
          "[--variants a b] [--set name=value ...]")
@@ -52,11 +55,11 @@ def load_grid(path, args: AblateArguments | None = None) -> dict:
         missing = sorted(set(args.variants) - set(variants))
         if missing:
             raise ValueError(f"--variants {missing} not in the grid; it has {list(variants)}")
+        if reference not in args.variants:
+            raise ValueError(f"--variants {args.variants} leaves out the reference {reference!r}, which every "
+                             "variant is compared with: add it to --variants")
         variants = {name: variants[name] for name in args.variants}
-        if reference not in variants:  # compared with the first selected variant instead, and said so
-            print(f"ablate: reference {reference!r} is not among --variants; comparing with {args.variants[0]!r}")
-            reference = args.variants[0]
-    return {**settings, "variants": variants, "reference": reference}
+    return {**settings, "variants": variants, "reference": reference, "max_hours": args.max_hours}
 
 
 def run_grid(grid: dict) -> dict:
@@ -66,20 +69,36 @@ def run_grid(grid: dict) -> dict:
     total = len(grid["variants"]) * len(grid["seeds"])
     print(f"ablation {grid['path']}: {len(grid['variants'])} variants x {len(grid['seeds'])} seeds = {total} runs "
           f"-> {out}", flush=True)
-    for variant, overrides in grid["variants"].items():
-        for seed in grid["seeds"]:
-            values = {**grid["base"], **overrides, "seed": seed}
-            record = run_training(f"{variant}/seed_{seed} ({len(runs) + 1}/{total})", values,
-                                  out / variant / f"seed_{seed}", grid["launcher"], grid["accelerate_config"])
-            runs.append({**record, "variant": variant, "seed": seed, "overrides": overrides, "config": values})
-            write_json(out / "results.json", results_payload(grid, runs))
+    budget = RunBudget(total, grid.get("max_hours"))
+    plan = [(variant, overrides, seed) for variant, overrides in grid["variants"].items() for seed in grid["seeds"]]
+    for variant, overrides, seed in plan:
+        if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
+            break
+        values = {**grid["base"], **overrides, "seed": seed}
+        record = run_training(f"{variant}/seed_{seed} ({len(runs) + 1}/{total})", values,
+                              out / variant / f"seed_{seed}", grid["launcher"], grid["accelerate_config"])
+        runs.append({**record, "variant": variant, "seed": seed, "overrides": overrides, "config": values})
+        write_json(out / "results.json", results_payload(grid, runs))
+        budget.after(len(runs), record)
     payload = results_payload(grid, runs)
     write_json(out / "results.json", payload)
-    plot(payload, out / "ablation_comparison.png")
-    (out / "SUMMARY.md").write_text(summary_markdown(payload))
+    write_report(payload, out)
     failed = [r["name"] for r in runs if r["status"] == "failed"]
     print(f"wrote {out / 'results.json'}, {out / 'ablation_comparison.png'}, {out / 'SUMMARY.md'}"
           f"{f'; {len(failed)} run(s) failed: {failed}' if failed else ''}", flush=True)
+    return payload
+
+
+def write_report(payload: dict, out: Path) -> None:
+    plot(payload, out / "ablation_comparison.png")
+    (out / "SUMMARY.md").write_text(summary_markdown(payload))
+
+
+def report(out: Path) -> dict:
+    """--report DIR: SUMMARY.md and the plot rebuilt from DIR/results.json, without training."""
+    payload = load_json_report(out, "results.json")
+    write_report(payload, out)
+    print(f"wrote {out / 'ablation_comparison.png'}, {out / 'SUMMARY.md'} from {out / 'results.json'}", flush=True)
     return payload
 
 
@@ -175,7 +194,7 @@ def plot(payload: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_runner(argv, AblateArguments, load_grid, run_grid, USAGE)
+    return run_runner(argv, AblateArguments, load_grid, run_grid, USAGE, report)
 
 
 if __name__ == "__main__":

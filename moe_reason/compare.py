@@ -24,6 +24,7 @@ Runs per seed: every arm at `max_steps` (equal steps) and, with `equal_flops`, e
 at the steps that spend the cheapest arm's FLOPs (its own full schedule). With a task base each
 finished run's export is scored on the held-out puzzles (`task_eval`). Writes `comparison.json`,
 `comparison.png` and `COMPARISON.md`; a winner is named only when the gap exceeds the seed spread.
+`--max_hours H` starts no run after H hours; `--report DIR` rebuilds the report from DIR/comparison.json.
 """
 
 import math
@@ -31,9 +32,9 @@ from pathlib import Path
 
 from .arguments import build_config, parse_args, to_argv
 from .data import prepare_data
-from .experiments import (SPREAD_RULE, RunnerArguments, beyond_spread, check_arguments, load_runner_file, mean_curve,
-                          mean_std, model_argument_names, pyplot, run_runner, run_training, safe_name, save_figure,
-                          write_json)
+from .experiments import (SPREAD_RULE, RunBudget, RunnerArguments, beyond_spread, check_arguments, load_json_report,
+                          load_runner_file, mean_curve, mean_std, model_argument_names, pyplot, run_runner,
+                          run_training, safe_name, save_figure, write_json)
 from .metrics import training_flops_per_token
 
 LEGACY_ARMS = ("baseline", "recursive")
@@ -73,7 +74,7 @@ def load_comparison(path, args: RunnerArguments | None = None) -> dict:
     if metric == "exact_accuracy" and not settings["base"].get("task"):
         raise ValueError(f"comparison {path}: metric exact_accuracy needs a task in base (task: sudoku or maze)")
     return {**settings, "arms": arms, "reference": reference, "metric": metric,
-            "equal_flops": bool(spec.get("equal_flops", True))}
+            "equal_flops": bool(spec.get("equal_flops", True)), "max_hours": args.max_hours}
 
 
 def flops_per_token(values: dict) -> tuple[float, int]:
@@ -112,22 +113,38 @@ def run_comparison(cmp: dict) -> dict:
     print(f"comparison {cmp['path']}: training FLOPs/token {costs}; equal steps: {accounting['steps']}; equal FLOPs: "
           f"{accounting['equal_flops_steps'] or 'none'}; seeds {cmp['seeds']} -> {out}", flush=True)
     runs = []
-    for seed in cmp["seeds"]:  # seeds outermost: a partial comparison already has every arm
-        for item in plan:
-            label = item["arm"] if item["kind"] == "equal_steps" else f"{item['arm']}_equal_flops"
-            values = {**cmp["base"], **cmp["arms"][item["arm"]], "seed": seed, "max_steps": item["steps"]}
-            record = run_training(f"{label}/seed_{seed}", values, out / label / f"seed_{seed}",
-                                  cmp["launcher"], cmp["accelerate_config"])
-            runs.append({**record, **item, "label": label, "seed": seed, "config": values})
-            write_json(out / "comparison.json", comparison_payload(cmp, accounting, runs))
+    todo = [(seed, item) for seed in cmp["seeds"] for item in plan]  # seeds outermost: a partial comparison has every arm
+    budget = RunBudget(len(todo), cmp.get("max_hours"))
+    for seed, item in todo:
+        if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
+            break
+        label = item["arm"] if item["kind"] == "equal_steps" else f"{item['arm']}_equal_flops"
+        values = {**cmp["base"], **cmp["arms"][item["arm"]], "seed": seed, "max_steps": item["steps"]}
+        record = run_training(f"{label}/seed_{seed}", values, out / label / f"seed_{seed}",
+                              cmp["launcher"], cmp["accelerate_config"])
+        runs.append({**record, **item, "label": label, "seed": seed, "config": values})
+        write_json(out / "comparison.json", comparison_payload(cmp, accounting, runs))
+        budget.after(len(runs), record)
     payload = comparison_payload(cmp, accounting, runs)
     write_json(out / "comparison.json", payload)
-    plot(payload, out / "comparison.png")
-    (out / "COMPARISON.md").write_text(comparison_markdown(payload))
+    write_report(payload, out)
     for kind in ("equal_steps", "equal_flops"):
         for arm, v in payload[kind].items():
             print(f"{kind.replace('_', ' ')}, {arm}: {v['verdict']}", flush=True)
     print(f"wrote {out / 'comparison.json'}, {out / 'comparison.png'}, {out / 'COMPARISON.md'}", flush=True)
+    return payload
+
+
+def write_report(payload: dict, out: Path) -> None:
+    plot(payload, out / "comparison.png")
+    (out / "COMPARISON.md").write_text(comparison_markdown(payload))
+
+
+def report(out: Path) -> dict:
+    """--report DIR: COMPARISON.md and the plot rebuilt from DIR/comparison.json, without training."""
+    payload = load_json_report(out, "comparison.json")
+    write_report(payload, out)
+    print(f"wrote {out / 'comparison.png'}, {out / 'COMPARISON.md'} from {out / 'comparison.json'}", flush=True)
     return payload
 
 
@@ -305,7 +322,7 @@ def plot_steps_curve(ax, done: list[dict], labels: list[str], colors: dict) -> N
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_runner(argv, RunnerArguments, load_comparison, run_comparison, USAGE)
+    return run_runner(argv, RunnerArguments, load_comparison, run_comparison, USAGE, report)
 
 
 if __name__ == "__main__":

@@ -47,23 +47,64 @@ class RunnerArguments:
     accelerate_config: str | None = field(default=None, metadata={"help": "accelerate YAML for launcher accelerate."})
     seeds: list[int] | None = field(default=None, metadata={"help": (
         "Replace the file's seeds (2 or more to measure the spread).")})
-    set: list[str] | None = field(default=None, metadata={"help": "NAME=VALUE trainer arguments for every run."})
+    set: list[str] | None = field(default=None, metadata={"help": (
+        "NAME=VALUE trainer arguments for every run, space-separated after one --set (a second --set replaces "
+        "the first).")})
+    max_hours: float | None = field(default=None, metadata={"help": (
+        "Start no run after this many hours; the report covers the runs done, and the same command continues.")})
 
 
 def parse_runner_cli(argv: list[str] | None, arguments_class, usage: str) -> tuple[str, RunnerArguments]:
     """FILE.yaml [--flag value ...] -> (the file, the parsed overrides)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
-        raise SystemExit(f"usage: {usage}")
+        raise SystemExit(f"usage: {usage}\n   or: --report OUTPUT_DIR (rebuild the report from its JSON, no training)")
     path = argv.pop(0)
     (args,) = HfArgumentParser(arguments_class).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     return path, args
 
 
-def run_runner(argv: list[str] | None, arguments_class, load, run, usage: str) -> dict:
-    """A runner's command line: FILE.yaml and its overrides -> load(file, overrides), validated, then run it."""
+def run_runner(argv: list[str] | None, arguments_class, load, run, usage: str, report=None) -> dict:
+    """A runner's command line: FILE.yaml and its overrides -> load(file, overrides), validated, then run it;
+    or --report OUTPUT_DIR -> report(OUTPUT_DIR), which rebuilds the report from the JSON the runs left."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--report"]:
+        if len(argv) != 2:
+            raise SystemExit(f"usage: --report OUTPUT_DIR (got {argv[1:]})")
+        return report(Path(argv[1]))
     path, args = parse_runner_cli(argv, arguments_class, usage)
     return run(load(path, args))
+
+
+class RunBudget:
+    """Between runs: whether --max_hours leaves time to start another, and a one-line ETA after each run."""
+
+    def __init__(self, total: int, max_hours: float | None):
+        self.total, self.max_hours, self.start, self.trained = total, max_hours, time.perf_counter(), 0
+
+    def exhausted(self, done: int, command: str) -> bool:
+        hours = (time.perf_counter() - self.start) / 3600
+        if self.max_hours is None or hours < self.max_hours or done == self.total:
+            return False
+        print(f"[budget] --max_hours {self.max_hours} spent after {done}/{self.total} runs ({hours:.2f} h): "
+              f"reporting the runs done; continue with:\n  {command}", flush=True)
+        return True
+
+    def after(self, done: int, record: dict) -> None:
+        if not record.get("skipped"):
+            self.trained += 1
+        elapsed = time.perf_counter() - self.start
+        left = self.total - done
+        per_run = elapsed / self.trained if self.trained else 0.0
+        print(f"[eta] {done}/{self.total} runs done, {elapsed / 60:.1f} min so far; about {left * per_run / 60:.0f} "
+              f"min for the {left} left ({per_run / 60:.1f} min per run trained here)", flush=True)
+
+
+def load_json_report(folder: Path, name: str) -> dict:
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(f"--report {folder}: no {name} there (the output folder of a runner's runs)")
+    return json.loads(path.read_text())
 
 
 def load_runner_file(path, kind: str, own_keys: set[str], args: RunnerArguments, default_seeds: list[int],

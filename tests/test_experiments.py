@@ -127,9 +127,19 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     capsys.readouterr()
     ablate_main([str(tmp_path / "grid.yaml"), "--output_dir", str(out)])  # restarted: finished runs are skipped
     printed = capsys.readouterr().out
-    assert printed.count("[skip]") == 4 and printed.count("[FAILED]") == 2
+    assert printed.count("[skip]") == 4 and printed.count("[FAILED]") == 2 and printed.count("[eta]") == 6
     assert json.loads((out / "results.json").read_text())["variants"]["baseline"]["val_loss_mean"] == \
         results["variants"]["baseline"]["val_loss_mean"]
+
+    (out / "SUMMARY.md").unlink()
+    (out / "ablation_comparison.png").unlink()
+    ablate_main(["--report", str(out)])  # the report again from results.json, without training
+    assert (out / "SUMMARY.md").read_text() == summary and (out / "ablation_comparison.png").stat().st_size > 0
+    capsys.readouterr()
+    ablate_main([str(tmp_path / "grid.yaml"), "--output_dir", str(tmp_path / "budget"), "--max_hours", "1e-6"])
+    printed = capsys.readouterr().out  # 3.6 ms: the first run starts, the second does not
+    assert printed.count("[start]") == 1 and "[budget] --max_hours 1e-06 spent after 1/6 runs" in printed
+    assert len(json.loads((tmp_path / "budget" / "results.json").read_text())["runs"]) == 1
 
 
 @pytest.mark.slow
@@ -156,12 +166,13 @@ def test_grid_mistakes_are_refused_before_any_run(tmp_path):
         {"reference": "basline", "variants": {"baseline": {}, "a": {}}})
 
 
-def test_a_reference_left_out_by_the_variants_option_falls_back_to_the_first_selected(tmp_path, capsys):
+def test_a_reference_left_out_by_the_variants_option_is_refused(tmp_path):
     (tmp_path / "g.yaml").write_text(yaml.safe_dump({"reference": "baseline", "variants": {"baseline": {}, "a": {},
                                                                                            "b": {}}}))
-    grid = load_grid(tmp_path / "g.yaml", AblateArguments(variants=["b", "a"]))
-    assert grid["reference"] == "b" and list(grid["variants"]) == ["b", "a"]
-    assert "comparing with 'b'" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="leaves out the reference 'baseline'"):
+        load_grid(tmp_path / "g.yaml", AblateArguments(variants=["b", "a"]))
+    grid = load_grid(tmp_path / "g.yaml", AblateArguments(variants=["b", "baseline"]))
+    assert grid["reference"] == "baseline" and list(grid["variants"]) == ["b", "baseline"]
 
 
 # ----------------------------------------------------------------------------
@@ -199,6 +210,9 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
     report = (out / "COMPARISON.md").read_text()
     assert "Equal steps, recursive vs baseline:" in report and "Equal FLOPs, recursive vs baseline:" in report
     assert "ln(vocab)" in report
+    (out / "COMPARISON.md").unlink()
+    compare_main(["--report", str(out)])  # rebuilt from comparison.json, without training
+    assert (out / "COMPARISON.md").read_text() == report
 
 
 def test_compare_refuses_training_settings_in_an_arm(tmp_path):
