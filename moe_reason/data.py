@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, load_dataset, load_from_disk
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -34,6 +35,7 @@ from .tasks import TaskArguments, formulation_of, make_task, prepare_task_data
 CACHE_VERSION = 2  # bump when the prepared data or the trained tokenizer would differ
 EOS_TOKEN = "<|endoftext|>"
 MAX_PIECE = 256  # characters: the longest run without white space BPE training sees whole
+LONG_DOCUMENT, FEW_DOCUMENTS = 1_000_000, 100  # the automatic max_document_chars (see DataArguments)
 LOADERS = {".txt": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SKIPPED_STDLIB_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
 
@@ -58,7 +60,13 @@ class DataArguments(TaskArguments):
     validation_split: float = field(default=0.05, metadata={"help": "Share of documents held out for validation."})
     validation_documents: int | None = field(default=None, metadata={"help": (
         "Number of documents held out for validation; overrides validation_split.")})
-    max_documents: int | None = field(default=None, metadata={"help": "Use at most this many documents (before the split)."})
+    max_document_chars: int | None = field(default=None, metadata={"help": (
+        "Cut longer documents into pieces of at most this many characters before the train/validation split: at "
+        f"blank lines, else at line breaks, else every max_document_chars characters. Default: {LONG_DOCUMENT:,}, "
+        f"or for a corpus of fewer than {FEW_DOCUMENTS} documents its length / {FEW_DOCUMENTS}, so that one big "
+        "text file (a book, a dump) splits too. The data summary's split_unit says what was held out. 0: never cut.")})
+    max_documents: int | None = field(default=None, metadata={"help": (
+        "Use at most this many documents (pieces, after cutting; before the split).")})
     max_train_tokens: int | None = field(default=None, metadata={"help": "Keep at most this many training tokens (whole blocks)."})
     data_cache_dir: str = field(default=os.path.join("~", ".cache", "moe_reason", "data"), metadata={"help": (
         "Where prepared datasets are cached; a second run with the same settings loads them in seconds.")})
@@ -74,6 +82,8 @@ class DataArguments(TaskArguments):
             ("validation_split", 0.0 < self.validation_split < 1.0, "a share in (0, 1)"),
             ("validation_documents", self.validation_documents is None or self.validation_documents >= 1, "None or >= 1"),
             ("max_documents", self.max_documents is None or self.max_documents >= 2, "None or >= 2"),
+            ("max_document_chars", self.max_document_chars in (None, 0) or self.max_document_chars >= 100,
+             "None (automatic), 0 (never cut) or >= 100"),
             ("max_train_tokens", self.max_train_tokens is None or self.max_train_tokens >= self.block_size,
              f"None or >= block_size={self.block_size}"),
             ("preprocessing_num_workers", self.preprocessing_num_workers >= 1, "an integer >= 1"),
@@ -184,8 +194,6 @@ def load_documents(args: DataArguments, log=print) -> Dataset:
     if len(docs) < rows:  # a row without the column reads as None: say so rather than drop it unseen
         log(f"{rows - len(docs)} of {rows} rows have no text in column {args.text_column!r} (missing or blank) "
             "and are left out")
-    if args.max_documents is not None:
-        docs = docs.select(range(min(args.max_documents, len(docs))))
     if len(docs) == 0:
         raise ValueError("the corpus is empty: no document with text was found")
     return docs
@@ -204,6 +212,49 @@ def _load_hub(args: DataArguments) -> Dataset:
             "No network, or HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set? Use local files instead: "
             "--data_files path/to/docs.jsonl (or .txt/.parquet files or folders), or leave dataset_name "
             "unset to train on the embedded offline corpus.") from err
+
+
+def cut_text(text: str, max_chars: int, separators: tuple[str, ...] = ("\n\n", "\n")) -> list[str]:
+    """`text` -> consecutive pieces of at most `max_chars` characters, cut at the first separator that occurs
+    (paragraphs, then lines), and every `max_chars` characters where none is left."""
+    if len(text) <= max_chars:
+        return [text]
+    if not separators:
+        return [text[i:i + max_chars] for i in range(0, len(text), max_chars)]
+    sep, finer = separators[0], separators[1:]
+    out, current = [], ""
+    for part in text.split(sep):
+        if len(part) > max_chars:  # too long on its own: cut finer, and continue after its last piece
+            if current:
+                out.append(current)
+            *whole, current = cut_text(part, max_chars, finer)
+            out += whole
+        elif current and len(current) + len(sep) + len(part) > max_chars:
+            out.append(current)
+            current = part
+        else:
+            current = f"{current}{sep}{part}" if current else part
+    return out + [current] if current.strip() else out
+
+
+def cut_long_documents(docs: Dataset, args: DataArguments, log=print) -> tuple[Dataset, str]:
+    """Documents over max_document_chars cut into pieces (`cut_text`), then max_documents applied
+    -> (documents, what the unit of the train/validation split is)."""
+    lengths = pc.utf8_length(docs.data.column("text"))
+    limit = args.max_document_chars
+    if limit is None:
+        limit = LONG_DOCUMENT if len(docs) >= FEW_DOCUMENTS else max(1000, pc.sum(lengths).as_py() // FEW_DOCUMENTS)
+    unit = "document"
+    if limit and (pc.max(lengths).as_py() or 0) > limit:
+        before = len(docs)
+        docs = docs.map(lambda batch: {"text": [p for t in batch["text"] for p in cut_text(t, limit)]},
+                        batched=True, batch_size=16)
+        unit = f"document, or a piece of at most {limit:,} characters of a longer one ({before:,} documents " \
+               f"became {len(docs):,} pieces)"
+        log(f"documents over {limit:,} characters cut into pieces: {before:,} -> {len(docs):,}")
+    if args.max_documents is not None:
+        docs = docs.select(range(min(args.max_documents, len(docs))))
+    return docs, unit
 
 
 def split_documents(docs: Dataset, args: DataArguments) -> tuple[Dataset, Dataset]:
@@ -305,7 +356,8 @@ def pack(tokenized: Dataset, block_size: int, pad_id: int, max_tokens: int | Non
 def cache_key(args: DataArguments) -> str:
     settings = {name: getattr(args, name) for name in (
         "dataset_config", "dataset_split", "text_column", "tokenizer_name", "tokenizer_vocab_size", "block_size",
-        "validation_split", "validation_documents", "max_documents", "max_train_tokens", "data_seed")}
+        "validation_split", "validation_documents", "max_documents", "max_document_chars", "max_train_tokens",
+        "data_seed")}
     settings["tokenizer_name"] = _tokenizer_identity(args.tokenizer_name)
     blob = json.dumps({"v": CACHE_VERSION, "source": source_identity(args), **settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -336,7 +388,7 @@ def prepare_data(args: DataArguments, log=print) -> PreparedData:
         return load_prepared(root, summary)
 
     log(f"preparing data (cache miss {key}) ...")
-    docs = load_documents(args, log)
+    docs, unit = cut_long_documents(load_documents(args, log), args, log)
     train_docs, val_docs = split_documents(docs, args)
     tmp = root.with_name(f"{key}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -344,7 +396,7 @@ def prepare_data(args: DataArguments, log=print) -> PreparedData:
     if args.tokenizer_name:
         tokenizer.save_pretrained(tmp / "tokenizer")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    splits, summary = {}, {"cache_key": key, "cache_path": str(root), "vocab_size": len(tokenizer),
+    splits, summary = {}, {"cache_key": key, "cache_path": str(root), "split_unit": unit, "vocab_size": len(tokenizer),
                            "block_size": args.block_size, "eos_token_id": tokenizer.eos_token_id}
     for name, part, cap in (("train", train_docs, args.max_train_tokens), ("validation", val_docs, None)):
         tokenized = tokenize(part, tokenizer, args.preprocessing_num_workers)

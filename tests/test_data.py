@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from moe_reason import MoEReasonConfig
 from moe_reason import data as data_module
 from conftest import write_corpus
-from moe_reason.data import (DataArguments, EpochSampler, check_against_model, load_documents, pack,
+from moe_reason.data import (DataArguments, EpochSampler, check_against_model, cut_text, load_documents, pack,
                              prepare_data, split_documents, stdlib_files)
 
 
@@ -174,3 +174,29 @@ def test_prepare_data_cli_prints_a_json_summary(tmp_path, capsys):
     assert summary["train"]["documents"] == 36 and summary["validation"]["documents"] == 4
     assert summary["vocab_size"] == 320 and summary["block_size"] == 16 and summary["cache_path"]
     assert summary["train"]["tokens"] > 0 and "seconds" in summary
+
+
+def test_one_big_text_file_is_cut_into_pieces_so_a_split_exists(tmp_path):
+    """A single file (a book) used to be one document that left nothing to hold out. Long documents are cut
+    at blank lines, then at line breaks, then every max_document_chars characters, before the split."""
+    book = tmp_path / "book.txt"
+    paragraphs = [f"Chapter {i}. " + " ".join(f"word{i}_{j}" for j in range(40)) for i in range(300)]
+    book.write_text("\n\n".join(paragraphs))
+    args = DataArguments(data_files=[str(book)], max_document_chars=2000, tokenizer_vocab_size=300, block_size=32,
+                         validation_split=0.1, data_cache_dir=str(tmp_path / "cache"), preprocessing_num_workers=1)
+    prepared = prepare_data(args, log=lambda _: None)
+    summary = prepared.summary
+    assert summary["train"]["documents"] > 60 and summary["validation"]["documents"] >= 7  # 75 pieces
+    assert "piece of at most 2,000 characters" in summary["split_unit"] and len(prepared.validation) > 0
+    text = book.read_text()
+    assert "".join(cut_text(text, 2000)).replace("\n", "") == text.replace("\n", "")  # nothing lost, in order
+    assert all(len(p) <= 2000 for p in cut_text(text, 2000))
+    assert cut_text("\n\n".join(paragraphs[:3]), 2000)[0].startswith("Chapter 0")
+    line = "x" * 5000 + "\nshort line"  # no blank line, and a line longer than the limit
+    assert [len(p) for p in cut_text(line, 2000)] == [2000, 2000, 1000 + 1 + len("short line")]
+    assert cut_text("y" * 4500, 2000) == ["y" * 2000, "y" * 2000, "y" * 500]
+    # by default a corpus of few documents is cut into about 100 pieces: a book trains out of the box
+    auto = prepare_data(DataArguments(data_files=[str(book)], tokenizer_vocab_size=300, block_size=32,
+                                      data_cache_dir=str(tmp_path / "cache")), log=lambda _: None).summary
+    assert 100 <= auto["train"]["documents"] + auto["validation"]["documents"] <= 160  # whole paragraphs per piece
+    assert auto["validation"]["documents"] >= 4
