@@ -36,6 +36,7 @@ CACHE_VERSION = 2  # bump when the prepared data or the trained tokenizer would 
 EOS_TOKEN = "<|endoftext|>"
 MAX_PIECE = 256  # characters: the longest run without white space BPE training sees whole
 LONG_DOCUMENT, FEW_DOCUMENTS = 1_000_000, 100  # the automatic max_document_chars (see DataArguments)
+MAX_TEXT_FILE = 2**30  # bytes: a text file is one string in memory before it is cut
 LOADERS = {".txt": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SKIPPED_STDLIB_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
 
@@ -159,6 +160,16 @@ def check_utf8(files: list[Path]) -> None:
                 offset += len(chunk)
 
 
+def check_text_file_sizes(files: list[Path]) -> None:
+    """A text file is read whole, as one document (then cut into pieces): refuse one too big for that."""
+    for path in files:
+        size = path.stat().st_size
+        if size > MAX_TEXT_FILE:
+            raise ValueError(f"data file {path} is {size / 2**30:.1f} GiB: a .txt/.md/.py file is read whole, up to "
+                             f"{MAX_TEXT_FILE / 2**30:.0f} GiB. Split it (split -C 512M {path.name} part_) or give "
+                             "its documents as .jsonl, one per line")
+
+
 def source_identity(args: DataArguments) -> dict:
     """What the documents are, for the cache key: names, or paths with sizes and mtimes."""
     if args.dataset_name:
@@ -177,6 +188,8 @@ def load_documents(args: DataArguments, log=print) -> Dataset:
         files = expand_files(args.data_files) if args.data_files else stdlib_files()
         loader = LOADERS[files[0].suffix] if files else "text"
         kwargs = {"sample_by": "document"} if loader == "text" else {}
+        if loader == "text":
+            check_text_file_sizes(files)
         try:
             raw = load_dataset(loader, data_files=[str(p) for p in files], split="train", **kwargs)
         except Exception as err:  # datasets' errors do not say which file; find it, or pass the error on

@@ -200,3 +200,11 @@ def test_one_big_text_file_is_cut_into_pieces_so_a_split_exists(tmp_path):
                                       data_cache_dir=str(tmp_path / "cache")), log=lambda _: None).summary
     assert 100 <= auto["train"]["documents"] + auto["validation"]["documents"] <= 160  # whole paragraphs per piece
     assert auto["validation"]["documents"] >= 4
+
+
+def test_a_text_file_too_big_to_read_whole_is_refused_naming_the_limit(tmp_path):
+    huge = tmp_path / "dump.txt"
+    with open(huge, "wb") as f:  # sparse: 1.5 GiB on paper, nothing on disk
+        f.truncate(3 * 2**29)
+    with pytest.raises(ValueError, match="dump.txt is 1.5 GiB: a .txt/.md/.py file is read whole, up to 1 GiB"):
+        prepare_data(DataArguments(data_files=[str(huge)], data_cache_dir=str(tmp_path / "cache")), log=lambda _: None)

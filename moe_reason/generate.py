@@ -1,0 +1,107 @@
+"""Talk to an exported model: tokens are printed as they are produced.
+
+    python -m moe_reason.generate --model_path outputs/run/final --prompt "def read_config(path):"
+    echo "import os" | python -m moe_reason.generate --model_path outputs/run/final --do_sample --temperature 0.8
+    python -m moe_reason.generate --model_path outputs/run/final --interactive
+    python -m moe_reason.generate --model_path outputs/sudoku/final --prompt "4..31.4224..3..."   # a task model
+
+Greedy by default; `--do_sample` with `--temperature`, `--top_k`, `--top_p` samples (seeded by `--seed`).
+A model trained with `--task` reads the prompt as a puzzle (its cells row by row, in the task's symbols;
+white space is ignored) and prints its answer as a grid, with the validator's verdict.
+"""
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TextStreamer, set_seed
+
+from .safe_loading import from_pretrained
+from .task_eval import predict_answers
+from .tasks import SudokuTask, make_task, render
+
+
+@dataclass
+class GenerateArguments:
+    model_path: str = field(metadata={"help": "Exported model folder (best/, final/, or `moe_reason.export` output)."})
+    prompt: str | None = field(default=None, metadata={"help": "The prompt; default: read from stdin."})
+    interactive: bool = field(default=False, metadata={"help": "Read one prompt per line until an empty line or EOF."})
+    max_new_tokens: int = field(default=100, metadata={"help": "Tokens to generate."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with --do_sample)."})
+    top_k: int = field(default=50, metadata={"help": "Sample among the k likeliest tokens (0 = all)."})
+    top_p: float = field(default=1.0, metadata={"help": "Sample within this probability mass (nucleus)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the sampling."})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (a GPU when there is one)."})
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"GenerateArguments.max_new_tokens={self.max_new_tokens} is invalid: must be >= 1")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"GenerateArguments.temperature={self.temperature} is invalid: must be > 0 "
+                             "(for greedy decoding leave out --do_sample)")
+
+
+def parse_puzzle(task, text: str):
+    """A puzzle typed as its cells row by row in the task's symbols ('0' is also a Sudoku blank) -> grid."""
+    cells = "".join(text.split())
+    if isinstance(task, SudokuTask):
+        cells = cells.replace("0", ".")
+    if len(cells) != task.n * task.n or any(c not in task.symbols for c in cells):
+        raise ValueError(f"a {task.n}x{task.n} puzzle is {task.n * task.n} cells of {task.symbols!r} (white space "
+                         f"ignored); got {len(cells)} characters: {cells[:90]!r}")
+    return task.from_tokens([task.symbols.index(c) + 1 for c in cells])
+
+
+def answer_puzzle(model, text: str) -> str:
+    task = make_task(model.config.task)
+    puzzle = parse_puzzle(task, text)
+    answer = predict_answers(model, task, puzzle[None])[0][0]
+    verdict = "valid" if task.is_valid(puzzle, answer) else "not valid"
+    return f"{render(task, answer)}\n({verdict} by the {model.config.task['task']} validator)"
+
+
+def generate_text(model, tokenizer, text: str, args: GenerateArguments) -> str:
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty: give --prompt TEXT, text on stdin, or a line in --interactive")
+    set_seed(args.seed)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) if args.do_sample else {}
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                         do_sample=args.do_sample, streamer=TextStreamer(tokenizer, skip_prompt=True),
+                         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                         else tokenizer.eos_token_id, **sampling)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def respond(model, tokenizer, text: str, args: GenerateArguments) -> str:
+    """One prompt -> the reply (already streamed to stdout for text; printed here for a puzzle)."""
+    if getattr(model.config, "task", None):
+        reply = answer_puzzle(model, text)
+        print(reply, flush=True)
+        return reply
+    print(text, end="", flush=True)
+    return generate_text(model, tokenizer, text, args)
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    (args,) = HfArgumentParser(GenerateArguments).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    import moe_reason  # noqa: F401  (registers the Auto classes)
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    model = from_pretrained(AutoModelForCausalLM, args.model_path).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path)
+    if not args.interactive:
+        return [respond(model, tokenizer, args.prompt if args.prompt is not None else sys.stdin.read(), args)]
+    replies = []
+    while True:
+        print(">>> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return replies
+        replies.append(respond(model, tokenizer, line.rstrip("\n"), args))
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
