@@ -21,6 +21,7 @@ from transformers import HfArgumentParser
 from .configuration_moe_reason import PRESETS, MoEReasonConfig, require
 from .configuration_recursive import RecursiveMoEReasonConfig
 from .data import DataArguments
+from .optim import LR_SCHEDULERS
 
 MODEL_TYPES = ("base", "recursive")
 DYNAMO_BACKENDS = {b.value for b in DynamoBackend}
@@ -101,7 +102,9 @@ class TrainingArguments:
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     warmup_steps: int = field(default=50, metadata={"help": "Linear warmup steps (0 = none; may exceed max_steps)."})
-    lr_scheduler: str = field(default="cosine", metadata={"help": "Decay after warmup: linear, cosine or constant."})
+    lr_scheduler: str = field(default="cosine", metadata={"help": (
+        f"Decay after warmup: one of {LR_SCHEDULERS}. seeds_linear is the Exp8 seeds' max(min_lr_ratio, "
+        "(max_steps - step) / (max_steps - warmup_steps)), which reaches its floor before the last step.")})
     min_lr_ratio: float = field(default=0.1, metadata={"help": (
         "Floor of the decay as a share of the peak learning rate (exp8: linear to 0.1).")})
     ema_decay: float = field(default=0.0, metadata={"help": (
@@ -154,7 +157,7 @@ class TrainingArguments:
             ("learning_rate", self.learning_rate > 0, "> 0"),
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
             ("eval_batches", self.eval_batches >= 0, ">= 0"),
-            ("lr_scheduler", self.lr_scheduler in ("linear", "cosine", "constant"), "linear, cosine or constant"),
+            ("lr_scheduler", self.lr_scheduler in LR_SCHEDULERS, f"one of {LR_SCHEDULERS}"),
             ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "in [0, 1]"),
             ("max_grad_norm", self.max_grad_norm >= 0, ">= 0"),
             ("ema_decay", 0.0 <= self.ema_decay < 1.0, "in [0, 1) (0 = no moving average)"),

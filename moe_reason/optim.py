@@ -4,6 +4,8 @@ import math
 
 import torch
 
+LR_SCHEDULERS = ("linear", "cosine", "constant", "seeds_linear")
+
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only: norms, biases and embeddings (and learned state inits) keep weight_decay 0.
@@ -40,6 +42,9 @@ def lr_multiplier(step: int, warmup_steps: int, max_steps: int, kind: str = "cos
 
     Linear warmup reaches the peak on step `warmup_steps - 1` (step 0 already learns), then
     linear or cosine decay from the peak to `min_ratio` over the remaining steps, or constant.
+    `seeds_linear` is the Exp8 seeds' decay, max(min_ratio, (max_steps - step) / (max_steps -
+    warmup_steps)): linear towards 0, cut off at the floor, which it reaches 1 - min_ratio of the
+    way through the decay (90% with 0.1) instead of at the last step.
     Defined for every pair: warmup 0 starts at the peak; warmup >= max_steps never decays.
     """
     if step < warmup_steps:
@@ -47,13 +52,15 @@ def lr_multiplier(step: int, warmup_steps: int, max_steps: int, kind: str = "cos
     if kind == "constant":
         return 1.0
     decay_steps = max_steps - warmup_steps  # >= 1 here, because warmup_steps <= step < max_steps
+    if kind == "seeds_linear":
+        return max(min_ratio, (max_steps - step) / max(1, decay_steps))
     progress = min(1.0, (step - warmup_steps) / max(1, decay_steps))
     if kind == "linear":
         shape = 1.0 - progress
     elif kind == "cosine":
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
-        raise ValueError(f"lr_scheduler={kind!r} is invalid: must be linear, cosine or constant")
+        raise ValueError(f"lr_scheduler={kind!r} is invalid: must be one of {LR_SCHEDULERS}")
     return min_ratio + (1.0 - min_ratio) * shape
 
 

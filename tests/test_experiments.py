@@ -61,11 +61,23 @@ def test_shipped_experiment_parses_and_every_variant_builds_a_valid_config(path)
         model_args, _, train_args = parse_args(to_argv(values))
         build_config(model_args, vocab_size=49152).check()  # raises on any invalid field
         assert train_args.max_steps >= 1
-    if path.stem.startswith("exp8_ablations"):
-        assert len([n for n in grid["variants"] if not n.startswith("recursive")]) == 15
-        small = {**grid["base"], **grid["variants"]["small_model"]}
+    if path.stem.startswith("exp8_ablations"):  # the seeds' fifteen, by their numbers, #2 and #12 recursive
+        numbered = [n for n in grid["variants"] if n[:2].isdigit()]
+        assert [int(n[:2]) for n in numbered] == list(range(1, 16))
+        assert grid["variants"]["02_recursive"] == {"model_type": "recursive", "h_cycles": 2, "l_cycles": 2,
+                                                    "halt_max_steps": 3}
+        assert grid["variants"]["12_recursive_low_lr"]["learning_rate"] == 1e-4
+        assert grid["variants"]["two_experts"]["num_experts"] == 2 and grid["base"]["lr_scheduler"] == "seeds_linear"
+        small = {**grid["base"], **grid["variants"]["07_small_model"]}
         config = build_config(parse_args(to_argv(small))[0])
         assert config.intermediate_size == 4 * config.hidden_size  # the original kept 2048 at width 256
+    if path.stem.startswith("exp8_reasoning_ablations"):  # 15 recursive variants around the seeds' defaults
+        assert len(grid["variants"]) == 15 and grid["base"]["model_type"] == "recursive"
+        overrides = [v for v in grid["variants"].values()]
+        assert {v.get("halt_max_steps", grid["base"]["halt_max_steps"]) for v in overrides} == {1, 2, 3, 4}
+        assert {"recursion_gradient": "one_step"} in overrides and {"use_act": False} in overrides
+        assert {v.get("learning_rate") for v in overrides} >= {1e-4, 6e-4}
+        assert grid["variants"]["R02_minimal"] == {"h_cycles": 1, "l_cycles": 1}
 
 
 # ----------------------------------------------------------------------------

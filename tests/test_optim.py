@@ -11,7 +11,7 @@ from moe_reason.optim import lr_multiplier, make_optimizer_and_scheduler, parame
 from conftest import tiny_model
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "seeds_linear"])
 @pytest.mark.parametrize("warmup,max_steps", [(0, 1), (0, 10), (3, 10), (10, 10), (15, 10), (1, 1), (9, 10)])
 def test_schedule_is_defined_and_bounded_for_every_pair(kind, warmup, max_steps):
     values = [lr_multiplier(s, warmup, max_steps, kind, 0.1) for s in range(max_steps)]
@@ -31,6 +31,14 @@ def test_warmup_then_decay_to_the_floor():
     cosine = [lr_multiplier(s, 0, 100, "cosine", 0.0) for s in range(101)]
     assert cosine[50] == pytest.approx(0.5) and cosine[100] == pytest.approx(0.0, abs=1e-12)
     assert all(a >= b for a, b in zip(cosine, cosine[1:]))
+
+
+def test_the_seeds_decay_reaches_its_floor_before_the_end():
+    """Exp8's max(0.1, (max_steps - step) / (max_steps - warmup)): the floor from 90% of the decay on."""
+    seeds = [lr_multiplier(s, 20, 120, "seeds_linear", 0.1) for s in range(120)]
+    assert seeds[19] == 1.0 and seeds[20] == 1.0 and seeds[70] == pytest.approx(0.5)
+    assert seeds[110] == pytest.approx(0.1) and seeds[111:] == [0.1] * 9  # ours (linear) is 0.181 at step 110
+    assert lr_multiplier(110, 20, 120, "linear", 0.1) == pytest.approx(0.1 + 0.9 * 10 / 100)
 
 
 def test_warmup_longer_than_training_never_decays():
