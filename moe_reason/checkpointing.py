@@ -59,9 +59,11 @@ def read_trainer_state(checkpoint: Path) -> dict:
 
 
 def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, total_limit: int, model=None,
-                    expert_parallel: NoExpertParallel = NO_EXPERT_PARALLEL, tensor_files: dict | None = None) -> Path:
+                    expert_parallel: NoExpertParallel = NO_EXPERT_PARALLEL, tensor_files: dict | None = None,
+                    tokenizer=None) -> Path:
     """accelerator.save_state (+ the expert shards, + `tensor_files`: {file name: tensors} written by the
-    main process as safetensors) into checkpoint-STEP.tmp, then rename and rotate.
+    main process as safetensors, + the model's config and the tokenizer, which `moe_reason.export` reads)
+    into checkpoint-STEP.tmp, then rename and rotate.
 
     All ranks call this.
     """
@@ -77,6 +79,9 @@ def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, tot
     if accelerator.is_main_process:
         for name, tensors in (tensor_files or {}).items():
             save_file(tensors, tmp / name)
+        if model is not None and tokenizer is not None:
+            model.config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         _replace(tmp, final)
         for old in complete_checkpoints(output_dir)[:-total_limit]:
@@ -139,16 +144,23 @@ def export_model(accelerator, model, tokenizer, folder,
     state = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank takes part
     state = expert_parallel.full_state_dict(accelerator.unwrap_model(model), state)
     if accelerator.is_main_process:
-        bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-        if bad:
-            raise RuntimeError(f"refusing to export {folder}: non-finite weights in {bad[:5]}")
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        _readable_like_the_rest(tmp)
-        _replace(tmp, folder)
+        write_pretrained(accelerator.unwrap_model(model), state, tokenizer, folder)
     accelerator.wait_for_everyone()
+    return folder
+
+
+def write_pretrained(model, state: dict, tokenizer, folder: Path) -> Path:
+    """`state` as a from_pretrained folder (safetensors, config, tokenizer), written aside and renamed into
+    place. Refuses non-finite weights."""
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise RuntimeError(f"refusing to export {folder}: non-finite weights in {bad[:5]}")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    _readable_like_the_rest(tmp)
+    _replace(tmp, folder)
     return folder
 
 

@@ -50,6 +50,29 @@ def deepspeed_weights_only(model):
         del checkpoint_engine.load  # the class's own method again
 
 
+def load_deepspeed_file(path, map_location="cpu"):
+    """One of DeepSpeed's *.pt checkpoint files, tensors and its three own types only."""
+    with torch.serialization.safe_globals(deepspeed_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+@contextmanager
+def torch_load_weights_only():
+    """While it lasts, torch.load reads tensors and DeepSpeed's own types only, whatever its caller asks
+    (DeepSpeed's zero_to_fp32 asks for weights_only=False)."""
+    original = torch.load
+
+    def load(f, map_location=None, *args, weights_only=None, **kwargs):
+        with torch.serialization.safe_globals(deepspeed_globals()):
+            return original(f, map_location, *args, weights_only=True, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
 def check_no_custom_pickles(checkpoint: Path) -> None:
     """Refuse Accelerate's custom_checkpoint_N.pkl: it would load it with weights_only=False. Earlier versions
     of this trainer wrote the learning-rate schedule there; it is a function of the step and is recomputed."""

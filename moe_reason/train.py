@@ -604,7 +604,8 @@ class Trainer:
         trainer_state = {**self.state.state_dict(), LR_SCHEDULER: self.scheduler.state_dict()}
         folder = save_checkpoint(self.accelerator, self.out, self.state.step, trainer_state,
                                  self.args.save_total_limit, self.accelerator.unwrap_model(self.model),
-                                 self.expert_parallel, {EMA_WEIGHTS: self.ema.state_dict()} if self.ema else None)
+                                 self.expert_parallel, {EMA_WEIGHTS: self.ema.state_dict()} if self.ema else None,
+                                 self.data.tokenizer)
         self.window.restart_clock()
         return folder
 

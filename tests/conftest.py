@@ -119,3 +119,23 @@ def train_losses(output_dir) -> dict[int, float]:
 
 def eval_records(output_dir) -> list[dict]:
     return [r for r in read_metrics(output_dir) if "eval/loss" in r]
+
+
+def assert_export_cli_matches_final(output_dir) -> None:
+    """`python -m moe_reason.export` on the run's newest checkpoint writes what the trainer exported to final/
+    at that step: the same weights (so the same logits), config and tokenizer."""
+    from safetensors.torch import load_file
+
+    from moe_reason.export import main as export_main
+    from moe_reason.layout import complete_checkpoints
+
+    output_dir = Path(output_dir)
+    checkpoint = complete_checkpoints(output_dir)[-1]
+    folder = export_main([str(checkpoint), str(output_dir / "exported_by_cli")])
+    final = output_dir / "final"
+    ours, trainers = load_file(folder / "model.safetensors"), load_file(final / "model.safetensors")
+    assert ours.keys() == trainers.keys()
+    for name, tensor in trainers.items():
+        torch.testing.assert_close(ours[name], tensor, atol=0, rtol=0, msg=name)
+    assert json.loads((folder / "config.json").read_text()) == json.loads((final / "config.json").read_text())
+    assert (folder / "tokenizer.json").read_text() == (final / "tokenizer.json").read_text()

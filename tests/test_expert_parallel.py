@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from moe_reason.expert_parallel import check_layout
 
-from conftest import REPO, clean_env, eval_records, launch, read_metrics, train_args, train_losses, write_corpus
+from conftest import (REPO, assert_export_cli_matches_final, clean_env, eval_records, launch, read_metrics, train_args,
+                      train_losses, write_corpus)
 from test_train import evaluate_export, free_port
 
 ZERO2 = "accelerate_configs/deepspeed_zero2.yaml"
@@ -92,6 +93,7 @@ def test_ep2_export_loads_in_one_process_and_reproduces_the_trainers_val_loss(ru
     tmp, corpus, folders = runs
     trainer_loss = eval_records(folders[2])[-1]["eval/loss"]
     assert evaluate_export(folders[2] / "final", tmp, corpus) == pytest.approx(trainer_loss, abs=1e-5)
+    assert_export_cli_matches_final(folders[2])  # the expert shards stitched in rank order
     logged = read_metrics(folders[2])[0]
     rows = [logged[f"expert_parallel/rows_layer{layer}_rank{rank}"] for layer in (0, 1) for rank in (0, 1)]
     # per layer, both ranks' rows add up to every token's k assignments: 2 ranks x 4 blocks x 32 tokens x top-2

@@ -18,8 +18,8 @@ from moe_reason.data import DataArguments, collate_blocks, prepare_data
 from moe_reason.metrics import summarise_eval
 from moe_reason.modeling_moe_reason import next_token_statistics
 
-from conftest import (REPO, clean_env, eval_records, launch, main_cases, read_metrics, train_args, train_losses,
-                      write_corpus)
+from conftest import (REPO, assert_export_cli_matches_final, clean_env, eval_records, launch, main_cases,
+                      read_metrics, train_args, train_losses, write_corpus)
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +48,7 @@ def test_single_process_run_writes_everything_and_final_reproduces_val_loss(tmp_
     assert "Removed shared tensor" not in run.stderr + run.stdout  # the tied head's benign save notice is dropped
     assert list((out / "tensorboard").rglob("events.out.tfevents*"))
     assert complete_checkpoints(out)[-1].name == "checkpoint-6"
+    assert_export_cli_matches_final(out)
     for folder in ("final", "best"):
         assert (out / folder / "model.safetensors").exists() and (out / folder / "tokenizer.json").exists()
     records = read_metrics(out)
@@ -101,6 +102,7 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path, 
         assert two[step] == pytest.approx(one[step], abs=5e-3), step
     assert eval_records(tmp_path / "two")[-1]["eval/loss"] == pytest.approx(
         eval_records(tmp_path / "one")[-1]["eval/loss"], abs=5e-3)
+    assert_export_cli_matches_final(tmp_path / "two")
 
 
 # ZeRO-3 itself: test_reliability.py's ZeRO-3 test makes the same checks on its run, and resumes it
@@ -123,6 +125,7 @@ def assert_zero_run_learned_and_exported_its_gathered_weights(out, tmp_path, cor
     for name, tensor in exported.items():
         torch.testing.assert_close(tensor, gathered[name], atol=0, rtol=0, msg=name)
     assert evaluate_export(out / "final", tmp_path, corpus) == pytest.approx(eval_records(out)[-1]["eval/loss"], abs=1e-5)
+    assert_export_cli_matches_final(out)  # DeepSpeed's module file (ZeRO-2) or its fp32 partitions (ZeRO-3)
 
 
 def test_log_window_averages_losses_and_recursion_metrics_over_processes():
