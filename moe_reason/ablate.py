@@ -26,7 +26,7 @@ and a one-line ETA follows every run.
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .experiments import (SPREAD_RULE, RunBudget, RunnerArguments, beyond_spread, check_arguments, load_json_report,
+from .experiments import (SPREAD_RULE, ReportFiles, RunBudget, RunnerArguments, beyond_spread, check_arguments,
                           load_runner_file, mean_curve, mean_std, pyplot, run_runner, run_training, safe_name,
                           save_figure, write_json)
 
@@ -78,27 +78,14 @@ def run_grid(grid: dict) -> dict:
         record = run_training(f"{variant}/seed_{seed} ({len(runs) + 1}/{total})", values,
                               out / variant / f"seed_{seed}", grid["launcher"], grid["accelerate_config"])
         runs.append({**record, "variant": variant, "seed": seed, "overrides": overrides, "config": values})
-        write_json(out / "results.json", results_payload(grid, runs))
+        write_json(out / REPORT.json, results_payload(grid, runs))
         budget.after(len(runs), record)
     payload = results_payload(grid, runs)
-    write_json(out / "results.json", payload)
-    write_report(payload, out)
+    write_json(out / REPORT.json, payload)
+    REPORT.write(payload, out)
     failed = [r["name"] for r in runs if r["status"] == "failed"]
-    print(f"wrote {out / 'results.json'}, {out / 'ablation_comparison.png'}, {out / 'SUMMARY.md'}"
+    print(f"wrote {out / REPORT.json}, {out / REPORT.png}, {out / REPORT.markdown}"
           f"{f'; {len(failed)} run(s) failed: {failed}' if failed else ''}", flush=True)
-    return payload
-
-
-def write_report(payload: dict, out: Path) -> None:
-    plot(payload, out / "ablation_comparison.png")
-    (out / "SUMMARY.md").write_text(summary_markdown(payload))
-
-
-def report(out: Path) -> dict:
-    """--report DIR: SUMMARY.md and the plot rebuilt from DIR/results.json, without training."""
-    payload = load_json_report(out, "results.json")
-    write_report(payload, out)
-    print(f"wrote {out / 'ablation_comparison.png'}, {out / 'SUMMARY.md'} from {out / 'results.json'}", flush=True)
     return payload
 
 
@@ -193,8 +180,11 @@ def plot(payload: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+REPORT = ReportFiles("results.json", "ablation_comparison.png", "SUMMARY.md", plot, summary_markdown)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_runner(argv, AblateArguments, load_grid, run_grid, USAGE, report)
+    return run_runner(argv, AblateArguments, load_grid, run_grid, USAGE, REPORT.rebuild)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .arguments import build_config, parse_args, to_argv
 from .data import prepare_data
-from .experiments import (SPREAD_RULE, RunBudget, RunnerArguments, beyond_spread, check_arguments, load_json_report,
+from .experiments import (SPREAD_RULE, ReportFiles, RunBudget, RunnerArguments, beyond_spread, check_arguments,
                           load_runner_file, mean_curve, mean_std, model_argument_names, pyplot, run_runner,
                           run_training, safe_name, save_figure, write_json)
 from .metrics import training_flops_per_token
@@ -123,28 +123,15 @@ def run_comparison(cmp: dict) -> dict:
         record = run_training(f"{label}/seed_{seed}", values, out / label / f"seed_{seed}",
                               cmp["launcher"], cmp["accelerate_config"])
         runs.append({**record, **item, "label": label, "seed": seed, "config": values})
-        write_json(out / "comparison.json", comparison_payload(cmp, accounting, runs))
+        write_json(out / REPORT.json, comparison_payload(cmp, accounting, runs))
         budget.after(len(runs), record)
     payload = comparison_payload(cmp, accounting, runs)
-    write_json(out / "comparison.json", payload)
-    write_report(payload, out)
+    write_json(out / REPORT.json, payload)
+    REPORT.write(payload, out)
     for kind in ("equal_steps", "equal_flops"):
         for arm, v in payload[kind].items():
             print(f"{kind.replace('_', ' ')}, {arm}: {v['verdict']}", flush=True)
-    print(f"wrote {out / 'comparison.json'}, {out / 'comparison.png'}, {out / 'COMPARISON.md'}", flush=True)
-    return payload
-
-
-def write_report(payload: dict, out: Path) -> None:
-    plot(payload, out / "comparison.png")
-    (out / "COMPARISON.md").write_text(comparison_markdown(payload))
-
-
-def report(out: Path) -> dict:
-    """--report DIR: COMPARISON.md and the plot rebuilt from DIR/comparison.json, without training."""
-    payload = load_json_report(out, "comparison.json")
-    write_report(payload, out)
-    print(f"wrote {out / 'comparison.png'}, {out / 'COMPARISON.md'} from {out / 'comparison.json'}", flush=True)
+    print(f"wrote {out / REPORT.json}, {out / REPORT.png}, {out / REPORT.markdown}", flush=True)
     return payload
 
 
@@ -321,8 +308,11 @@ def plot_steps_curve(ax, done: list[dict], labels: list[str], colors: dict) -> N
     ax.legend(fontsize=8)
 
 
+REPORT = ReportFiles("comparison.json", "comparison.png", "COMPARISON.md", plot, comparison_markdown)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_runner(argv, RunnerArguments, load_comparison, run_comparison, USAGE, report)
+    return run_runner(argv, RunnerArguments, load_comparison, run_comparison, USAGE, REPORT.rebuild)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,11 +101,27 @@ class RunBudget:
               f"min for the {left} left ({per_run / 60:.1f} min per run trained here)", flush=True)
 
 
-def load_json_report(folder: Path, name: str) -> dict:
-    path = folder / name
-    if not path.is_file():
-        raise FileNotFoundError(f"--report {folder}: no {name} there (the output folder of a runner's runs)")
-    return json.loads(path.read_text())
+@dataclass(frozen=True)
+class ReportFiles:
+    """A runner's report: the JSON its runs update, and the plot and Markdown made from that JSON alone."""
+    json: str
+    png: str
+    markdown: str
+    plot: Callable[[dict, Path], None]
+    render: Callable[[dict], str]
+
+    def write(self, payload: dict, out: Path) -> None:
+        self.plot(payload, out / self.png)
+        (out / self.markdown).write_text(self.render(payload))
+
+    def rebuild(self, out: Path) -> dict:
+        """--report DIR: the plot and Markdown again from DIR's JSON, without training."""
+        if not (out / self.json).is_file():
+            raise FileNotFoundError(f"--report {out}: no {self.json} there (the output folder of a runner's runs)")
+        payload = json.loads((out / self.json).read_text())
+        self.write(payload, out)
+        print(f"wrote {out / self.png}, {out / self.markdown} from {out / self.json}", flush=True)
+        return payload
 
 
 def load_runner_file(path, kind: str, own_keys: set[str], args: RunnerArguments, default_seeds: list[int],
