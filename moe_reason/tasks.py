@@ -347,7 +347,8 @@ def load_or_generate(args, log=print) -> tuple[dict, dict]:
             shutil.rmtree(tmp)
         else:
             tmp.rename(root)  # atomic: a crash never leaves a half-written entry
-    summary = {**json.loads((root / "summary.json").read_text()), "cache_hit": cache_hit}
+    # the cached puzzles serve every formulation: the settings are this run's, not the cache's
+    summary = {**json.loads((root / "summary.json").read_text()), "task": args.task_settings(), "cache_hit": cache_hit}
     splits = {}
     for name in ("train", "test"):
         with np.load(root / f"{name}.npz", allow_pickle=False) as saved:

@@ -182,7 +182,7 @@ def test_recursive_model_overfits_32_puzzles_and_the_ema_is_exported_and_resumed
         task_argv(tmp_path, fit, model_type="recursive", task_augment="false", max_steps=300, learning_rate=1e-2,
                   h_cycles=1, l_cycles=2),
         task_argv(tmp_path, prompt, task_formulation="prompt", task_augment="false", max_steps=300,
-                  learning_rate=1e-2),
+                  learning_rate=1e-2, warmup_steps=50),
         task_argv(tmp_path, ema, **quick),
         task_argv(tmp_path, halves, **{**quick, "max_steps": 4}),
         task_argv(tmp_path, halves, **quick, resume_from_checkpoint="latest"),
