@@ -38,9 +38,8 @@ DEFAULT_BLANKS = {4: 8, 6: 20, 9: 45}  # about half the cells, by grid size
 @dataclass
 class TaskArguments:
     task: str | None = field(default=None, metadata={"help": (
-        f"Train on a generated reasoning task instead of text: one of {TASKS}. The model then reads the whole "
-        "puzzle (bidirectional attention) and predicts the answer's cell at every position (HRM/TRM's grid "
-        "formulation); the validation set is the held-out test puzzles.")})
+        f"Train on a generated reasoning task instead of text: one of {TASKS} (see --task_formulation); the "
+        "validation set is the held-out test puzzles.")})
     task_formulation: str = field(default="grid", metadata={"help": (
         "grid: the model reads the whole puzzle (bidirectional attention) and predicts each cell of the answer at "
         "its position, in one forward (HRM/TRM); prompt: a causal LM reads the puzzle and '=' and writes the "
@@ -49,9 +48,9 @@ class TaskArguments:
         "Grid side: Sudoku 4, 6 or 9 (default 9); maze n x n (default 8).")})
     sudoku_blanks: int | None = field(default=None, metadata={"help": (
         "Blank cells per Sudoku (difficulty), kept only while the solution stays unique; default 45 at 9x9, "
-        f"{DEFAULT_BLANKS[6]} at 6x6, {DEFAULT_BLANKS[4]} at 4x4. At 9x9, 45 blanks "
-        "need about 4.5 rounds of single-candidate filling and no guessing; 55 need about 10, and a quarter "
-        "need backtracking. The measured rounds are in the data summary.")})
+        f"{DEFAULT_BLANKS[6]} at 6x6, {DEFAULT_BLANKS[4]} at 4x4. At 9x9, 20 blanks need about 1.3 rounds of "
+        "single-candidate filling, 30 about 2.1, 45 about 4.7 (1% need a guess), 55 about 10 (a third need a "
+        "guess). The data summary reports the rounds its puzzles need.")})
     maze_min_path: int | None = field(default=None, metadata={"help": (
         "Shortest-path length in cells (start and goal included) a maze must reach (difficulty); default 2 x size.")})
     maze_wall_share: float = field(default=0.3, metadata={"help": "Share of maze cells drawn as walls."})
@@ -140,7 +139,8 @@ class SudokuTask:
     def from_tokens(self, tokens) -> np.ndarray:
         return (np.asarray(tokens).reshape(self.n, self.n) - 1).clip(0, self.n).astype(np.int8)
 
-    def difficulty(self, puzzles: np.ndarray) -> dict:
+    def difficulty(self, puzzles: np.ndarray, answers: np.ndarray) -> dict:
+        """What the solver needs: rounds of single-candidate filling, or a guess (backtracking)."""
         rounds = [sudoku.propagation_rounds(p) for p in puzzles]
         solved = [r for r in rounds if r is not None]
         return {"blanks_mean": float((puzzles == 0).sum((1, 2)).mean()),
@@ -175,9 +175,10 @@ class MazeTask:
     def from_tokens(self, tokens) -> np.ndarray:
         return np.asarray(tokens).reshape(self.n, self.n).clip(1, 5).astype(np.int8)
 
-    def difficulty(self, puzzles: np.ndarray) -> dict:
-        del puzzles  # the answers hold the paths; the summary's caller passes those
-        return {}
+    def difficulty(self, puzzles: np.ndarray, answers: np.ndarray) -> dict:
+        """The shortest paths' lengths in cells, start and goal included."""
+        lengths = (answers == maze.PATH).sum((1, 2)) + 2
+        return {"path_cells_mean": float(lengths.mean()), "path_cells_max": int(lengths.max())}
 
 
 def make_task(settings: dict):
@@ -341,7 +342,7 @@ def load_or_generate(args, log=print) -> tuple[dict, dict]:
         summary = {"task": args.task_settings(), "generation_seconds": round(time.perf_counter() - start, 2)}
         for name, (puzzles, answers) in splits.items():
             np.savez(tmp / f"{name}.npz", puzzles=puzzles, answers=answers)
-            summary[name] = {"puzzles": len(puzzles), **describe(task, puzzles, answers)}
+            summary[name] = {"puzzles": len(puzzles), **task.difficulty(puzzles, answers)}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         if root.exists():  # a concurrent preparation finished first; keep its result
             shutil.rmtree(tmp)
@@ -354,13 +355,6 @@ def load_or_generate(args, log=print) -> tuple[dict, dict]:
         with np.load(root / f"{name}.npz", allow_pickle=False) as saved:
             splits[name] = (saved["puzzles"], saved["answers"])
     return splits, summary
-
-
-def describe(task, puzzles, answers) -> dict:
-    if isinstance(task, MazeTask):
-        lengths = (answers == maze.PATH).sum((1, 2)) + 2
-        return {"path_cells_mean": float(lengths.mean()), "path_cells_max": int(lengths.max())}
-    return task.difficulty(puzzles)
 
 
 def prepare_task_data(args, log=print):
