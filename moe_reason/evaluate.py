@@ -3,6 +3,7 @@
     python -m moe_reason.evaluate --model_path outputs/run/final                 # the default corpus
     python -m moe_reason.evaluate --model_path DIR --data_files docs/ --split train --max_blocks 200
     python -m moe_reason.evaluate --model_path outputs/sudoku/final [--task_file puzzles.csv]   # a task model
+    python -m moe_reason.evaluate --model_path outputs/run/final --lm_eval_tasks hellaswag,arc_easy --lm_eval_limit 100
 
 The data arguments are the trainer's (`DataArguments`): the same ones reproduce the same
 document split, so `--max_blocks` = the trainer's eval_batches x per_device_eval_batch_size
@@ -12,6 +13,7 @@ for recursive models the mean recursion (supervision) steps.
 
 A model trained with `--task` is scored on puzzles instead (`task_eval.evaluate_puzzles`): the held-out
 test puzzles of its training, regenerated from the settings in its config, or a `--task_file`.
+`--lm_eval_tasks` runs lm-evaluation-harness instead (`harness.py`) and writes MODEL/eval_lm_eval.json.
 """
 
 import json
@@ -22,11 +24,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, HfArgumentParser
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from .configuration_moe_reason import require
 from .layout import TASK_EVAL
 from .data import DataArguments, check_against_model, collate_blocks, prepare_data
+from .harness import run_lm_eval
 from .task_eval import evaluate_puzzles
 from .task_files import read_sudoku_file
 from .tasks import load_or_generate, make_task
@@ -51,6 +54,12 @@ class EvaluateArguments:
         "'0' for a blank, optionally ',' and the solution) or a CSV with question/answer, puzzle/solution, "
         "quizzes/solutions or unsolved/solved columns. Default: the model's held-out test puzzles.")})
     max_puzzles: int = field(default=0, metadata={"help": "Score the first N puzzles (0 = all)."})
+    lm_eval_tasks: str | None = field(default=None, metadata={"help": (
+        "Comma-separated lm-evaluation-harness tasks (e.g. hellaswag,arc_easy) to run on the model instead "
+        "of our own evaluation; needs pip install -e \".[eval]\" and the tasks' data (the Hub, or local files).")})
+    lm_eval_include_path: str | None = field(default=None, metadata={"help": (
+        "A folder of lm-eval task YAMLs to add to the known tasks (e.g. tasks on local data files).")})
+    lm_eval_limit: int | None = field(default=None, metadata={"help": "Score at most this many examples per lm-eval task."})
     curve_puzzles: int = field(default=0, metadata={"help": (
         "Run a recursive model's accuracy-by-supervision-steps curve on the first N puzzles (0 = all of them).")})
 
@@ -95,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if eval_args.device == "auto"
                           else eval_args.device)
     model = from_pretrained(AutoModelForCausalLM, eval_args.model_path).to(device)
+    if eval_args.lm_eval_tasks:
+        return write_result(eval_args, "eval_lm_eval.json", evaluate_with_lm_eval(eval_args, model))
     if data_args.task or eval_args.task_file or getattr(model.config, "task", None):
         return write_result(eval_args, TASK_EVAL, evaluate_task(eval_args, data_args, model))
     data = prepare_data(data_args, log=lambda msg: print(msg, file=sys.stderr))
@@ -140,10 +151,21 @@ def evaluate_task(eval_args, data_args, model) -> dict:
                                                  eval_args.curve_puzzles)}
 
 
+def evaluate_with_lm_eval(eval_args, model) -> dict:
+    if getattr(model.config, "task", None):
+        raise ValueError(f"{eval_args.model_path} was trained on {model.config.task['task']} puzzles: lm-eval's "
+                         "language tasks do not apply; evaluate it without --lm_eval_tasks")
+    tasks = [t.strip() for t in eval_args.lm_eval_tasks.split(",") if t.strip()]
+    tokenizer = AutoTokenizer.from_pretrained(eval_args.model_path)
+    return {"model_path": eval_args.model_path, "model_type": model.config.model_type,
+            **run_lm_eval(model, tokenizer, tasks, eval_args.lm_eval_include_path, eval_args.lm_eval_limit,
+                          eval_args.batch_size)}
+
+
 def write_result(eval_args, name: str, result: dict) -> dict:
     output = Path(eval_args.output_file or Path(eval_args.model_path) / name)
-    output.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    output.write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result, indent=2, default=str))
     return result
 
 

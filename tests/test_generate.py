@@ -52,3 +52,36 @@ def test_a_task_model_prints_its_answer_as_a_grid_with_the_validators_verdict(tm
     assert set(grid.replace("\n", "")) <= set(SudokuTask(4).symbols)
     with pytest.raises(ValueError, match="a 4x4 puzzle is 16 cells"):
         generate_main(["--model_path", str(folder), "--prompt", "4..3x"])
+
+
+def test_lm_eval_harness_scores_an_export_on_a_task_of_local_files(tmp_path):
+    """lm-eval's HFLM on our model and tokenizer, on a multiple-choice task read from a local JSONL file."""
+    pytest.importorskip("lm_eval")  # the dev extra installs it; a user may not have it
+    import json
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from moe_reason.evaluate import main as evaluate_main
+
+    words = ["<eos>", "the", "sky", "is", "blue", "green", "grass", "red", "?"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    config = MoEReasonConfig.from_preset("debug", vocab_size=len(words), eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    MoEReasonForCausalLM(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    rows = [{"question": "the sky is", "choices": ["blue", "green"], "answer": 0},
+            {"question": "the grass is", "choices": ["red", "green"], "answer": 1},
+            {"question": "is the sky", "choices": ["blue", "red"], "answer": 0}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "colours.yaml").write_text(
+        "task: colours\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'data.jsonl'}\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n")
+    result = evaluate_main(["--model_path", str(tmp_path / "model"), "--lm_eval_tasks", "colours",
+                            "--lm_eval_include_path", str(tmp_path / "tasks"), "--lm_eval_limit", "2"])
+    accuracy = result["results"]["colours"]["acc,none"]
+    assert 0.0 <= accuracy <= 1.0 and result["n-samples"]["colours"]["effective"] == 2
+    assert json.loads((tmp_path / "model" / "eval_lm_eval.json").read_text())["results"]["colours"]["acc,none"] == accuracy
