@@ -151,7 +151,10 @@ def export_model(accelerator, model, tokenizer, folder,
 
 def write_pretrained(model, state: dict, tokenizer, folder: Path) -> Path:
     """`state` as a from_pretrained folder (safetensors, config, tokenizer), written aside and renamed into
-    place. Refuses non-finite weights."""
+    place. Refuses non-finite weights. A tied head is left out (from_pretrained ties it again), whether or
+    not `state` shares its storage with the embedding (a DeepSpeed state dict does not)."""
+    if model.config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k not in (model._tied_weights_keys or {})}
     bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if bad:
         raise RuntimeError(f"refusing to export {folder}: non-finite weights in {bad[:5]}")

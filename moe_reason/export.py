@@ -5,8 +5,7 @@
 The weights are read as the run wrote them, each file without unpickling code (`safe_loading`):
   model.safetensors                      one process and DDP (Accelerate)
   pytorch_model/mp_rank_00_model_states  DeepSpeed ZeRO-1/2: the module's weights as trained
-  pytorch_model/*_optim_states           ZeRO-3, whose module file holds only placeholders: the fp32
-                                         partitions, joined by DeepSpeed's zero_to_fp32
+  pytorch_model/zero_pp_rank_*           ZeRO-3: each rank's fp32 partition, joined by DeepSpeed's zero_to_fp32
   expert_shard_R_of_N.safetensors        expert parallelism: each rank's experts, stitched in rank order
 The config and tokenizer are the ones the trainer stores in every checkpoint. The folder equals what
 the trainer itself exports at that step (best/, final/), so its logits are the same.
@@ -32,15 +31,16 @@ def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The full model's weights saved in `checkpoint` (see the module docstring for the layouts)."""
     if (checkpoint / "model.safetensors").is_file():
         return load_file(checkpoint / "model.safetensors")
-    states = checkpoint / DEEPSPEED_TAG / "mp_rank_00_model_states.pt"
-    if not states.is_file():
-        raise FileNotFoundError(f"{checkpoint} holds neither model.safetensors (Accelerate) nor {states.relative_to(checkpoint)} "
-                                "(DeepSpeed): not a checkpoint this trainer wrote")
-    module = load_deepspeed_file(states)["module"]
-    if any(t.numel() == 0 for t in module.values()):  # ZeRO-3: the module file holds placeholders
+    tag = checkpoint / DEEPSPEED_TAG
+    if (tag / "mp_rank_00_model_states.pt").is_file():  # ZeRO-0/1/2: the module's weights as trained
+        module = load_deepspeed_file(tag / "mp_rank_00_model_states.pt")["module"]
+    elif list(tag.glob("zero_pp_rank_*_model_states.pt")):  # ZeRO-3: each rank's partition of them
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         with torch_load_weights_only():
             module = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
+    else:
+        raise FileNotFoundError(f"{checkpoint} holds neither model.safetensors (Accelerate) nor DeepSpeed's model "
+                                f"states in {DEEPSPEED_TAG}/: not a checkpoint this trainer wrote")
     return {**module, **stitched_experts(checkpoint)}
 
 
