@@ -180,7 +180,7 @@ def test_recursive_model_overfits_32_puzzles_and_the_ema_is_exported_and_resumed
                  learning_rate=1e-2)
     errors = main_cases([
         task_argv(tmp_path, fit, model_type="recursive", task_augment="false", max_steps=300, learning_rate=1e-2,
-                  h_cycles=1, l_cycles=2),
+                  h_cycles=1, l_cycles=1),
         task_argv(tmp_path, prompt, task_formulation="prompt", task_augment="false", max_steps=300,
                   learning_rate=1e-2, warmup_steps=50),
         task_argv(tmp_path, ema, **quick),
