@@ -114,7 +114,8 @@ def test_compiled_recursive_model_trains_like_eager_while_halting_changes_the_ba
 # no code generation) in the suite, the recursive one (whose compilation the aot_eager tests above check)
 # and inductor, which generates and compiles C++ for minutes on a 2-core CPU, as `full` tests
 @pytest.mark.parametrize("model_type, backend", [
-    ("base", "aot_eager"), pytest.param("recursive", "aot_eager", marks=pytest.mark.full),
+    pytest.param("base", "aot_eager", marks=pytest.mark.full),  # the compiled models' own tests stay in the suite
+    pytest.param("recursive", "aot_eager", marks=pytest.mark.full),
     pytest.param("base", "inductor", marks=pytest.mark.full), pytest.param("recursive", "inductor", marks=pytest.mark.full)])
 def test_trainer_with_torch_compile_reproduces_the_eager_losses(tmp_path, model_type, backend):
     corpus = write_corpus(tmp_path, n=80)

@@ -158,6 +158,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# in the full run: a launcher path; the suite's ZeRO tests train through `accelerate launch` with the same DeepSpeed
+@pytest.mark.full
 def test_plain_deepspeed_launcher_trains_like_accelerate_launch(tmp_path, corpus):
     """`deepspeed train.py --deepspeed ds_configs/zero2.json` (2 CPU processes) gives the same
     per-step losses as `accelerate launch` with the ZeRO-2 config, which names that JSON."""
