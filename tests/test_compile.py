@@ -110,11 +110,11 @@ def test_compiled_recursive_model_trains_like_eager_while_halting_changes_the_ba
         assert_same_step(compiled_step, eager_step)
 
 
-# The trainer's --torch_compile through Accelerate: the base model with aot_eager (dynamo and AOT autograd,
-# no code generation) in the suite, the recursive one (whose compilation the aot_eager tests above check)
-# and inductor, which generates and compiles C++ for minutes on a 2-core CPU, as `full` tests
+# The trainer's --torch_compile through Accelerate, all as `full` tests (the suite keeps the compiled models'
+# own tests above): aot_eager (dynamo and AOT autograd, no code generation) for both models, and inductor,
+# which generates and compiles C++ for minutes on a 2-core CPU
 @pytest.mark.parametrize("model_type, backend", [
-    pytest.param("base", "aot_eager", marks=pytest.mark.full),  # the compiled models' own tests stay in the suite
+    pytest.param("base", "aot_eager", marks=pytest.mark.full),
     pytest.param("recursive", "aot_eager", marks=pytest.mark.full),
     pytest.param("base", "inductor", marks=pytest.mark.full), pytest.param("recursive", "inductor", marks=pytest.mark.full)])
 def test_trainer_with_torch_compile_reproduces_the_eager_losses(tmp_path, model_type, backend):
