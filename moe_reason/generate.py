@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TextStreamer, set_seed
 
+from .configuration_moe_reason import require
 from .safe_loading import from_pretrained
 from .task_eval import predict_answers
 from .tasks import SudokuTask, make_task, render
@@ -35,11 +36,9 @@ class GenerateArguments:
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (a GPU when there is one)."})
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"GenerateArguments.max_new_tokens={self.max_new_tokens} is invalid: must be >= 1")
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"GenerateArguments.temperature={self.temperature} is invalid: must be > 0 "
-                             "(for greedy decoding leave out --do_sample)")
+        require(self, "max_new_tokens", self.max_new_tokens >= 1, ">= 1")
+        require(self, "temperature", not self.do_sample or self.temperature > 0,
+                "> 0 (for greedy decoding leave out --do_sample)")
 
 
 def parse_puzzle(task, text: str):
