@@ -165,7 +165,8 @@ def plot(payload: dict, path: Path) -> None:
     left.set_yticks(range(len(names)), names)
     left.invert_yaxis()
     left.set_xlabel("final validation loss (nats/token), mean ± std over seeds; dots: single seeds")
-    left.set_title(f"Variants ranked (ln vocab = {payload['ln_vocab']:.2f} is chance)")
+    chance = "" if payload["ln_vocab"] is None else f" (ln vocab = {payload['ln_vocab']:.2f} is chance)"
+    left.set_title(f"Variants ranked{chance}")
     left.grid(axis="x", alpha=0.3)
     for i, name in enumerate(names):
         curves = [r["train_loss_curve"] for r in payload["runs"]

@@ -84,8 +84,9 @@ class RunBudget:
         self.total, self.max_hours, self.start, self.trained = total, max_hours, time.perf_counter(), 0
 
     def exhausted(self, done: int, command: str) -> bool:
+        # one run always trains, so a budget spent by a slow start (or a tiny --max_hours) still makes progress
         hours = (time.perf_counter() - self.start) / 3600
-        if self.max_hours is None or hours < self.max_hours or done == self.total:
+        if self.max_hours is None or hours < self.max_hours or done == self.total or not self.trained:
             return False
         print(f"[budget] --max_hours {self.max_hours} spent after {done}/{self.total} runs ({hours:.2f} h): "
               f"reporting the runs done; continue with:\n  {command}", flush=True)

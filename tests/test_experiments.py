@@ -5,11 +5,12 @@ import json
 import pytest
 import yaml
 
-from moe_reason.ablate import AblateArguments, load_grid, main as ablate_main
+from moe_reason.ablate import AblateArguments, load_grid, main as ablate_main, plot as ablate_plot
 from moe_reason.arguments import build_config, parse_args, to_argv
 from moe_reason.compare import load_comparison, main as compare_main, plan_runs
 from moe_reason.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.evaluate import main as evaluate_main
+from moe_reason.experiments import RunBudget
 from moe_reason.metrics import training_flops_per_token
 
 from conftest import REPO, eval_records, launch, train_args, write_corpus
@@ -152,6 +153,16 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     printed = capsys.readouterr().out  # 3.6 ms: the first run starts, the second does not
     assert printed.count("[start]") == 1 and "[budget] --max_hours 1e-06 spent after 1/6 runs" in printed
     assert len(json.loads((tmp_path / "budget" / "results.json").read_text())["runs"]) == 1
+
+
+def test_a_spent_budget_still_trains_one_run_and_a_report_with_no_finished_run_plots(tmp_path):
+    budget = RunBudget(total=3, max_hours=1e-12)  # spent before the first run starts
+    assert not budget.exhausted(0, "again")
+    budget.after(1, {"status": "finished"})
+    assert budget.exhausted(1, "again")
+    failed = {"variant": "a", "seed": 0, "status": "failed"}
+    ablate_plot({"ranking": [], "variants": {}, "runs": [failed], "ln_vocab": None}, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
 
 
 @pytest.mark.slow
