@@ -64,11 +64,22 @@ class _ModelChoice:
         "'base': the MoE causal LM; 'recursive': its recursive-reasoning subclass.")})
     init_from: str | None = field(default=None, metadata={"help": (
         "Start from the weights of a saved model folder (from_pretrained) instead of random init.")})
+    lora_rank: int = field(default=0, metadata={"help": (
+        "Fine-tune the --init_from model with peft LoRA of this rank on attention, the shared experts and every "
+        "routed expert (moe_reason/lora.py); only the adapters train, and the exports are the merged model. "
+        "0: train every weight.")})
+    lora_alpha: float | None = field(default=None, metadata={"help": (
+        "LoRA scale numerator: updates are scaled by lora_alpha / lora_rank. Default: 2 x lora_rank.")})
 
     def __post_init__(self):
         if self.model_preset not in PRESETS:
             raise ValueError(f"unknown model preset {self.model_preset!r}; known presets: {', '.join(sorted(PRESETS))}")
         require(self, "model_type", self.model_type in MODEL_TYPES, f"one of {MODEL_TYPES}")
+        require(self, "lora_rank", self.lora_rank >= 0, "0 (no LoRA) or a positive rank")
+        require(self, "lora_rank", self.lora_rank == 0 or self.init_from is not None,
+                "0 without --init_from: LoRA adapts a trained model, so name it with --init_from DIR")
+        require(self, "lora_alpha", self.lora_alpha is None or (self.lora_rank > 0 and self.lora_alpha > 0),
+                "positive, and given only with --lora_rank")
 
     def overrides(self) -> dict:
         """Model fields given explicitly (not None) -> {field: value}."""

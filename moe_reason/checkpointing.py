@@ -3,6 +3,7 @@
     checkpoint-STEP/   accelerator.save_state (model, optimizer, RNG) + trainer_state.json (the loop's
                        state and the learning-rate schedule)
                        + each expert-parallel rank's shard of the experts
+                       + config.json and the tokenizer (+ adapter_config.json of a LoRA run)
     best/, final/      save_pretrained: model.safetensors + config.json + tokenizer files
 
 Every folder is written as NAME.tmp and renamed into place only when complete, and old
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 
 from .expert_parallel import NoExpertParallel
 from .layout import TRAINER_STATE, checkpoint_name, checkpoint_step, complete_checkpoints
+from .lora import is_lora
 from .safe_loading import (check_no_custom_pickles, check_random_states, damaged_files, deepspeed_globals,
                            deepspeed_weights_only)
 
@@ -82,6 +84,8 @@ def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, tot
         if model is not None and tokenizer is not None:
             model.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            if is_lora(model):
+                model.peft_config["default"].save_pretrained(tmp)  # how `moe_reason.export` rebuilds the adapters
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         _replace(tmp, final)
         for old in complete_checkpoints(output_dir)[:-total_limit]:

@@ -7,7 +7,8 @@ The weights are read as the run wrote them, each file without unpickling code (`
   pytorch_model/mp_rank_00_model_states  DeepSpeed ZeRO-1/2: the module's weights as trained
   pytorch_model/zero_pp_rank_*           ZeRO-3: each rank's fp32 partition, joined by DeepSpeed's zero_to_fp32
   expert_shard_R_of_N.safetensors        expert parallelism: each rank's experts, stitched in rank order
-The config and tokenizer are the ones the trainer stores in every checkpoint. The folder equals what
+The config and tokenizer are the ones the trainer stores in every checkpoint; a LoRA run's adapters
+(adapter_config.json beside them) are merged into the weights. The folder equals what
 the trainer itself exports at that step (best/, final/), so its logits are the same.
 """
 
@@ -21,6 +22,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .checkpointing import write_pretrained
 from .layout import EXPERT_SHARD, TRAINER_STATE
+from .lora import add_lora, load_lora_config, merged
 from .safe_loading import load_deepspeed_file, torch_load_weights_only
 
 DEEPSPEED_TAG = "pytorch_model"  # the folder Accelerate asks DeepSpeed to save a model's states in
@@ -70,12 +72,17 @@ def export_checkpoint(checkpoint, output) -> Path:
 
     config = AutoConfig.from_pretrained(checkpoint)
     model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
+    adapters = load_lora_config(checkpoint)
+    if adapters is not None:  # a LoRA run: its adapters are rebuilt, loaded and merged
+        model = add_lora(model, adapters)
     state = checkpoint_weights(checkpoint)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
+    # a tied head is not saved (LoRA's wrapper prefixes its name)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k.endswith("lm_head.weight"))]
+    if missing or unexpected:
         raise ValueError(f"{checkpoint}: the saved weights do not fit the saved config: missing "
-                         f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+                         f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    model = merged(model)
     return write_pretrained(model, model.state_dict(), AutoTokenizer.from_pretrained(checkpoint), output)
 
 

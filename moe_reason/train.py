@@ -45,6 +45,7 @@ from .ema import WeightEMA
 from .expert_parallel import make_expert_parallel
 from .layout import (BEST, EMA_WEIGHTS, FINAL, METRICS, RESULTS, RUN_ARGS, RUN_LOCK, RUN_LOCK_OWNER,
                      complete_checkpoints, run_outputs)
+from .lora import add_lora, is_lora, lora_config, merged
 from .metrics import LogWindow, any_nonfinite, measure_peak_flops, training_flops_per_token
 from .modeling_recursive import RecursiveMoEReasonForCausalLM
 from .optim import make_optimizer_and_scheduler
@@ -270,6 +271,8 @@ def build_model(model_args, args, data, accelerator, expert_parallel):
         model.evaluates_in_step = accelerator.num_processes > 1
     if described:
         accelerator.print(described)
+    if model_args.lora_rank:
+        model = add_lora(model, lora_config(model_args.lora_rank, model_args.lora_alpha))
     if zero_stage(accelerator) == 3:
         # ZeRO-3 gathers a module's parameters when its forward starts; an expert that gets no
         # tokens on one rank would skip that gather and hang the others, so the whole MoE block is one
@@ -388,6 +391,9 @@ class Trainer:
         if args.ema_decay and (zero_stage(accelerator) == 3 or args.expert_parallel_size > 1):
             raise ValueError("--ema_decay needs every rank to hold the whole model: not with ZeRO-3 or "
                              "--expert_parallel_size > 1 (use ZeRO-2 or DDP with expert_parallel_size 1)")
+        if self.model_args.lora_rank and (zero_stage(accelerator) == 3 or args.expert_parallel_size > 1):
+            raise ValueError("--lora_rank needs every rank to hold the whole model: not with ZeRO-3 or "
+                             "--expert_parallel_size > 1 (use ZeRO-2 or DDP with expert_parallel_size 1)")
         self.expert_parallel = make_expert_parallel(args.expert_parallel_size, num_experts, accelerator.num_processes,
                                                     zero_stage(accelerator))
         if checkpoint is not None:
@@ -406,6 +412,10 @@ class Trainer:
         accelerator.print(f"data: {json.dumps({k: self.data.summary[k] for k in ('train', 'validation', 'cache_hit')})}")
         model, self.config = build_model(self.model_args, args, self.data, accelerator, self.expert_parallel)
         self.parameters = sum(p.numel() for p in model.parameters())  # this rank's share under expert parallelism
+        if is_lora(model):
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            accelerator.print(f"LoRA rank {self.model_args.lora_rank}: {trainable / 1e6:.3f}M of "
+                              f"{self.parameters / 1e6:.2f}M parameters train")
         accelerator.print(f"model: {type(model).__name__}, {self.parameters / 1e6:.2f}M parameters, "
                           f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value}), mixed "
                           f"precision {accelerator.mixed_precision}, {self.config.num_experts} experts "
@@ -610,11 +620,11 @@ class Trainer:
         return folder
 
     def export(self, name: str) -> Path:
-        """The full model (gathered under ZeRO-3 and expert parallelism; the moving average with --ema_decay) as
-        OUTPUT_DIR/name, for from_pretrained."""
+        """The full model (gathered under ZeRO-3 and expert parallelism; the moving average with --ema_decay;
+        LoRA merged) as OUTPUT_DIR/name, for from_pretrained."""
         with self.ema_applied():
-            return export_model(self.accelerator, self.model, self.data.tokenizer, self.out / name,
-                                self.expert_parallel)
+            model = self.model if self.model_args.lora_rank == 0 else merged(self.accelerator.unwrap_model(self.model))
+            return export_model(self.accelerator, model, self.data.tokenizer, self.out / name, self.expert_parallel)
 
     def ema_applied(self):
         """The weights evaluation and exports see: the moving average with --ema_decay, else the raw ones."""
