@@ -16,12 +16,15 @@ A comparison file:
     reference: recursive                     # the arm the others are compared with (default: the first)
     metric: loss                             # or exact_accuracy, for a --task base (higher is better)
     equal_flops: true                        # also run each costlier arm at the cheapest arm's FLOPs
+    equal_steps: true                        # false: costlier arms run at equal FLOPs only (long studies)
 
 `baseline:` and `recursive:` at the top level are the two-arm form (reference: baseline).
-The arms may set model fields only: learning rate, batch, schedule, data and seed are the
-base's, so no two arms can be compared at different learning rates by accident.
+The arms may set model fields, and `learning_rate` where each arm is to train at its own best
+one (the report names each arm's); batch, schedule, data and seed are the base's.
 Runs per seed: every arm at `max_steps` (equal steps) and, with `equal_flops`, each costlier arm
-at the steps that spend the cheapest arm's FLOPs (its own full schedule). With a task base each
+at the steps that spend the cheapest arm's FLOPs (its own full schedule). `equal_steps: false` keeps
+only the cheapest arm's `max_steps` run (the equal-FLOPs reference) and the equal-FLOPs runs: the
+costlier arms' full-length runs are what makes a long study long. With a task base each
 finished run's export is scored on the held-out puzzles (`task_eval`). Writes `comparison.json`,
 `comparison.png` and `COMPARISON.md`; a winner is named only when the gap exceeds the seed spread.
 `--max_hours H` starts no run after H hours; `--report DIR` rebuilds the report from DIR/comparison.json.
@@ -40,7 +43,8 @@ from .metrics import training_flops_per_token
 LEGACY_ARMS = ("baseline", "recursive")
 METRICS = {"loss": ("final_val_loss", "validation loss", False),  # name -> (record key, label, higher is better)
            "exact_accuracy": ("exact_accuracy", "exact accuracy on held-out puzzles", True)}
-OWN_KEYS = {"arms", "reference", "metric", "equal_flops", *LEGACY_ARMS}
+OWN_KEYS = {"arms", "reference", "metric", "equal_flops", "equal_steps", *LEGACY_ARMS}
+ARM_TRAINING_FIELDS = {"learning_rate"}  # the one training setting an arm may set: its own best learning rate
 
 USAGE = ("python -m moe_reason.compare CONFIG.yaml [--output_dir D] [--seeds 0 1 2] [--launcher in_process|accelerate] "
          "[--set name=value ...]")
@@ -58,8 +62,9 @@ def load_comparison(path, args: RunnerArguments | None = None) -> dict:
         raise ValueError(f"comparison {path} needs both '{LEGACY_ARMS[0]}:' and '{LEGACY_ARMS[1]}:' mappings")
     if not isinstance(raw, dict) or len(raw) < 2:
         raise ValueError(f"comparison {path}: 'arms:' must map two or more arm names to model fields")
-    arms = {safe_name(name): check_arguments(fields, f"comparison {path}: arm {name} (model fields only, so "
-                                             "every arm trains with the same settings)", model_argument_names())
+    arms = {safe_name(name): check_arguments(fields, f"comparison {path}: arm {name} (model fields and "
+                                             "learning_rate only, so every arm trains with the same settings)",
+                                             model_argument_names() | ARM_TRAINING_FIELDS)
             for name, fields in raw.items()}
     if not legacy and not all("model_type" in fields for fields in arms.values()):
         raise ValueError(f"comparison {path}: every arm must name its model_type (base or recursive)")
@@ -73,8 +78,11 @@ def load_comparison(path, args: RunnerArguments | None = None) -> dict:
         raise ValueError(f"comparison {path}: metric={metric!r} is invalid: must be one of {sorted(METRICS)}")
     if metric == "exact_accuracy" and not settings["base"].get("task"):
         raise ValueError(f"comparison {path}: metric exact_accuracy needs a task in base (task: sudoku or maze)")
-    return {**settings, "arms": arms, "reference": reference, "metric": metric,
-            "equal_flops": bool(spec.get("equal_flops", True)), "max_hours": args.max_hours}
+    equal_flops, equal_steps = bool(spec.get("equal_flops", True)), bool(spec.get("equal_steps", True))
+    if not (equal_flops or equal_steps):
+        raise ValueError(f"comparison {path}: equal_flops and equal_steps are both false: nothing to compare")
+    return {**settings, "arms": arms, "reference": reference, "metric": metric, "equal_flops": equal_flops,
+            "equal_steps": equal_steps, "max_hours": args.max_hours}
 
 
 def flops_per_token(values: dict) -> tuple[float, int]:
@@ -96,7 +104,8 @@ def plan_runs(cmp: dict) -> tuple[list[dict], dict]:
     cheapest = min(flops, key=flops.get)
     equal_flops_steps = {arm: max(1, math.floor(steps * flops[cheapest] / f)) for arm, f in flops.items()
                          if f > flops[cheapest] and cmp["equal_flops"]}
-    plan = [{"kind": "equal_steps", "arm": arm, "steps": steps} for arm in cmp["arms"]]
+    plan = [{"kind": "equal_steps", "arm": arm, "steps": steps} for arm in cmp["arms"]
+            if cmp.get("equal_steps", True) or arm == cheapest]
     plan += [{"kind": "equal_flops", "arm": arm, "steps": n} for arm, n in equal_flops_steps.items()]
     accounting = {"flops_per_token": flops, "steps": steps, "cheapest_arm": cheapest,
                   "flop_ratio": {arm: f / flops[cheapest] for arm, f in flops.items()},
@@ -162,11 +171,12 @@ def comparison_payload(cmp: dict, accounting: dict, runs: list[dict]) -> dict:
 
     reference, cheapest = cmp["reference"], accounting["cheapest_arm"]
     equal_steps = {arm: verdict(reference, values(reference), arm, values(arm), higher)
-                   for arm in cmp["arms"] if arm != reference}
+                   for arm in cmp["arms"] if arm != reference} if cmp.get("equal_steps", True) else {}
     equal_flops = {arm: verdict(cheapest, values(cheapest), f"{arm}_equal_flops", values(f"{arm}_equal_flops"), higher)
                    for arm in accounting["equal_flops_steps"]}
     return {"config": cmp["path"], "description": cmp["description"], "seeds": cmp["seeds"], "base": cmp["base"],
             "arms": cmp["arms"], "reference": reference, "metric": cmp["metric"], "accounting": accounting,
+            "equal_steps_runs": cmp.get("equal_steps", True),
             "equal_steps": equal_steps, "equal_flops": equal_flops,
             "ln_vocab": next((r["ln_vocab"] for r in runs if r["status"] == "finished"), None),
             "runs": runs, "spread_rule": SPREAD_RULE}
@@ -178,14 +188,19 @@ def comparison_markdown(p: dict) -> str:
     lines = [f"# Comparison: {p['config']}", ""]
     if p["description"]:
         lines += [p["description"].strip(), ""]
-    lines += [f"Every arm shares every training setting (learning rate, batch, schedule, data, data order) and the "
-              f"seeds {p['seeds']}; they differ only in model fields. The reference arm is `{p['reference']}`.", "",
-              "| arm | model fields | parameters | training FLOPs / token | steps (equal steps) | steps (equal FLOPs) |",
-              "|---|---|---:|---:|---:|---:|"]
+    own_lr = any("learning_rate" in fields for fields in p["arms"].values())
+    shared = "batch, schedule, data, data order" + ("" if own_lr else ", learning rate")
+    lines += [f"Every arm shares every training setting ({shared}) and the seeds {p['seeds']}; they differ "
+              f"only in model fields{' and learning rate' if own_lr else ''}. The reference arm is "
+              f"`{p['reference']}`.", "",
+              "| arm | model fields | learning rate | parameters | training FLOPs / token | steps (equal steps) | "
+              "steps (equal FLOPs) |", "|---|---|---:|---:|---:|---:|---:|"]
     for arm, fields in p["arms"].items():
         params = next((r["parameters"] for r in runs if r["arm"] == arm and r["status"] == "finished"), None)
-        lines.append(f"| {arm} | `{fields}` | {f'{params:,}' if params else '—'} | "
-                     f"{acc['flops_per_token'][arm]:.4g} | {acc['steps']} | {acc['equal_flops_steps'].get(arm, '—')} |")
+        model_fields = {k: v for k, v in fields.items() if k not in ARM_TRAINING_FIELDS}
+        lr = fields.get("learning_rate", p["base"].get("learning_rate", "default"))
+        lines.append(f"| {arm} | `{model_fields}` | {lr} | {f'{params:,}' if params else '—'} | "
+                     f"{acc['flops_per_token'][arm]:.4g} | {full_steps(p, arm)} | {acc['equal_flops_steps'].get(arm, '—')} |")
     lines += ["", "Recursive FLOPs count every supervision step (halting can only make it cheaper) and the backward "
               "of the passes that carry gradient only. An equal-FLOPs run spends the cheapest arm's "
               f"(`{acc['cheapest_arm']}`) training FLOPs with its own full learning-rate schedule.", ""]
@@ -202,6 +217,12 @@ def comparison_markdown(p: dict) -> str:
         lines += ["", "## Failed runs", ""] + [f"- `{r['label']}` seed {r['seed']}: {r['error'].splitlines()[-1][:300]}"
                                                for r in failed]
     return "\n".join(lines) + "\n"
+
+
+def full_steps(p: dict, arm: str):
+    """The arm's equal-steps run length, or — where `equal_steps: false` left it out."""
+    ran = p.get("equal_steps_runs", True) or arm == p["accounting"]["cheapest_arm"]
+    return p["accounting"]["steps"] if ran else "—"
 
 
 def run_table(p: dict, key: str, metric_label: str, higher: bool) -> list[str]:

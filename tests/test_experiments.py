@@ -238,11 +238,14 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
     assert (out / "COMPARISON.md").read_text() == report
 
 
-def test_compare_refuses_training_settings_in_an_arm(tmp_path):
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": {}, "baseline": {"learning_rate": 1e-3},
-                                                     "recursive": {}}))
-    with pytest.raises(ValueError, match="model fields only"):
+def test_compare_refuses_training_settings_in_an_arm_except_its_own_learning_rate(tmp_path):
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": {}, "baseline": {"warmup_steps": 5}, "recursive": {}}))
+    with pytest.raises(ValueError, match=r"model fields and learning_rate only.*\['warmup_steps'\]"):
         load_comparison(tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": {"learning_rate": 3e-4}, "reference": "direct", "arms": {
+        "direct": {"model_type": "base", "learning_rate": 6e-4}, "recursive": {"model_type": "recursive"}}}))
+    cmp = load_comparison(tmp_path / "c.yaml")
+    assert cmp["arms"]["direct"]["learning_rate"] == 6e-4 and "learning_rate" not in cmp["arms"]["recursive"]
 
 
 def test_equal_flops_budget_gives_the_costlier_arm_fewer_steps(tmp_path, corpus):
@@ -251,11 +254,17 @@ def test_equal_flops_budget_gives_the_costlier_arm_fewer_steps(tmp_path, corpus)
     ratio = acc["flop_ratio"]["recursive"]
     assert ratio > 4 and acc["equal_flops_steps"] == {"recursive": int(acc["steps"] / ratio)}
     assert [p["kind"] for p in plan] == ["equal_steps", "equal_steps", "equal_flops"]
+    cmp = load_comparison_for(tmp_path, corpus, recursive={"h_cycles": 2, "l_cycles": 2, "halt_max_steps": 2},
+                              equal_steps=False)  # a long study: the costlier arm at equal FLOPs only
+    assert [(p["kind"], p["arm"]) for p in plan_runs(cmp)[0]] == [("equal_steps", "baseline"),
+                                                                   ("equal_flops", "recursive")]
+    with pytest.raises(ValueError, match="both false: nothing to compare"):
+        load_comparison_for(tmp_path, corpus, recursive={}, equal_steps=False, equal_flops=False)
 
 
-def load_comparison_for(tmp_path, corpus, recursive):
+def load_comparison_for(tmp_path, corpus, recursive, **options):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": tiny_base(tmp_path, corpus, max_steps=100),
-                                                     "baseline": {}, "recursive": recursive}))
+                                                     "baseline": {}, "recursive": recursive, **options}))
     return load_comparison(tmp_path / "c.yaml")
 
 
@@ -273,7 +282,7 @@ def test_compare_takes_any_number_of_named_arms_and_refuses_a_reference_that_nam
     for change, error in [({"reference": "baseline"}, "reference='baseline' names no arm"),
                           ({"metric": "exact_accuracy"}, "metric exact_accuracy needs a task in base"),
                           ({"arms": {"only": {"model_type": "base"}}}, "two or more arm names"),
-                          ({"arms": {**arms, "lr": {"model_type": "base", "learning_rate": 1e-3}}}, "model fields only"),
+                          ({"arms": {**arms, "b": {"model_type": "base", "max_steps": 10}}}, "and learning_rate only"),
                           ({"baseline": {}}, "either 'arms:' or the two-arm form")]:
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**spec, **change}))
         with pytest.raises(ValueError, match=error):
