@@ -52,7 +52,12 @@ class DataArguments(TaskArguments):
         "Local .txt/.md/.py (one document per file), .json/.jsonl or .parquet files, or folders of them.")})
     text_column: str = field(default="text", metadata={"help": "Column holding the document text."})
     streaming: bool = field(default=False, metadata={"help": (
-        "Stream the Hub dataset instead of downloading it whole; reads only max_documents documents.")})
+        "Read the corpus (a Hub dataset or local files) as a stream while training: nothing of it is stored, "
+        "each rank reads its own share, and checkpoints save the position. Needs validation_documents (the "
+        "stream's first documents, held out). See moe_reason/streaming.py.")})
+    stream_tokenizer_documents: int = field(default=10_000, metadata={"help": (
+        "With --streaming and no tokenizer_name: the BPE tokenizer is trained on this many documents after the "
+        "validation slice.")})
     tokenizer_name: str | None = field(default=None, metadata={"help": (
         "Hub id or local folder of a tokenizer, e.g. HuggingFaceTB/SmolLM-135M. Unset: train a byte-level "
         "BPE tokenizer on the training documents.")})
@@ -93,10 +98,14 @@ class DataArguments(TaskArguments):
             require(self, name, ok, allowed)
         if self.dataset_name and self.data_files:
             raise ValueError("give either dataset_name (Hub) or data_files (local), not both")
-        if self.streaming and not self.dataset_name:
-            raise ValueError("streaming=True needs dataset_name: local files and the default corpus are read whole")
-        if self.streaming and self.max_documents is None:
-            raise ValueError("streaming=True needs max_documents: how many documents to read from the stream")
+        if self.streaming:
+            require(self, "streaming", bool(self.dataset_name or self.data_files),
+                    "False for the embedded default corpus, which is read whole: stream a dataset_name or data_files")
+            require(self, "streaming", self.validation_documents is not None, "given with validation_documents: a "
+                    "stream has no length, so validation_split cannot be a share of it")
+            require(self, "streaming", self.max_train_tokens is None and not self.task,
+                    "used without max_train_tokens and task (max_steps bounds what a stream trains on)")
+            require(self, "stream_tokenizer_documents", self.stream_tokenizer_documents >= 1, "an integer >= 1")
 
 
     def sequence_length(self) -> int:
@@ -214,10 +223,6 @@ def load_documents(args: DataArguments, log=print) -> Dataset:
 
 def _load_hub(args: DataArguments) -> Dataset:
     try:
-        if args.streaming:
-            stream = load_dataset(args.dataset_name, args.dataset_config, split=args.dataset_split, streaming=True)
-            stream = stream.select_columns([args.text_column]).take(args.max_documents)
-            return Dataset.from_generator(lambda: (yield from stream))
         return load_dataset(args.dataset_name, args.dataset_config, split=args.dataset_split)
     except (ConnectionError, FileNotFoundError, OSError, ValueError) as err:
         raise RuntimeError(
@@ -371,6 +376,8 @@ def cache_key(args: DataArguments) -> str:
         "dataset_config", "dataset_split", "text_column", "tokenizer_name", "tokenizer_vocab_size", "block_size",
         "validation_split", "validation_documents", "max_documents", "max_document_chars", "max_train_tokens",
         "data_seed")}
+    if args.streaming:  # a streamed corpus caches its validation slice and tokenizer only
+        settings.update(streaming=True, stream_tokenizer_documents=args.stream_tokenizer_documents)
     settings["tokenizer_name"] = _tokenizer_identity(args.tokenizer_name)
     blob = json.dumps({"v": CACHE_VERSION, "source": source_identity(args), **settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -388,10 +395,14 @@ def _tokenizer_identity(name: str | None):
     return name
 
 
-def prepare_data(args: DataArguments, log=print) -> PreparedData:
-    """Packed train/validation datasets and the tokenizer, from the cache when possible."""
+def prepare_data(args: DataArguments, log=print, rank: int = 0, world_size: int = 1) -> PreparedData:
+    """Packed train/validation datasets and the tokenizer, from the cache when possible. With --streaming the
+    training set is this rank's (of world_size) stream, read as training goes (`streaming.py`)."""
     if args.task:
         return PreparedData(*prepare_task_data(args, log), sampler=DrawSampler)
+    if args.streaming:
+        from .streaming import prepare_stream  # it builds on this module's functions
+        return prepare_stream(args, rank, world_size, log)
     start = time.perf_counter()
     key = cache_key(args)
     root = Path(args.data_cache_dir).expanduser() / key

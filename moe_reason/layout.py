@@ -8,6 +8,7 @@
       checkpoint-STEP/         accelerator.save_state + trainer_state.json
                                (+ expert_shard_R_of_N.safetensors per expert-parallel rank)
                                (+ ema.safetensors: the weights' moving average, with --ema_decay)
+                               (+ stream_state_R_of_N.json per rank, with --streaming: its stream position)
       best/  final/            exported models (save_pretrained); a task model's scores: final/eval_task.json
       run.lock, run.lock.json  held by the live run (flock, released by the kernel when it ends), and who it is
 
@@ -28,6 +29,7 @@ TASK_EVAL = "eval_task.json"  # a task model's puzzle scores, written into its e
 RUN_LOCK, RUN_LOCK_OWNER = "run.lock", "run.lock.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 EXPERT_SHARD = re.compile(r"^expert_shard_(\d+)_of_(\d+)\.safetensors$")
+STREAM_STATE = re.compile(r"^stream_state_(\d+)_of_(\d+)\.json$")
 
 
 def checkpoint_name(step: int) -> str:
@@ -37,6 +39,11 @@ def checkpoint_name(step: int) -> str:
 def expert_shard_name(ep_rank: int, ep_size: int) -> str:
     """The file an expert-parallel rank keeps its experts in, inside a checkpoint folder (matches EXPERT_SHARD)."""
     return f"expert_shard_{ep_rank}_of_{ep_size}.safetensors"
+
+
+def stream_state_name(rank: int, world_size: int) -> str:
+    """The file a rank keeps its stream position in, inside a checkpoint folder (matches STREAM_STATE)."""
+    return f"stream_state_{rank}_of_{world_size}.json"
 
 
 def saved_expert_parallel_sizes(folder) -> set[int]:

@@ -7,7 +7,9 @@
         --streaming --max_documents 200000
 
 Prints a JSON summary: documents and tokens per split, vocab size, block size, cache path,
-seconds taken. The trainer, given the same data arguments, then loads the cache in seconds.
+seconds taken. The trainer, given the same data arguments, then loads the cache in seconds. With
+--streaming only the validation slice and the tokenizer are prepared: the training stream is read
+while training.
 """
 
 import json

@@ -43,8 +43,8 @@ from .data import check_against_model, check_block_fits, collate_blocks, prepare
 from .evaluate import evaluate_model
 from .ema import WeightEMA
 from .expert_parallel import make_expert_parallel
-from .layout import (BEST, EMA_WEIGHTS, FINAL, METRICS, RESULTS, RUN_ARGS, RUN_LOCK, RUN_LOCK_OWNER,
-                     complete_checkpoints, run_outputs)
+from .layout import (BEST, EMA_WEIGHTS, FINAL, METRICS, RESULTS, RUN_ARGS, RUN_LOCK, RUN_LOCK_OWNER, STREAM_STATE,
+                     complete_checkpoints, run_outputs, stream_state_name)
 from .lora import add_lora, is_lora, lora_config, merged
 from .metrics import LogWindow, any_nonfinite, measure_peak_flops, training_flops_per_token
 from .modeling_recursive import RecursiveMoEReasonForCausalLM
@@ -93,6 +93,21 @@ def check_deepspeed_world(checkpoint: Path, num_processes: int) -> None:
             f"ZeRO's optimizer state is partitioned {saved} ways and DeepSpeed loads it only so. Resume with "
             f"`accelerate launch --num_processes {saved} ...`, or train on {num_processes} from its weights: "
             "--init_from OUTPUT_DIR/best (or final/), which restarts the optimizer")
+
+
+def read_stream_state(checkpoint: Path, rank: int, num_processes: int) -> dict:
+    """This rank's stream position saved in `checkpoint`, which must hold one per process of this launch."""
+    saved = {int(m.group(2)) for p in checkpoint.iterdir() if (m := STREAM_STATE.match(p.name))}
+    if not saved:
+        raise ValueError(f"checkpoint {checkpoint} holds no stream position (stream_state_*.json): it was not saved "
+                         "by a --streaming run")
+    if saved != {num_processes}:
+        raise ValueError(
+            f"checkpoint {checkpoint} holds the stream positions of {max(saved)} process(es), and this launch has "
+            f"{num_processes}: each rank's position is within its own share of the documents, which another number "
+            f"of processes splits differently. Resume with `accelerate launch --num_processes {max(saved)} ...`, or "
+            "start a new run from its weights with --init_from OUTPUT_DIR/final (its stream starts again)")
+    return json.loads((checkpoint / stream_state_name(rank, num_processes)).read_text())
 
 
 def micro_batches_to_skip(state: TrainState, per_device_batch: int, num_processes: int, checkpoint=None) -> int:
@@ -283,16 +298,23 @@ def build_model(model_args, args, data, accelerator, expert_parallel):
 
 
 def make_loaders(data, args, num_processes: int) -> tuple[DataLoader, DataLoader]:
-    """Training loader (seeded epoch order, resumable) and the fixed validation slice."""
-    train_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, drop_last=True,
-                              sampler=data.sampler(len(data.train), args.seed), collate_fn=collate_blocks,
-                              generator=torch.Generator().manual_seed(args.seed))
+    """Training loader (seeded epoch order, resumable; or this rank's stream, in order) and the fixed
+    validation slice."""
+    if data.sampler is None:  # a stream: already this rank's share; no workers, so its state is the loader's.
+        # Its own generator: each new iterator draws a seed from it, which from the global one would shift the
+        # dropout of a resumed run (it starts its iterator after the random states are restored)
+        train_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, drop_last=True,
+                                  collate_fn=collate_blocks, generator=torch.Generator().manual_seed(args.seed))
+    else:
+        train_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, drop_last=True,
+                                  sampler=data.sampler(len(data.train), args.seed), collate_fn=collate_blocks,
+                                  generator=torch.Generator().manual_seed(args.seed))
     # the validation set is a fixed slice of blocks, the same whatever the number of processes
     eval_blocks = len(data.validation) if args.eval_batches == 0 else \
         min(len(data.validation), args.eval_batches * args.per_device_eval_batch_size)
     eval_loader = DataLoader(data.validation.select(range(eval_blocks)), batch_size=args.per_device_eval_batch_size,
                              collate_fn=collate_blocks)
-    if len(train_loader) < num_processes:
+    if data.sampler is not None and len(train_loader) < num_processes:
         unit = data.summary.get("unit", "block")
         raise ValueError(f"{len(data.train)} training {unit}s make {len(train_loader)} full batch(es) of "
                          f"per_device_train_batch_size={args.per_device_train_batch_size}, fewer than the "
@@ -398,6 +420,8 @@ class Trainer:
                                                     zero_stage(accelerator))
         if checkpoint is not None:
             self.expert_parallel.check_checkpoint(checkpoint)
+            if self.data_args.streaming:
+                read_stream_state(checkpoint, accelerator.process_index, accelerator.num_processes)
             if self.is_deepspeed:
                 check_deepspeed_world(checkpoint, accelerator.num_processes)
         clear_output_dir(accelerator, args)
@@ -408,7 +432,8 @@ class Trainer:
         """Data, model, optimizer, schedule and loaders, prepared by Accelerate."""
         args, accelerator = self.args, self.accelerator
         with accelerator.main_process_first():
-            self.data = prepare_data(self.data_args, log=accelerator.print)
+            self.data = prepare_data(self.data_args, log=accelerator.print, rank=accelerator.process_index,
+                                     world_size=accelerator.num_processes)
         accelerator.print(f"data: {json.dumps({k: self.data.summary[k] for k in ('train', 'validation', 'cache_hit')})}")
         model, self.config = build_model(self.model_args, args, self.data, accelerator, self.expert_parallel)
         self.parameters = sum(p.numel() for p in model.parameters())  # this rank's share under expert parallelism
@@ -425,8 +450,13 @@ class Trainer:
         # the scheduler is not prepared: Accelerate's wrapper would step it once per process, making the
         # schedule depend on the world size. Nor registered for checkpointing, which would pickle it:
         # its few numbers are saved in trainer_state.json (`save`)
-        self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
-            model, optimizer, train_loader, eval_loader)
+        self.streaming = self.data.sampler is None
+        if self.streaming:  # Accelerate would shard the stream again: each rank's loader already reads its share
+            self.model, self.optimizer, self.eval_loader = accelerator.prepare(model, optimizer, eval_loader)
+            self.train_loader, self.stream_state = train_loader, None
+        else:
+            self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
+                model, optimizer, train_loader, eval_loader)
         self.ema = WeightEMA(accelerator.unwrap_model(self.model), args.ema_decay) if args.ema_decay else None
 
     def resume(self, checkpoint: Path) -> None:
@@ -444,6 +474,8 @@ class Trainer:
             self.ema.load_state_dict(load_file(checkpoint / EMA_WEIGHTS), str(checkpoint / EMA_WEIGHTS))
         self.state.load_state_dict(saved)
         self.state.last_save = self.state.step
+        if self.streaming:
+            self.stream_state = read_stream_state(checkpoint, accelerator.process_index, accelerator.num_processes)
         if "batches_in_epoch" in saved:  # an older checkpoint counted micro-batches per process
             self.state.samples_in_epoch = saved["batches_in_epoch"] * args.per_device_train_batch_size \
                 * accelerator.num_processes
@@ -519,6 +551,9 @@ class Trainer:
 
     def micro_batches(self):
         """Training micro-batches, epoch after epoch, from the sample position in the state (which they advance)."""
+        if self.streaming:
+            yield from self.stream_batches()
+            return
         per_round = self.args.per_device_train_batch_size * self.accelerator.num_processes
         while True:
             self.train_loader.set_epoch(self.state.epoch)
@@ -529,6 +564,18 @@ class Trainer:
                 yield batch
             self.state.epoch += 1
             self.state.samples_in_epoch = 0
+
+    def stream_batches(self):
+        """This rank's stream, pass after pass (a pass is an epoch), from a resumed run's saved position."""
+        stream, device = self.data.train, self.accelerator.device
+        while True:
+            stream.set_epoch(self.state.epoch)
+            if self.stream_state is not None:  # where the checkpoint stopped, in this pass
+                stream.load_state_dict(self.stream_state)
+                self.stream_state = None
+            for batch in self.train_loader:
+                yield {name: tensor.to(device) for name, tensor in batch.items()}
+            self.state.epoch += 1
 
     def train_step(self, micro_batches) -> dict:
         """One optimizer step: forward and backward over micro-batches until Accelerate syncs the gradients
@@ -615,9 +662,16 @@ class Trainer:
         folder = save_checkpoint(self.accelerator, self.out, self.state.step, trainer_state,
                                  self.args.save_total_limit, self.accelerator.unwrap_model(self.model),
                                  self.expert_parallel, {EMA_WEIGHTS: self.ema.state_dict()} if self.ema else None,
-                                 self.data.tokenizer)
+                                 self.data.tokenizer, self.stream_files())
         self.window.restart_clock()
         return folder
+
+    def stream_files(self) -> dict[str, str] | None:
+        """This rank's stream position, to save with a checkpoint (None without --streaming)."""
+        if not self.streaming:
+            return None
+        name = stream_state_name(self.accelerator.process_index, self.accelerator.num_processes)
+        return {name: json.dumps(self.data.train.state_dict())}
 
     def export(self, name: str) -> Path:
         """The full model (gathered under ZeRO-3 and expert parallelism; the moving average with --ema_decay;
