@@ -88,7 +88,7 @@ def training_stream(args, tokenizer, held_out: set[str], rank: int, world_size: 
         share = stream.filter(lambda _, i: i % world_size == rank, with_indices=True)
         if rank == 0 and world_size > 1:
             log(f"streaming: {stream.n_shards} file(s) do not divide among {world_size} processes, so each reads "
-                f"every document and keeps every {world_size}th; give a multiple of {world_size} files for each "
+                f"every document and keeps one in {world_size}; give a multiple of {world_size} files for each "
                 "process to read only its own")
     return share.map(packer(tokenizer, args.block_size), batched=True, batch_size=STREAM_PACK_DOCUMENTS,
                      remove_columns=["text"])

@@ -13,7 +13,7 @@ from moe_reason.data import collate_blocks, prepare_data
 from moe_reason.layout import stream_state_name
 from moe_reason.train import read_stream_state
 
-from conftest import main_cases, train_args, train_losses
+from conftest import launch, main_cases, train_args, train_losses
 
 VALIDATION = 20
 
@@ -106,3 +106,14 @@ def test_a_stream_position_resumes_only_on_the_number_of_processes_that_saved_it
     assert read_stream_state(tmp_path, 1, 2) == {}
     with pytest.raises(ValueError, match=r"positions of 2 process\(es\), and this launch has 1: .*--num_processes 2"):
         read_stream_state(tmp_path, 0, 1)
+
+
+@pytest.mark.slow
+def test_two_processes_stream_their_own_shares_and_save_both_positions(tmp_path):
+    corpus = write_stream_corpus(tmp_path / "corpus")  # one file: each process keeps one document in 2
+    result = launch(stream_args(tmp_path, corpus, output_dir=tmp_path / "run", max_steps=4, save_interval=4,
+                                eval_interval=4, per_device_train_batch_size=2, cpu_threads=1),
+                    config_file="accelerate_configs/cpu_ddp.yaml")
+    assert "2 process(es) (MULTI_CPU)" in result.stdout and "keeps one in 2" in result.stdout
+    for rank in (0, 1):
+        assert json.loads((tmp_path / "run" / "checkpoint-4" / stream_state_name(rank, 2)).read_text())["epoch"] == 0
