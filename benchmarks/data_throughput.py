@@ -17,7 +17,8 @@ import time
 import torch
 
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM
-from moe_reason.data import DataArguments, collate_blocks, prepare_data, stdlib_files
+from moe_reason.corpus import stdlib_files
+from moe_reason.data import DataArguments, collate_blocks, prepare_data
 from timing import time_rounds, training_step
 
 

@@ -240,10 +240,12 @@ def to_argv(values: dict) -> list[str]:
 def build_config(model_args, vocab_size: int | None = None, task: dict | None = None):
     """The model config: preset, then the tokenizer's vocabulary size, then explicit overrides. A `task`
     (`TaskArguments.task_settings()`) is kept in the config as `task`; its grid formulation makes a
-    bidirectional model."""
+    bidirectional model, and a recursive model halts on "the answer is right" unless told otherwise."""
     overrides = model_args.overrides()
     if vocab_size is not None and "vocab_size" not in overrides:
         overrides["vocab_size"] = vocab_size
+    if task and model_args.model_type == "recursive":  # a puzzle's prediction is right or wrong: HRM/TRM's target
+        overrides.setdefault("halt_target", "accuracy")
     if task and task.get("task_formulation", "grid") == "grid":
         overrides.update(bidirectional=True, use_cache=False)
     elif overrides.get("bidirectional"):

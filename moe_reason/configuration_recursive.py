@@ -3,6 +3,7 @@
 from .configuration_moe_reason import MoEReasonConfig, _is_int, require
 
 RECURSION_GRADIENTS = ("last_cycle", "one_step")
+HALT_TARGETS = ("loss_gain", "accuracy")
 EVAL_HALTING = ("max_steps", "q_head")
 
 
@@ -21,7 +22,18 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
             (its l_cycles + 1 passes, TRM's choice); `"one_step"`: only the last L pass and the H
             pass (HRM's one-step approximation). Earlier passes always run without gradient.
         act_loss_coef (`float`): weight of the halting (Q-head) loss.
-        halt_target_accuracy (`float`): a sequence's prediction counts as correct, the Q-head's target,
+        halt_target (`str`): what the Q-head learns to predict. `"loss_gain"`, for text: halt where one
+            more supervision step lowers this sequence's loss less than it lowers the others' (its
+            relative gain is at most the `halt_gain_quantile` quantile of the gains in the batch), so
+            the extra steps go where they help most; a fixed bar is not reachable on text, where one
+            more step lowers nearly every sequence's loss a little. The target of step k is known at
+            step k + 1, so training runs every example to halt_max_steps and the Q-head halts at
+            evaluation (`eval_halting`) and generation.
+            `"accuracy"`, for puzzles: halt when the prediction is correct (`halt_target_accuracy`),
+            HRM/TRM's target; a reasoning task sets it.
+        halt_gain_quantile (`float`): with `"loss_gain"`, the share of each batch's sequences whose
+            next step counts as not worth running, in (0, 1).
+        halt_target_accuracy (`float`): with `"accuracy"`, a sequence's prediction counts as correct
             when at least this share of its predicted tokens is right (1.0 = every token, HRM's
             exact match), in (0, 1].
         eval_halting (`str`): at evaluation, `"max_steps"` runs every example to `halt_max_steps`;
@@ -37,6 +49,8 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
     use_act: bool = True
     recursion_gradient: str = "last_cycle"
     act_loss_coef: float = 0.5
+    halt_target: str = "loss_gain"
+    halt_gain_quantile: float = 0.5
     halt_target_accuracy: float = 1.0
     eval_halting: str = "max_steps"
     use_cache: bool = False  # generation recomputes the recursion over the whole prefix (no KV cache)
@@ -49,6 +63,8 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
         require(self, "recursion_gradient", self.recursion_gradient in RECURSION_GRADIENTS,
                  f"one of {RECURSION_GRADIENTS}")
         require(self, "act_loss_coef", self.act_loss_coef >= 0.0, "a number >= 0")
+        require(self, "halt_target", self.halt_target in HALT_TARGETS, f"one of {HALT_TARGETS}")
+        require(self, "halt_gain_quantile", 0.0 < self.halt_gain_quantile < 1.0, "a share in (0, 1)")
         require(self, "halt_target_accuracy", 0.0 < self.halt_target_accuracy <= 1.0, "a share in (0, 1]")
         require(self, "eval_halting", self.eval_halting in EVAL_HALTING, f"one of {EVAL_HALTING}")
         require(self, "use_cache", not self.use_cache, "False: the recursive model has no KV cache")

@@ -15,15 +15,17 @@ to halt_max_steps steps per example, detaching the state in between and counting
 loss. A Q-head reads the mean of z_H over the sequence's positions (each causal position has seen
 its prefix, so the mean has seen the whole sequence, unlike position 0) and predicts "halt now".
 
-What "correct" means for language modelling: a sequence's current prediction is correct when the
-share of its next-token predictions that are right (argmax == label, over labelled positions) is at
-least config.halt_target_accuracy; 1.0 is HRM's exact match of the whole sequence. The Q-head is
-trained with binary cross-entropy towards that target (TRM: no extra continue pass). Halted examples
-leave the batch and cost no further compute.
+What the Q-head predicts (config.halt_target, `HaltingLoss`): on text, "one more supervision step
+lowers this sequence's loss less than it lowers the others'" (`loss_gain`, relative to the batch):
+HRM's exact match of a whole sequence is never reached there, and a Q-head trained towards it learns
+never to halt. On puzzles, HRM/TRM's "the prediction is correct" (`accuracy`: at least
+halt_target_accuracy of the predicted tokens right, 1.0 = exact match). Binary cross-entropy either
+way (TRM: no extra continue pass). Halted examples leave the batch and cost no further compute.
 
 State belongs to one example and one forward call: nothing carries over to the next batch.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +74,43 @@ class HaltingHead(nn.Linear):
     """Q-head: pooled z_H [b, H] -> halt logit [b, 1] (halt when > 0)."""
 
 
+class HaltingLoss:
+    """The Q-head's binary cross-entropy towards the configured target, summed over supervision steps.
+
+    `"accuracy"`: the target of a step's decision is known at once (is the prediction correct?).
+    `"loss_gain"`: the target of step k's decision ("one more step lowers this sequence's loss less
+    than the batch's halt_gain_quantile of gains") is known only at step k + 1, so every decision is
+    carried one step; the last step's gets none (no step follows it). Training therefore runs every
+    example to halt_max_steps under this target, and the Q-head halts at evaluation and generation.
+    """
+
+    def __init__(self, cfg: RecursiveMoEReasonConfig, zero: torch.Tensor):
+        self.cfg, self.sum, self.decisions, self.right, self.pending = cfg, zero, 0, 0, None
+
+    def observe(self, q: torch.Tensor, stats: torch.Tensor) -> None:
+        """This step's halt logits q [b] and per-sequence statistics [b, 3] (nll sum, count, right)."""
+        _, count, right = stats.unbind(1)
+        if self.cfg.halt_target == "accuracy":
+            self.add(q, right / count.clamp(min=1) >= self.cfg.halt_target_accuracy)
+            return
+        loss = stats[:, 0] / count.clamp(min=1)  # [b] this step's mean next-token NLL per sequence
+        if self.pending is not None:
+            q_before, loss_before = self.pending
+            gain = (loss_before - loss) / loss_before.clamp(min=1e-6)  # [b] relative loss reduction of this step
+            self.add(q_before, gain <= torch.quantile(gain.float(), self.cfg.halt_gain_quantile))
+        self.pending = (q, loss)
+
+    def carry(self, keep: torch.Tensor) -> None:
+        """The examples in `keep` run the next step: their decisions wait for its loss."""
+        if self.pending is not None:
+            self.pending = (self.pending[0][keep], self.pending[1][keep])
+
+    def add(self, q: torch.Tensor, target: torch.Tensor) -> None:
+        self.sum = self.sum + F.binary_cross_entropy_with_logits(q.float(), target.float(), reduction="sum")
+        self.decisions += len(q)
+        self.right += int(((q > 0) == target).sum())
+
+
 class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
     config_class = RecursiveMoEReasonConfig
     config: RecursiveMoEReasonConfig
@@ -85,13 +124,15 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """The base model's initialisation, plus: z_init = 0, so the first pass sees exactly the embedded
-        input; Q-head weight 0 and bias -5, so halting starts almost never (as in TRM)."""
+        input; Q-head weight 0 and bias -5 towards "accuracy", so halting starts almost never (as in TRM), or
+        towards "loss_gain" the log-odds of its target's share (0 for the median), where it starts learning."""
         super()._init_weights(module)
         if isinstance(module, LatentInit):
             init.zeros_(module.weight)
         elif isinstance(module, HaltingHead):
+            share = self.config.halt_gain_quantile
             init.zeros_(module.weight)
-            init.constant_(module.bias, -5.0)
+            init.constant_(module.bias, -5.0 if self.config.halt_target == "accuracy" else math.log(share / (1 - share)))
 
     # ---- the recurrent network
 
@@ -141,7 +182,9 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         B, S, _ = x.shape
         (cos, sin), mask = self.model.prepare_positions(x, attention_mask, position_ids, None)
         token_mask = attention_mask[:, -S:].to(x.dtype) if attention_mask is not None else x.new_ones(B, S)
-        halt_by_q = cfg.use_act and (self.training or cfg.eval_halting == "q_head")
+        # training halts by the Q-head only towards "accuracy": a "loss_gain" target needs the next step of every
+        # example (a halted one's would stay unknown, and the survivors would bias what is learnt)
+        halt_by_q = cfg.use_act and (cfg.halt_target == "accuracy" if self.training else cfg.eval_halting == "q_head")
         min_steps = torch.ones(B, dtype=torch.long, device=x.device)
         if self.training and cfg.use_act and cfg.halt_exploration_prob > 0:
             explore = torch.rand(B, device=x.device) < cfg.halt_exploration_prob
@@ -157,8 +200,8 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         z_H = self.z_init.weight[0].to(x.dtype).expand(B, S, -1)
         z_L = self.z_init.weight[1].to(x.dtype).expand(B, S, -1)
         passes, finished, steps = [], [], torch.zeros(B, device=x.device)
-        lm_sum = act_sum = x.new_zeros((), dtype=torch.float32)
-        pairs = q_right = 0
+        lm_sum, pairs = x.new_zeros((), dtype=torch.float32), 0
+        halting = HaltingLoss(cfg, x.new_zeros((), dtype=torch.float32))
         ghost, ghost_term = None, x.new_zeros((), dtype=torch.float32)
         for step in range(1, cfg.halt_max_steps + 1):
             if len(rows) == 0:  # every local example halted, but another rank still runs
@@ -176,17 +219,14 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
             halt = torch.full_like(q, step == cfg.halt_max_steps, dtype=torch.bool)
             logits, stats, lm_term = self.predict(z_H, rows_of(labels, rows), logits_to_keep)
             if stats is not None:
-                _, count, right = stats.unbind(1)  # per sequence
-                correct = right / count.clamp(min=1) >= cfg.halt_target_accuracy
-                bce = F.binary_cross_entropy_with_logits(q.float(), correct.float(), reduction="none")
-                lm_sum, act_sum = lm_sum + lm_term, act_sum + bce.sum()
-                pairs += len(rows)
-                q_right += int(((q > 0) == correct).sum())
+                lm_sum, pairs = lm_sum + lm_term, pairs + len(rows)
+                halting.observe(q, stats)
             if halt_by_q:
                 halt = halt | ((q.detach() > 0) & (step >= min_steps[rows]))
             finished.append((rows[halt], None if logits is None else logits[halt],
                              None if stats is None else stats[halt]))
             keep = ~halt
+            halting.carry(keep)
             ghost = (x_rows[:1], z_H[:1].detach(), z_L[:1].detach(), (pe[0][:1], pe[1][:1]),
                      None if mask_rows is None else mask_rows[:1], m_rows[:1])
             rows, z_H, z_L = rows[keep], z_H[keep].detach(), z_L[keep].detach()  # state detached between steps
@@ -198,12 +238,12 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         lm_loss = loss = act_loss = None
         if labels is not None:
             lm_loss = final_stats[:, 0].sum() / final_stats[:, 1].sum().clamp(min=1)  # token mean, as the base's
-            act_loss = act_sum / pairs
-            loss = self.combine_losses((lm_sum + cfg.act_loss_coef * act_sum) / pairs, aux, z_loss) + ghost_term
+            act_loss = halting.sum / pairs
+            loss = self.combine_losses((lm_sum + cfg.act_loss_coef * halting.sum) / pairs, aux, z_loss) + ghost_term
         if logits_to_keep and final_logits is not None and labels is not None:
             final_logits = final_logits[:, -logits_to_keep:]
         halt_rate = (steps < cfg.halt_max_steps).float().mean()
-        q_accuracy = torch.tensor(q_right / pairs) if pairs else None
+        q_accuracy = torch.tensor(halting.right / halting.decisions) if halting.decisions else None
         metrics = {"recursion_steps": steps.mean(), "halt_rate": halt_rate}
         if act_loss is not None:
             metrics.update(act_loss=act_loss.detach(), q_accuracy=q_accuracy)

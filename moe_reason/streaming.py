@@ -29,8 +29,8 @@ from datasets import Dataset, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from transformers import AutoTokenizer
 
-from .data import (LOADERS, PreparedData, cache_key, check_text_file_sizes, expand_files, load_or_train_tokenizer, pack,
-                   source_identity, tokenize)
+from .corpus import (LOADERS, PreparedData, cache_key, check_text_file_sizes, expand_files, load_or_train_tokenizer,
+                     pack, source_identity, tokenize)
 
 HELD_OUT = "held_out.json"  # in the cache entry: the validation documents' keys, left out of the training stream
 STREAM_PACK_DOCUMENTS = 256  # documents packed together; the tokens left over from each group (< a block) are dropped

@@ -49,7 +49,7 @@ class TaskArguments:
     sudoku_blanks: int | None = field(default=None, metadata={"help": (
         "Blank cells per Sudoku (difficulty), kept only while the solution stays unique; default 45 at 9x9, "
         f"{DEFAULT_BLANKS[6]} at 6x6, {DEFAULT_BLANKS[4]} at 4x4. At 9x9, 20 blanks need about 1.3 rounds of "
-        "single-candidate filling, 30 about 2.1, 45 about 4.7 (1% need a guess), 55 about 10 (a third need a "
+        "single-candidate filling, 30 about 2.1, 45 about 4.7 (one in a hundred needs a guess), 55 about 10 (a third need a "
         "guess). The data summary reports the rounds its puzzles need.")})
     maze_min_path: int | None = field(default=None, metadata={"help": (
         "Shortest-path length in cells (start and goal included) a maze must reach (difficulty); default 2 x size.")})

@@ -91,7 +91,8 @@ def test_compiled_recursive_model_trains_like_eager_while_halting_changes_the_ba
     the recursion unrolled into a frame per pass and hit dynamo's recompile limit in the first step
     (after which dynamo runs the rest eagerly). Now the first step's compilations (per grad mode,
     static then dynamic row count) serve every later batch, whatever its halting."""
-    config = RecursiveMoEReasonConfig.from_preset("debug", halt_max_steps=4, halt_exploration_prob=1.0, **DETERMINISTIC)
+    config = RecursiveMoEReasonConfig.from_preset("debug", halt_max_steps=4, halt_exploration_prob=1.0,
+                                                  halt_target="accuracy", **DETERMINISTIC)  # it halts in training
     model = RecursiveMoEReasonForCausalLM(config).train()
     with torch.no_grad():
         model.q_head.bias.fill_(5.0)  # halt as soon as the drawn minimum allows: 2 to 4 steps per example

@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 from moe_reason import MoEReasonConfig
 from moe_reason import data as data_module
 from conftest import write_corpus
-from moe_reason.data import (DataArguments, EpochSampler, check_against_model, cut_text, load_documents, pack,
-                             prepare_data, split_documents, stdlib_files)
+from moe_reason.corpus import cut_text, load_documents, pack, split_documents, stdlib_files
+from moe_reason.data import DataArguments, EpochSampler, check_against_model, prepare_data
 
 
 def args_for(tmp_path, corpus, **overrides):

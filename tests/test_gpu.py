@@ -107,7 +107,8 @@ def test_compiled_bf16_recursive_model_compiles_in_the_first_step_only():
     kernel traced inside each pass: examples halt at random steps, nothing compiles after step one."""
     torch._dynamo.reset()
     settings = dict(expert_activation="swiglu", hidden_dropout=0.0, attention_dropout=0.0, router_jitter_noise=0.0)
-    config = RecursiveMoEReasonConfig.from_preset("debug", halt_max_steps=4, halt_exploration_prob=1.0, **settings)
+    config = RecursiveMoEReasonConfig.from_preset("debug", halt_max_steps=4, halt_exploration_prob=1.0,
+                                                  halt_target="accuracy", **settings)  # it halts in training
     model = RecursiveMoEReasonForCausalLM(config).cuda().train()
     with torch.no_grad():
         model.q_head.bias.fill_(5.0)  # halt as soon as the drawn minimum allows

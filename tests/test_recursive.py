@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moe_reason import MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
+from moe_reason.modeling_recursive import HaltingLoss
 
 from conftest import (assert_training_path_equals_eval_path, launch, random_ids, read_metrics, train_args,
                       train_losses, write_corpus)
@@ -57,7 +58,7 @@ def test_training_statistics_without_logits_equal_the_logits_path():
     sequences with different numbers of labels and rows that halt early."""
     model = recursive(h_cycles=1, l_cycles=1, halt_max_steps=3, use_act=True, eval_halting="q_head",
                       halt_exploration_prob=0.0, hidden_dropout=0.0, attention_dropout=0.0,
-                      router_jitter_noise=0.0)
+                      router_jitter_noise=0.0, halt_target="accuracy")  # the target under which training halts
     torch.nn.init.normal_(model.q_head.weight, std=1.0)
     torch.nn.init.zeros_(model.q_head.bias)
     ids = random_ids(batch=6)
@@ -104,7 +105,7 @@ def test_halted_examples_stop_consuming_compute():
 def test_halting_learns_to_stop_easy_examples_earlier():
     """Easy: a sequence repeating one token (predictable at once); hard: random tokens (never correct)."""
     torch.manual_seed(0)
-    model = recursive(halt_max_steps=3, h_cycles=1, l_cycles=1, halt_exploration_prob=0.0,
+    model = recursive(halt_max_steps=3, h_cycles=1, l_cycles=1, halt_exploration_prob=0.0, halt_target="accuracy",
                       halt_target_accuracy=0.8, router_aux_loss_coef=0.0, num_hidden_layers=1).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
@@ -172,3 +173,25 @@ def test_trainer_runs_the_recursive_model_and_lowers_the_loss(tmp_path, config_f
     records = [r for r in read_metrics(out) if "train/recursion_steps" in r]
     assert records and "train/halt_rate" in records[0] and "train/act_loss" in records[0]
     assert type(AutoModelForCausalLM.from_pretrained(out / "final")) is RecursiveMoEReasonForCausalLM
+
+
+def test_loss_gain_targets_halting_where_the_next_step_helps_least_and_learns_it_from_every_example():
+    halting = HaltingLoss(RecursiveMoEReasonConfig.from_preset("debug"), torch.zeros(()))  # the default target
+    per_sequence = lambda losses: torch.tensor([[2 * loss, 2.0, 0.0] for loss in losses])  # nll sum, count, right
+    first = torch.tensor([1.0, -1.0, 1.0, -1.0])  # step 1's halt logits
+    halting.observe(first, per_sequence([2.0, 2.0, 2.0, 2.0]))
+    assert halting.decisions == 0  # step 1's targets wait for step 2's losses
+    halting.carry(torch.ones(4, dtype=torch.bool))
+    halting.observe(torch.zeros(4), per_sequence([1.0, 1.9, 2.0, 2.2]))  # gains 0.5, 0.05, 0, -0.1: median 0.025
+    target = torch.tensor([0.0, 0.0, 1.0, 1.0])  # halt where step 2 helped less than the median
+    assert halting.decisions == 4 and halting.right == 2  # the logits' signs got examples 1 and 2 right
+    torch.testing.assert_close(halting.sum, torch.nn.functional.binary_cross_entropy_with_logits(
+        first, target, reduction="sum"))
+    # training under this target runs every example to the last step, whatever the Q-head says
+    model = recursive(halt_max_steps=3, eval_halting="q_head").train()
+    with torch.no_grad():
+        model.q_head.bias.fill_(5.0)
+    ids = random_ids(4, 8)
+    out = model(ids, labels=ids)
+    assert out.recursion_steps.tolist() == [3, 3, 3, 3] and out.act_loss > 0  # steps 1 and 2 got targets
+    assert model.eval()(ids).recursion_steps.tolist() == [1, 1, 1, 1]  # evaluation halts by the Q-head

@@ -19,7 +19,8 @@ import torch
 
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM
 from moe_reason.arguments import TrainingArguments
-from moe_reason.data import MAX_PIECE, DataArguments, prepare_data
+from moe_reason.corpus import MAX_PIECE
+from moe_reason.data import DataArguments, prepare_data
 from moe_reason.evaluate import main as evaluate_main
 from moe_reason.layout import RUN_LOCK_OWNER, complete_checkpoints
 from moe_reason.safe_loading import damaged_files, deepspeed_globals, deepspeed_weights_only
