@@ -58,10 +58,15 @@ class RunnerArguments:
 def parse_runner_cli(argv: list[str] | None, arguments_class, usage: str) -> tuple[str, RunnerArguments]:
     """FILE.yaml [--flag value ...] -> (the file, the parsed overrides)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    usage = f"usage: {usage}\n   or: --report OUTPUT_DIR (rebuild the report from its JSON, no training)"
+    parser = HfArgumentParser(arguments_class)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{usage}\n\noptions:{parser.format_help().split('options:', 1)[1]}")  # argparse's usage replaced
+        raise SystemExit(0)
     if not argv or argv[0].startswith("-"):
-        raise SystemExit(f"usage: {usage}\n   or: --report OUTPUT_DIR (rebuild the report from its JSON, no training)")
+        raise SystemExit(usage)
     path = argv.pop(0)
-    (args,) = HfArgumentParser(arguments_class).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     return path, args
 
 

@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 
 from moe_reason import PRESETS, MoEReasonConfig
@@ -63,3 +65,12 @@ def test_every_preset_builds_and_round_trips(tmp_path):
         c = MoEReasonConfig.from_preset(name)
         c.save_pretrained(tmp_path / name)
         assert MoEReasonConfig.from_pretrained(tmp_path / name).to_dict() == c.to_dict()
+
+
+@pytest.mark.parametrize("module", ["train", "evaluate", "generate", "prepare_data", "ablate", "compare"])
+def test_every_command_prints_its_help(module, capsys):
+    """argparse %-formats every help text: one stray percent sign made `train.py --help` crash."""
+    main = importlib.import_module(f"moe_reason.{module}").main
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0 and "--" in capsys.readouterr().out
