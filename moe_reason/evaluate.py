@@ -46,6 +46,9 @@ class EvaluateArguments:
     split: str = field(default="validation", metadata={"help": f"Which split to evaluate: one of {SPLITS}."})
     batch_size: int = field(default=8, metadata={"help": "Blocks per forward."})
     max_blocks: int = field(default=0, metadata={"help": "Evaluate the first N blocks of the split (0 = all)."})
+    eval_halting: str | None = field(default=None, metadata={"help": (
+        "A recursive model only: max_steps (every example runs halt_max_steps supervision steps) or q_head (its "
+        "Q-head halts them). Default: the model's config.")})
     output_file: str | None = field(default=None, metadata={"help": (
         "Where to write the JSON result; default: MODEL_PATH/eval_SPLIT.json (eval_task.json for a task model).")})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (a GPU when there is one)."})
@@ -90,7 +93,8 @@ def evaluate_model(model, batches, config, gather=lambda t: t, progress: bool = 
     model.train(was_training)
     result = summarise_eval(torch.cat(stats), config.vocab_size)
     if recursion_steps:
-        result["recursion_steps"] = float(torch.cat(recursion_steps).mean())
+        steps = torch.cat(recursion_steps)
+        result.update(recursion_steps=float(steps.mean()), halt_rate=float((steps < config.halt_max_steps).float().mean()))
     return result
 
 
@@ -104,6 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if eval_args.device == "auto"
                           else eval_args.device)
     model = from_pretrained(AutoModelForCausalLM, eval_args.model_path).to(device)
+    if eval_args.eval_halting is not None:
+        if not hasattr(model.config, "eval_halting"):
+            raise ValueError(f"--eval_halting {eval_args.eval_halting}: {eval_args.model_path} is not a recursive model")
+        model.config.eval_halting = eval_args.eval_halting
+        model.config.check()  # names the allowed values
     if eval_args.lm_eval_tasks:
         return write_result(eval_args, "eval_lm_eval.json", evaluate_with_lm_eval(eval_args, model))
     if data_args.task or eval_args.task_file or getattr(model.config, "task", None):
@@ -119,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     batches = ({k: v.to(device) for k, v in batch.items()} for batch in loader)
     result = {"model_path": eval_args.model_path, "model_type": model.config.model_type, "split": eval_args.split,
               "blocks": len(split), **evaluate_model(model, batches, model.config, progress=True)}
+    if hasattr(model.config, "eval_halting"):
+        result["eval_halting"] = model.config.eval_halting
     return write_result(eval_args, f"eval_{eval_args.split}.json", result)
 
 
