@@ -10,7 +10,8 @@ from moe_reason.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.lora import add_lora, lora_config, merged
 from moe_reason.modeling_recursive import RecursiveMoEReasonForCausalLM
 
-from conftest import assert_export_cli_matches_final, main_cases, random_ids, tiny_model, train_args, write_corpus
+from conftest import (assert_export_cli_matches_final, main_cases, random_ids, tiny_model, train_args, train_losses,
+                      write_corpus)
 
 pytest.importorskip("peft")
 
@@ -59,15 +60,18 @@ def test_lora_reaches_attention_shared_and_routed_experts_and_merges_to_the_same
 @pytest.mark.slow
 def test_trainer_fine_tunes_with_lora_and_exports_the_merged_model(tmp_path):
     corpus = write_corpus(tmp_path, n=80)
-    base, tuned = tmp_path / "base", tmp_path / "lora"
+    base, tuned, halves = tmp_path / "base", tmp_path / "lora", tmp_path / "lora_halves"
     assert main_cases([
         train_args(tmp_path, corpus, output_dir=base, max_steps=3, save_interval=3),
         train_args(tmp_path, corpus, output_dir=tuned, init_from=base / "final", lora_rank=4, max_steps=4,
                    save_interval=2),
+        train_args(tmp_path, corpus, output_dir=halves, init_from=base / "final", lora_rank=4, max_steps=2),
+        train_args(tmp_path, corpus, output_dir=halves, init_from=base / "final", lora_rank=4, max_steps=4,
+                   save_interval=2, resume_from_checkpoint="latest"),
         train_args(tmp_path, corpus, output_dir=tmp_path / "x", lora_rank=4),
         train_args(tmp_path, corpus, output_dir=tmp_path / "y", lora_rank=4, init_from=base / "final",
                    expert_parallel_size=2),
-    ]) == [None, None,
+    ]) == [None, None, None, None,
            "ValueError: ModelArguments.lora_rank=4 is invalid: must be 0 without --init_from: LoRA adapts a trained "
            "model, so name it with --init_from DIR",
            "ValueError: --lora_rank needs every rank to hold the whole model: not with ZeRO-3 or "
@@ -80,3 +84,6 @@ def test_trainer_fine_tunes_with_lora_and_exports_the_merged_model(tmp_path):
     assert MoEReasonForCausalLM.from_pretrained(tuned / "final").config.num_experts == 4
     assert (tuned / "checkpoint-4" / "adapter_config.json").is_file()
     assert_export_cli_matches_final(tuned)  # the CLI rebuilds the adapters from the checkpoint and merges them
+    assert train_losses(halves) == train_losses(tuned)  # a LoRA run resumes exactly
+    resumed = load_file(halves / "final" / "model.safetensors")
+    assert all(torch.equal(resumed[k], final[k]) for k in final)
