@@ -29,6 +29,9 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         {"name": "decay", "params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay},
         {"name": "no_decay", "params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "weight_decay": 0.0},
     ]
+    # an empty group (LoRA trains matrices only) is left out: DeepSpeed drops it, and the schedule, built on
+    # the groups given, would then have one learning rate too many
+    groups = [g for g in groups if g["params"]]
     if any(getattr(p, "allreduce", True) is False for g in groups for p in g["params"]):
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
         for group in groups:

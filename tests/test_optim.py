@@ -89,3 +89,12 @@ def test_global_batch_size_sets_accumulation_or_is_refused():
                                                gradient_accumulation_steps=3), world_size=2)
     with pytest.raises(ValueError, match="not a multiple of per_device_train_batch_size=4 x 2 process"):
         resolve_global_batch(TrainingArguments(per_device_train_batch_size=4, global_batch_size=12), world_size=2)
+
+
+def test_a_group_with_nothing_to_train_is_left_out():
+    """LoRA trains matrices only: an empty no-decay group would be dropped by DeepSpeed, leaving the schedule
+    (built on the groups given) one learning rate too many; ZeRO-2 LoRA runs failed so at their first step."""
+    lora = pytest.importorskip("moe_reason.lora")
+    pytest.importorskip("peft")
+    groups = parameter_groups(lora.add_lora(tiny_model(), lora.lora_config(rank=2)), weight_decay=0.1)
+    assert [g["name"] for g in groups] == ["decay"] and all(".lora_" in n for n in groups[0]["names"])
