@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moe_reason.arguments import TrainingArguments
+from moe_reason.lora import add_lora, lora_config
 from moe_reason.optim import lr_multiplier, make_optimizer_and_scheduler, parameter_groups
 
 from conftest import tiny_model
@@ -94,7 +95,6 @@ def test_global_batch_size_sets_accumulation_or_is_refused():
 def test_a_group_with_nothing_to_train_is_left_out():
     """LoRA trains matrices only: an empty no-decay group would be dropped by DeepSpeed, leaving the schedule
     (built on the groups given) one learning rate too many; ZeRO-2 LoRA runs failed so at their first step."""
-    lora = pytest.importorskip("moe_reason.lora")
     pytest.importorskip("peft")
-    groups = parameter_groups(lora.add_lora(tiny_model(), lora.lora_config(rank=2)), weight_decay=0.1)
+    groups = parameter_groups(add_lora(tiny_model(), lora_config(rank=2)), weight_decay=0.1)
     assert [g["name"] for g in groups] == ["decay"] and all(".lora_" in n for n in groups[0]["names"])
