@@ -7,7 +7,8 @@ The weights are read as the run wrote them, each file without unpickling code (`
   pytorch_model/mp_rank_00_model_states  DeepSpeed ZeRO-1/2: the module's weights as trained
   pytorch_model/zero_pp_rank_*           ZeRO-3: each rank's fp32 partition, joined by DeepSpeed's zero_to_fp32
   expert_shard_R_of_N.safetensors        expert parallelism: each rank's experts, stitched in rank order
-The config and tokenizer are the ones the trainer stores in every checkpoint; a LoRA run's adapters
+The config and tokenizer are the ones the trainer stores in every checkpoint; an --ema_decay run's
+moving average (ema.safetensors) replaces its parameters, and a LoRA run's adapters
 (adapter_config.json beside them) are merged into the weights. The folder equals what
 the trainer itself exports at that step (best/, final/), so its logits are the same.
 """
@@ -21,7 +22,7 @@ from transformers import AutoConfig, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .checkpointing import write_pretrained
-from .layout import EXPERT_SHARD, TRAINER_STATE
+from .layout import EMA_WEIGHTS, EXPERT_SHARD, TRAINER_STATE
 from .lora import add_lora, load_lora_config, merged
 from .safe_loading import load_deepspeed_file, torch_load_weights_only
 
@@ -76,6 +77,8 @@ def export_checkpoint(checkpoint, output) -> Path:
     if adapters is not None:  # a LoRA run: its adapters are rebuilt, loaded and merged
         model = add_lora(model, adapters)
     state = checkpoint_weights(checkpoint)
+    if (checkpoint / EMA_WEIGHTS).is_file():  # an --ema_decay run exports the moving average of its parameters
+        state.update(load_file(checkpoint / EMA_WEIGHTS))
     missing, unexpected = model.load_state_dict(state, strict=False)
     # a tied head is not saved (LoRA's wrapper prefixes its name)
     missing = [k for k in missing if not (config.tie_word_embeddings and k.endswith("lm_head.weight"))]

@@ -17,7 +17,7 @@ from moe_reason.task_files import read_sudoku_file
 from moe_reason.tasks import (GridFormulation, MazeTask, PuzzleDraws, SudokuTask, generate_splits, load_or_generate,
                               make_task)
 
-from conftest import main_cases
+from conftest import assert_export_cli_matches_final, main_cases
 
 
 # ---- generators and validators
@@ -205,6 +205,7 @@ def test_recursive_model_overfits_32_puzzles_and_the_ema_is_exported_and_resumed
     name = "model.layers.0.self_attn.qkv_proj.weight"
     assert (average[name] - raw[name]).abs().max() > 1e-4  # the average is not the weights ...
     assert all(torch.equal(exported[k], average[k]) for k in exported)  # ... and it is what was exported
+    assert_export_cli_matches_final(ema)  # the export command takes the average too
     resumed = load_file(halves / "checkpoint-8" / "ema.safetensors")
     assert all(torch.allclose(resumed[k], average[k], atol=1e-6, rtol=0) for k in average)
     evals = [json.loads(line) for line in open(ema / "metrics.jsonl") if "eval/exact_match" in line]
