@@ -1,5 +1,6 @@
 """Behaviour of MoEReasonForCausalLM: dispatch, losses, cache, padding, checkpointing, saving."""
 
+import os
 import subprocess
 import sys
 
@@ -221,5 +222,7 @@ ids = torch.load({str(tmp_path.parent / 'ids.pt')!r})
 torch.save(m(ids).logits, {str(tmp_path.parent / 'logits.pt')!r})
 """
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path.parent,
-                   env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path.parent)})
+                   env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path.parent),
+                        # the same thread count as here: another picks other kernels, which round differently
+                        **{k: v for k, v in os.environ.items() if k.endswith("_NUM_THREADS")}})
     torch.testing.assert_close(torch.load(tmp_path.parent / "logits.pt"), expected, atol=0, rtol=0)
