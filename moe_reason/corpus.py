@@ -7,6 +7,8 @@ tokenizer, tokenization and packing, and the cache key. `args` is always the dat
 import codecs
 import hashlib
 import json
+import os
+import shutil
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -203,8 +205,20 @@ def split_documents(docs: Dataset, args) -> tuple[Dataset, Dataset]:
 # Tokenizer
 
 
+def staging_folder(root: Path) -> Path:
+    """An empty ROOT.tmp-PID beside a cache entry, to be renamed into place when complete."""
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def padding_id(tokenizer) -> int:
+    """What pads a last partial block: the pad token, else EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def load_or_train_tokenizer(args, train_docs: Dataset, folder: Path, log=print):
-    """A Hub/local tokenizer, or byte-level BPE trained on the training documents and saved to `folder`."""
+    """A Hub/local tokenizer, or byte-level BPE trained on the training documents; saved to `folder` either way."""
     if args.tokenizer_name:
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
@@ -214,6 +228,7 @@ def load_or_train_tokenizer(args, train_docs: Dataset, folder: Path, log=print):
                 "leave tokenizer_name unset to train a BPE tokenizer on the corpus.") from err
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {args.tokenizer_name!r} has no EOS token to separate documents")
+        tokenizer.save_pretrained(folder)
         return tokenizer
     log(f"training a byte-level BPE tokenizer ({args.tokenizer_vocab_size} tokens) on {len(train_docs)} documents")
     return train_bpe_tokenizer(train_docs["text"], args.tokenizer_vocab_size, folder)

@@ -24,7 +24,8 @@ from transformers import AutoTokenizer
 
 from .configuration_moe_reason import require
 from .corpus import (FEW_DOCUMENTS, LONG_DOCUMENT, PreparedData, cache_key, cut_long_documents, flat_ids, load_documents,
-                     load_or_train_tokenizer, pack, source_identity, split_documents, tokenize)
+                     load_or_train_tokenizer, pack, padding_id, source_identity, split_documents, staging_folder,
+                     tokenize)
 from .streaming import prepare_stream
 from .tasks import TaskArguments, formulation_of, make_task, prepare_task_data
 
@@ -123,12 +124,9 @@ def prepare_data(args: DataArguments, log=print, rank: int = 0, world_size: int 
     log(f"preparing data (cache miss {key}) ...")
     docs, unit = cut_long_documents(load_documents(args, log), args, log)
     train_docs, val_docs = split_documents(docs, args)
-    tmp = root.with_name(f"{key}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_folder(root)
     tokenizer = load_or_train_tokenizer(args, train_docs, tmp / "tokenizer", log)
-    if args.tokenizer_name:
-        tokenizer.save_pretrained(tmp / "tokenizer")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     splits, summary = {}, {"cache_key": key, "cache_path": str(root), "split_unit": unit, "vocab_size": len(tokenizer),
                            "block_size": args.block_size, "eos_token_id": tokenizer.eos_token_id}
     for name, part, cap in (("train", train_docs, args.max_train_tokens), ("validation", val_docs, None)):

@@ -19,7 +19,6 @@ the state).
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from datasets.distributed import split_dataset_by_node
 from transformers import AutoTokenizer
 
 from .corpus import (LOADERS, PreparedData, cache_key, check_text_file_sizes, expand_files, load_or_train_tokenizer,
-                     pack, source_identity, tokenize)
+                     pack, padding_id, source_identity, staging_folder, tokenize)
 
 HELD_OUT = "held_out.json"  # in the cache entry: the validation documents' keys, left out of the training stream
 STREAM_PACK_DOCUMENTS = 256  # documents packed together; the tokens left over from each group (< a block) are dropped
@@ -122,13 +121,9 @@ def cache_head_of_stream(args, root: Path, log=print) -> None:
     if len(sample) == 0:
         raise ValueError(f"the stream holds only {len(validation_docs)} document(s): validation_documents="
                          f"{args.validation_documents} leaves nothing to train on")
-    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_folder(root)
     tokenizer = load_or_train_tokenizer(args, sample, tmp / "tokenizer", log)
-    if args.tokenizer_name:
-        tokenizer.save_pretrained(tmp / "tokenizer")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    validation = pack(tokenize(validation_docs, tokenizer, 1), args.block_size, pad_id)
+    validation = pack(tokenize(validation_docs, tokenizer, 1), args.block_size, padding_id(tokenizer))
     validation.save_to_disk(str(tmp / "validation"))
     (tmp / HELD_OUT).write_text(json.dumps(sorted({document_key(t) for t in validation_docs["text"]})))
     summary = {"cache_key": root.name, "cache_path": str(root), "split_unit": "document", "streaming": True,
