@@ -24,7 +24,7 @@ from timing import time_rounds, training_step
 
 def time_stream(args) -> tuple[int, float]:
     """Tokens read from the training stream of the default corpus's files, and the seconds it took."""
-    files = [str(p) for p in stdlib_files()]
+    files = [str(p) for p in stdlib_files()][: args.max_documents]  # a quick run lists only the files it reads
     with tempfile.TemporaryDirectory() as cache:
         stream_args = DataArguments(data_files=files, streaming=True, validation_documents=20, data_cache_dir=cache,
                                     block_size=args.block_size, max_documents=args.max_documents)

@@ -13,7 +13,7 @@ from moe_reason.evaluate import main as evaluate_main
 from moe_reason.experiments import RunBudget
 from moe_reason.metrics import training_flops_per_token
 
-from conftest import REPO, eval_records, launch, train_args, write_corpus
+from conftest import REPO, eval_records, launch, tiny_model, train_args, write_corpus
 
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 RUN_FIELDS = ("config", "final_val_loss", "best_val_loss", "perplexity", "accuracy", "train_loss_curve",
@@ -287,3 +287,9 @@ def test_compare_takes_any_number_of_named_arms_and_refuses_a_reference_that_nam
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**spec, **change}))
         with pytest.raises(ValueError, match=error):
             load_comparison(tmp_path / "bad.yaml")
+
+
+def test_evaluate_refuses_a_halting_mode_for_a_model_that_does_not_halt(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="--eval_halting q_head: .* is not a recursive model"):
+        evaluate_main(["--model_path", str(tmp_path), "--eval_halting", "q_head"])
