@@ -9,12 +9,17 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, or they slow each other
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
 
 import moe_reason  # noqa: F401  (registers the Auto classes)
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +76,8 @@ def train_args(tmp_path, corpus, **overrides) -> list[str]:
     settings = dict(model_preset="debug", data_files=str(corpus), tokenizer_vocab_size=320, block_size=32,
                     validation_documents=6, data_cache_dir=str(tmp_path / "data_cache"), max_steps=6,
                     eval_interval=3, eval_batches=2, log_interval=1, save_interval=3,
-                    per_device_train_batch_size=4, sample_tokens=0, preprocessing_num_workers=1, learning_rate=3e-3)
+                    per_device_train_batch_size=4, sample_tokens=0, preprocessing_num_workers=1, learning_rate=3e-3,
+                    cpu_threads=1)  # beside another xdist worker
     settings.update(overrides)
     argv = []
     for name, value in settings.items():
