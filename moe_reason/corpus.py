@@ -212,6 +212,15 @@ def staging_folder(root: Path) -> Path:
     return tmp
 
 
+def install_staged(tmp: Path, root: Path) -> None:
+    """A complete staging folder renamed into place as the cache entry `root` (atomic: a crash mid-preparation
+    never leaves a half-written entry); if a concurrent preparation finished first, its result is kept."""
+    if root.exists():
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(root)
+
+
 def padding_id(tokenizer) -> int:
     """What pads a last partial block: the pad token, else EOS."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

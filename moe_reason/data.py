@@ -13,7 +13,6 @@
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,9 @@ from datasets import Dataset, load_from_disk
 from transformers import AutoTokenizer
 
 from .configuration_moe_reason import require
-from .corpus import (FEW_DOCUMENTS, LONG_DOCUMENT, PreparedData, cache_key, cut_long_documents, flat_ids, load_documents,
-                     load_or_train_tokenizer, pack, padding_id, source_identity, split_documents, staging_folder,
-                     tokenize)
+from .corpus import (FEW_DOCUMENTS, LONG_DOCUMENT, PreparedData, cache_key, cut_long_documents, flat_ids,
+                     install_staged, load_documents, load_or_train_tokenizer, pack, padding_id, source_identity,
+                     split_documents, staging_folder, tokenize)
 from .streaming import prepare_stream
 from .tasks import TaskArguments, formulation_of, make_task, prepare_task_data
 
@@ -137,10 +136,7 @@ def prepare_data(args: DataArguments, log=print, rank: int = 0, world_size: int 
         splits[name].save_to_disk(str(tmp / name))
     summary["source"] = source_identity(args)
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    if root.exists():  # a concurrent preparation finished first; keep its result
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(root)  # atomic: a crash mid-preparation never leaves a half-written cache entry
+    install_staged(tmp, root)
     summary.update(cache_hit=False, seconds=round(time.perf_counter() - start, 3))
     return load_prepared(root, summary)
 

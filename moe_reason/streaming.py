@@ -19,7 +19,6 @@ the state).
 
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -28,8 +27,8 @@ from datasets import Dataset, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from transformers import AutoTokenizer
 
-from .corpus import (LOADERS, PreparedData, cache_key, check_text_file_sizes, expand_files, load_or_train_tokenizer,
-                     pack, padding_id, source_identity, staging_folder, tokenize)
+from .corpus import (LOADERS, PreparedData, cache_key, check_text_file_sizes, expand_files, install_staged,
+                     load_or_train_tokenizer, pack, padding_id, source_identity, staging_folder, tokenize)
 
 HELD_OUT = "held_out.json"  # in the cache entry: the validation documents' keys, left out of the training stream
 STREAM_PACK_DOCUMENTS = 256  # documents packed together; the tokens left over from each group (< a block) are dropped
@@ -132,7 +131,4 @@ def cache_head_of_stream(args, root: Path, log=print) -> None:
                "validation": {"documents": len(validation_docs), "blocks": len(validation)},
                "source": source_identity(args)}
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    if root.exists():  # a concurrent preparation finished first; keep its result
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(root)
+    install_staged(tmp, root)

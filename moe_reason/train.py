@@ -300,15 +300,12 @@ def build_model(model_args, args, data, accelerator, expert_parallel):
 def make_loaders(data, args, num_processes: int) -> tuple[DataLoader, DataLoader]:
     """Training loader (seeded epoch order, resumable; or this rank's stream, in order) and the fixed
     validation slice."""
-    if data.sampler is None:  # a stream: already this rank's share; no workers, so its state is the loader's.
-        # Its own generator: each new iterator draws a seed from it, which from the global one would shift the
-        # dropout of a resumed run (it starts its iterator after the random states are restored)
-        train_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, drop_last=True,
-                                  collate_fn=collate_blocks, generator=torch.Generator().manual_seed(args.seed))
-    else:
-        train_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, drop_last=True,
-                                  sampler=data.sampler(len(data.train), args.seed), collate_fn=collate_blocks,
-                                  generator=torch.Generator().manual_seed(args.seed))
+    # a stream (no sampler) is already this rank's share, read in order with no workers, so its state is the
+    # loader's. The loader's own generator: each new iterator draws a seed from it, which from the global one
+    # would shift the dropout of a resumed stream (it starts its iterator after the random states are restored)
+    sampler = None if data.sampler is None else data.sampler(len(data.train), args.seed)
+    train_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, drop_last=True, sampler=sampler,
+                              collate_fn=collate_blocks, generator=torch.Generator().manual_seed(args.seed))
     # the validation set is a fixed slice of blocks, the same whatever the number of processes
     eval_blocks = len(data.validation) if args.eval_batches == 0 else \
         min(len(data.validation), args.eval_batches * args.per_device_eval_batch_size)
@@ -410,18 +407,17 @@ class Trainer:
         configure_device(accelerator, args)
         self.is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         check_model_under_zero(self.model_args.model_type, zero_stage(accelerator))
-        if args.ema_decay and (zero_stage(accelerator) == 3 or args.expert_parallel_size > 1):
-            raise ValueError("--ema_decay needs every rank to hold the whole model: not with ZeRO-3 or "
-                             "--expert_parallel_size > 1 (use ZeRO-2 or DDP with expert_parallel_size 1)")
-        if self.model_args.lora_rank and (zero_stage(accelerator) == 3 or args.expert_parallel_size > 1):
-            raise ValueError("--lora_rank needs every rank to hold the whole model: not with ZeRO-3 or "
-                             "--expert_parallel_size > 1 (use ZeRO-2 or DDP with expert_parallel_size 1)")
+        for flag, used in (("--ema_decay", args.ema_decay), ("--lora_rank", self.model_args.lora_rank)):
+            if used and (zero_stage(accelerator) == 3 or args.expert_parallel_size > 1):
+                raise ValueError(f"{flag} needs every rank to hold the whole model: not with ZeRO-3 or "
+                                 "--expert_parallel_size > 1 (use ZeRO-2 or DDP with expert_parallel_size 1)")
         self.expert_parallel = make_expert_parallel(args.expert_parallel_size, num_experts, accelerator.num_processes,
                                                     zero_stage(accelerator))
+        self.stream_state = None  # this rank's saved stream position, read here: another process count fails early
         if checkpoint is not None:
             self.expert_parallel.check_checkpoint(checkpoint)
             if self.data_args.streaming:
-                read_stream_state(checkpoint, accelerator.process_index, accelerator.num_processes)
+                self.stream_state = read_stream_state(checkpoint, accelerator.process_index, accelerator.num_processes)
             if self.is_deepspeed:
                 check_deepspeed_world(checkpoint, accelerator.num_processes)
         clear_output_dir(accelerator, args)
@@ -453,7 +449,7 @@ class Trainer:
         self.streaming = self.data.sampler is None
         if self.streaming:  # Accelerate would shard the stream again: each rank's loader already reads its share
             self.model, self.optimizer, self.eval_loader = accelerator.prepare(model, optimizer, eval_loader)
-            self.train_loader, self.stream_state = train_loader, None
+            self.train_loader = train_loader
         else:
             self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
                 model, optimizer, train_loader, eval_loader)
@@ -474,8 +470,6 @@ class Trainer:
             self.ema.load_state_dict(load_file(checkpoint / EMA_WEIGHTS), str(checkpoint / EMA_WEIGHTS))
         self.state.load_state_dict(saved)
         self.state.last_save = self.state.step
-        if self.streaming:
-            self.stream_state = read_stream_state(checkpoint, accelerator.process_index, accelerator.num_processes)
         if "batches_in_epoch" in saved:  # an older checkpoint counted micro-batches per process
             self.state.samples_in_epoch = saved["batches_in_epoch"] * args.per_device_train_batch_size \
                 * accelerator.num_processes
