@@ -29,9 +29,21 @@ def chunk_rows(vocab_size: int, device: torch.device) -> int:
     return max(1, budget // vocab_size)
 
 
+def stablemax(logits: torch.Tensor) -> torch.Tensor:
+    """TRM's s(x): x + 1 for x >= 0, 1 / (1 - x) below; positive, increasing, linear for large x."""
+    return torch.where(logits >= 0, logits + 1, 1 / (1 - logits.clamp(max=0)))
+
+
+def log_stablemax(logits: torch.Tensor) -> torch.Tensor:
+    """log(s(x) / sum s(x)) over the last dimension: the stable-max counterpart of log_softmax."""
+    s = stablemax(logits)
+    return s.log() - s.sum(dim=-1, keepdim=True).log()
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         token_weights: torch.Tensor):
-    """Weighted next-token cross-entropy of `hidden @ weight.T`, computed chunk by chunk.
+                         token_weights: torch.Tensor, use_stablemax: bool = False):
+    """Weighted next-token cross-entropy of `hidden @ weight.T`, computed chunk by chunk (with
+    `use_stablemax`, of `log_stablemax` instead of log_softmax).
 
     hidden [T, H], weight [V, H], targets [T] (-100 = ignored), token_weights [T] (0 for
     ignored positions) -> (loss, nll, correct):
@@ -42,17 +54,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     Under autocast the matmuls run in the autocast dtype; softmax statistics at least fp32.
     """
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, token_weights)
-    nll, correct, _, _, _ = _chunked(hidden, weight, targets, token_weights, False, False)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, token_weights, use_stablemax)
+    nll, correct, _, _, _ = _chunked(hidden, weight, targets, token_weights, False, False, use_stablemax)
     return (nll * token_weights).sum(), nll, correct
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights):
+    def forward(ctx, hidden, weight, targets, token_weights, use_stablemax):
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         nll, correct, grad_hidden, grad_weight, scale = _chunked(hidden, weight, targets, token_weights,
-                                                                 want_hidden, want_weight)
+                                                                 want_hidden, want_weight, use_stablemax)
         ctx.save_for_backward(grad_hidden, grad_weight, scale)
         ctx.dtypes = hidden.dtype, weight.dtype
         ctx.mark_non_differentiable(nll, correct)
@@ -68,10 +80,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden.mul_(factor).to(ctx.dtypes[0])
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(factor).to(ctx.dtypes[1])
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
-def _chunked(hidden, weight, targets, token_weights, want_hidden: bool, want_weight: bool):
+def _chunked(hidden, weight, targets, token_weights, want_hidden: bool, want_weight: bool, use_stablemax: bool):
     """The loop over row chunks.
 
     Returns nll, correct, and the gradients of sum_t token_weights_t * nll_t divided by `scale`
@@ -98,18 +110,38 @@ def _chunked(hidden, weight, targets, token_weights, want_hidden: bool, want_wei
         target_logit = logits.gather(1, safe).squeeze(1)  # [c]
         top = logits.amax(dim=-1, keepdim=True)  # [c, 1]
         correct[chunk] = valid & (target_logit == top.squeeze(1))  # the target has the top logit
-        # softmax in place (no temporaries the size of the chunk): exp(logits - max) / sum
-        probs = logits.sub_(top).exp_()
-        total = probs.sum(dim=-1, keepdim=True)  # [c, 1]
-        nll[chunk] = torch.where(valid, (top + total.log()).squeeze(1) - target_logit, 0.0)
-        if want_hidden or want_weight:
-            # d(w * nll) / d logits = w * (softmax - one_hot)
+        want_grad = want_hidden or want_weight
+        if use_stablemax:
+            grad = _stablemax_nll(logits, safe, valid, nll, chunk, want_grad)
+        else:
+            # softmax in place (no temporaries the size of the chunk): exp(logits - max) / sum
+            probs = logits.sub_(top).exp_()
+            total = probs.sum(dim=-1, keepdim=True)  # [c, 1]
+            nll[chunk] = torch.where(valid, (top + total.log()).squeeze(1) - target_logit, 0.0)
+            if want_grad:  # d nll / d logits = softmax - one_hot
+                grad = probs.div_(total)
+                grad.scatter_add_(1, safe, -valid.to(stat_dtype)[:, None])
+        if want_grad:
             w = (token_weights[chunk] * valid).to(stat_dtype)[:, None] / scale  # [c, 1]; ignored rows get 0
-            grad = probs.div_(total)
-            grad.scatter_add_(1, safe, -valid.to(stat_dtype)[:, None])
             grad = grad.mul_(w).to(weight.dtype)  # the cast is a no-op in fp32 and under autocast
             if want_hidden:
                 grad_hidden[chunk] = grad @ weight  # [c, H]
             if want_weight:
                 grad_weight += grad.T @ h  # [V, H]
     return nll, correct, grad_hidden, grad_weight, scale
+
+
+def _stablemax_nll(logits, safe, valid, nll, chunk, want_grad: bool):
+    """One chunk of the stable-max loss: fills nll[chunk] = log sum s(x) - log s(x_target) and returns
+    d nll / d logits [c, V] (None without `want_grad`). With s'(x) = 1 for x >= 0 and s(x)^2 below,
+    the gradient is s'(x) / sum s - one_hot * s'(x_t) / s(x_t)."""
+    s = stablemax(logits)  # [c, V]
+    total = s.sum(dim=-1, keepdim=True)  # [c, 1]
+    target_s = s.gather(1, safe)  # [c, 1]
+    nll[chunk] = torch.where(valid, (total.log() - target_s.log()).squeeze(1), 0.0)
+    if not want_grad:
+        return None
+    positive = logits >= 0
+    grad = torch.where(positive, 1.0, s * s).div_(total)  # [c, V]
+    target_term = torch.where(positive.gather(1, safe), 1 / target_s, target_s)  # s'(x_t) / s(x_t), [c, 1]
+    return grad.scatter_add_(1, safe, -(valid[:, None] * target_term))

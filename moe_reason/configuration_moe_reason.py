@@ -76,6 +76,10 @@ class MoEReasonConfig(PretrainedConfig):
             whole sequence in both directions and position i predicts label i (no shift). A puzzle's
             cells map to its answer's cells in one forward, so `generate` is refused; read the
             answer as the argmax of the logits. Requires `use_cache=False`.
+        stablemax_loss (`bool`): the loss's probabilities are TRM's stable-max, s(x) / sum s(x) with
+            s(x) = x + 1 for x >= 0 and 1 / (1 - x) below, instead of softmax. It grows linearly where
+            softmax grows exponentially, which TRM found stabler on small puzzle data. The argmax, and
+            so every prediction, is the same either way.
     """
 
     model_type = "moe_reason"
@@ -105,6 +109,7 @@ class MoEReasonConfig(PretrainedConfig):
     initializer_range: float = 0.02
     use_cache: bool = True
     bidirectional: bool = False
+    stablemax_loss: bool = False
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None

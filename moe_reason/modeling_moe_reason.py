@@ -24,7 +24,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .chunked_loss import linear_cross_entropy
+from .chunked_loss import linear_cross_entropy, log_stablemax
 from .configuration_moe_reason import MoEReasonConfig
 from .expert_kernels import expert_activation, grouped_mm
 
@@ -448,16 +448,19 @@ def sequence_sums(nll: torch.Tensor, valid: torch.Tensor, correct: torch.Tensor)
     return torch.stack([(nll * valid).sum(1), valid.sum(1).float(), (correct & valid).sum(1).float()], dim=1)
 
 
-def next_token_statistics(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> torch.Tensor:
+def next_token_statistics(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True,
+                          use_stablemax: bool = False) -> torch.Tensor:
     """Per sequence [B, 3]: summed next-token NLL (fp32), labelled positions, right argmax predictions.
 
     logits [B, S, V] predict labels shifted by one (unless not `shift`); positions labelled -100 are left out.
+    The NLL is of log_softmax, or with `use_stablemax` of `log_stablemax` (config.stablemax_loss).
     """
     B, S, V = logits.shape
     targets = next_token_targets(labels, shift)  # [B, S]
     valid = targets != -100
-    nll = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=-100,
-                          reduction="none").view(B, S)  # 0 where ignored
+    log_probs = log_stablemax(logits.float()) if use_stablemax else F.log_softmax(logits.float(), dim=-1)
+    nll = F.nll_loss(log_probs.reshape(-1, V), targets.reshape(-1), ignore_index=-100,
+                     reduction="none").view(B, S)  # 0 where ignored
     return sequence_sums(nll, valid, logits.argmax(-1) == targets)
 
 
@@ -518,14 +521,15 @@ class MoEReasonLMHead(nn.Linear):
     still a call of this module, so ZeRO-3 gathers the weight for it as for any layer.
     """
 
-    def __init__(self, hidden_size: int, vocab_size: int, **factory_kwargs):
+    def __init__(self, hidden_size: int, vocab_size: int, use_stablemax: bool = False, **factory_kwargs):
         super().__init__(hidden_size, vocab_size, bias=False, **factory_kwargs)
+        self.use_stablemax = use_stablemax  # config.stablemax_loss
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None,
                 token_weights: torch.Tensor | None = None):
         if targets is None:
             return super().forward(hidden)
-        return linear_cross_entropy(hidden, self.weight, targets, token_weights)
+        return linear_cross_entropy(hidden, self.weight, targets, token_weights, self.use_stablemax)
 
 
 class MoEReasonForCausalLM(MoEReasonPreTrainedModel, GenerationMixin):
@@ -534,7 +538,8 @@ class MoEReasonForCausalLM(MoEReasonPreTrainedModel, GenerationMixin):
     def __init__(self, config: MoEReasonConfig):
         super().__init__(config)
         self.model = MoEReasonModel(config)
-        self.lm_head = MoEReasonLMHead(config.hidden_size, config.vocab_size)
+        self.lm_head = MoEReasonLMHead(config.hidden_size, config.vocab_size,
+                                       use_stablemax=config.stablemax_loss)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -551,7 +556,8 @@ class MoEReasonForCausalLM(MoEReasonPreTrainedModel, GenerationMixin):
         if not isinstance(new_embeddings, MoEReasonLMHead):
             if new_embeddings.bias is not None:
                 raise ValueError("the LM head has no bias; got an output projection with one")
-            head = MoEReasonLMHead(new_embeddings.in_features, new_embeddings.out_features, device="meta")
+            head = MoEReasonLMHead(new_embeddings.in_features, new_embeddings.out_features,
+                                   use_stablemax=self.config.stablemax_loss, device="meta")
             head.weight = new_embeddings.weight
             new_embeddings = head
         self.lm_head = new_embeddings
@@ -611,11 +617,11 @@ class MoEReasonForCausalLM(MoEReasonPreTrainedModel, GenerationMixin):
                                          shift=shift)
         else:
             logits = self.lm_head(hidden)  # [B, S, V]
-            if labels is not None and shift:
+            if labels is not None and shift and not self.config.stablemax_loss:
                 lm_loss = self.loss_function(logits, labels, self.config.vocab_size,
                                              num_items_in_batch=num_items_in_batch)
             elif labels is not None:
-                stats = next_token_statistics(logits, labels, shift=False)
+                stats = next_token_statistics(logits, labels, shift, self.config.stablemax_loss)
                 lm_loss = stats[:, 0].sum() / stats[:, 1].sum().clamp(min=1)
         if labels is not None:
             loss = self.combine_losses(lm_loss, aux, z)

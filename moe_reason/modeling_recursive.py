@@ -279,7 +279,7 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         logits = self.lm_head(z_H if labels is not None or logits_to_keep == 0 else z_H[:, -logits_to_keep:])
         if labels is None:
             return logits, None, None
-        stats = next_token_statistics(logits, labels, shift)
+        stats = next_token_statistics(logits, labels, shift, self.config.stablemax_loss)
         return logits, stats.detach(), (stats[:, 0] / stats[:, 1].clamp(min=1)).sum()
 
     # ---- keeping the ranks of a distributed run in step

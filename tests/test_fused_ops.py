@@ -20,13 +20,20 @@ def small_chunks(monkeypatch):
     monkeypatch.setitem(chunked_loss.CHUNK_ELEMENTS, "cpu", 7 * 40)
 
 
-def reference_cross_entropy(hidden, weight, targets, token_weights):
+def reference_cross_entropy(hidden, weight, targets, token_weights, use_stablemax=False):
+    """Autograd through the logits; stable-max written out from its definition (TRM's s(x))."""
     logits = hidden @ weight.T
-    nll = F.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
+    if use_stablemax:
+        s = torch.where(logits >= 0, logits + 1, 1 / (1 - torch.minimum(logits, torch.zeros_like(logits))))
+        log_probs = torch.log(s / s.sum(-1, keepdim=True))
+    else:
+        log_probs = F.log_softmax(logits, dim=-1)
+    nll = F.nll_loss(log_probs, targets, ignore_index=-100, reduction="none")
     return (nll * token_weights).sum(), nll, (logits.argmax(-1) == targets)
 
 
-def test_chunked_cross_entropy_matches_the_logits_path(small_chunks):
+@pytest.mark.parametrize("use_stablemax", [False, True], ids=["softmax", "stablemax"])
+def test_chunked_cross_entropy_matches_the_logits_path(small_chunks, use_stablemax):
     T, H, V = 30, 16, 40
     hidden = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
@@ -34,11 +41,11 @@ def test_chunked_cross_entropy_matches_the_logits_path(small_chunks):
     targets[[0, 5, 6, 29]] = -100
     token_weights = torch.rand(T, dtype=torch.float64) * (targets != -100)
 
-    loss, nll, correct = linear_cross_entropy(hidden, weight, targets, token_weights)
+    loss, nll, correct = linear_cross_entropy(hidden, weight, targets, token_weights, use_stablemax)
     (2.5 * loss).backward()  # a non-unit incoming gradient is applied to the precomputed ones
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
-    ref_loss, ref_nll, ref_correct = reference_cross_entropy(hidden, weight, targets, token_weights)
+    ref_loss, ref_nll, ref_correct = reference_cross_entropy(hidden, weight, targets, token_weights, use_stablemax)
     (2.5 * ref_loss).backward()
 
     torch.testing.assert_close(loss, ref_loss, atol=1e-12, rtol=1e-12)
@@ -49,7 +56,7 @@ def test_chunked_cross_entropy_matches_the_logits_path(small_chunks):
     torch.testing.assert_close(grads[1], weight.grad, atol=1e-12, rtol=1e-12)
 
     with torch.no_grad():  # the no-gradient path gives the same figures
-        no_grad = linear_cross_entropy(hidden, weight, targets, token_weights)
+        no_grad = linear_cross_entropy(hidden, weight, targets, token_weights, use_stablemax)
     torch.testing.assert_close(no_grad[0], ref_loss.detach(), atol=1e-12, rtol=1e-12)
 
 
@@ -71,14 +78,23 @@ def test_chunked_cross_entropy_under_bf16_autocast_keeps_fp32_statistics(small_c
         torch.testing.assert_close(grad, ref_grad, atol=2e-3, rtol=5e-2)
 
 
-def test_training_loss_skips_the_logits_and_equals_the_logits_path(small_chunks):
+@pytest.mark.parametrize("fields", [{}, {"stablemax_loss": True}, {"stablemax_loss": True, "bidirectional": True,
+                                                                    "use_cache": False}],
+                         ids=["softmax", "stablemax", "stablemax_grid"])
+def test_training_loss_skips_the_logits_and_equals_the_logits_path(small_chunks, fields):
     """Training with labels goes through the chunked loss; eval mode through the logits. With no
-    dropout or jitter both compute the same loss and gradients (token mean, ignored labels)."""
-    model = tiny_model(vocab_size=40, hidden_dropout=0.0, attention_dropout=0.0, router_jitter_noise=0.0)
+    dropout or jitter both compute the same loss and gradients (token mean, ignored labels), with
+    either loss."""
+    model = tiny_model(vocab_size=40, hidden_dropout=0.0, attention_dropout=0.0, router_jitter_noise=0.0, **fields)
     ids = random_ids(3, 12, vocab=40)
     labels = ids.clone()
     labels[0, :5] = -100
-    assert_training_path_equals_eval_path(model, ids, labels)
+    figures = assert_training_path_equals_eval_path(model, ids, labels)
+    with torch.no_grad():  # and the loss is the one asked for
+        logits = model.eval()(ids).logits
+    targets = labels if model.config.bidirectional else F.pad(labels[:, 1:], (0, 1), value=-100)
+    softmax = F.cross_entropy(logits.reshape(-1, 40), targets.reshape(-1), ignore_index=-100)
+    assert (abs(figures["lm_loss"] - softmax) > 1e-3) == model.config.stablemax_loss  # near 0, s(x) ~ exp(x)
 
 
 @pytest.mark.parametrize("gated", [True, False])

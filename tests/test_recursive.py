@@ -52,14 +52,16 @@ def test_latent_init_learns_when_a_gradient_pass_reads_it():
     assert model.z_init.weight.grad.abs().sum() > 0
 
 
-def test_training_statistics_without_logits_equal_the_logits_path():
+@pytest.mark.parametrize("stablemax_loss", [False, True], ids=["softmax", "stablemax"])
+def test_training_statistics_without_logits_equal_the_logits_path(stablemax_loss):
     """Training with labels takes each step's statistics from the chunked loss (no logits); eval
     mode from the logits. With Q-head halting in both, no exploration, dropout or jitter, both run
     the same steps and give the same losses and gradients, including per-sequence means over
     sequences with different numbers of labels and rows that halt early."""
     model = recursive(h_cycles=1, l_cycles=1, halt_max_steps=3, use_act=True, eval_halting="q_head",
                       halt_exploration_prob=0.0, hidden_dropout=0.0, attention_dropout=0.0,
-                      router_jitter_noise=0.0, halt_target="accuracy")  # the target under which training halts
+                      router_jitter_noise=0.0, halt_target="accuracy",  # the target under which training halts
+                      stablemax_loss=stablemax_loss)
     torch.nn.init.normal_(model.q_head.weight, std=1.0)
     torch.nn.init.zeros_(model.q_head.bias)
     ids = random_ids(batch=6)
