@@ -17,6 +17,8 @@ A comparison file:
     metric: loss                             # or exact_accuracy, for a --task base (higher is better)
     equal_flops: true                        # also run each costlier arm at the cheapest arm's FLOPs
     equal_steps: true                        # false: costlier arms run at equal FLOPs only (long studies)
+    transfer: {task_size: 8}                 # task bases: also score every run on the puzzles these task
+                                             # arguments generate (easy-to-hard), in its own report section
 
 `baseline:` and `recursive:` at the top level are the two-arm form (reference: baseline).
 The arms may set model fields, and `learning_rate` where each arm is to train at its own best
@@ -35,15 +37,16 @@ from pathlib import Path
 
 from .arguments import build_config, parse_args, to_argv
 from .data import prepare_data
-from .experiments import (SPREAD_RULE, ReportFiles, RunBudget, RunnerArguments, beyond_spread, check_arguments,
-                          load_runner_file, mean_curve, mean_std, model_argument_names, pyplot, run_runner,
-                          run_training, safe_name, save_figure, write_json)
+from .experiments import (SPREAD_RULE, TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments, beyond_spread,
+                          check_arguments, load_runner_file, mean_curve, mean_std, model_argument_names, pyplot,
+                          run_runner, run_training, safe_name, save_figure, score_task_run, task_argument_names,
+                          task_figures, write_json)
 from .metrics import training_flops_per_token
 
 LEGACY_ARMS = ("baseline", "recursive")
 METRICS = {"loss": ("final_val_loss", "validation loss", False),  # name -> (record key, label, higher is better)
            "exact_accuracy": ("exact_accuracy", "exact accuracy on held-out puzzles", True)}
-OWN_KEYS = {"arms", "reference", "metric", "equal_flops", "equal_steps", *LEGACY_ARMS}
+OWN_KEYS = {"arms", "reference", "metric", "equal_flops", "equal_steps", "transfer", *LEGACY_ARMS}
 ARM_TRAINING_FIELDS = {"learning_rate"}  # the one training setting an arm may set: its own best learning rate
 
 USAGE = ("python -m moe_reason.compare CONFIG.yaml [--output_dir D] [--seeds 0 1 2] [--launcher in_process|accelerate] "
@@ -81,8 +84,12 @@ def load_comparison(path, args: RunnerArguments | None = None) -> dict:
     equal_flops, equal_steps = bool(spec.get("equal_flops", True)), bool(spec.get("equal_steps", True))
     if not (equal_flops or equal_steps):
         raise ValueError(f"comparison {path}: equal_flops and equal_steps are both false: nothing to compare")
+    transfer = check_arguments(spec.get("transfer"), f"comparison {path}: transfer (task arguments)",
+                               task_argument_names())
+    if transfer and not settings["base"].get("task"):
+        raise ValueError(f"comparison {path}: transfer scores task runs on other puzzles; base has no task")
     return {**settings, "arms": arms, "reference": reference, "metric": metric, "equal_flops": equal_flops,
-            "equal_steps": equal_steps, "max_hours": args.max_hours}
+            "equal_steps": equal_steps, "transfer": transfer, "max_hours": args.max_hours}
 
 
 def flops_per_token(values: dict) -> tuple[float, int]:
@@ -131,6 +138,8 @@ def run_comparison(cmp: dict) -> dict:
         values = {**cmp["base"], **cmp["arms"][item["arm"]], "seed": seed, "max_steps": item["steps"]}
         record = run_training(f"{label}/seed_{seed}", values, out / label / f"seed_{seed}",
                               cmp["launcher"], cmp["accelerate_config"])
+        if cmp.get("transfer") and record["status"] == "finished":
+            record["transfer"] = transfer_figures(out / label / f"seed_{seed}", values, cmp["transfer"])
         runs.append({**record, **item, "label": label, "seed": seed, "config": values})
         write_json(out / REPORT.json, comparison_payload(cmp, accounting, runs))
         budget.after(len(runs), record)
@@ -142,6 +151,13 @@ def run_comparison(cmp: dict) -> dict:
             print(f"{kind.replace('_', ' ')}, {arm}: {v['verdict']}", flush=True)
     print(f"wrote {out / REPORT.json}, {out / REPORT.png}, {out / REPORT.markdown}", flush=True)
     return payload
+
+
+def transfer_figures(run_dir: Path, values: dict, transfer: dict) -> dict:
+    """The run's scores on the transfer puzzles (scored once; a rerun reads them back)."""
+    if not task_figures(run_dir, TRANSFER_EVAL):
+        score_task_run(run_dir, values, transfer)
+    return task_figures(run_dir, TRANSFER_EVAL)
 
 
 def verdict(label_a: str, a: list[float], label_b: str, b: list[float], higher_is_better: bool = False) -> dict:
@@ -174,10 +190,17 @@ def comparison_payload(cmp: dict, accounting: dict, runs: list[dict]) -> dict:
                    for arm in cmp["arms"] if arm != reference} if cmp.get("equal_steps", True) else {}
     equal_flops = {arm: verdict(cheapest, values(cheapest), f"{arm}_equal_flops", values(f"{arm}_equal_flops"), higher)
                    for arm in accounting["equal_flops_steps"]}
+    transfer = {}
+    if cmp.get("transfer"):
+        def transferred(label):
+            return [r["transfer"]["exact_accuracy"] for r in runs if r["label"] == label and r.get("transfer")]
+        transfer = {"settings": cmp["transfer"],
+                    "equal_steps": {arm: verdict(reference, transferred(reference), arm, transferred(arm), True)
+                                    for arm in cmp["arms"] if arm != reference} if cmp.get("equal_steps", True) else {}}
     return {"config": cmp["path"], "description": cmp["description"], "seeds": cmp["seeds"], "base": cmp["base"],
             "arms": cmp["arms"], "reference": reference, "metric": cmp["metric"], "accounting": accounting,
             "equal_steps_runs": cmp.get("equal_steps", True),
-            "equal_steps": equal_steps, "equal_flops": equal_flops,
+            "equal_steps": equal_steps, "equal_flops": equal_flops, "transfer": transfer,
             "ln_vocab": next((r["ln_vocab"] for r in runs if r["status"] == "finished"), None),
             "runs": runs, "spread_rule": SPREAD_RULE}
 
@@ -212,6 +235,7 @@ def comparison_markdown(p: dict) -> str:
     lines += [f"**Equal FLOPs, {arm} vs {acc['cheapest_arm']}:** {v['verdict']}." for arm, v in p["equal_flops"].items()]
     lines += ["", f"Rule: {p['spread_rule']}."]
     lines += steps_curve_table(runs)
+    lines += transfer_section(p)
     failed = [r for r in runs if r["status"] == "failed"]
     if failed:
         lines += ["", "## Failed runs", ""] + [f"- `{r['label']}` seed {r['seed']}: {r['error'].splitlines()[-1][:300]}"
@@ -265,6 +289,29 @@ def steps_curve_table(runs: list[dict]) -> list[str]:
                   f"({mean_std([r['q_head']['mean_steps'] for r in q])[0]:.2f})") if q else "—"
         lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in row) + f" | {q_text} |")
     return lines
+
+
+def transfer_section(p: dict) -> list[str]:
+    """Every run scored on the transfer puzzles: exact accuracy, cell accuracy and the steps curve."""
+    if not p.get("transfer"):
+        return []
+    settings = ", ".join(f"{k} {v}" for k, v in p["transfer"]["settings"].items())
+    lines = ["", f"## Transfer: the same models on other puzzles ({settings})", "",
+             "Each run's export scored on the held-out puzzles that its task arguments, so changed, generate: "
+             "puzzles of a kind it never trained on.", "",
+             "| run | seeds | exact accuracy (mean ± std) | cell accuracy |", "|---|---:|---|---:|"]
+    for label in dict.fromkeys(r["label"] for r in p["runs"]):
+        done = [r["transfer"] for r in p["runs"] if r["label"] == label and r.get("transfer")]
+        if done:
+            m, s = mean_std([t["exact_accuracy"] for t in done])
+            lines.append(f"| {label} | {len(done)} | {m:.4f} ± {s:.4f} | "
+                         f"{mean_std([t['cell_accuracy'] for t in done])[0]:.3f} |")
+    lines += [""] + [f"**Transfer, equal steps, {arm} vs {p['reference']}:** {v['verdict']}."
+                     for arm, v in p["transfer"]["equal_steps"].items()]
+    curves = steps_curve_table([{**r["transfer"], "label": r["label"], "status": r["status"]}
+                                for r in p["runs"] if r.get("transfer")])
+    return lines + [line.replace("## Exact accuracy by supervision steps at evaluation",
+                                 "### Transfer: exact accuracy by supervision steps") for line in curves]
 
 
 def plot(p: dict, path: Path) -> None:

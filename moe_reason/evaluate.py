@@ -12,7 +12,9 @@ Prints and writes JSON: loss, perplexity, token accuracy, tokens evaluated, ln(v
 for recursive models the mean recursion (supervision) steps.
 
 A model trained with `--task` is scored on puzzles instead (`task_eval.evaluate_puzzles`): the held-out
-test puzzles of its training, regenerated from the settings in its config, or a `--task_file`.
+test puzzles of its training, regenerated from the settings in its config, or a `--task_file`, or with
+`--task` and the task options, the test puzzles those settings generate (another size or difficulty: a
+model trained on 6x6 mazes on an 8x8 canvas scored on 8x8 mazes is the easy-to-hard test).
 `--lm_eval_tasks` runs lm-evaluation-harness instead (`harness.py`) and writes MODEL/eval_lm_eval.json.
 """
 
@@ -87,7 +89,8 @@ def evaluate_model(model, batches, config, gather=lambda t: t, progress: bool = 
     stats, recursion_steps = [], []
     for batch in tqdm(batches, desc="evaluating", disable=not progress, dynamic_ncols=True):
         out = model(input_ids=batch["input_ids"], use_cache=False)
-        stats.append(gather(next_token_statistics(out.logits, batch["labels"], shift=not config.bidirectional)))
+        stats.append(gather(next_token_statistics(out.logits, batch["labels"], not config.bidirectional,
+                                                  config.stablemax_loss)))
         if getattr(out, "recursion_steps", None) is not None:
             recursion_steps.append(gather(out.recursion_steps.float().reshape(-1)))
     model.train(was_training)
@@ -141,7 +144,14 @@ def evaluate_task(eval_args, data_args, model) -> dict:
                          "on text, without --task and --task_file")
     if data_args.task and data_args.task != settings["task"]:
         raise ValueError(f"--task {data_args.task}: {eval_args.model_path} was trained on {settings['task']}")
+    trained = settings
+    if data_args.task and not eval_args.task_file:  # the command line's puzzles (a harder set), the model's formulation
+        settings = {**data_args.task_settings(), "task_formulation": trained.get("task_formulation", "grid")}
     task = make_task(settings)
+    if task.n != make_task(trained).n:
+        print(f"note: scoring {task.n}x{task.n} grids with a model trained on {make_task(trained).n}x"
+              f"{make_task(trained).n} ones: the rows no longer line up with its training (give mazes one "
+              "--maze_canvas)", file=sys.stderr)
     if eval_args.task_file:
         if settings["task"] != "sudoku":
             raise ValueError(f"--task_file reads Sudoku collections; {eval_args.model_path} is a {settings['task']} model")
@@ -153,12 +163,12 @@ def evaluate_task(eval_args, data_args, model) -> dict:
     else:
         cached = DataArguments(**settings, data_cache_dir=data_args.data_cache_dir)
         puzzles, references = load_or_generate(cached, log=lambda msg: print(msg, file=sys.stderr))[0]["test"]
-        source = "held-out test puzzles"
+        source = "held-out test puzzles" + (" of the command line's task settings" if data_args.task else "")
     if eval_args.max_puzzles:
         puzzles = puzzles[:eval_args.max_puzzles]
         references = None if references is None else references[:eval_args.max_puzzles]
     return {"model_path": eval_args.model_path, "model_type": model.config.model_type, "task": settings,
-            "source": source, **evaluate_puzzles(model, task, puzzles, references, eval_args.batch_size,
+            "trained_task": trained, "source": source, **evaluate_puzzles(model, task, puzzles, references, eval_args.batch_size,
                                                  eval_args.curve_puzzles)}
 
 

@@ -32,6 +32,7 @@ from .arguments import ARGUMENT_CLASSES, ModelArguments, load_mapping, to_argv
 from .checkpointing import complete_checkpoints
 from .evaluate import main as evaluate_main
 from .layout import FINAL, METRICS, RESULTS, TASK_EVAL
+from .tasks import TaskArguments
 from .train import main as train_main
 
 LAUNCHERS = ("in_process", "accelerate")
@@ -245,11 +246,24 @@ def run_training(name: str, values: dict, run_dir: Path, launcher: str = "in_pro
     return {**record, "name": name, "status": "finished", "skipped": False}
 
 
-def score_task_run(run_dir: Path, values: dict) -> None:
-    """A task run's export scored on the held-out puzzles of its training -> final/eval_task.json."""
+TRANSFER_EVAL = "eval_transfer.json"  # a task run's scores on other puzzles (a comparison's `transfer:`)
+
+
+def task_argument_names() -> set[str]:
+    """The trainer arguments that decide a task's puzzles."""
+    return {f.name for f in dataclasses.fields(TaskArguments)} | {"data_seed"}
+
+
+def score_task_run(run_dir: Path, values: dict, transfer: dict | None = None) -> None:
+    """A task run's export scored on the held-out puzzles of its training -> final/eval_task.json, or with
+    `transfer` (task arguments) on the puzzles its training's task arguments so changed generate ->
+    final/eval_transfer.json."""
     argv = ["--model_path", str(run_dir / FINAL), "--batch_size", "256", "--curve_puzzles", str(CURVE_PUZZLES)]
     if values.get("data_cache_dir"):
         argv += ["--data_cache_dir", str(values["data_cache_dir"])]
+    if transfer:
+        task = {k: v for k, v in values.items() if k in task_argument_names()}
+        argv += to_argv({**task, **transfer}) + ["--output_file", str(run_dir / FINAL / TRANSFER_EVAL)]
     with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         evaluate_main(argv)
 
@@ -328,9 +342,9 @@ def collect_run(run_dir) -> dict:
     }
 
 
-def task_figures(run_dir: Path) -> dict:
+def task_figures(run_dir: Path, scores: str = TASK_EVAL) -> dict:
     """exact_accuracy, cell_accuracy, exact_accuracy_by_steps and q_head of a scored task run ({} otherwise)."""
-    scored = run_dir / FINAL / TASK_EVAL
+    scored = Path(run_dir) / FINAL / scores
     if not scored.is_file():
         return {}
     result = json.loads(scored.read_text())

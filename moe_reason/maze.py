@@ -82,6 +82,14 @@ def is_valid(puzzle: np.ndarray, answer: np.ndarray) -> bool:
     return int((answer == PATH).sum()) == shortest - 1 and distances(on_path, start)[goal] == shortest
 
 
+def on_canvas(grid: np.ndarray, canvas: int, corner) -> np.ndarray:
+    """`grid` [n, n] placed with its top-left cell at `corner` (row, column) on a canvas x canvas grid of walls."""
+    out = np.full((canvas, canvas), WALL, dtype=grid.dtype)
+    (r, c), n = corner, grid.shape[0]
+    out[r:r + n, c:c + n] = grid
+    return out
+
+
 def dihedral(grid: np.ndarray, k: int) -> np.ndarray:
     """The k-th of the 8 symmetries of the square (k in 0..7): rotate k % 4 quarter turns, then mirror."""
     out = np.rot90(grid, k % 4)

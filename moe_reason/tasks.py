@@ -54,6 +54,10 @@ class TaskArguments:
     maze_min_path: int | None = field(default=None, metadata={"help": (
         "Shortest-path length in cells (start and goal included) a maze must reach (difficulty); default 2 x size.")})
     maze_wall_share: float = field(default=0.3, metadata={"help": "Share of maze cells drawn as walls."})
+    maze_canvas: int | None = field(default=None, metadata={"help": (
+        "Place each task_size x task_size maze at a random spot of a canvas x canvas grid of walls (default: no "
+        "canvas). Mazes of different sizes then share one token layout, so a model trained on small mazes can be "
+        "scored on larger ones (easy-to-hard: train --task_size 6 --maze_canvas 8, evaluate --task_size 8).")})
     task_train_puzzles: int = field(default=1000, metadata={"help": (
         "Distinct training puzzles (with --task_train_file: the file's first ones); each epoch draws a fresh "
         "augmentation of every one (TRM: 1000).")})
@@ -89,6 +93,9 @@ class TaskArguments:
                 self.maze_min_path = 2 * self.task_size
             require(self, "maze_min_path", 2 <= self.maze_min_path <= self.task_size ** 2, "in [2, size x size]")
             require(self, "maze_wall_share", 0.0 <= self.maze_wall_share < 1.0, "in [0, 1)")
+            require(self, "maze_canvas", self.maze_canvas is None or self.maze_canvas >= self.task_size,
+                    f"None or >= task_size ({self.task_size})")
+        require(self, "maze_canvas", self.task == "maze" or self.maze_canvas is None, "None for a sudoku task")
         require(self, "task_test_file", bool(self.task_train_file) == bool(self.task_test_file),
                 "given together with task_train_file (training and held-out puzzles)")
         require(self, "task_train_file", not self.task_train_file or self.task == "sudoku",
@@ -100,7 +107,7 @@ class TaskArguments:
         """What decides the generated puzzles (saved in the model's config as `task`, so that evaluation
         regenerates the same held-out test puzzles)."""
         keys = ["task", "task_formulation", "task_size"] + (["sudoku_blanks"] if self.task == "sudoku" else
-                                        ["maze_min_path", "maze_wall_share"])
+                                        ["maze_min_path", "maze_wall_share", "maze_canvas"])
         keys += ["task_train_puzzles", "task_test_puzzles"]
         keys += ["task_train_file", "task_test_file"] if self.task_train_file else ["data_seed"]  # DataArguments
         return {k: getattr(self, k) for k in keys}
@@ -150,14 +157,21 @@ class SudokuTask:
 
 
 class MazeTask:
-    """Cells and tokens: 1 wall #, 2 free ., 3 start S, 4 goal G, 5 path o."""
+    """Cells and tokens: 1 wall #, 2 free ., 3 start S, 4 goal G, 5 path o. `n` is the grid's side: the
+    canvas's where there is one (the maze itself is `size` x `size`)."""
 
-    def __init__(self, task_size: int, maze_min_path: int = 16, maze_wall_share: float = 0.3, **_):
-        self.n, self.min_path, self.wall_share = task_size, maze_min_path, maze_wall_share
+    def __init__(self, task_size: int, maze_min_path: int = 16, maze_wall_share: float = 0.3,
+                 maze_canvas: int | None = None, **_):
+        self.size, self.min_path, self.wall_share = task_size, maze_min_path, maze_wall_share
+        self.n = maze_canvas or task_size
         self.symbols = "#.SGo"
 
     def generate(self, rng):
-        return maze.make_maze(self.n, self.min_path, rng, self.wall_share)
+        puzzle, answer = maze.make_maze(self.size, self.min_path, rng, self.wall_share)
+        if self.n == self.size:
+            return puzzle, answer
+        corner = rng.integers(self.n - self.size + 1, size=2)
+        return maze.on_canvas(puzzle, self.n, corner), maze.on_canvas(answer, self.n, corner)
 
     def key(self, puzzle, answer):
         return maze.canonical_key(answer)

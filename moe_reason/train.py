@@ -371,8 +371,9 @@ class StopRequest:
 class Trainer:
     """One training run: `setup`, then `train`, which ends in `finish` (or returns early on a stop request)."""
 
-    def __init__(self, model_args, data_args, args):
+    def __init__(self, model_args, data_args, args, command_line: list[str] | None = None):
         self.model_args, self.data_args, self.args = model_args, data_args, args
+        self.command_line = sys.argv[1:] if command_line is None else list(command_line)  # for the resume hint
         self.out = Path(args.output_dir)
         self.state = TrainState()
         self.tokens_trained = 0  # by this process's run, for its throughput (not carried across a resume)
@@ -680,9 +681,11 @@ class Trainer:
 
     def stopped(self) -> dict:
         step = self.state.step
+        words = self.command_line
+        kept = [w for i, w in enumerate(words) if w != "--resume_from_checkpoint" and
+                (i == 0 or words[i - 1] != "--resume_from_checkpoint")]
         self.accelerator.print(f"stopped at step {step}; checkpoint saved in {self.out}/checkpoint-{step}. Resume "
-                               f"with:\n  accelerate launch train.py {' '.join(sys.argv[1:])} "
-                               "--resume_from_checkpoint latest")
+                               f"with:\n  accelerate launch train.py {' '.join(kept)} --resume_from_checkpoint latest")
         self.accelerator.end_training()
         return {"stopped_at": step, "output_dir": str(self.out)}
 
@@ -717,7 +720,7 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> dict:
     """Train as the arguments say -> the results (train_results.json), or {"stopped_at": step, ...}."""
-    trainer = Trainer(*parse_args(argv))
+    trainer = Trainer(*parse_args(argv), command_line=argv)
     try:
         return trainer.setup().train()
     finally:

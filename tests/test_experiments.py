@@ -283,10 +283,38 @@ def test_compare_takes_any_number_of_named_arms_and_refuses_a_reference_that_nam
                           ({"metric": "exact_accuracy"}, "metric exact_accuracy needs a task in base"),
                           ({"arms": {"only": {"model_type": "base"}}}, "two or more arm names"),
                           ({"arms": {**arms, "b": {"model_type": "base", "max_steps": 10}}}, "and learning_rate only"),
-                          ({"baseline": {}}, "either 'arms:' or the two-arm form")]:
+                          ({"baseline": {}}, "either 'arms:' or the two-arm form"),
+                          ({"transfer": {"task_size": 8}}, "transfer scores task runs on other puzzles; base has no task"),
+                          ({"transfer": {"learning_rate": 1.0}}, "transfer \\(task arguments\\) has unknown")]:
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**spec, **change}))
         with pytest.raises(ValueError, match=error):
             load_comparison(tmp_path / "bad.yaml")
+
+
+def test_a_task_comparison_scores_every_run_on_the_transfer_puzzles_too(tmp_path):
+    """Easy-to-hard: trained on 4x4 mazes on a 5x5 canvas, each export is also scored on 5x5 mazes."""
+    base = {"task": "maze", "task_size": 4, "maze_min_path": 4, "maze_canvas": 5, "task_train_puzzles": 16,
+            "task_test_puzzles": 8, "data_cache_dir": str(tmp_path / "cache"), "model_preset": "debug",
+            "hidden_size": 32, "intermediate_size": 64, "max_steps": 2, "per_device_train_batch_size": 8,
+            "eval_interval": 2, "save_interval": 2, "cpu_threads": 1}
+    spec = {"seeds": [0], "base": base, "metric": "exact_accuracy", "equal_flops": False,
+            "transfer": {"task_size": 5, "maze_min_path": 6, "maze_canvas": None},
+            "arms": {"recursive": {"model_type": "recursive", "h_cycles": 1, "l_cycles": 1, "halt_max_steps": 2},
+                     "direct": {"model_type": "base"}}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "t"
+    payload = compare_main([str(tmp_path / "t.yaml"), "--output_dir", str(out)])
+    for run in payload["runs"]:
+        assert run["puzzles"] == 8 and run["transfer"]["puzzles"] == 8
+        scored = json.loads((out / run["label"] / "seed_0" / "final" / "eval_transfer.json").read_text())
+        assert scored["task"]["task_size"] == 5 and scored["trained_task"]["task_size"] == 4
+    assert set(next(r for r in payload["runs"] if r["label"] == "recursive")["transfer"]["exact_accuracy_by_steps"]) \
+        == {"1", "2", "3", "4"}
+    report = (out / "COMPARISON.md").read_text()
+    assert "## Transfer: the same models on other puzzles (task_size 5, maze_min_path 6" in report
+    assert "Transfer, equal steps, direct vs recursive:" in report and "### Transfer: exact accuracy by" in report
+    compare_main([str(tmp_path / "t.yaml"), "--output_dir", str(out)])  # finished runs: read back, not rescored
+    assert (out / "COMPARISON.md").read_text() == report
 
 
 def test_evaluate_refuses_a_halting_mode_for_a_model_that_does_not_halt(tmp_path):

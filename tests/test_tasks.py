@@ -77,7 +77,8 @@ def test_maze_labels_are_shortest_paths_and_the_validator_judges_them():
             assert maze.is_valid(maze.dihedral(puzzle, k), maze.dihedral(answer, k))
 
 
-@pytest.mark.parametrize("task", [SudokuTask(9, 40), SudokuTask(4, 8), MazeTask(6, 8)], ids=["sudoku9", "sudoku4", "maze6"])
+@pytest.mark.parametrize("task", [SudokuTask(9, 40), SudokuTask(4, 8), MazeTask(6, 8), MazeTask(5, 8, maze_canvas=8)],
+                         ids=["sudoku9", "sudoku4", "maze6", "maze5_on_8"])
 def test_splits_are_disjoint_up_to_augmentation_and_seeds_reproduce(task):
     splits = generate_splits(task, train=30, test=20, seed=3)
     keys = {name: [task.key(p, a) for p, a in zip(*split)] for name, split in splits.items()}
@@ -106,6 +107,23 @@ def test_an_epoch_is_a_fresh_draw_and_a_pure_function_of_the_index():
     for i in (3, 11):
         row = draws[i]
         assert task.is_valid(task.from_tokens(row["input_ids"]), task.from_tokens(row["labels"]))
+
+
+def test_a_maze_on_a_canvas_keeps_its_path_and_moves_around():
+    """--maze_canvas: the small maze sits at a random spot of a wall grid, still solved by its label."""
+    task = MazeTask(5, 8, maze_canvas=8)
+    rng = np.random.default_rng(0)
+    corners = set()
+    for _ in range(20):
+        puzzle, answer = task.generate(rng)
+        assert puzzle.shape == (8, 8) and maze.is_valid(puzzle, answer)
+        inside = np.argwhere(puzzle != maze.WALL)
+        assert np.ptp(inside, axis=0).max() < 5  # every open cell within one 5x5 window
+        corners.add(tuple(inside.min(0)))
+    assert len(corners) > 3
+    assert DataArguments(task="maze", task_size=5, maze_canvas=8).sequence_length() == 64
+    with pytest.raises(ValueError, match="maze_canvas=4 is invalid: must be None or >= task_size \\(5\\)"):
+        DataArguments(task="maze", task_size=5, maze_canvas=4)
 
 
 # ---- the grid formulation
@@ -228,6 +246,29 @@ def test_a_task_model_without_a_task_config_is_refused_by_evaluate(tmp_path):
     MoEReasonForCausalLM(MoEReasonConfig.from_preset("debug")).save_pretrained(tmp_path / "text_model")
     with pytest.raises(ValueError, match="was not trained on a task"):
         evaluate_main(["--model_path", str(tmp_path / "text_model"), "--task_file", str(tmp_path / "none.txt")])
+
+
+def test_evaluate_scores_a_model_on_harder_puzzles_than_its_own(tmp_path):
+    """Easy-to-hard: --task and the task options replace the model's own held-out puzzles (its formulation
+    stays), and the JSON names both settings."""
+    from moe_reason.evaluate import main as evaluate_main
+    trained = DataArguments(task="maze", task_size=5, maze_min_path=6, maze_canvas=8, task_train_puzzles=10,
+                            task_test_puzzles=10).task_settings()
+    config = RecursiveMoEReasonConfig.from_preset("debug", vocab_size=6, bidirectional=True, use_cache=False,
+                                                  halt_max_steps=2)
+    config.task = trained  # what the trainer records
+    RecursiveMoEReasonForCausalLM(config).save_pretrained(tmp_path / "model")
+    out = tmp_path / "harder.json"
+    result = evaluate_main(["--model_path", str(tmp_path / "model"), "--task", "maze", "--task_size", "8",
+                            "--maze_min_path", "12", "--task_train_puzzles", "10", "--task_test_puzzles", "7",
+                            "--data_cache_dir", str(tmp_path / "cache"), "--output_file", str(out)])
+    assert result["task"]["task_size"] == 8 and result["task"]["maze_min_path"] == 12
+    assert result["trained_task"] == trained and result["puzzles"] == 7
+    assert set(result["exact_accuracy_by_steps"]) == {1, 2, 3, 4}  # up to twice the trained depth
+    assert json.loads(out.read_text())["puzzles"] == 7
+    own = evaluate_main(["--model_path", str(tmp_path / "model"), "--data_cache_dir", str(tmp_path / "cache"),
+                         "--output_file", str(out)])
+    assert own["task"] == trained and own["puzzles"] == 10
 
 
 def test_training_puzzles_can_come_from_files(tmp_path):

@@ -209,7 +209,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_zero(tmp_path, corpus):
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, log[-3000:]
-    assert "--resume_from_checkpoint latest" in log
+    assert f"accelerate launch train.py {' '.join(map(str, argv))} --resume_from_checkpoint latest" in log
     stopped = complete_checkpoints(out)[-1]
     step = int(stopped.name.split("-")[1])
     assert step >= 3
