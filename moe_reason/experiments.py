@@ -49,9 +49,8 @@ class RunnerArguments:
     accelerate_config: str | None = field(default=None, metadata={"help": "accelerate YAML for launcher accelerate."})
     seeds: list[int] | None = field(default=None, metadata={"help": (
         "Replace the file's seeds (2 or more to measure the spread).")})
-    set: list[str] | None = field(default=None, metadata={"help": (
-        "NAME=VALUE trainer arguments for every run, space-separated after one --set (a second --set replaces "
-        "the first).")})
+    set: list[str] | None = field(default=None, metadata={"action": "extend", "help": (
+        "NAME=VALUE trainer arguments for every run, space-separated; a second --set adds to the first.")})
     max_hours: float | None = field(default=None, metadata={"help": (
         "Start no run after this many hours; the report covers the runs done, and the same command continues.")})
 

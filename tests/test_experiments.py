@@ -10,7 +10,7 @@ from moe_reason.arguments import build_config, parse_args, to_argv
 from moe_reason.compare import load_comparison, main as compare_main, plan_runs
 from moe_reason.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.evaluate import main as evaluate_main
-from moe_reason.experiments import RunBudget
+from moe_reason.experiments import RunBudget, RunnerArguments, parse_runner_cli
 from moe_reason.metrics import training_flops_per_token
 
 from conftest import REPO, eval_records, launch, tiny_model, train_args, write_corpus
@@ -289,6 +289,13 @@ def test_compare_takes_any_number_of_named_arms_and_refuses_a_reference_that_nam
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**spec, **change}))
         with pytest.raises(ValueError, match=error):
             load_comparison(tmp_path / "bad.yaml")
+
+
+def test_a_second_set_adds_to_the_first():
+    """--set a=1 --set b=2 keeps both (it once kept only the last, silently dropping the first)."""
+    path, args = parse_runner_cli(["g.yaml", "--set", "sudoku_blanks=20", "max_steps=600", "--set", "cpu_threads=1"],
+                                  RunnerArguments, "usage")
+    assert path == "g.yaml" and args.set == ["sudoku_blanks=20", "max_steps=600", "cpu_threads=1"]
 
 
 def test_a_task_comparison_scores_every_run_on_the_transfer_puzzles_too(tmp_path):
