@@ -270,7 +270,7 @@ def run_table(p: dict, key: str, metric_label: str, higher: bool) -> list[str]:
     return lines
 
 
-def steps_curve_table(runs: list[dict]) -> list[str]:
+def steps_curve_table(runs: list[dict], title: str = "## Exact accuracy by supervision steps at evaluation") -> list[str]:
     """Exact accuracy after 1 .. 2 x halt_max_steps supervision steps (recursive task runs): test-time compute."""
     curves = {}
     for r in runs:
@@ -279,7 +279,7 @@ def steps_curve_table(runs: list[dict]) -> list[str]:
     if not curves:
         return []
     depth = max(len(c) for runs_ in curves.values() for c in runs_)
-    lines = ["", "## Exact accuracy by supervision steps at evaluation (mean over seeds)", "",
+    lines = ["", f"{title} (mean over seeds)", "",
              "| run | " + " | ".join(str(k) for k in range(1, depth + 1)) + " | Q-head halting (steps) |",
              "|---|" + "---:|" * (depth + 1)]
     for label, found in curves.items():
@@ -308,10 +308,9 @@ def transfer_section(p: dict) -> list[str]:
                          f"{mean_std([t['cell_accuracy'] for t in done])[0]:.3f} |")
     lines += [""] + [f"**Transfer, equal steps, {arm} vs {p['reference']}:** {v['verdict']}."
                      for arm, v in p["transfer"]["equal_steps"].items()]
-    curves = steps_curve_table([{**r["transfer"], "label": r["label"], "status": r["status"]}
-                                for r in p["runs"] if r.get("transfer")])
-    return lines + [line.replace("## Exact accuracy by supervision steps at evaluation",
-                                 "### Transfer: exact accuracy by supervision steps") for line in curves]
+    return lines + steps_curve_table([{**r["transfer"], "label": r["label"], "status": r["status"]}
+                                      for r in p["runs"] if r.get("transfer")],
+                                     "### Transfer: exact accuracy by supervision steps")
 
 
 def plot(p: dict, path: Path) -> None:

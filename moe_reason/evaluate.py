@@ -147,11 +147,10 @@ def evaluate_task(eval_args, data_args, model) -> dict:
     trained = settings
     if data_args.task and not eval_args.task_file:  # the command line's puzzles (a harder set), the model's formulation
         settings = {**data_args.task_settings(), "task_formulation": trained.get("task_formulation", "grid")}
-    task = make_task(settings)
-    if task.n != make_task(trained).n:
-        print(f"note: scoring {task.n}x{task.n} grids with a model trained on {make_task(trained).n}x"
-              f"{make_task(trained).n} ones: the rows no longer line up with its training (give mazes one "
-              "--maze_canvas)", file=sys.stderr)
+    task, side = make_task(settings), make_task(trained).n
+    if task.n != side:
+        print(f"note: scoring {task.n}x{task.n} grids with a model trained on {side}x{side} ones: the rows no longer "
+              "line up with its training (give mazes one --maze_canvas)", file=sys.stderr)
     if eval_args.task_file:
         if settings["task"] != "sudoku":
             raise ValueError(f"--task_file reads Sudoku collections; {eval_args.model_path} is a {settings['task']} model")
@@ -168,8 +167,8 @@ def evaluate_task(eval_args, data_args, model) -> dict:
         puzzles = puzzles[:eval_args.max_puzzles]
         references = None if references is None else references[:eval_args.max_puzzles]
     return {"model_path": eval_args.model_path, "model_type": model.config.model_type, "task": settings,
-            "trained_task": trained, "source": source, **evaluate_puzzles(model, task, puzzles, references, eval_args.batch_size,
-                                                 eval_args.curve_puzzles)}
+            "trained_task": trained, "source": source,
+            **evaluate_puzzles(model, task, puzzles, references, eval_args.batch_size, eval_args.curve_puzzles)}
 
 
 def evaluate_with_lm_eval(eval_args, model) -> dict:
