@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 
 from .configuration_moe_reason import require
 from .safe_loading import from_pretrained
-from .task_eval import predict_answers
+from .task_eval import answer_one
 from .tasks import SudokuTask, make_task, render
 
 
@@ -55,8 +55,8 @@ def parse_puzzle(task, text: str):
 def answer_puzzle(model, text: str) -> str:
     task = make_task(model.config.task)
     puzzle = parse_puzzle(task, text)
-    answer = predict_answers(model, task, puzzle[None])[0][0]
-    verdict = "valid" if task.is_valid(puzzle, answer) else "not valid"
+    answer, valid = answer_one(model, task, puzzle)
+    verdict = "valid" if valid else "not valid"
     return f"{render(task, answer)}\n({verdict} by the {model.config.task['task']} validator)"
 
 

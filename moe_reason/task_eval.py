@@ -34,6 +34,12 @@ def predict_answers(model, task, puzzles: np.ndarray, batch_size: int = 64) -> t
     return np.stack(answers), np.concatenate(steps)
 
 
+def answer_one(model, task, puzzle: np.ndarray) -> tuple[np.ndarray, bool]:
+    """One puzzle [n, n] -> (the model's answer [n, n], whether the task's validator accepts it)."""
+    answer = predict_answers(model, task, puzzle[None])[0][0]
+    return answer, task.is_valid(puzzle, answer)
+
+
 def open_cells(task, puzzles: np.ndarray) -> np.ndarray:
     """[N, n, n] True where the answer is not given by the puzzle: Sudoku blanks, maze free cells."""
     return puzzles == (2 if isinstance(task, MazeTask) else 0)

@@ -50,7 +50,7 @@ from .metrics import LogWindow, any_nonfinite, measure_peak_flops, training_flop
 from .modeling_recursive import RecursiveMoEReasonForCausalLM
 from .optim import make_optimizer_and_scheduler
 from .safe_loading import from_pretrained
-from .task_eval import predict_answers
+from .task_eval import answer_one
 from .tasks import make_task, render
 
 # arguments that may change between a run and its resumption (the rest must match run_args.json)
@@ -337,8 +337,8 @@ def solved_sample(folder: Path, puzzle_tokens: list[int]) -> str:
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     task = make_task(model.config.task)
     puzzle = task.from_tokens(puzzle_tokens[: task.n * task.n])  # both formulations start with the puzzle
-    answer = predict_answers(model, task, puzzle[None])[0][0]
-    verdict = "solved" if task.is_valid(puzzle, answer) else "not solved"
+    answer, valid = answer_one(model, task, puzzle)
+    verdict = "solved" if valid else "not solved"
     return f"sample puzzle:\n{render(task, puzzle)}\nthe model's answer ({verdict}):\n{render(task, answer)}"
 
 
