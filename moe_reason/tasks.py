@@ -10,8 +10,6 @@ causal LM that reads the puzzle and '=' and writes the answer with `generate`.
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from transformers import PreTrainedTokenizerFast
 
 from . import maze, sudoku
 from .configuration_moe_reason import require
+from .corpus import install_staged, staging_folder
 from .task_files import read_sudoku_file
 
 TASKS = ("sudoku", "maze")
@@ -350,18 +349,14 @@ def load_or_generate(args, log=print) -> tuple[dict, dict]:
     if not cache_hit:
         log(f"generating {args.task} puzzles ({root.name}) ...")
         splits = generate_splits(task, args.task_train_puzzles, args.task_test_puzzles, args.data_seed)
-        tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = staging_folder(root)
         tmp.mkdir(parents=True)
         summary = {"task": args.task_settings(), "generation_seconds": round(time.perf_counter() - start, 2)}
         for name, (puzzles, answers) in splits.items():
             np.savez(tmp / f"{name}.npz", puzzles=puzzles, answers=answers)
             summary[name] = {"puzzles": len(puzzles), **task.difficulty(puzzles, answers)}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        if root.exists():  # a concurrent preparation finished first; keep its result
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(root)  # atomic: a crash never leaves a half-written entry
+        install_staged(tmp, root)
     # the cached puzzles serve every formulation: the settings are this run's, not the cache's
     summary = {**json.loads((root / "summary.json").read_text()), "task": args.task_settings(), "cache_hit": cache_hit}
     splits = {}
