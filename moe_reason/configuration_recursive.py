@@ -3,7 +3,7 @@
 from .configuration_moe_reason import MoEReasonConfig, _is_int, require
 
 RECURSION_GRADIENTS = ("last_cycle", "one_step")
-HALT_TARGETS = ("loss_gain", "accuracy")
+HALT_TARGETS = ("loss_rank", "loss_gain", "accuracy")
 EVAL_HALTING = ("max_steps", "q_head")
 
 
@@ -22,17 +22,23 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
             (its l_cycles + 1 passes, TRM's choice); `"one_step"`: only the last L pass and the H
             pass (HRM's one-step approximation). Earlier passes always run without gradient.
         act_loss_coef (`float`): weight of the halting (Q-head) loss.
-        halt_target (`str`): what the Q-head learns to predict. `"loss_gain"`, for text: halt where one
-            more supervision step lowers this sequence's loss less than it lowers the others' (its
-            relative gain is at most the `halt_gain_quantile` quantile of the gains in the batch), so
-            the extra steps go where they help most; a fixed bar is not reachable on text, where one
-            more step lowers nearly every sequence's loss a little. The target of step k is known at
-            step k + 1, so training runs every example to halt_max_steps and the Q-head halts at
-            evaluation (`eval_halting`) and generation.
+        halt_target (`str`): what the Q-head learns to predict. For text, where HRM's exact match of a
+            whole sequence is never reached (a Q-head trained towards it learns never to halt), a
+            target relative to the batch:
+            `"loss_rank"` (the default): halt at step k when this sequence's loss after step k is
+            among the batch's lowest (at most its `halt_quantile` quantile), so the further steps go
+            to the sequences the model still predicts worst. Content sets it (boilerplate against
+            dense code), so the Q-head can learn it from z_H.
+            `"loss_gain"`: halt where one more step lowers this sequence's loss less than it lowers
+            the others' (relative gain at most the `halt_quantile` quantile); on text that gain is
+            mostly noise, and the Q-head learns little of it.
+            Either way training runs every example to halt_max_steps (the quantile is over the whole
+            batch, and `"loss_gain"`'s target of step k is known only at step k + 1); the Q-head halts
+            at evaluation (`eval_halting`) and in generation.
             `"accuracy"`, for puzzles: halt when the prediction is correct (`halt_target_accuracy`),
-            HRM/TRM's target; a reasoning task sets it.
-        halt_gain_quantile (`float`): with `"loss_gain"`, the share of each batch's sequences whose
-            next step counts as not worth running, in (0, 1).
+            HRM/TRM's target; training halts by it too. A reasoning task sets it.
+        halt_quantile (`float`): with `"loss_rank"` or `"loss_gain"`, the share of each batch's
+            sequences whose target is "halt", in (0, 1).
         halt_target_accuracy (`float`): with `"accuracy"`, a sequence's prediction counts as correct
             when at least this share of its predicted tokens is right (1.0 = every token, HRM's
             exact match), in (0, 1].
@@ -49,8 +55,8 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
     use_act: bool = True
     recursion_gradient: str = "last_cycle"
     act_loss_coef: float = 0.5
-    halt_target: str = "loss_gain"
-    halt_gain_quantile: float = 0.5
+    halt_target: str = "loss_rank"
+    halt_quantile: float = 0.5
     halt_target_accuracy: float = 1.0
     eval_halting: str = "max_steps"
     use_cache: bool = False  # generation recomputes the recursion over the whole prefix (no KV cache)
@@ -64,7 +70,7 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
                  f"one of {RECURSION_GRADIENTS}")
         require(self, "act_loss_coef", self.act_loss_coef >= 0.0, "a number >= 0")
         require(self, "halt_target", self.halt_target in HALT_TARGETS, f"one of {HALT_TARGETS}")
-        require(self, "halt_gain_quantile", 0.0 < self.halt_gain_quantile < 1.0, "a share in (0, 1)")
+        require(self, "halt_quantile", 0.0 < self.halt_quantile < 1.0, "a share in (0, 1)")
         require(self, "halt_target_accuracy", 0.0 < self.halt_target_accuracy <= 1.0, "a share in (0, 1]")
         require(self, "eval_halting", self.eval_halting in EVAL_HALTING, f"one of {EVAL_HALTING}")
         require(self, "use_cache", not self.use_cache, "False: the recursive model has no KV cache")

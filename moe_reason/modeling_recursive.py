@@ -15,12 +15,13 @@ to halt_max_steps steps per example, detaching the state in between and counting
 loss. A Q-head reads the mean of z_H over the sequence's positions (each causal position has seen
 its prefix, so the mean has seen the whole sequence, unlike position 0) and predicts "halt now".
 
-What the Q-head predicts (config.halt_target, `HaltingLoss`): on text, "one more supervision step
-lowers this sequence's loss less than it lowers the others'" (`loss_gain`, relative to the batch):
-HRM's exact match of a whole sequence is never reached there, and a Q-head trained towards it learns
-never to halt. On puzzles, HRM/TRM's "the prediction is correct" (`accuracy`: at least
-halt_target_accuracy of the predicted tokens right, 1.0 = exact match). Binary cross-entropy either
-way (TRM: no extra continue pass). Halted examples leave the batch and cost no further compute.
+What the Q-head predicts (config.halt_target, `HaltingLoss`): on text, "this sequence's loss after
+this step is among the batch's lowest" (`loss_rank`, the default; or `loss_gain`, "one more step
+lowers it less than the others'"): HRM's exact match of a whole sequence is never reached there, and
+a Q-head trained towards it learns never to halt. On puzzles, HRM/TRM's "the prediction is correct"
+(`accuracy`: at least halt_target_accuracy of the predicted tokens right, 1.0 = exact match).
+Binary cross-entropy either way (TRM: no extra continue pass). Halted examples leave the batch and
+cost no further compute.
 
 State belongs to one example and one forward call: nothing carries over to the next batch.
 """
@@ -78,10 +79,13 @@ class HaltingLoss:
     """The Q-head's binary cross-entropy towards the configured target, summed over supervision steps.
 
     `"accuracy"`: the target of a step's decision is known at once (is the prediction correct?).
+    `"loss_rank"`: known at once too ("this sequence's loss is at most the batch's halt_quantile
+    quantile of this step's losses"), but relative to every example of the batch.
     `"loss_gain"`: the target of step k's decision ("one more step lowers this sequence's loss less
-    than the batch's halt_gain_quantile of gains") is known only at step k + 1, so every decision is
-    carried one step; the last step's gets none (no step follows it). Training therefore runs every
-    example to halt_max_steps under this target, and the Q-head halts at evaluation and generation.
+    than the batch's halt_quantile of gains") is known only at step k + 1, so every decision is
+    carried one step; the last step's gets none (no step follows it).
+    Under both relative targets training runs every example to halt_max_steps (halted examples would
+    leave the batch that sets the quantile), and the Q-head halts at evaluation and generation.
     """
 
     def __init__(self, cfg: RecursiveMoEReasonConfig, zero: torch.Tensor):
@@ -89,15 +93,18 @@ class HaltingLoss:
 
     def observe(self, q: torch.Tensor, stats: torch.Tensor) -> None:
         """This step's halt logits q [b] and per-sequence statistics [b, 3] (nll sum, count, right)."""
-        _, count, right = stats.unbind(1)
+        nll, count, right = stats.unbind(1)
         if self.cfg.halt_target == "accuracy":
             self.add(q, right / count.clamp(min=1) >= self.cfg.halt_target_accuracy)
             return
-        loss = stats[:, 0] / count.clamp(min=1)  # [b] this step's mean next-token NLL per sequence
+        loss = nll / count.clamp(min=1)  # [b] this step's mean next-token NLL per sequence
+        if self.cfg.halt_target == "loss_rank":
+            self.add(q, loss <= torch.quantile(loss.float(), self.cfg.halt_quantile))
+            return
         if self.pending is not None:
             q_before, loss_before = self.pending
             gain = (loss_before - loss) / loss_before.clamp(min=1e-6)  # [b] relative loss reduction of this step
-            self.add(q_before, gain <= torch.quantile(gain.float(), self.cfg.halt_gain_quantile))
+            self.add(q_before, gain <= torch.quantile(gain.float(), self.cfg.halt_quantile))
         self.pending = (q, loss)
 
     def carry(self, keep: torch.Tensor) -> None:
@@ -125,12 +132,12 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
     def _init_weights(self, module: nn.Module) -> None:
         """The base model's initialisation, plus: z_init = 0, so the first pass sees exactly the embedded
         input; Q-head weight 0 and bias -5 towards "accuracy", so halting starts almost never (as in TRM), or
-        towards "loss_gain" the log-odds of its target's share (0 for the median), where it starts learning."""
+        towards a relative target the log-odds of its target's share (0 for the median), where it starts learning."""
         super()._init_weights(module)
         if isinstance(module, LatentInit):
             init.zeros_(module.weight)
         elif isinstance(module, HaltingHead):
-            share = self.config.halt_gain_quantile
+            share = self.config.halt_quantile
             init.zeros_(module.weight)
             init.constant_(module.bias, -5.0 if self.config.halt_target == "accuracy" else math.log(share / (1 - share)))
 
@@ -182,8 +189,8 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         B, S, _ = x.shape
         (cos, sin), mask = self.model.prepare_positions(x, attention_mask, position_ids, None)
         token_mask = attention_mask[:, -S:].to(x.dtype) if attention_mask is not None else x.new_ones(B, S)
-        # training halts by the Q-head only towards "accuracy": a "loss_gain" target needs the next step of every
-        # example (a halted one's would stay unknown, and the survivors would bias what is learnt)
+        # training halts by the Q-head only towards "accuracy": a relative target is set by the whole batch at every
+        # step ("loss_gain"'s also needs the next step; a halted example's would stay unknown)
         halt_by_q = cfg.use_act and (cfg.halt_target == "accuracy" if self.training else cfg.eval_halting == "q_head")
         min_steps = torch.ones(B, dtype=torch.long, device=x.device)
         if self.training and cfg.use_act and cfg.halt_exploration_prob > 0:

@@ -74,7 +74,7 @@ def test_training_statistics_without_logits_equal_the_logits_path(stablemax_loss
 
 
 def test_q_head_gets_gradient_and_aux_loss_counts_every_pass():
-    # towards "accuracy": under the default "loss_gain" a median split gives the bias no net gradient at q = 0
+    # towards "accuracy": under the default "loss_rank" a median split gives the bias no net gradient at q = 0
     model = recursive(h_cycles=2, l_cycles=1, halt_max_steps=2, router_aux_loss_coef=0.1, halt_target="accuracy").train()
     ids = random_ids()
     out = model(ids, labels=ids)
@@ -178,7 +178,7 @@ def test_trainer_runs_the_recursive_model_and_lowers_the_loss(tmp_path, config_f
     assert records and "train/halt_rate" in records[0] and "train/act_loss" in records[0]
     assert [r for r in read_metrics(out) if "eval/halt_rate" in r]  # evaluation reports the halt rate
     assert type(AutoModelForCausalLM.from_pretrained(out / "final")) is RecursiveMoEReasonForCausalLM
-    if config_file is None:  # on text the Q-head (target loss_gain) halts some sequences and not others
+    if config_file is None:  # on text the Q-head (target loss_rank) halts some sequences and not others
         model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
         model.config.eval_halting = "q_head"
         validation = load_from_disk(str(next((tmp_path / "data_cache").glob("*/validation"))))
@@ -188,7 +188,7 @@ def test_trainer_runs_the_recursive_model_and_lowers_the_loss(tmp_path, config_f
 
 
 def test_loss_gain_targets_halting_where_the_next_step_helps_least_and_learns_it_from_every_example():
-    halting = HaltingLoss(RecursiveMoEReasonConfig.from_preset("debug"), torch.zeros(()))  # the default target
+    halting = HaltingLoss(RecursiveMoEReasonConfig.from_preset("debug", halt_target="loss_gain"), torch.zeros(()))
     per_sequence = lambda losses: torch.tensor([[2 * loss, 2.0, 0.0] for loss in losses])  # nll sum, count, right
     first = torch.tensor([1.0, -1.0, 1.0, -1.0])  # step 1's halt logits
     halting.observe(first, per_sequence([2.0, 2.0, 2.0, 2.0]))
@@ -200,10 +200,45 @@ def test_loss_gain_targets_halting_where_the_next_step_helps_least_and_learns_it
     torch.testing.assert_close(halting.sum, torch.nn.functional.binary_cross_entropy_with_logits(
         first, target, reduction="sum"))
     # training under this target runs every example to the last step, whatever the Q-head says
-    model = recursive(halt_max_steps=3, eval_halting="q_head").train()
+    model = recursive(halt_max_steps=3, eval_halting="q_head", halt_target="loss_gain").train()
     with torch.no_grad():
         model.q_head.bias.fill_(5.0)
     ids = random_ids(4, 8)
     out = model(ids, labels=ids)
     assert out.recursion_steps.tolist() == [3, 3, 3, 3] and out.act_loss > 0  # steps 1 and 2 got targets
     assert model.eval()(ids).recursion_steps.tolist() == [1, 1, 1, 1]  # evaluation halts by the Q-head
+
+
+def test_loss_rank_targets_halting_for_the_batchs_best_predicted_sequences_at_each_step():
+    assert RecursiveMoEReasonConfig.from_preset("debug").halt_target == "loss_rank"  # the default for text
+    halting = HaltingLoss(RecursiveMoEReasonConfig.from_preset("debug"), torch.zeros(()))
+    per_sequence = lambda losses: torch.tensor([[2 * loss, 2.0, 0.0] for loss in losses])  # nll sum, count, right
+    first = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    halting.observe(first, per_sequence([1.0, 1.9, 2.0, 2.2]))  # median 1.95: the first two are the best predicted
+    assert halting.decisions == 4 and halting.right == 2  # known at once; the signs got examples 0 and 3 right
+    torch.testing.assert_close(halting.sum, torch.nn.functional.binary_cross_entropy_with_logits(
+        first, torch.tensor([1.0, 1.0, 0.0, 0.0]), reduction="sum"))
+
+
+def test_loss_rank_q_head_learns_to_halt_easy_sequences_and_run_hard_ones_longer():
+    """Half of each batch repeats one token (easy: learnt within a few steps), half is random (hard): the
+    Q-head must learn from z_H which is which, so that evaluation halts the easy ones after one step and
+    runs the hard ones to the last."""
+    torch.manual_seed(0)
+    model = recursive(h_cycles=1, l_cycles=1, halt_max_steps=2, eval_halting="q_head", hidden_dropout=0.0,
+                      attention_dropout=0.0, router_jitter_noise=0.0).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def batch():  # [8, 16]: rows 0-3 easy, 4-7 hard
+        return torch.cat([torch.full((4, 16), 7), torch.randint(5, model.config.vocab_size, (4, 16))])
+
+    for _ in range(20):
+        ids = batch()
+        out = model(ids, labels=ids)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert out.q_accuracy > 0.9, out.q_accuracy
+    with torch.no_grad():
+        steps = model.eval()(batch()).recursion_steps
+    assert steps.tolist() == [1, 1, 1, 1, 2, 2, 2, 2], steps
