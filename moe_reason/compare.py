@@ -179,6 +179,61 @@ def verdict(label_a: str, a: list[float], label_b: str, b: list[float], higher_i
             "gap": abs(ma - mb), "beyond_seed_spread": beyond, "winner": winner, "verdict": text}
 
 
+def budget_trend(runs: list[dict], reference: str, label: str) -> list[dict]:
+    """The equal-FLOPs gap along the shared budget, for a long study's "does the gap shrink with training?".
+
+    At each evaluation of the `label` runs (a share of their own schedule, and so of the FLOPs both
+    sides spend in all), their val loss minus the `reference` run's of the same seed at the same share
+    of its schedule (interpolated between its evaluations); mean ± std over the seeds both finished.
+    """
+    def by_seed(name):
+        return {r["seed"]: r for r in runs if r["label"] == name and r["status"] == "finished"}
+
+    ref, arm = by_seed(reference), by_seed(label)
+    seeds = sorted(set(ref) & set(arm))
+    if not seeds:
+        return []
+    steps = sorted(set.intersection(*({point[0] for point in arm[seed]["eval_curve"]} for seed in seeds)))
+    rows = []
+    for step in steps:
+        share = step / arm[seeds[0]]["steps"]
+        ref_losses = [interpolate(ref[seed]["eval_curve"], share * ref[seed]["steps"]) for seed in seeds]
+        if None in ref_losses:  # before the reference's first evaluation
+            continue
+        arm_losses = [next(loss for s, loss, *_ in arm[seed]["eval_curve"] if s == step) for seed in seeds]
+        gap = mean_std([a - r for a, r in zip(arm_losses, ref_losses)])
+        rows.append({"share": share, "arm_step": step, "reference_step": share * ref[seeds[0]]["steps"],
+                     "reference_loss": mean_std(ref_losses), "arm_loss": mean_std(arm_losses),
+                     "gap": gap, "seeds": seeds})
+    return rows
+
+
+def interpolate(curve: list[list[float]], step: float) -> float | None:
+    """A [[step, value, ...], ...] curve's value at `step`, linear between its points; None outside them."""
+    exact = [point[1] for point in curve if point[0] == step]
+    if exact:
+        return exact[-1]
+    for (s0, v0, *_), (s1, v1, *_) in zip(curve, curve[1:]):
+        if s0 < step < s1:
+            return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+    return None
+
+
+def trend_verdict(rows: list[dict]) -> str:
+    """Whether the gap shrank, held or grew (or changed sign) from the first row to the last, by the spread rule."""
+    if len(rows) < 2:
+        return "too few shared evaluations to tell"
+    (first, first_std), (last, last_std) = rows[0]["gap"], rows[-1]["gap"]
+    span = f"from {first:+.4f} ± {first_std:.4f} at {rows[0]['share']:.0%} of the budget to {last:+.4f} ± {last_std:.4f}"
+    if len(rows[0]["seeds"]) < 2:
+        return f"the gap goes {span} (one seed: the spread is unknown)"
+    if abs(first - last) <= first_std + last_std:
+        return f"the gap holds within the seed spread: {span}"
+    if first * last < 0:
+        return f"the gap reverses: {span}"
+    return f"the gap {'shrinks' if abs(last) < abs(first) else 'grows'}: {span}"
+
+
 def comparison_payload(cmp: dict, accounting: dict, runs: list[dict]) -> dict:
     key, _, higher = METRICS[cmp["metric"]]
 
@@ -201,6 +256,8 @@ def comparison_payload(cmp: dict, accounting: dict, runs: list[dict]) -> dict:
             "arms": cmp["arms"], "reference": reference, "metric": cmp["metric"], "accounting": accounting,
             "equal_steps_runs": cmp.get("equal_steps", True),
             "equal_steps": equal_steps, "equal_flops": equal_flops, "transfer": transfer,
+            "equal_flops_trend": {arm: budget_trend(runs, cheapest, f"{arm}_equal_flops")
+                                  for arm in accounting["equal_flops_steps"]},
             "ln_vocab": next((r["ln_vocab"] for r in runs if r["status"] == "finished"), None),
             "runs": runs, "spread_rule": SPREAD_RULE}
 
@@ -234,6 +291,7 @@ def comparison_markdown(p: dict) -> str:
     lines += [f"**Equal steps, {arm} vs {p['reference']}:** {v['verdict']}." for arm, v in p["equal_steps"].items()]
     lines += [f"**Equal FLOPs, {arm} vs {acc['cheapest_arm']}:** {v['verdict']}." for arm, v in p["equal_flops"].items()]
     lines += ["", f"Rule: {p['spread_rule']}."]
+    lines += trend_section(p)
     lines += steps_curve_table(runs)
     lines += transfer_section(p)
     failed = [r for r in runs if r["status"] == "failed"]
@@ -241,6 +299,25 @@ def comparison_markdown(p: dict) -> str:
         lines += ["", "## Failed runs", ""] + [f"- `{r['label']}` seed {r['seed']}: {r['error'].splitlines()[-1][:300]}"
                                                for r in failed]
     return "\n".join(lines) + "\n"
+
+
+def trend_section(p: dict) -> list[str]:
+    """The equal-FLOPs gap at each shared evaluation along the budget (`budget_trend`), one table per arm."""
+    lines, reference = [], p["accounting"]["cheapest_arm"]
+    for arm, rows in p.get("equal_flops_trend", {}).items():
+        if not rows:
+            continue
+        lines += ["", f"## The equal-FLOPs gap along the budget: {arm} vs {reference}", "",
+                  f"At each evaluation of `{arm}_equal_flops`, against `{reference}` at the same share of the "
+                  "FLOPs both spend (its loss interpolated between its evaluations), per seed: "
+                  f"**{trend_verdict(rows)}**.", "",
+                  f"| share of the budget | {arm} step | {reference} step | {reference} val loss | {arm} val loss | "
+                  "gap (mean ± std) |", "|---:|---:|---:|---:|---:|---:|"]
+        for row in rows:
+            lines.append(f"| {row['share']:.0%} | {row['arm_step']} | {row['reference_step']:.0f} | "
+                         f"{row['reference_loss'][0]:.4f} | {row['arm_loss'][0]:.4f} | "
+                         f"{row['gap'][0]:+.4f} ± {row['gap'][1]:.4f} |")
+    return lines
 
 
 def full_steps(p: dict, arm: str):

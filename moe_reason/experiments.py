@@ -102,7 +102,11 @@ class RunBudget:
             self.trained += 1
         elapsed = time.perf_counter() - self.start
         left = self.total - done
-        per_run = elapsed / self.trained if self.trained else 0.0
+        if not self.trained:  # only skipped runs so far: nothing to time yet
+            print(f"[eta] {done}/{self.total} runs done (finished earlier); no estimate until a run trains here",
+                  flush=True)
+            return
+        per_run = elapsed / self.trained
         print(f"[eta] {done}/{self.total} runs done, {elapsed / 60:.1f} min so far; about {left * per_run / 60:.0f} "
               f"min for the {left} left ({per_run / 60:.1f} min per run trained here)", flush=True)
 

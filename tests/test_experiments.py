@@ -7,7 +7,7 @@ import yaml
 
 from moe_reason.ablate import AblateArguments, load_grid, main as ablate_main, plot as ablate_plot
 from moe_reason.arguments import build_config, parse_args, to_argv
-from moe_reason.compare import load_comparison, main as compare_main, plan_runs
+from moe_reason.compare import budget_trend, load_comparison, main as compare_main, plan_runs, trend_verdict
 from moe_reason.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.evaluate import main as evaluate_main
 from moe_reason.experiments import RunBudget, RunnerArguments, parse_runner_cli
@@ -141,6 +141,7 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     ablate_main([str(tmp_path / "grid.yaml"), "--output_dir", str(out)])  # restarted: finished runs are skipped
     printed = capsys.readouterr().out
     assert printed.count("[skip]") == 4 and printed.count("[FAILED]") == 2 and printed.count("[eta]") == 6
+    assert printed.count("no estimate until a run trains here") == 4  # skipped runs time nothing
     assert json.loads((out / "results.json").read_text())["variants"]["baseline"]["val_loss_mean"] == \
         results["variants"]["baseline"]["val_loss_mean"]
 
@@ -260,6 +261,27 @@ def test_equal_flops_budget_gives_the_costlier_arm_fewer_steps(tmp_path, corpus)
                                                                    ("equal_flops", "recursive")]
     with pytest.raises(ValueError, match="both false: nothing to compare"):
         load_comparison_for(tmp_path, corpus, recursive={}, equal_steps=False, equal_flops=False)
+
+
+def test_the_equal_flops_gap_along_the_budget_pairs_seeds_at_the_same_share_of_the_flops():
+    def run(label, seed, steps, curve):
+        return {"label": label, "seed": seed, "status": "finished", "steps": steps, "eval_curve": curve}
+
+    runs = [run("baseline", 0, 40, [[10, 4.0, 0], [20, 3.0, 0], [30, 2.0, 0], [40, 1.0, 0]]),
+            run("baseline", 1, 40, [[10, 5.0, 0], [20, 4.0, 0], [30, 3.0, 0], [40, 2.0, 0]]),
+            # 8 steps spend the baseline's 40 steps' FLOPs; evaluations at 1/8 (before its first), 1/2, 3/4, 1
+            run("recursive_equal_flops", 0, 8, [[1, 9.0, 0], [4, 3.5, 0], [6, 2.0, 0], [8, 1.0, 0]]),
+            run("recursive_equal_flops", 1, 8, [[1, 9.0, 0], [4, 4.5, 0], [6, 3.2, 0], [8, 2.0, 0]]),
+            run("recursive_equal_flops", 2, 8, [[4, 0.0, 0]])]  # no baseline run of seed 2: left out
+    rows = budget_trend(runs, "baseline", "recursive_equal_flops")
+    assert [(r["share"], r["arm_step"], r["reference_step"]) for r in rows] == [(0.5, 4, 20), (0.75, 6, 30), (1.0, 8, 40)]
+    assert rows[0]["seeds"] == [0, 1] and rows[0]["reference_loss"] == (3.5, pytest.approx(0.5 ** 0.5))
+    assert [r["gap"][0] for r in rows] == pytest.approx([0.5, 0.1, 0.0])  # seed 0: 0.5, 0, 0; seed 1: 0.5, 0.2, 0
+    assert trend_verdict(rows).startswith("the gap shrinks: from +0.5000 ± 0.0000 at 50% of the budget to +0.0000")
+    # a baseline evaluated between the recursive run's evaluations is interpolated
+    runs[0]["eval_curve"] = runs[1]["eval_curve"] = [[10, 4.0, 0], [40, 1.0, 0]]
+    assert budget_trend(runs, "baseline", "recursive_equal_flops")[0]["reference_loss"][0] == pytest.approx(3.0)
+    assert trend_verdict(rows[:1]) == "too few shared evaluations to tell"
 
 
 def load_comparison_for(tmp_path, corpus, recursive, **options):
