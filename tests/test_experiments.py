@@ -72,12 +72,12 @@ def test_shipped_experiment_parses_and_every_variant_builds_a_valid_config(path)
         small = {**grid["base"], **grid["variants"]["07_small_model"]}
         config = build_config(parse_args(to_argv(small))[0])
         assert config.intermediate_size == 4 * config.hidden_size  # the original kept 2048 at width 256
-    if path.stem.startswith("exp8_reasoning_ablations"):  # 15 recursive variants around the seeds' defaults
-        assert len(grid["variants"]) == 15 and grid["base"]["model_type"] == "recursive"
+    if path.stem.startswith("exp8_reasoning_ablations"):  # 15 recursive variants around the seeds' defaults, + R16
+        assert len(grid["variants"]) == 16 and grid["base"]["model_type"] == "recursive"
         overrides = [v for v in grid["variants"].values()]
         assert {v.get("halt_max_steps", grid["base"]["halt_max_steps"]) for v in overrides} == {1, 2, 3, 4}
         assert {"recursion_gradient": "one_step"} in overrides and {"use_act": False} in overrides
-        assert {v.get("learning_rate") for v in overrides} >= {1e-4, 6e-4}
+        assert {v.get("learning_rate") for v in overrides} >= {1e-4, 6e-4, 2e-3}  # 2e-3: the baseline grid's highest
         assert grid["variants"]["R02_minimal"] == {"h_cycles": 1, "l_cycles": 1}
 
 
