@@ -30,8 +30,7 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
             to the sequences the model still predicts worst. Content sets it (boilerplate against
             dense code), so the Q-head can learn it from z_H.
             `"loss_gain"`: halt where one more step lowers this sequence's loss less than it lowers
-            the others' (relative gain at most the `halt_quantile` quantile); on text that gain is
-            mostly noise, and the Q-head learns little of it.
+            the others' (relative gain at most the `halt_quantile` quantile).
             Either way training runs every example to halt_max_steps (the quantile is over the whole
             batch, and `"loss_gain"`'s target of step k is known only at step k + 1); the Q-head halts
             at evaluation (`eval_halting`) and in generation.
