@@ -28,7 +28,7 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
             `"loss_rank"` (the default): halt at step k when this sequence's loss after step k is
             among the batch's lowest (at most its `halt_quantile` quantile), so the further steps go
             to the sequences the model still predicts worst. Content sets it (boilerplate against
-            dense code), so the Q-head can learn it from z_H.
+            dense code), so the Q-head can learn it from z_H once z_H tells sequences apart.
             `"loss_gain"`: halt where one more step lowers this sequence's loss less than it lowers
             the others' (relative gain at most the `halt_quantile` quantile).
             Either way training runs every example to halt_max_steps (the quantile is over the whole
