@@ -11,14 +11,17 @@ A probe far above 50% beside a Q-head at 50% means the information is there at a
 has not reached.
 
     python benchmarks/halting_probe.py --model_path outputs/run/checkpoint-200 --blocks 192
+    python benchmarks/halting_probe.py --model_path DIR --data_files docs/ --block_size 128   # other text
+
+The data arguments are the trainer's (`DataArguments`), with the tokenizer saved beside the model.
 """
 
-import argparse
 import sys
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, HfArgumentParser
 
 import moe_reason  # noqa: F401  (registers the Auto classes)
 from moe_reason.data import DataArguments, prepare_data
@@ -61,21 +64,28 @@ def probe_accuracy(features: torch.Tensor, target: torch.Tensor) -> tuple[float,
     return right[:n].float().mean().item(), right[n:].float().mean().item()
 
 
+@dataclass
+class ProbeArguments:
+    model_path: str = field(metadata={"help": "A recursive model: an export or a checkpoint folder."})
+    blocks: int = field(default=192, metadata={"help": "Validation blocks to probe (at least 6)."})
+    batch: int = field(default=16, metadata={"help": "Blocks per forward."})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads."})
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_path", required=True, help="A recursive model: an export or a checkpoint folder.")
-    parser.add_argument("--blocks", type=int, default=192, help="Validation blocks to probe (at least 6).")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
+    args, data_args = HfArgumentParser((ProbeArguments, DataArguments)).parse_args_into_dataclasses(
+        args=argv, look_for_args_file=False)
     if args.blocks < 6:
-        parser.error(f"--blocks {args.blocks}: need at least 6 (two thirds fit the probe, one third scores it)")
+        raise SystemExit(f"--blocks {args.blocks}: need at least 6 (two thirds fit the probe, one third scores it)")
     torch.set_num_threads(args.threads)
     model = from_pretrained(AutoModelForCausalLM, args.model_path).eval()
     if not hasattr(model, "q_head"):
         raise SystemExit(f"{args.model_path} is not a recursive model (no Q-head)")
-    data = prepare_data(DataArguments(tokenizer_name=args.model_path), log=lambda msg: print(msg, file=sys.stderr))
+    data_args.tokenizer_name = data_args.tokenizer_name or args.model_path  # the tokenizer it was trained with
+    data = prepare_data(data_args, log=lambda msg: print(msg, file=sys.stderr))
     ids = torch.tensor(data.validation.select(range(min(args.blocks, len(data.validation))))["input_ids"])
+    if len(ids) < 6:
+        raise SystemExit(f"the validation split has {len(ids)} blocks: need at least 6")
     features, losses = pooled_states_and_losses(model, ids, args.batch)
     target = (losses <= losses.median()).float()
     fit, held_out = probe_accuracy(features, target)
@@ -84,6 +94,7 @@ def main(argv=None):
     print(f"Q-head logits: std {model.q_head(features).std():.3g}")
     print(f"linear probe for loss_rank (median split): fit {fit:.3f}, held-out {held_out:.3f} "
           f"({len(ids) - len(ids) * 2 // 3} sequences)")
+    return {"pooled_std": features.std(0).mean().item(), "probe_held_out": held_out}
 
 
 if __name__ == "__main__":

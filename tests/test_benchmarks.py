@@ -1,12 +1,14 @@
 """Each benchmark script runs one tiny iteration and ends with its ratio line (no timing is asserted)."""
 
+import importlib.util
 import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from conftest import REPO, clean_env
+from conftest import REPO, clean_env, launch, train_args, write_corpus
 
 TINY = {
     "throughput.py": ["--preset", "debug", "--batch", "2", "--seq", "32", "--steps", "1", "--rounds", "1",
@@ -28,3 +30,39 @@ def test_benchmark_runs_once_and_prints_its_ratio_last(script):
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
     assert re.search(LAST_LINE[script], last), last
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_halting_probe_reads_differences_a_millionth_of_the_features_size():
+    """The probe standardises per dimension, so a split carried by 1e-6 differences on features of size
+    15 (what a collapsed z_H looks like) is found as surely as one at full scale."""
+    probe = load_benchmark("halting_probe")
+    torch.manual_seed(0)
+    signal = torch.randn(150, 16)
+    target = (signal[:, 0] + 0.5 * signal[:, 1] > 0).float()
+    fit, held_out = probe.probe_accuracy(15.0 + 1e-6 * signal, target)
+    assert fit > 0.9 and held_out > 0.85, (fit, held_out)
+    noise_fit, noise_held_out = probe.probe_accuracy(15.0 + 1e-6 * signal, target[torch.randperm(150)])
+    assert noise_held_out < 0.75, noise_held_out  # a target unrelated to the features is not found
+
+
+@pytest.mark.slow
+def test_halting_probe_runs_on_a_trained_recursive_model(tmp_path):
+    corpus = write_corpus(tmp_path, n=120)
+    out = tmp_path / "run"
+    launch(train_args(tmp_path, corpus, output_dir=out, model_type="recursive", h_cycles=1, l_cycles=1,
+                      halt_max_steps=2, validation_documents=30))
+    data = ["--data_files", str(corpus), "--block_size", "32", "--validation_documents", "30",
+            "--data_cache_dir", str(tmp_path / "data_cache"), "--preprocessing_num_workers", "1"]
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "halting_probe.py"), "--model_path",
+                             str(out / "final"), "--blocks", "12", *data], cwd=REPO, env=clean_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"linear probe for loss_rank \(median split\): fit \d\.\d+, held-out \d\.\d+ \(4 sequences\)",
+                     result.stdout), result.stdout
