@@ -26,7 +26,7 @@ and a one-line ETA follows every run.
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .experiments import (SPREAD_RULE, ReportFiles, RunBudget, RunnerArguments, beyond_spread, check_arguments,
+from .experiments import (SPREAD_RULE, THROUGHPUT_NOTE, ReportFiles, RunBudget, RunnerArguments, beyond_spread, check_arguments,
                           load_runner_file, mean_curve, mean_std, pyplot, run_runner, run_training, safe_name,
                           save_figure, write_json)
 
@@ -142,7 +142,7 @@ def summary_markdown(payload: dict) -> str:
         lines.append(f"| {rank} | {name}{nan} | {v['val_loss_mean']:.4f} ± {v['val_loss_std']:.4f} | {delta} | "
                      f"{beyond} | {v['perplexity_mean']:.2f} | {v['accuracy_mean']:.3f} | "
                      f"{v['tokens_per_s_mean']:,.0f} | {v['wall_seconds_mean']:.0f} |")
-    lines += ["", f"Rule: {payload['spread_rule']}."]
+    lines += ["", f"Rule: {payload['spread_rule']}.", "", f"Throughput: {THROUGHPUT_NOTE}."]
     failed = [r for r in runs if r["status"] == "failed"]
     if failed:
         lines += ["", "## Failed runs", ""]

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from .arguments import build_config, parse_args, to_argv
 from .data import prepare_data
-from .experiments import (SPREAD_RULE, TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments, beyond_spread,
+from .experiments import (SPREAD_RULE, THROUGHPUT_NOTE, TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments, beyond_spread,
                           check_arguments, load_runner_file, mean_curve, mean_std, model_argument_names, pyplot,
                           run_runner, run_training, safe_name, save_figure, score_task_run, task_argument_names,
                           task_figures, write_json)
@@ -290,7 +290,7 @@ def comparison_markdown(p: dict) -> str:
     lines += run_table(p, key, metric_label, higher) + [""]
     lines += [f"**Equal steps, {arm} vs {p['reference']}:** {v['verdict']}." for arm, v in p["equal_steps"].items()]
     lines += [f"**Equal FLOPs, {arm} vs {acc['cheapest_arm']}:** {v['verdict']}." for arm, v in p["equal_flops"].items()]
-    lines += ["", f"Rule: {p['spread_rule']}."]
+    lines += ["", f"Rule: {p['spread_rule']}.", "", f"Throughput: {THROUGHPUT_NOTE}."]
     lines += trend_section(p)
     lines += steps_curve_table(runs)
     lines += transfer_section(p)
