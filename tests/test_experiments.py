@@ -72,8 +72,9 @@ def test_shipped_experiment_parses_and_every_variant_builds_a_valid_config(path)
         small = {**grid["base"], **grid["variants"]["07_small_model"]}
         config = build_config(parse_args(to_argv(small))[0])
         assert config.intermediate_size == 4 * config.hidden_size  # the original kept 2048 at width 256
-    if path.stem.startswith("exp8_reasoning_ablations"):  # 15 recursive variants around the seeds' defaults, + R16
-        assert len(grid["variants"]) == 16 and grid["base"]["model_type"] == "recursive"
+    if path.stem.startswith("exp8_reasoning_ablations"):  # the seeds' 15 around their defaults, + R16 (+ R17 offline)
+        assert len(grid["variants"]) == (17 if path.stem.endswith("_offline") else 16)
+        assert grid["base"]["model_type"] == "recursive"
         overrides = [v for v in grid["variants"].values()]
         assert {v.get("halt_max_steps", grid["base"]["halt_max_steps"]) for v in overrides} == {1, 2, 3, 4}
         assert {"recursion_gradient": "one_step"} in overrides and {"use_act": False} in overrides
