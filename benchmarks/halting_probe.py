@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, HfArgumentParser
 
 import moe_reason  # noqa: F401  (registers the Auto classes)
 from moe_reason.data import DataArguments, prepare_data
+from moe_reason.modeling_moe_reason import next_token_statistics
 from moe_reason.safe_loading import from_pretrained
 
 
@@ -36,9 +37,8 @@ def pooled_states_and_losses(model, ids: torch.Tensor, batch: int) -> tuple[torc
     losses = []
     with torch.no_grad():
         for chunk in ids.split(batch):
-            logits = model(chunk).logits  # [b, S, V]
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="none")
-            losses.append(nll.view(len(chunk), -1).mean(1))
+            stats = next_token_statistics(model(chunk).logits, chunk, use_stablemax=model.config.stablemax_loss)
+            losses.append(stats[:, 0] / stats[:, 1])  # [b] mean NLL per sequence, as HaltingLoss ranks it
     hook.remove()
     return torch.cat(pooled), torch.cat(losses)
 
