@@ -41,6 +41,12 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
         halt_target_accuracy (`float`): with `"accuracy"`, a sequence's prediction counts as correct
             when at least this share of its predicted tokens is right (1.0 = every token, HRM's
             exact match), in (0, 1].
+        input_norm (`bool`): RMS-normalise the embedded input x (learned gain) before it is injected into
+            every L-update, so it enters at the states' scale (they leave each pass through the final
+            norm at RMS 1), as HRM/TRM's inputs do. `False` injects the raw embedding (RMS about
+            `initializer_range`, 1/50 of z_H + z_L): once the trained stack adds a large component
+            shared by all tokens, each pass shrinks what tells tokens apart, and on text z_H
+            collapses towards one vector (the unigram plateau).
         eval_halting (`str`): at evaluation, `"max_steps"` runs every example to `halt_max_steps`;
             `"q_head"` lets the Q-head halt them.
     """
@@ -57,8 +63,14 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
     halt_target: str = "loss_rank"
     halt_quantile: float = 0.5
     halt_target_accuracy: float = 1.0
+    input_norm: bool = True
     eval_halting: str = "max_steps"
     use_cache: bool = False  # generation recomputes the recursion over the whole prefix (no KV cache)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # a config.json written before input_norm existed belongs to weights trained on the raw embedding
+        return super().from_dict({"input_norm": False, **config_dict}, **kwargs)
 
     def check(self) -> None:
         super().check()

@@ -3,7 +3,8 @@
 Follows HRM (sapientinc/HRM) and its simplification TRM (SamsungSAILMontreal/TinyRecursiveModels)
 on a causal LM. Per token there are two latent states, z_H (the answer) and z_L (the scratchpad),
 with learned initial values. With shared_pass = final_norm(decoder_stack(.)) and x the embedded input
-(computed once per forward), one *supervision step* is:
+(computed once per forward, RMS-normalised to the states' scale unless config.input_norm is off),
+one *supervision step* is:
 
     for each of h_cycles:
         repeat l_cycles times:  z_L <- shared_pass(z_L + z_H + x)
@@ -35,8 +36,8 @@ from torch import nn
 from transformers import initialization as init
 
 from .configuration_recursive import RecursiveMoEReasonConfig
-from .modeling_moe_reason import (MoEReasonCausalLMOutput, MoEReasonForCausalLM, expert_load, next_token_loss,
-                                  next_token_statistics)
+from .modeling_moe_reason import (MoEReasonCausalLMOutput, MoEReasonForCausalLM, MoEReasonRMSNorm, expert_load,
+                                  next_token_loss, next_token_statistics)
 
 
 @dataclass
@@ -126,6 +127,7 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         super().__init__(config)
         self.z_init = LatentInit(config.hidden_size)
         self.q_head = HaltingHead(config.hidden_size, 1)
+        self.input_norm = MoEReasonRMSNorm(config.hidden_size, config.rms_norm_eps) if config.input_norm else None
         self.post_init()
 
     @torch.no_grad()
@@ -186,6 +188,7 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
                 logits_to_keep: int = 0, **kwargs) -> RecursiveCausalLMOutput:
         cfg = self.config
         x = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [B, S, H], once
+        x = x if self.input_norm is None else self.input_norm(x)
         B, S, _ = x.shape
         (cos, sin), mask = self.model.prepare_positions(x, attention_mask, position_ids, None)
         token_mask = attention_mask[:, -S:].to(x.dtype) if attention_mask is not None else x.new_ones(B, S)

@@ -1,5 +1,7 @@
 """RecursiveMoEReasonForCausalLM: the relation to the base model, gradients, halting, state, saving."""
 
+import json
+
 import pytest
 import torch
 from datasets import load_from_disk
@@ -19,7 +21,7 @@ def recursive(**overrides) -> RecursiveMoEReasonForCausalLM:
 def test_one_cycle_without_act_is_the_base_model_applied_twice():
     """h_cycles = l_cycles = 1, no ACT, initial states 0 (their init): z_L = f(x) is the base model's final
     hidden state, and z_H = f(z_L), so logits = base(inputs_embeds=base hidden state)."""
-    model = recursive(h_cycles=1, l_cycles=1, use_act=False, halt_max_steps=1)
+    model = recursive(h_cycles=1, l_cycles=1, use_act=False, halt_max_steps=1, input_norm=False)
     base = MoEReasonForCausalLM(model.config).eval()
     base.load_state_dict(model.state_dict(), strict=False)
     ids = random_ids()
@@ -150,6 +152,21 @@ def test_round_trip_and_deterministic_generate(tmp_path):
     assert torch.equal(first, step_by_step)
 
 
+
+def test_an_export_from_before_input_norm_loads_with_the_raw_input_it_was_trained_on(tmp_path):
+    model = recursive(halt_max_steps=2, input_norm=False)
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["input_norm"]
+    config_file.write_text(json.dumps(config))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.input_norm is False and reloaded.input_norm is None
+    ids = random_ids()
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path, input_norm=True).config.input_norm is True
+    assert recursive().config.input_norm is True  # new models normalise the injected input
+
 @pytest.mark.parametrize("field,value", [("h_cycles", 0), ("l_cycles", -1), ("halt_max_steps", 0),
                                          ("halt_exploration_prob", 1.5), ("recursion_gradient", "full"),
                                          ("act_loss_coef", -1.0), ("halt_target_accuracy", 0.0),
@@ -244,3 +261,41 @@ def test_loss_rank_q_head_learns_to_halt_easy_sequences_and_run_hard_ones_longer
     with torch.no_grad():
         steps = model.eval()(batch()).recursion_steps
     assert steps.tolist() == [1, 1, 1, 1, 2, 2, 2, 2], steps
+
+
+@pytest.mark.slow
+def test_normalised_input_keeps_tokens_apart_where_the_raw_embedding_collapses_them():
+    """Skewed unigram statistics (Zipf) plus a bigram rule (half the time the next token is perm[this one]):
+    learning the unigram part grows a component shared by every token, and with the raw embedding injected
+    (1/50 of the states' scale) each pass then shrinks what tells tokens apart, so the bigram rule is not
+    learnt (the text plateau in miniature). With input_norm the input re-enters at the states' scale."""
+
+    def trained_loss(input_norm: bool) -> float:
+        torch.manual_seed(0)
+        model = recursive(h_cycles=2, l_cycles=2, halt_max_steps=2, input_norm=input_norm, hidden_dropout=0.0,
+                          attention_dropout=0.0, router_jitter_noise=0.0).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        vocab = model.config.vocab_size
+        generator = torch.Generator().manual_seed(2)
+        perm = torch.randperm(vocab, generator=generator)
+        zipf = torch.arange(1, vocab + 1).float() ** -1.2
+
+        def batch():  # [16, 32]
+            ids = [torch.multinomial(zipf, 16, replacement=True, generator=generator)]
+            for _ in range(31):
+                frequent = torch.multinomial(zipf, 16, replacement=True, generator=generator)
+                ids.append(torch.where(torch.rand(16, generator=generator) < 0.5, perm[ids[-1]], frequent))
+            return torch.stack(ids, 1)
+
+        for _ in range(150):
+            ids = batch()
+            loss = model(ids, labels=ids).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            ids = batch()
+            return float(model.eval()(ids, labels=ids).lm_loss)
+
+    normalised, raw = trained_loss(True), trained_loss(False)
+    assert normalised < 3.3 and raw > normalised + 0.4, (normalised, raw)
