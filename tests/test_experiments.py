@@ -65,8 +65,9 @@ def test_shipped_experiment_parses_and_every_variant_builds_a_valid_config(path)
     if path.stem.startswith("exp8_ablations"):  # the seeds' fifteen, by their numbers, #2 and #12 recursive
         numbered = [n for n in grid["variants"] if n[:2].isdigit()]
         assert [int(n[:2]) for n in numbered] == list(range(1, 16))
-        assert grid["variants"]["02_recursive"] == {"model_type": "recursive", "h_cycles": 2, "l_cycles": 2,
-                                                    "halt_max_steps": 3, "halt_target": "accuracy"}
+        seeds_02 = {k: v for k, v in grid["variants"]["02_recursive"].items() if k != "input_norm"}  # offline: pinned
+        assert seeds_02 == {"model_type": "recursive", "h_cycles": 2, "l_cycles": 2, "halt_max_steps": 3,
+                            "halt_target": "accuracy"}
         assert grid["variants"]["12_recursive_low_lr"]["learning_rate"] == 1e-4
         assert grid["variants"]["two_experts"]["num_experts"] == 2 and grid["base"]["lr_scheduler"] == "seeds_linear"
         small = {**grid["base"], **grid["variants"]["07_small_model"]}
