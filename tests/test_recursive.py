@@ -18,6 +18,18 @@ def recursive(**overrides) -> RecursiveMoEReasonForCausalLM:
     return RecursiveMoEReasonForCausalLM(RecursiveMoEReasonConfig.from_preset("debug", **overrides)).eval()
 
 
+def fit(model, batch, steps: int, lr: float):
+    """AdamW on model(ids, labels=ids) over `steps` batches drawn by batch() -> the last step's output."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        ids = batch()
+        out = model(ids, labels=ids)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    return out
+
+
 def test_one_cycle_without_act_is_the_base_model_applied_twice():
     """h_cycles = l_cycles = 1, no ACT, initial states 0 (their init): z_L = f(x) is the base model's final
     hidden state, and z_H = f(z_L), so logits = base(inputs_embeds=base hidden state)."""
@@ -113,20 +125,13 @@ def test_halting_learns_to_stop_easy_examples_earlier():
     torch.manual_seed(0)
     model = recursive(halt_max_steps=3, h_cycles=1, l_cycles=1, halt_exploration_prob=0.0, halt_target="accuracy",
                       halt_target_accuracy=0.8, router_aux_loss_coef=0.0, num_hidden_layers=1).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
     def batch(n=8):
         easy = torch.randint(0, 256, (n, 1)).repeat(1, 16)
         hard = torch.randint(0, 256, (n, 16))
         return easy, hard
 
-    for _ in range(150):
-        easy, hard = batch()
-        ids = torch.cat([easy, hard])
-        loss = model(ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit(model, lambda: torch.cat(batch()), steps=150, lr=3e-3)
     model.eval()
     model.config.eval_halting = "q_head"
     easy, hard = batch(32)
@@ -152,7 +157,6 @@ def test_round_trip_and_deterministic_generate(tmp_path):
     assert torch.equal(first, step_by_step)
 
 
-
 def test_an_export_from_before_input_norm_loads_with_the_raw_input_it_was_trained_on(tmp_path):
     model = recursive(halt_max_steps=2, input_norm=False)
     model.save_pretrained(tmp_path)
@@ -166,6 +170,7 @@ def test_an_export_from_before_input_norm_loads_with_the_raw_input_it_was_traine
     torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
     assert AutoModelForCausalLM.from_pretrained(tmp_path, input_norm=True).config.input_norm is True
     assert recursive().config.input_norm is True  # new models normalise the injected input
+
 
 @pytest.mark.parametrize("field,value", [("h_cycles", 0), ("l_cycles", -1), ("halt_max_steps", 0),
                                          ("halt_exploration_prob", 1.5), ("recursion_gradient", "full"),
@@ -246,17 +251,11 @@ def test_loss_rank_q_head_learns_to_halt_easy_sequences_and_run_hard_ones_longer
     torch.manual_seed(0)
     model = recursive(h_cycles=1, l_cycles=1, halt_max_steps=2, eval_halting="q_head", hidden_dropout=0.0,
                       attention_dropout=0.0, router_jitter_noise=0.0).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
 
     def batch():  # [8, 16]: rows 0-3 easy, 4-7 hard
         return torch.cat([torch.full((4, 16), 7), torch.randint(5, model.config.vocab_size, (4, 16))])
 
-    for _ in range(20):
-        ids = batch()
-        out = model(ids, labels=ids)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
+    out = fit(model, batch, steps=20, lr=1e-2)
     assert out.q_accuracy > 0.9, out.q_accuracy
     with torch.no_grad():
         steps = model.eval()(batch()).recursion_steps
@@ -274,7 +273,6 @@ def test_normalised_input_keeps_tokens_apart_where_the_raw_embedding_collapses_t
         torch.manual_seed(0)
         model = recursive(h_cycles=2, l_cycles=2, halt_max_steps=2, input_norm=input_norm, hidden_dropout=0.0,
                           attention_dropout=0.0, router_jitter_noise=0.0).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         vocab = model.config.vocab_size
         generator = torch.Generator().manual_seed(2)
         perm = torch.randperm(vocab, generator=generator)
@@ -287,12 +285,7 @@ def test_normalised_input_keeps_tokens_apart_where_the_raw_embedding_collapses_t
                 ids.append(torch.where(torch.rand(16, generator=generator) < 0.5, perm[ids[-1]], frequent))
             return torch.stack(ids, 1)
 
-        for _ in range(150):
-            ids = batch()
-            loss = model(ids, labels=ids).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        fit(model, batch, steps=150, lr=3e-3)
         with torch.no_grad():
             ids = batch()
             return float(model.eval()(ids, labels=ids).lm_loss)
