@@ -7,7 +7,9 @@ in this process (`launcher: in_process`, the default, no start-up cost) or as
 is how multi-GPU and DeepSpeed runs are made. Either way its output goes to
 `RUN_DIR/train.log` and the runner prints one line when it starts and one when it ends.
 A run folder whose results file (`train_results.json`) exists and whose arguments are unchanged is
-finished and skipped; an interrupted one resumes from its last checkpoint.
+finished and skipped, unless those arguments now build a different model than the one it exported (a
+default changed in the code since): then it is reported as failed, naming the fields, and left as it is.
+An interrupted run resumes from its last checkpoint.
 """
 
 import contextlib
@@ -28,7 +30,7 @@ import yaml
 from accelerate.state import AcceleratorState, GradientState
 from transformers import HfArgumentParser
 
-from .arguments import ARGUMENT_CLASSES, ModelArguments, load_mapping, to_argv
+from .arguments import ARGUMENT_CLASSES, ModelArguments, build_config, load_mapping, parse_args, to_argv
 from .checkpointing import complete_checkpoints
 from .evaluate import main as evaluate_main
 from .layout import FINAL, METRICS, RESULTS, TASK_EVAL
@@ -218,6 +220,14 @@ def run_training(name: str, values: dict, run_dir: Path, launcher: str = "in_pro
     values = {**values, "output_dir": str(run_dir)}
     spec = {"values": values, "launcher": launcher, "accelerate_config": accelerate_config}
     if (run_dir / RESULTS).is_file() and _spec_of(run_dir) == spec:
+        drift = model_drift(run_dir, values)
+        if drift:
+            changes = ", ".join(f"{k}: {then!r} there, {now!r} now" for k, (then, now) in drift.items())
+            error = (f"finished earlier, but its arguments now build a different model ({changes}): a default "
+                     f"changed since. Pin the old value(s) in the experiment file to keep this run, or delete "
+                     f"{run_dir} to train it again with the new one(s)")
+            print(f"[FAILED] {name}: {error}", flush=True)
+            return {"name": name, "status": "failed", "error": error, "output_dir": str(run_dir), "wall_seconds": 0.0}
         if values.get("task") and not (run_dir / FINAL / TASK_EVAL).is_file():
             score_task_run(run_dir, values)  # trained, but stopped before its scoring
         record = collect_run(run_dir)
@@ -269,6 +279,22 @@ def score_task_run(run_dir: Path, values: dict, transfer: dict | None = None) ->
         argv += to_argv({**task, **transfer}) + ["--output_file", str(run_dir / FINAL / TRANSFER_EVAL)]
     with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         evaluate_main(argv)
+
+
+def model_drift(run_dir: Path, values: dict) -> dict:
+    """{field: (exported, built now)} for the model fields where a finished run's exported config differs
+    from the config its arguments build with today's code; empty when they agree."""
+    exported = run_dir / FINAL / "config.json"
+    if not exported.is_file():
+        return {}
+    model_args = parse_args(to_argv(values))[0]
+    config_class = type(build_config(model_args))
+    then = config_class.from_pretrained(run_dir / FINAL)  # from_dict: how the export itself loads
+    now = build_config(model_args, vocab_size=then.vocab_size, task=getattr(then, "task", None))
+    for token in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the trainer's, from the tokenizer
+        setattr(now, token, getattr(then, token))
+    then, now = (json.loads(c.to_json_string(use_diff=False)) for c in (then, now))  # JSON's types on both sides
+    return {k: (then.get(k), now[k]) for k in sorted(config_class.field_names()) if then.get(k) != now[k]}
 
 
 def _spec_of(run_dir: Path):

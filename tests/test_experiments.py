@@ -158,6 +158,19 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     assert printed.count("[start]") == 1 and "[budget] --max_hours 1e-06 spent after 1/6 runs" in printed
     assert len(json.loads((tmp_path / "budget" / "results.json").read_text())["runs"]) == 1
 
+    # a finished run whose export no longer matches what its arguments build (a code default changed since)
+    # is neither skipped as if it were today's model nor overwritten
+    exported = out / "baseline" / "seed_0" / "final" / "config.json"
+    config = json.loads(exported.read_text())
+    exported.write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+    capsys.readouterr()
+    ablate_main([str(tmp_path / "grid.yaml"), "--output_dir", str(out), "--variants", "baseline"])
+    printed = capsys.readouterr().out
+    assert printed.count("[skip]") == 1 and "[FAILED] baseline/seed_0" in printed
+    assert "rms_norm_eps: 0.001 there, 1e-06 now" in printed and "a default changed since" in printed
+    assert json.loads(exported.read_text())["rms_norm_eps"] == 1e-3
+    assert (exported.parent / "model.safetensors").is_file()
+
 
 def test_a_spent_budget_still_trains_one_run_and_a_report_with_no_finished_run_plots(tmp_path):
     budget = RunBudget(total=3, max_hours=1e-12)  # spent before the first run starts
