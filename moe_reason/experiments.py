@@ -227,7 +227,8 @@ def run_training(name: str, values: dict, run_dir: Path, launcher: str = "in_pro
                      f"changed since. Pin the old value(s) in the experiment file to keep this run, or delete "
                      f"{run_dir} to train it again with the new one(s)")
             print(f"[FAILED] {name}: {error}", flush=True)
-            return {"name": name, "status": "failed", "error": error, "output_dir": str(run_dir), "wall_seconds": 0.0}
+            return {"name": name, "status": "failed", "error": error, "output_dir": str(run_dir), "wall_seconds": 0.0,
+                    "skipped": True}  # nothing trained: the ETA must not count it
         if values.get("task") and not (run_dir / FINAL / TASK_EVAL).is_file():
             score_task_run(run_dir, values)  # trained, but stopped before its scoring
         record = collect_run(run_dir)

@@ -167,6 +167,7 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     ablate_main([str(tmp_path / "grid.yaml"), "--output_dir", str(out), "--variants", "baseline"])
     printed = capsys.readouterr().out
     assert printed.count("[skip]") == 1 and "[FAILED] baseline/seed_0" in printed
+    assert printed.count("no estimate until a run trains here") == 2  # nothing trained: no ETA from it
     assert "rms_norm_eps: 0.001 there, 1e-06 now" in printed and "a default changed since" in printed
     assert json.loads(exported.read_text())["rms_norm_eps"] == 1e-3
     assert (exported.parent / "model.safetensors").is_file()
