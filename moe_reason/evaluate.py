@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from transformers.utils import CONFIG_NAME
 
 from .configuration_moe_reason import require
 from .layout import TASK_EVAL
@@ -72,8 +73,8 @@ class EvaluateArguments:
         require(self, "split", self.split in SPLITS, f"one of {SPLITS}")
         require(self, "batch_size", self.batch_size >= 1, ">= 1")
         require(self, "max_blocks", self.max_blocks >= 0, ">= 0")
-        if not (Path(self.model_path) / "config.json").is_file():
-            raise FileNotFoundError(f"--model_path {self.model_path}: no config.json there (expected an exported "
+        if not (Path(self.model_path) / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"--model_path {self.model_path}: no {CONFIG_NAME} there (expected an exported "
                                     "model folder such as outputs/run/final)")
 
 

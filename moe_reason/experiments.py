@@ -28,14 +28,15 @@ from pathlib import Path
 
 import yaml
 from accelerate.state import AcceleratorState, GradientState
-from transformers import HfArgumentParser
+from transformers import AutoConfig, HfArgumentParser
+from transformers.utils import CONFIG_NAME
 
 from .arguments import ARGUMENT_CLASSES, ModelArguments, build_config, load_mapping, parse_args, to_argv
 from .checkpointing import complete_checkpoints
 from .evaluate import main as evaluate_main
 from .layout import FINAL, METRICS, RESULTS, TASK_EVAL
 from .tasks import TaskArguments
-from .train import main as train_main
+from .train import TOKENIZER_FIELDS, main as train_main
 
 LAUNCHERS = ("in_process", "accelerate")
 RUN_SPEC = "experiment_run.json"  # the arguments a run folder was made with
@@ -285,17 +286,16 @@ def score_task_run(run_dir: Path, values: dict, transfer: dict | None = None) ->
 def model_drift(run_dir: Path, values: dict) -> dict:
     """{field: (exported, built now)} for the model fields where a finished run's exported config differs
     from the config its arguments build with today's code; empty when they agree."""
-    exported = run_dir / FINAL / "config.json"
+    exported = run_dir / FINAL / CONFIG_NAME
     if not exported.is_file():
         return {}
-    model_args = parse_args(to_argv(values))[0]
-    config_class = type(build_config(model_args))
-    then = config_class.from_pretrained(run_dir / FINAL)  # from_dict: how the export itself loads
-    now = build_config(model_args, vocab_size=then.vocab_size, task=getattr(then, "task", None))
-    for token in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the trainer's, from the tokenizer
-        setattr(now, token, getattr(then, token))
+    then = AutoConfig.from_pretrained(run_dir / FINAL)  # through from_dict: how the export itself loads
+    now = build_config(parse_args(to_argv(values))[0], vocab_size=then.vocab_size, task=getattr(then, "task", None))
+    for name in TOKENIZER_FIELDS:
+        setattr(now, name, getattr(then, name))
+    fields = sorted(type(now).field_names())
     then, now = (json.loads(c.to_json_string(use_diff=False)) for c in (then, now))  # JSON's types on both sides
-    return {k: (then.get(k), now[k]) for k in sorted(config_class.field_names()) if then.get(k) != now[k]}
+    return {k: (then.get(k), now[k]) for k in fields if then.get(k) != now[k]}
 
 
 def _spec_of(run_dir: Path):

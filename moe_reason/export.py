@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.utils import CONFIG_NAME
 
 from .checkpointing import write_pretrained
 from .layout import EMA_WEIGHTS, EXPERT_SHARD, TRAINER_STATE
@@ -65,8 +66,8 @@ def export_checkpoint(checkpoint, output) -> Path:
     if not (checkpoint / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"{checkpoint}: no {TRAINER_STATE}, so not a complete checkpoint (a save that did "
                                 "not finish, or not a checkpoint-N folder)")
-    if not (checkpoint / "config.json").is_file():
-        raise FileNotFoundError(f"{checkpoint} holds no config.json: it was saved by a version of the trainer that "
+    if not (checkpoint / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{checkpoint} holds no {CONFIG_NAME}: it was saved by a version of the trainer that "
                                 "did not store the model's config and tokenizer with each checkpoint. Resume it for "
                                 "one step (--resume_from_checkpoint) and export the checkpoint that writes")
     import moe_reason  # noqa: F401  (registers the Auto classes)

@@ -266,13 +266,20 @@ def zero_stage(accelerator) -> int | None:
     return accelerator.state.deepspeed_plugin.zero_stage
 
 
+TOKENIZER_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # set from the run's tokenizer, not its arguments
+
+
+def token_ids(tokenizer) -> dict:
+    """The config's TOKENIZER_FIELDS for this tokenizer; padding falls back to end-of-sequence."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return dict(zip(TOKENIZER_FIELDS, (tokenizer.bos_token_id, tokenizer.eos_token_id, pad)))
+
+
 def build_model(model_args, args, data, accelerator, expert_parallel):
     """The model for this run's tokenizer, this rank's experts kept under expert parallelism -> (model, config)."""
     config = build_config(model_args, vocab_size=len(data.tokenizer), task=data.summary.get("task"))
-    config.eos_token_id = data.tokenizer.eos_token_id
-    config.pad_token_id = data.tokenizer.pad_token_id if data.tokenizer.pad_token_id is not None else \
-        data.tokenizer.eos_token_id
-    config.bos_token_id = data.tokenizer.bos_token_id
+    for name, value in token_ids(data.tokenizer).items():
+        setattr(config, name, value)
     check_against_model(data, config)
     if model_args.init_from:
         model = from_pretrained(AutoModelForCausalLM, model_args.init_from, config=config)
