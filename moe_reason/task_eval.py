@@ -6,6 +6,7 @@ accuracy on the cells the puzzle leaves open, and for recursive models the test-
 import numpy as np
 import torch
 
+from .task_files import given
 from .tasks import MazeTask, PromptFormulation
 
 
@@ -46,12 +47,16 @@ def open_cells(task, puzzles: np.ndarray) -> np.ndarray:
 
 
 def score(task, puzzles: np.ndarray, answers: np.ndarray, references: np.ndarray | None) -> dict:
-    """exact_accuracy (validator), cell_accuracy on open cells against the references (None without them)."""
+    """exact_accuracy (validator) over every puzzle; cell_accuracy on the open cells of the puzzles that have a
+    reference (an all-zero reference grid stands for none), and how many those are when not all."""
     valid = [task.is_valid(p, a) for p, a in zip(puzzles, answers)]
     result = {"puzzles": len(puzzles), "exact_accuracy": float(np.mean(valid))}
-    if references is not None:
-        cells = open_cells(task, puzzles)
+    known = np.zeros(len(puzzles), bool) if references is None else given(references)  # [N]
+    if known.any():
+        cells = open_cells(task, puzzles) & known[:, None, None]  # [N, n, n]
         result["cell_accuracy"] = float((answers == references)[cells].mean()) if cells.any() else 1.0
+    if 0 < known.sum() < len(puzzles):
+        result["cell_accuracy_puzzles"] = int(known.sum())
     return result
 
 

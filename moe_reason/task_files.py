@@ -5,8 +5,9 @@ Two formats:
         followed by ',' and the n*n-digit solution; blank lines and lines starting with '#' are skipped.
   CSV   a header naming a puzzle and a solution column: question/answer, puzzle/solution,
         quizzes/solutions or unsolved/solved (Sudoku-Extreme's `source,question,answer,rating` is one).
-A file whose every puzzle has a solution returns them; otherwise solutions is None and the validator
-judges the answers. A malformed line raises a ValueError naming the file, the line and the problem.
+A puzzle given without its solution gets an all-zero solution grid (0 is the blank, never a solution
+digit); solutions is None when no puzzle has one. The validator judges every answer either way. A
+malformed line raises a ValueError naming the file, the line and the problem.
 """
 
 import csv
@@ -91,5 +92,11 @@ def read_sudoku_file(path) -> tuple[np.ndarray, np.ndarray | None]:
     if len(sizes) > 1:
         raise ValueError(f"{path}: puzzles of several sizes {sorted(sizes)}; keep one size per file")
     puzzles = np.stack([p for p, _ in rows])
-    solutions = np.stack([s for _, s in rows]) if all(s is not None for _, s in rows) else None
-    return puzzles, solutions
+    if all(s is None for _, s in rows):
+        return puzzles, None
+    return puzzles, np.stack([np.zeros_like(p) if s is None else s for p, s in rows])
+
+
+def given(solutions: np.ndarray) -> np.ndarray:
+    """[N] True where a solution grid [N, n, n] was given (an all-zero grid stands for none)."""
+    return solutions.reshape(len(solutions), -1).any(axis=1)

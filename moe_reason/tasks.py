@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerFast
 from . import maze, sudoku
 from .configuration_moe_reason import require
 from .corpus import install_staged, staging_folder
-from .task_files import read_sudoku_file
+from .task_files import given, read_sudoku_file
 
 TASKS = ("sudoku", "maze")
 FORMULATIONS = ("grid", "prompt")
@@ -325,9 +325,10 @@ def read_task_files(args) -> tuple[dict, dict]:
                               ("test", args.task_test_file, args.task_test_puzzles)):
         puzzles, solutions = read_sudoku_file(path)
         puzzles, solutions = puzzles[:count], None if solutions is None else solutions[:count]
-        if solutions is None:
-            raise ValueError(f"{path}: training and held-out puzzles need their solutions (puzzle,solution lines "
-                             "or a CSV answer column)")
+        missing = len(puzzles) if solutions is None else int((~given(solutions)).sum())
+        if missing:
+            raise ValueError(f"{path}: {missing} of {len(puzzles)} puzzles have no solution; training and held-out "
+                             "puzzles need theirs (puzzle,solution lines or a CSV answer column)")
         if puzzles.shape[1] != args.task_size:
             raise ValueError(f"{path} holds {puzzles.shape[1]}x{puzzles.shape[1]} puzzles; pass --task_size "
                              f"{puzzles.shape[1]}")

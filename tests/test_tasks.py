@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
 from moe_reason import maze, sudoku
 from moe_reason.data import DataArguments, DrawSampler
-from moe_reason.task_eval import evaluate_puzzles
+from moe_reason.task_eval import evaluate_puzzles, score
 from moe_reason.task_files import read_sudoku_file
 from moe_reason.tasks import (GridFormulation, MazeTask, PuzzleDraws, SudokuTask, generate_splits, load_or_generate,
                               make_task)
@@ -159,8 +159,18 @@ def test_task_file_reads_text_and_csv_and_names_a_malformed_line(tmp_path):
     text = tmp_path / "puzzles.txt"
     text.write_text(f"# two 4x4 puzzles\n\n4..31.4224..3...,{SOLVED}\n4.1.1.4224..3..0\n")
     puzzles, solutions = read_sudoku_file(text)
-    assert puzzles.shape == (2, 4, 4) and solutions is None  # the second line has no solution
+    assert puzzles.shape == solutions.shape == (2, 4, 4)
     assert puzzles[0, 0, 0] == 4 and puzzles[0, 0, 1] == 0 and puzzles[1, 3, 3] == 0
+    assert (solutions[0].reshape(-1) == [int(c) for c in SOLVED]).all() and not solutions[1].any()  # none given
+    # cells are scored where a solution was given, the validator judges all: the reference answers the first
+    # puzzle, the second keeps one blank
+    answers = np.stack([solutions[0], np.where(puzzles[1] == 0, solutions[0], puzzles[1])])
+    answers[1, 3, 3] = 0
+    scored = score(SudokuTask(task_size=4), puzzles, answers, solutions)
+    assert scored == {"puzzles": 2, "exact_accuracy": 0.5, "cell_accuracy": 1.0, "cell_accuracy_puzzles": 1}
+    bare = tmp_path / "bare.txt"
+    bare.write_text("4..31.4224..3...\n")
+    assert read_sudoku_file(bare)[1] is None
     csv = tmp_path / "extreme.csv"
     csv.write_text(f"source,question,answer,rating\nx,4..31.4224..3...,{SOLVED},3\n")
     puzzles, solutions = read_sudoku_file(csv)
@@ -286,7 +296,7 @@ def test_training_puzzles_can_come_from_files(tmp_path):
     assert (loaded["train"][0] == splits["train"][0][:5]).all() and (loaded["test"][1] == splits["test"][1]).all()
     assert summary["train"]["puzzles"] == 5 and args.task_settings()["task_test_file"].endswith("test.csv")
     (tmp_path / "unsolved.txt").write_text("4..31.4224..3...\n")
-    with pytest.raises(ValueError, match="need their solutions"):
+    with pytest.raises(ValueError, match="1 of 1 puzzles have no solution"):
         load_or_generate(DataArguments(task="sudoku", task_size=4, task_train_file=str(tmp_path / "unsolved.txt"),
                                        task_test_file=str(tmp_path / "test.csv")))
     with pytest.raises(ValueError, match="given together with task_train_file"):
