@@ -19,8 +19,8 @@ A grid file:
 Writes into output_dir: one folder per run (VARIANT/seed_S), `results.json` (updated after
 every run), `ablation_comparison.png` and `SUMMARY.md`. A failed run is recorded with its
 error and the grid goes on; rerunning the command skips finished runs and resumes
-interrupted ones. `--max_hours H` starts no run after H hours (the report covers those done),
-and a one-line ETA follows every run.
+interrupted ones. `--max_hours H` starts no run after H hours (the report covers those done and
+names the variants it lacks), and a one-line ETA follows every run.
 """
 
 from dataclasses import dataclass, field
@@ -48,6 +48,7 @@ def load_grid(path, args: AblateArguments | None = None) -> dict:
     if not isinstance(variants, dict) or not variants:
         raise ValueError(f"grid {path} needs a non-empty mapping 'variants: {{name: {{overrides}}}}'")
     variants = {safe_name(name): check_arguments(over, f"grid {path}: variant {name}") for name, over in variants.items()}
+    in_file = list(variants)
     reference = grid.get("reference", next(iter(variants)))
     if reference not in variants:
         raise ValueError(f"grid {path}: reference {reference!r} is not one of its variants: {list(variants)}")
@@ -59,7 +60,7 @@ def load_grid(path, args: AblateArguments | None = None) -> dict:
             raise ValueError(f"--variants {args.variants} leaves out the reference {reference!r}, which every "
                              "variant is compared with: add it to --variants")
         variants = {name: variants[name] for name in args.variants}
-    return {**settings, "variants": variants, "reference": reference, "max_hours": args.max_hours}
+    return {**settings, "variants": variants, "in_file": in_file, "reference": reference, "max_hours": args.max_hours}
 
 
 def run_grid(grid: dict) -> dict:
@@ -112,9 +113,10 @@ def results_payload(grid: dict, runs: list[dict]) -> dict:
         }
     ranking = sorted(variants, key=lambda n: variants[n]["val_loss_mean"])
     ln_vocab = next((r["ln_vocab"] for r in runs if r["status"] == "finished"), None)
+    not_in_report = [name for name in grid.get("in_file", grid["variants"]) if name not in variants]
     return {"grid": grid["path"], "description": grid["description"], "reference": grid["reference"],
             "seeds": grid["seeds"], "base": grid["base"], "ln_vocab": ln_vocab, "ranking": ranking,
-            "variants": variants, "runs": runs, "spread_rule": SPREAD_RULE}
+            "variants": variants, "not_in_report": not_in_report, "runs": runs, "spread_rule": SPREAD_RULE}
 
 
 def summary_markdown(payload: dict) -> str:
@@ -125,6 +127,9 @@ def summary_markdown(payload: dict) -> str:
         lines += [payload["description"].strip(), ""]
     lines += [f"{len(payload['variants'])} variants finished, {len(payload['seeds'])} seed(s) each "
               f"({payload['seeds']}); {len(runs) - len(done)} run(s) failed."]
+    if payload.get("not_in_report"):  # a grid still running, stopped by --max_hours, or narrowed by --variants
+        lines += ["", f"Not in this report (no finished run yet, or left out by --variants): "
+                  f"{', '.join(payload['not_in_report'])}. The grid's command runs them and rebuilds the report."]
     if done:
         r0 = done[0]
         lines += ["", f"Each run: {r0['steps']} optimizer steps; validation on {r0['eval_tokens']:,} tokens. "

@@ -157,6 +157,8 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     printed = capsys.readouterr().out  # 3.6 ms: the first run starts, the second does not
     assert printed.count("[start]") == 1 and "[budget] --max_hours 1e-06 spent after 1/6 runs" in printed
     assert len(json.loads((tmp_path / "budget" / "results.json").read_text())["runs"]) == 1
+    assert "Not in this report (no finished run yet, or left out by --variants): no_aux, " in \
+        (tmp_path / "budget" / "SUMMARY.md").read_text()
 
     # a finished run whose export no longer matches what its arguments build (a code default changed since)
     # is neither skipped as if it were today's model nor overwritten
