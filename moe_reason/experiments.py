@@ -89,7 +89,8 @@ class RunBudget:
     """Between runs: whether --max_hours leaves time to start another, and a one-line ETA after each run."""
 
     def __init__(self, total: int, max_hours: float | None):
-        self.total, self.max_hours, self.start, self.trained = total, max_hours, time.perf_counter(), 0
+        self.total, self.max_hours, self.start = total, max_hours, time.perf_counter()
+        self.trained = self.timed = 0  # runs started here (the budget); of those, runs that finished (the ETA)
 
     def exhausted(self, done: int, command: str) -> bool:
         # one run always trains, so a budget spent by a slow start (or a tiny --max_hours) still makes progress
@@ -103,13 +104,14 @@ class RunBudget:
     def after(self, done: int, record: dict) -> None:
         if not record.get("skipped"):
             self.trained += 1
+            # a run refused at once (its folder in use, a bad argument) says nothing about how long one takes
+            self.timed += record.get("status") == "finished"
         elapsed = time.perf_counter() - self.start
         left = self.total - done
-        if not self.trained:  # only skipped runs so far: nothing to time yet
-            print(f"[eta] {done}/{self.total} runs done (finished earlier); no estimate until a run trains here",
-                  flush=True)
+        if not self.timed:
+            print(f"[eta] {done}/{self.total} runs done; no estimate until a run trains to the end here", flush=True)
             return
-        per_run = elapsed / self.trained
+        per_run = elapsed / self.timed
         print(f"[eta] {done}/{self.total} runs done, {elapsed / 60:.1f} min so far; about {left * per_run / 60:.0f} "
               f"min for the {left} left ({per_run / 60:.1f} min per run trained here)", flush=True)
 

@@ -144,7 +144,7 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     ablate_main([str(tmp_path / "grid.yaml"), "--output_dir", str(out)])  # restarted: finished runs are skipped
     printed = capsys.readouterr().out
     assert printed.count("[skip]") == 4 and printed.count("[FAILED]") == 2 and printed.count("[eta]") == 6
-    assert printed.count("no estimate until a run trains here") == 4  # skipped runs time nothing
+    assert printed.count("no estimate until a run trains to the end here") == 6  # skipped or failed: nothing timed
     assert json.loads((out / "results.json").read_text())["variants"]["baseline"]["val_loss_mean"] == \
         results["variants"]["baseline"]["val_loss_mean"]
 
@@ -169,17 +169,21 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     ablate_main([str(tmp_path / "grid.yaml"), "--output_dir", str(out), "--variants", "baseline"])
     printed = capsys.readouterr().out
     assert printed.count("[skip]") == 1 and "[FAILED] baseline/seed_0" in printed
-    assert printed.count("no estimate until a run trains here") == 2  # nothing trained: no ETA from it
+    assert printed.count("no estimate until a run trains to the end here") == 2  # nothing trained: no ETA from it
     assert "rms_norm_eps: 0.001 there, 1e-06 now" in printed and "a default changed since" in printed
     assert json.loads(exported.read_text())["rms_norm_eps"] == 1e-3
     assert (exported.parent / "model.safetensors").is_file()
 
 
-def test_a_spent_budget_still_trains_one_run_and_a_report_with_no_finished_run_plots(tmp_path):
+def test_a_spent_budget_still_trains_one_run_and_a_report_with_no_finished_run_plots(tmp_path, capsys):
     budget = RunBudget(total=3, max_hours=1e-12)  # spent before the first run starts
     assert not budget.exhausted(0, "again")
-    budget.after(1, {"status": "finished"})
+    budget.after(1, {"status": "failed"})  # refused at once: spends the budget, times nothing
     assert budget.exhausted(1, "again")
+    budget.after(2, {"status": "finished"})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "[eta] 1/3 runs done; no estimate until a run trains to the end here"
+    assert printed[-1].startswith("[eta] 2/3 runs done") and "min for the 1 left" in printed[-1]
     failed = {"variant": "a", "seed": 0, "status": "failed"}
     ablate_plot({"ranking": [], "variants": {}, "runs": [failed], "ln_vocab": None}, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
