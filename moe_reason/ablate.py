@@ -182,7 +182,8 @@ def plot(payload: dict, path: Path) -> None:
     right.set_ylabel("training LM loss (nats/token, no aux terms), mean over seeds")
     right.set_title("Training curves")
     right.grid(alpha=0.3)
-    right.legend(fontsize=7, ncol=2 if len(names) > 8 else 1)
+    if right.lines:
+        right.legend(fontsize=7, ncol=2 if len(names) > 8 else 1)
     save_figure(fig, path)
 
 

@@ -417,7 +417,8 @@ def plot(p: dict, path: Path) -> None:
         ax.set_ylabel("validation loss, mean ± std over seeds")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:  # a report written while one side has no finished run yet
+            ax.legend(fontsize=8)
     stats = [mean_std([r[key] for r in done if r["label"] == label]) for label in labels]
     final.bar(labels, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=5,
               color=[colors[label] for label in labels])
