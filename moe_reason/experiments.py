@@ -396,9 +396,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-THROUGHPUT_NOTE = ("tokens/s and wall time are as each run measured them over its last start: they compare only between "
-                   "runs that had the machine to themselves and ran from start to end (a resumed run's cover its "
-                   "last part only)")
+THROUGHPUT_NOTE = ("tokens/s and wall time are each run's training loop over all its starts (its checkpoints carry the "
+                   "time; a run resumed from a checkpoint older than that counts from its resume): they compare only "
+                   "between runs that had the machine alike")
 SPREAD_RULE = ("a difference is called real only when |mean_a - mean_b| > std_a + std_b over at least 2 seeds "
                "each (the gap exceeds the two seed spreads added; with one seed nothing can be told apart)")
 

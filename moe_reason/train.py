@@ -72,6 +72,7 @@ class TrainState:
     nonfinite_in_a_row: int = 0  # consecutive steps skipped for a non-finite loss or gradient
     last_eval: dict | None = None  # {"step": S, "loss": ..., ...}: the latest evaluation
     last_save: int | None = None  # the step of the latest checkpoint
+    train_seconds: float = 0.0  # the training loop's wall time up to the latest checkpoint, over every start
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -383,7 +384,6 @@ class Trainer:
         self.command_line = sys.argv[1:] if command_line is None else list(command_line)  # for the resume hint
         self.out = Path(args.output_dir)
         self.state = TrainState()
-        self.tokens_trained = 0  # by this process's run, for its throughput (not carried across a resume)
 
     # ---- set-up
 
@@ -527,7 +527,7 @@ class Trainer:
         micro_batches = self.micro_batches()
         progress = tqdm(total=args.max_steps, initial=state.step, disable=not self.accelerator.is_local_main_process,
                         desc="training", dynamic_ncols=True)
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() - state.train_seconds  # a resumed run's clock goes on from its checkpoint
         self.model.train()
         while state.step < args.max_steps:
             record = self.train_step(micro_batches)
@@ -613,7 +613,6 @@ class Trainer:
             if accelerator.sync_gradients:
                 break
         self.state.step += 1
-        self.tokens_trained += self.tokens_per_micro_batch * args.gradient_accumulation_steps
         self.count_nonfinite(ok)
         return {"grad_norm": grad_norm}
 
@@ -660,6 +659,7 @@ class Trainer:
         """A resumable checkpoint of this step (the state saved says so)."""
         self.state.last_save = self.state.step
         self.state.num_processes = self.accelerator.num_processes
+        self.state.train_seconds = time.perf_counter() - self.started
         trainer_state = {**self.state.state_dict(), LR_SCHEDULER: self.scheduler.state_dict()}
         folder = save_checkpoint(self.accelerator, self.out, self.state.step, trainer_state,
                                  self.args.save_total_limit, self.accelerator.unwrap_model(self.model),
@@ -704,12 +704,12 @@ class Trainer:
         if state.last_save != state.step:
             self.save()
         self.export(FINAL)
-        wall = time.perf_counter() - self.started
+        wall = time.perf_counter() - self.started  # every start's, up to the checkpoint each resumed from
+        tokens_per_step = self.tokens_per_micro_batch * args.gradient_accumulation_steps
         final_eval = {k: v for k, v in state.last_eval.items() if k != "step"}
         results = {"step": state.step, "final_eval": final_eval, "best_val_loss": state.best_val_loss,
-                   "tokens_per_s": self.tokens_trained / wall if self.tokens_trained else None, "wall_seconds": wall,
-                   "flops_per_token": self.flops_per_token,
-                   "tokens_per_step": self.tokens_per_micro_batch * args.gradient_accumulation_steps,
+                   "tokens_per_s": state.step * tokens_per_step / wall if state.step else None, "wall_seconds": wall,
+                   "flops_per_token": self.flops_per_token, "tokens_per_step": tokens_per_step,
                    "parameters": self.parameters, "output_dir": str(self.out)}
         if self.accelerator.is_main_process:
             (self.out / RESULTS).write_text(json.dumps(results, indent=2))
