@@ -222,23 +222,27 @@ def run_training(name: str, values: dict, run_dir: Path, launcher: str = "in_pro
     run_dir = Path(run_dir)
     values = {**values, "output_dir": str(run_dir)}
     spec = {"values": values, "launcher": launcher, "accelerate_config": accelerate_config}
-    if (run_dir / RESULTS).is_file() and _spec_of(run_dir) == spec:
-        drift = model_drift(run_dir, values)
+    finished = (run_dir / RESULTS).is_file() and _spec_of(run_dir) == spec
+    resume = not finished and _spec_of(run_dir) == spec and bool(complete_checkpoints(run_dir))
+    if finished or resume:  # a run made by earlier code: does today's code build the same model from its arguments?
+        saved = run_dir / FINAL if finished else complete_checkpoints(run_dir)[-1]
+        drift = model_drift(saved, values)
         if drift:
             changes = ", ".join(f"{k}: {then!r} there, {now!r} now" for k, (then, now) in drift.items())
-            error = (f"finished earlier, but its arguments now build a different model ({changes}): a default "
-                     f"changed since. Pin the old value(s) in the experiment file to keep this run, or delete "
-                     f"{run_dir} to train it again with the new one(s)")
+            state = "finished earlier" if finished else f"interrupted earlier (at {saved.name})"
+            error = (f"{state}, but its arguments now build a different model ({changes}): a default changed "
+                     f"since. Pin the old value(s) in the experiment file to keep this run, or delete {run_dir} "
+                     "to train it again with the new one(s)")
             print(f"[FAILED] {name}: {error}", flush=True)
             return {"name": name, "status": "failed", "error": error, "output_dir": str(run_dir), "wall_seconds": 0.0,
                     "skipped": True}  # nothing trained: the ETA must not count it
+    if finished:
         if values.get("task") and not (run_dir / FINAL / TASK_EVAL).is_file():
             score_task_run(run_dir, values)  # trained, but stopped before its scoring
         record = collect_run(run_dir)
         print(f"[skip] {name}: finished earlier, val loss {record['final_val_loss']:.4f}", flush=True)
         return {**record, "name": name, "status": "finished", "skipped": True}
 
-    resume = _spec_of(run_dir) == spec and bool(complete_checkpoints(run_dir))
     flags = ["--resume_from_checkpoint", "latest"] if resume else ["--overwrite_output_dir", "true"]
     argv = to_argv(values) + flags
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -285,13 +289,12 @@ def score_task_run(run_dir: Path, values: dict, transfer: dict | None = None) ->
         evaluate_main(argv)
 
 
-def model_drift(run_dir: Path, values: dict) -> dict:
-    """{field: (exported, built now)} for the model fields where a finished run's exported config differs
-    from the config its arguments build with today's code; empty when they agree."""
-    exported = run_dir / FINAL / CONFIG_NAME
-    if not exported.is_file():
+def model_drift(saved: Path, values: dict) -> dict:
+    """{field: (saved, built now)} for the model fields where the config a run saved (its final/ export or a
+    checkpoint) differs from the config its arguments build with today's code; empty when they agree."""
+    if not (saved / CONFIG_NAME).is_file():
         return {}
-    then = AutoConfig.from_pretrained(run_dir / FINAL)  # through from_dict: how the export itself loads
+    then = AutoConfig.from_pretrained(saved)  # through from_dict: how the export itself loads
     now = build_config(parse_args(to_argv(values))[0], vocab_size=then.vocab_size, task=getattr(then, "task", None))
     for name in TOKENIZER_FIELDS:
         setattr(now, name, getattr(then, name))

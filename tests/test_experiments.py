@@ -12,6 +12,7 @@ from moe_reason.compare import budget_trend, load_comparison, main as compare_ma
 from moe_reason.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.evaluate import main as evaluate_main
 from moe_reason.experiments import RunBudget, RunnerArguments, parse_runner_cli
+from moe_reason.layout import RESULTS, complete_checkpoints
 from moe_reason.metrics import training_flops_per_token
 
 from conftest import REPO, eval_records, launch, tiny_model, train_args, write_corpus
@@ -174,6 +175,19 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     assert "rms_norm_eps: 0.001 there, 1e-06 now" in printed and "a default changed since" in printed
     assert json.loads(exported.read_text())["rms_norm_eps"] == 1e-3
     assert (exported.parent / "model.safetensors").is_file()
+
+    # an interrupted run likewise: resuming would load its checkpoint into the model built today
+    exported.write_text(json.dumps(config))
+    (out / "baseline" / "seed_0" / RESULTS).unlink()  # as if stopped before the end
+    checkpoint = complete_checkpoints(out / "baseline" / "seed_0")[-1]
+    saved = checkpoint / "config.json"
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "rms_norm_eps": 1e-3}))
+    ablate_main([str(tmp_path / "grid.yaml"), "--output_dir", str(out), "--variants", "baseline"])
+    printed = capsys.readouterr().out
+    assert f"[FAILED] baseline/seed_0 (1/2): interrupted earlier (at {checkpoint.name}), but its arguments now build a " \
+        "different model (rms_norm_eps: 0.001 there, 1e-06 now)" in printed and "[start]" not in printed
+    assert json.loads(saved.read_text())["rms_norm_eps"] == 1e-3
+    assert not (out / "baseline" / "seed_0" / RESULTS).exists()
 
 
 def test_a_spent_budget_still_trains_one_run_and_a_report_with_no_finished_run_plots(tmp_path, capsys):
