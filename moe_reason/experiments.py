@@ -222,10 +222,12 @@ def run_training(name: str, values: dict, run_dir: Path, launcher: str = "in_pro
     run_dir = Path(run_dir)
     values = {**values, "output_dir": str(run_dir)}
     spec = {"values": values, "launcher": launcher, "accelerate_config": accelerate_config}
-    finished = (run_dir / RESULTS).is_file() and _spec_of(run_dir) == spec
-    resume = not finished and _spec_of(run_dir) == spec and bool(complete_checkpoints(run_dir))
+    same_spec = _spec_of(run_dir) == spec
+    checkpoints = complete_checkpoints(run_dir) if same_spec else []
+    finished = same_spec and (run_dir / RESULTS).is_file()
+    resume = not finished and bool(checkpoints)
     if finished or resume:  # a run made by earlier code: does today's code build the same model from its arguments?
-        saved = run_dir / FINAL if finished else complete_checkpoints(run_dir)[-1]
+        saved = run_dir / FINAL if finished else checkpoints[-1]
         drift = model_drift(saved, values)
         if drift:
             changes = ", ".join(f"{k}: {then!r} there, {now!r} now" for k, (then, now) in drift.items())
