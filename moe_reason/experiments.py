@@ -36,7 +36,7 @@ from .checkpointing import complete_checkpoints
 from .evaluate import main as evaluate_main
 from .layout import FINAL, METRICS, RESULTS, TASK_EVAL
 from .tasks import TaskArguments
-from .train import TOKENIZER_FIELDS, main as train_main
+from .train import TOKENIZER_FIELDS, config_drift, main as train_main
 
 LAUNCHERS = ("in_process", "accelerate")
 RUN_SPEC = "experiment_run.json"  # the arguments a run folder was made with
@@ -296,13 +296,11 @@ def model_drift(saved: Path, values: dict) -> dict:
     checkpoint) differs from the config its arguments build with today's code; empty when they agree."""
     if not (saved / CONFIG_NAME).is_file():
         return {}
-    then = AutoConfig.from_pretrained(saved)  # through from_dict: how the export itself loads
+    then = AutoConfig.from_pretrained(saved)
     now = build_config(parse_args(to_argv(values))[0], vocab_size=then.vocab_size, task=getattr(then, "task", None))
-    for name in TOKENIZER_FIELDS:
+    for name in TOKENIZER_FIELDS:  # the run's tokenizer sets them, not its arguments
         setattr(now, name, getattr(then, name))
-    fields = sorted(type(now).field_names())
-    then, now = (json.loads(c.to_json_string(use_diff=False)) for c in (then, now))  # JSON's types on both sides
-    return {k: (then.get(k), now[k]) for k in fields if then.get(k) != now[k]}
+    return config_drift(saved, now)
 
 
 def _spec_of(run_dir: Path):

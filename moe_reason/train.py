@@ -33,8 +33,9 @@ from filelock import FileLock, Timeout
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.utils import CONFIG_NAME
 
 from .arguments import ARGUMENT_CLASSES, build_config, parse_args, resolve_global_batch
 from .checkpointing import (export_model, load_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint,
@@ -276,6 +277,19 @@ def token_ids(tokenizer) -> dict:
     return dict(zip(TOKENIZER_FIELDS, (tokenizer.bos_token_id, tokenizer.eos_token_id, pad)))
 
 
+def config_drift(saved: Path, now) -> dict:
+    """{field: (saved, now)} for the model fields where the config saved in `saved` (an export or a checkpoint)
+    differs from the config `now`; empty when they agree or `saved` holds no config."""
+    if not (saved / CONFIG_NAME).is_file():
+        return {}
+    then = AutoConfig.from_pretrained(saved)  # through from_dict: how the export itself loads
+    if then.model_type != now.model_type:
+        return {"model_type": (then.model_type, now.model_type)}
+    fields = sorted(type(now).field_names())
+    then, now = (json.loads(c.to_json_string(use_diff=False)) for c in (then, now))  # JSON's types on both sides
+    return {k: (then.get(k), now[k]) for k in fields if then.get(k) != now[k]}
+
+
 def build_model(model_args, args, data, accelerator, expert_parallel):
     """The model for this run's tokenizer, this rank's experts kept under expert parallelism -> (model, config)."""
     config = build_config(model_args, vocab_size=len(data.tokenizer), task=data.summary.get("task"))
@@ -471,6 +485,12 @@ class Trainer:
         if unfinished:
             accelerator.print(f"{', '.join(p.name for p in unfinished)}: no trainer_state.json (the save did not "
                               f"finish); resuming from the newest complete checkpoint, {checkpoint.name}")
+        drift = config_drift(checkpoint, self.config)
+        if drift:
+            changes = ", ".join(f"{k}: {then!r} there, {now!r} now" for k, (then, now) in drift.items())
+            raise ValueError(f"{checkpoint} holds a different model than these arguments build ({changes}): resume "
+                             f"with the arguments it was trained with ({self.out / RUN_ARGS}), or train into "
+                             "another --output_dir")
         saved = load_checkpoint(accelerator, self.model, checkpoint, self.expert_parallel)
         if self.ema is not None:
             if not (checkpoint / EMA_WEIGHTS).is_file():

@@ -79,8 +79,13 @@ def test_resume_is_exact(tmp_path, corpus):
     # the checkpoint carries the loop's time: pretend the first half took 1000 s
     state_file = halves / "checkpoint-3" / "trainer_state.json"
     state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "train_seconds": 1000.0}))
-    assert main_cases([train_args(tmp_path, corpus, output_dir=halves, resume_from_checkpoint="latest", **noisy)]) \
-        == [None]
+    resumed, other_model = main_cases([
+        train_args(tmp_path, corpus, output_dir=halves, resume_from_checkpoint="latest", **noisy),
+        # the same weight shapes, another model: it would load silently and train as something else
+        train_args(tmp_path, corpus, output_dir=halves, resume_from_checkpoint="latest", num_experts_per_tok=1, **noisy)])
+    assert resumed is None
+    assert other_model.startswith("ValueError: ") and "checkpoint-6 holds a different model" in other_model \
+        and "num_experts_per_tok: 2 there, 1 now" in other_model and "run_args.json" in other_model, other_model
     assert train_losses(halves) == train_losses(straight)  # every step, bit for bit
     results = json.loads((halves / "train_results.json").read_text())
     assert 1000 < results["wall_seconds"] < 1000 + json.loads((straight / "train_results.json").read_text())[
