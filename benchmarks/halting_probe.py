@@ -89,8 +89,10 @@ def main(argv=None):
     features, losses = pooled_states_and_losses(model, ids, args.batch)
     target = (losses <= losses.median()).float()
     fit, held_out = probe_accuracy(features, target)
-    print(f"{len(ids)} validation blocks of {ids.shape[1]} tokens; loss per sequence {losses.mean():.3f} ± {losses.std():.3f}")
-    print(f"pooled z_H: std between sequences {features.std(0).mean():.3g} per dimension, norm {features.mean(0).norm():.3g}")
+    print(f"{len(ids)} validation blocks of {ids.shape[1]} tokens; "
+          f"loss per sequence {losses.mean():.3f} ± {losses.std():.3f}")
+    print(f"pooled z_H: std between sequences {features.std(0).mean():.3g} per dimension, "
+          f"norm {features.mean(0).norm():.3g}")
     print(f"Q-head logits: std {model.q_head(features).std():.3g}")
     print(f"linear probe for loss_rank (median split): fit {fit:.3f}, held-out {held_out:.3f} "
           f"({len(ids) - len(ids) * 2 // 3} sequences)")

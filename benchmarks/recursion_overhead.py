@@ -8,7 +8,8 @@ Last line: measured ratio / FLOP ratio.
 
     python benchmarks/recursion_overhead.py                    # small preset, CPU
     python benchmarks/recursion_overhead.py --preset exp8 --batch 16 --seq 512 --device cuda --dtype bfloat16
-    python benchmarks/recursion_overhead.py --preset exp8 --batch 16 --seq 512 --device cuda --dtype bfloat16 --torch_compile
+    python benchmarks/recursion_overhead.py --preset exp8 --batch 16 --seq 512 --device cuda --dtype bfloat16 \
+        --torch_compile
 """
 
 import argparse

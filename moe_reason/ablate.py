@@ -26,9 +26,9 @@ names the variants it lacks), and a one-line ETA follows every run.
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .experiments import (SPREAD_RULE, THROUGHPUT_NOTE, ReportFiles, RunBudget, RunnerArguments, beyond_spread, check_arguments,
-                          load_runner_file, mean_curve, mean_std, pyplot, run_runner, run_training, safe_name,
-                          save_figure, write_json)
+from .experiments import (SPREAD_RULE, THROUGHPUT_NOTE, ReportFiles, RunBudget, RunnerArguments, beyond_spread,
+                          check_arguments, load_runner_file, mean_curve, mean_std, pyplot, run_runner, run_training,
+                          safe_name, save_figure, write_json)
 
 USAGE = ("python -m moe_reason.ablate GRID.yaml [--output_dir D] [--launcher in_process|accelerate] [--seeds 0 1] "
          "[--variants a b] [--set name=value ...]")
@@ -47,7 +47,8 @@ def load_grid(path, args: AblateArguments | None = None) -> dict:
     variants = grid.get("variants")
     if not isinstance(variants, dict) or not variants:
         raise ValueError(f"grid {path} needs a non-empty mapping 'variants: {{name: {{overrides}}}}'")
-    variants = {safe_name(name): check_arguments(over, f"grid {path}: variant {name}") for name, over in variants.items()}
+    variants = {safe_name(name): check_arguments(over, f"grid {path}: variant {name}")
+                for name, over in variants.items()}
     in_file = list(variants)
     reference = grid.get("reference", next(iter(variants)))
     if reference not in variants:

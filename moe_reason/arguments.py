@@ -108,7 +108,8 @@ class TrainingArguments:
         "Sequences per optimizer step over all processes; sets gradient_accumulation_steps to "
         "global_batch_size / (per_device_train_batch_size x processes), which must divide exactly.")})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of AdamW."})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (never on norms, biases, embeddings)."})
+    weight_decay: float = field(default=0.1,
+                                metadata={"help": "AdamW weight decay (never on norms, biases, embeddings)."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
@@ -151,7 +152,8 @@ class TrainingArguments:
         "divide num_experts and the number of processes. 1: every rank holds every expert.")})
     peak_tflops: float | None = field(default=None, metadata={"help": (
         "Peak TFLOP/s per device for MFU; default: measured by a matmul at start-up on this device.")})
-    sample_prompt: str = field(default="def read_config(path):\n", metadata={"help": "Prompt of the sample printed after training."})
+    sample_prompt: str = field(default="def read_config(path):\n",
+                               metadata={"help": "Prompt of the sample printed after training."})
     sample_tokens: int = field(default=48, metadata={"help": "Tokens generated for the final sample (0 = none)."})
     cpu_threads: int | None = field(default=None, metadata={"help": (
         "Torch threads per process on a machine without a GPU; default: its cores shared among the local "

@@ -41,7 +41,8 @@ def resolve_checkpoint(output_dir, spec: str) -> Path:
     path = Path(spec)
     if not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a complete checkpoint folder "
-                                f"(no {TRAINER_STATE}); complete ones: {[str(p) for p in complete_checkpoints(output_dir)]}")
+                                f"(no {TRAINER_STATE}); complete ones: "
+                                f"{[str(p) for p in complete_checkpoints(output_dir)]}")
     return path
 
 

@@ -37,10 +37,10 @@ from pathlib import Path
 
 from .arguments import build_config, parse_args, to_argv
 from .data import prepare_data
-from .experiments import (SPREAD_RULE, THROUGHPUT_NOTE, TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments, beyond_spread,
-                          check_arguments, load_runner_file, mean_curve, mean_std, model_argument_names, pyplot,
-                          run_runner, run_training, safe_name, save_figure, score_task_run, task_argument_names,
-                          task_figures, write_json)
+from .experiments import (SPREAD_RULE, THROUGHPUT_NOTE, TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments,
+                          beyond_spread, check_arguments, load_runner_file, mean_curve, mean_std,
+                          model_argument_names, pyplot, run_runner, run_training, safe_name, save_figure,
+                          score_task_run, task_argument_names, task_figures, write_json)
 from .metrics import training_flops_per_token
 
 LEGACY_ARMS = ("baseline", "recursive")
@@ -129,7 +129,8 @@ def run_comparison(cmp: dict) -> dict:
     print(f"comparison {cmp['path']}: training FLOPs/token {costs}; equal steps: {accounting['steps']}; equal FLOPs: "
           f"{accounting['equal_flops_steps'] or 'none'}; seeds {cmp['seeds']} -> {out}", flush=True)
     runs = []
-    todo = [(seed, item) for seed in cmp["seeds"] for item in plan]  # seeds outermost: a partial comparison has every arm
+    # seeds outermost: a partial comparison has every arm
+    todo = [(seed, item) for seed in cmp["seeds"] for item in plan]
     budget = RunBudget(len(todo), cmp.get("max_hours"))
     for seed, item in todo:
         if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
@@ -224,7 +225,8 @@ def trend_verdict(rows: list[dict]) -> str:
     if len(rows) < 2:
         return "too few shared evaluations to tell"
     (first, first_std), (last, last_std) = rows[0]["gap"], rows[-1]["gap"]
-    span = f"from {first:+.4f} ± {first_std:.4f} at {rows[0]['share']:.0%} of the budget to {last:+.4f} ± {last_std:.4f}"
+    span = (f"from {first:+.4f} ± {first_std:.4f} at {rows[0]['share']:.0%} of the budget "
+            f"to {last:+.4f} ± {last_std:.4f}")
     if len(rows[0]["seeds"]) < 2:
         return f"the gap goes {span} (one seed: the spread is unknown)"
     if abs(first - last) <= first_std + last_std:
@@ -280,7 +282,8 @@ def comparison_markdown(p: dict) -> str:
         model_fields = {k: v for k, v in fields.items() if k not in ARM_TRAINING_FIELDS}
         lr = fields.get("learning_rate", p["base"].get("learning_rate", "default"))
         lines.append(f"| {arm} | `{model_fields}` | {lr} | {f'{params:,}' if params else '—'} | "
-                     f"{acc['flops_per_token'][arm]:.4g} | {full_steps(p, arm)} | {acc['equal_flops_steps'].get(arm, '—')} |")
+                     f"{acc['flops_per_token'][arm]:.4g} | {full_steps(p, arm)} | "
+                     f"{acc['equal_flops_steps'].get(arm, '—')} |")
     lines += ["", "Recursive FLOPs count every supervision step (halting can only make it cheaper) and the backward "
               "of the passes that carry gradient only. An equal-FLOPs run spends the cheapest arm's "
               f"(`{acc['cheapest_arm']}`) training FLOPs with its own full learning-rate schedule.", ""]
@@ -289,7 +292,8 @@ def comparison_markdown(p: dict) -> str:
                   f"ln(vocab) = {p['ln_vocab']:.3f}.", ""]
     lines += run_table(p, key, metric_label, higher) + [""]
     lines += [f"**Equal steps, {arm} vs {p['reference']}:** {v['verdict']}." for arm, v in p["equal_steps"].items()]
-    lines += [f"**Equal FLOPs, {arm} vs {acc['cheapest_arm']}:** {v['verdict']}." for arm, v in p["equal_flops"].items()]
+    lines += [f"**Equal FLOPs, {arm} vs {acc['cheapest_arm']}:** {v['verdict']}."
+              for arm, v in p["equal_flops"].items()]
     lines += ["", f"Rule: {p['spread_rule']}.", "", f"Throughput: {THROUGHPUT_NOTE}."]
     lines += trend_section(p)
     lines += steps_curve_table(runs)
@@ -347,7 +351,8 @@ def run_table(p: dict, key: str, metric_label: str, higher: bool) -> list[str]:
     return lines
 
 
-def steps_curve_table(runs: list[dict], title: str = "## Exact accuracy by supervision steps at evaluation") -> list[str]:
+def steps_curve_table(runs: list[dict],
+                      title: str = "## Exact accuracy by supervision steps at evaluation") -> list[str]:
     """Exact accuracy after 1 .. 2 x halt_max_steps supervision steps (recursive task runs): test-time compute."""
     curves = {}
     for r in runs:

@@ -85,7 +85,8 @@ def from_mixtral(model: MixtralForCausalLM) -> MoEReasonForCausalLM:
     if rope.get("rope_type", "default") != "default":
         blockers.append(f"rope_parameters={rope!r} (needs rope_type 'default')")
     if mc.router_jitter_noise:
-        blockers.append(f"router_jitter_noise={mc.router_jitter_noise!r} (needs 0: Mixtral's jitter also perturbs the experts' input)")
+        blockers.append(f"router_jitter_noise={mc.router_jitter_noise!r} "
+                        "(needs 0: Mixtral's jitter also perturbs the experts' input)")
     if blockers:
         raise ValueError("this Mixtral model cannot be imported as the same function: " + ", ".join(blockers))
     config = MoEReasonConfig(

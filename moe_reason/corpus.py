@@ -32,7 +32,8 @@ SKIPPED_STDLIB_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache
 @dataclass
 class PreparedData:
     """What the trainer trains and evaluates on (`data.prepare_data`)."""
-    train: Dataset  # columns input_ids, labels: [block_size] int32 each (a task: PuzzleDraws; a stream: IterableDataset)
+    # columns input_ids, labels: [block_size] int32 each (a task: PuzzleDraws; a stream: IterableDataset)
+    train: Dataset
     validation: Dataset
     tokenizer: object  # a transformers tokenizer
     summary: dict
@@ -61,7 +62,8 @@ def expand_files(paths: list[str]) -> list[Path]:
             files += found
         elif path.is_file():
             if path.suffix not in LOADERS:
-                raise ValueError(f"data file {path} has unsupported type {path.suffix!r}; use {', '.join(sorted(LOADERS))}")
+                raise ValueError(f"data file {path} has unsupported type {path.suffix!r}; "
+                                 f"use {', '.join(sorted(LOADERS))}")
             files.append(path)
         else:
             raise FileNotFoundError(f"data file or folder not found: {path}")

@@ -61,7 +61,8 @@ class DataArguments(TaskArguments):
         "text file (a book, a dump) splits too. The data summary's split_unit says what was held out. 0: never cut.")})
     max_documents: int | None = field(default=None, metadata={"help": (
         "Use at most this many documents (pieces, after cutting; before the split).")})
-    max_train_tokens: int | None = field(default=None, metadata={"help": "Keep at most this many training tokens (whole blocks)."})
+    max_train_tokens: int | None = field(
+        default=None, metadata={"help": "Keep at most this many training tokens (whole blocks)."})
     data_cache_dir: str = field(default=os.path.join("~", ".cache", "moe_reason", "data"), metadata={"help": (
         "Where prepared datasets are cached; a second run with the same settings loads them in seconds.")})
     preprocessing_num_workers: int = field(default=min(8, os.cpu_count() or 1), metadata={"help": (
@@ -74,7 +75,8 @@ class DataArguments(TaskArguments):
             ("block_size", self.block_size > 1, "an integer > 1"),
             ("tokenizer_vocab_size", self.tokenizer_vocab_size >= 300, "an integer >= 300 (256 bytes + merges)"),
             ("validation_split", 0.0 < self.validation_split < 1.0, "a share in (0, 1)"),
-            ("validation_documents", self.validation_documents is None or self.validation_documents >= 1, "None or >= 1"),
+            ("validation_documents", self.validation_documents is None or self.validation_documents >= 1,
+             "None or >= 1"),
             ("max_documents", self.max_documents is None or self.max_documents >= 2, "None or >= 2"),
             ("max_document_chars", self.max_document_chars in (None, 0) or self.max_document_chars >= 100,
              "None (automatic), 0 (never cut) or >= 100"),

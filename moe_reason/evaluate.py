@@ -65,7 +65,8 @@ class EvaluateArguments:
         "of our own evaluation; needs pip install -e \".[eval]\" and the tasks' data (the Hub, or local files).")})
     lm_eval_include_path: str | None = field(default=None, metadata={"help": (
         "A folder of lm-eval task YAMLs to add to the known tasks (e.g. tasks on local data files).")})
-    lm_eval_limit: int | None = field(default=None, metadata={"help": "Score at most this many examples per lm-eval task."})
+    lm_eval_limit: int | None = field(
+        default=None, metadata={"help": "Score at most this many examples per lm-eval task."})
     curve_puzzles: int = field(default=0, metadata={"help": (
         "Run a recursive model's accuracy-by-supervision-steps curve on the first N puzzles (0 = all of them).")})
 
@@ -98,7 +99,8 @@ def evaluate_model(model, batches, config, gather=lambda t: t, progress: bool = 
     result = summarise_eval(torch.cat(stats), config.vocab_size)
     if recursion_steps:
         steps = torch.cat(recursion_steps)
-        result.update(recursion_steps=float(steps.mean()), halt_rate=float((steps < config.halt_max_steps).float().mean()))
+        result.update(recursion_steps=float(steps.mean()),
+                      halt_rate=float((steps < config.halt_max_steps).float().mean()))
     return result
 
 
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = from_pretrained(AutoModelForCausalLM, eval_args.model_path).to(device)
     if eval_args.eval_halting is not None:
         if not hasattr(model.config, "eval_halting"):
-            raise ValueError(f"--eval_halting {eval_args.eval_halting}: {eval_args.model_path} is not a recursive model")
+            raise ValueError(f"--eval_halting {eval_args.eval_halting}: "
+                             f"{eval_args.model_path} is not a recursive model")
         model.config.eval_halting = eval_args.eval_halting
         model.config.check()  # names the allowed values
     if eval_args.lm_eval_tasks:
@@ -154,7 +157,8 @@ def evaluate_task(eval_args, data_args, model) -> dict:
               "line up with its training (give mazes one --maze_canvas)", file=sys.stderr)
     if eval_args.task_file:
         if settings["task"] != "sudoku":
-            raise ValueError(f"--task_file reads Sudoku collections; {eval_args.model_path} is a {settings['task']} model")
+            raise ValueError(f"--task_file reads Sudoku collections; "
+                             f"{eval_args.model_path} is a {settings['task']} model")
         puzzles, references = read_sudoku_file(eval_args.task_file)
         if puzzles.shape[1] != task.n:
             raise ValueError(f"{eval_args.task_file}: {puzzles.shape[1]}x{puzzles.shape[1]} puzzles, but the model "

@@ -50,7 +50,8 @@ def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def stitched_experts(checkpoint: Path) -> dict[str, torch.Tensor]:
     """Expert-parallel shards -> full expert tensors [E, ...], the ranks' experts in rank order ({} without EP)."""
-    shards = sorted((int(m.group(1)), int(m.group(2)), p) for p in checkpoint.iterdir() if (m := EXPERT_SHARD.match(p.name)))
+    shards = sorted((int(m.group(1)), int(m.group(2)), p)
+                    for p in checkpoint.iterdir() if (m := EXPERT_SHARD.match(p.name)))
     if not shards:
         return {}
     size = shards[0][1]

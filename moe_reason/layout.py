@@ -75,4 +75,5 @@ def complete_checkpoints(output_dir) -> list[Path]:
 def run_outputs(output_dir) -> list[Path]:
     """Everything a run writes into its folder (what --overwrite_output_dir deletes)."""
     root = Path(output_dir)
-    return [*root.glob("checkpoint-*"), *(root / name for name in (BEST, FINAL, TENSORBOARD, METRICS, RUN_ARGS, RESULTS))]
+    return [*root.glob("checkpoint-*"),
+            *(root / name for name in (BEST, FINAL, TENSORBOARD, METRICS, RUN_ARGS, RESULTS))]

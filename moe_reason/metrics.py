@@ -40,7 +40,8 @@ def training_flops_per_token(config, seq_len: int) -> float:
     Q-head (H weights on a pooled state) is negligible and not counted.
     """
     passes, grad_passes, heads = forward_passes(config)
-    return decoder_flops_per_token(config, seq_len) * (passes + 2 * grad_passes) + 3 * heads * head_flops_per_token(config)
+    return (decoder_flops_per_token(config, seq_len) * (passes + 2 * grad_passes)
+            + 3 * heads * head_flops_per_token(config))
 
 
 def forward_passes(config) -> tuple[int, int, int]:

@@ -99,7 +99,8 @@ class MoEReasonAttention(nn.Module):
         self.num_key_value_groups = self.num_heads // self.num_kv_heads  # read by transformers' kernels
         self.scaling = self.head_dim**-0.5
         self.is_causal = not config.bidirectional
-        self.qkv_proj = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
+        self.qkv_proj = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
+                                  bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x, position_embeddings, attention_mask, cache: Cache | None = None, **kwargs):

@@ -141,7 +141,8 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         elif isinstance(module, HaltingHead):
             share = self.config.halt_quantile
             init.zeros_(module.weight)
-            init.constant_(module.bias, -5.0 if self.config.halt_target == "accuracy" else math.log(share / (1 - share)))
+            init.constant_(module.bias,
+                           -5.0 if self.config.halt_target == "accuracy" else math.log(share / (1 - share)))
 
     # ---- the recurrent network
 
@@ -318,8 +319,8 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
     def any_rank_running(self, local: bool, device) -> bool:
         """Whether any rank still has examples running (one small all-reduce per step in distributed training,
         and in distributed evaluation where `evaluates_in_step`)."""
-        if not ((self.training or self.evaluates_in_step) and torch.distributed.is_available() and torch.distributed.is_initialized()
-                and torch.distributed.get_world_size() > 1):
+        if not ((self.training or self.evaluates_in_step) and torch.distributed.is_available()
+                and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
             return local
         flag = torch.tensor([float(local)], device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)

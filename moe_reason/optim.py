@@ -26,8 +26,10 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         else:
             decay.append((name, param))
     groups = [
-        {"name": "decay", "params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay},
-        {"name": "no_decay", "params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "weight_decay": 0.0},
+        {"name": "decay", "params": [p for _, p in decay], "names": [n for n, _ in decay],
+         "weight_decay": weight_decay},
+        {"name": "no_decay", "params": [p for _, p in no_decay], "names": [n for n, _ in no_decay],
+         "weight_decay": 0.0},
     ]
     # an empty group (LoRA trains matrices only) is left out: DeepSpeed drops it, and the schedule, built on
     # the groups given, would then have one learning rate too many

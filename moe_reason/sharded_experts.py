@@ -1,11 +1,11 @@
 """Expert-parallel layers: each rank keeps `num_experts / ep_size` experts of every MoE layer.
 
 What `expert_parallel.ExpertParallel` runs (the trainer never imports this module itself, so a
-run without expert parallelism does not import DeepSpeed). Training-only: the model file never imports this, so an exported model loads without
-DeepSpeed or a process group. `shard_experts` swaps each block's `MoEReasonExperts` for an
-`ExpertParallelExperts` holding this rank's slice; the block's routing, sort-by-expert
-dispatch and weighted combine are unchanged (one code path), and only `run_experts`' callee
-now moves rows to their expert's rank and back.
+run without expert parallelism does not import DeepSpeed). Training-only: the model file never imports
+this, so an exported model loads without DeepSpeed or a process group. `shard_experts` swaps each
+block's `MoEReasonExperts` for an `ExpertParallelExperts` holding this rank's slice; the block's
+routing, sort-by-expert dispatch and weighted combine are unchanged (one code path), and only
+`run_experts`' callee now moves rows to their expert's rank and back.
 
 Process groups are DeepSpeed's (`deepspeed.utils.groups`): with world W and EP size N, the
 expert-parallel groups are consecutive blocks of N ranks (the all-to-all runs inside one),
@@ -87,7 +87,8 @@ class ExpertParallelExperts(MoEReasonExperts, MoE):
         splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()
         send_splits, recv_splits = splits
         # torch's functional collective: autograd sends the gradients back along the reversed splits
-        x_recv = all_to_all_single_autograd(x.contiguous(), recv_splits, send_splits, self.group)  # [M, H] by source rank
+        # [M, H] by source rank
+        x_recv = all_to_all_single_autograd(x.contiguous(), recv_splits, send_splits, self.group)
         # within each source rank's chunk the rows are already grouped by local expert:
         # reorder to (local expert, source rank) so the experts see contiguous rows
         local_ids = torch.arange(L, device=x.device).repeat(N).repeat_interleave(recv_counts.reshape(-1))  # [M]
@@ -159,7 +160,8 @@ def load_shards(model: nn.Module, folder) -> None:
     path = Path(folder) / expert_shard_name(first.ep_rank, first.ep_size)
     if not path.is_file():
         raise FileNotFoundError(f"no {path.name} for expert_parallel_size={first.ep_size}: "
-                                + wrong_expert_parallel_size(folder, saved_expert_parallel_sizes(folder), first.ep_size))
+                                + wrong_expert_parallel_size(folder, saved_expert_parallel_sizes(folder),
+                                                             first.ep_size))
     tensors = load_file(path)
     for name, e in experts:
         for p in ("up_proj", "down_proj"):

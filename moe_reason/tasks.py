@@ -48,8 +48,8 @@ class TaskArguments:
     sudoku_blanks: int | None = field(default=None, metadata={"help": (
         "Blank cells per Sudoku (difficulty), kept only while the solution stays unique; default 45 at 9x9, "
         f"{DEFAULT_BLANKS[6]} at 6x6, {DEFAULT_BLANKS[4]} at 4x4. At 9x9, 20 blanks need about 1.3 rounds of "
-        "single-candidate filling, 30 about 2.1, 45 about 4.7 (one in a hundred needs a guess), 55 about 10 (a third need a "
-        "guess). The data summary reports the rounds its puzzles need.")})
+        "single-candidate filling, 30 about 2.1, 45 about 4.7 (one in a hundred needs a guess), 55 about 10 "
+        "(a third need a guess). The data summary reports the rounds its puzzles need.")})
     maze_min_path: int | None = field(default=None, metadata={"help": (
         "Shortest-path length in cells (start and goal included) a maze must reach (difficulty); default 2 x size.")})
     maze_wall_share: float = field(default=0.3, metadata={"help": "Share of maze cells drawn as walls."})
@@ -257,8 +257,8 @@ def task_tokenizer(task, formulation) -> PreTrainedTokenizerFast:
 
 def generate_splits(task, train: int, test: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Test puzzles first, then training puzzles that are no augmentation of a test (or an earlier training)
-    puzzle, judged by `task.key` (on the solution grid where there are enough of them). Each split has its own seeded stream, so its puzzles do not depend on
-    the other's size."""
+    puzzle, judged by `task.key` (on the solution grid where there are enough of them). Each split has its own
+    seeded stream, so its puzzles do not depend on the other's size."""
     keys, splits = set(), {}
     for name, count, stream in (("test", test, 1), ("train", train, 0)):
         rng = np.random.default_rng([seed, stream])

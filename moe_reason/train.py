@@ -422,7 +422,8 @@ class Trainer:
         config = build_config(self.model_args, task=task)  # invalid model fields fail here
         check_block_fits(self.data_args.sequence_length(), config,
                          f" (--model_preset {self.model_args.model_preset}): pass --max_position_embeddings "
-                         f"{self.data_args.sequence_length()} or more" + ("" if task else ", or a smaller --block_size"))
+                         f"{self.data_args.sequence_length()} or more"
+                         + ("" if task else ", or a smaller --block_size"))
         num_experts = config.num_experts
         resolve_global_batch(args, int(os.environ.get("WORLD_SIZE", "1")))
         self.accelerator = accelerator = make_accelerator(args)
@@ -452,7 +453,8 @@ class Trainer:
         with accelerator.main_process_first():
             self.data = prepare_data(self.data_args, log=accelerator.print, rank=accelerator.process_index,
                                      world_size=accelerator.num_processes)
-        accelerator.print(f"data: {json.dumps({k: self.data.summary[k] for k in ('train', 'validation', 'cache_hit')})}")
+        shown = {k: self.data.summary[k] for k in ("train", "validation", "cache_hit")}
+        accelerator.print(f"data: {json.dumps(shown)}")
         model, self.config = build_model(self.model_args, args, self.data, accelerator, self.expert_parallel)
         self.parameters = sum(p.numel() for p in model.parameters())  # this rank's share under expert parallelism
         if is_lora(model):
@@ -520,7 +522,8 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(self.config, seq_len)
         self.tokens_per_micro_batch = args.per_device_train_batch_size * seq_len * accelerator.num_processes
         matmul_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
-        self.peak = args.peak_tflops * 1e12 if args.peak_tflops else measure_peak_flops(accelerator.device, matmul_dtype)
+        self.peak = (args.peak_tflops * 1e12 if args.peak_tflops
+                     else measure_peak_flops(accelerator.device, matmul_dtype))
         if accelerator.is_main_process:  # written only now: a run that failed in set-up leaves no claim on the folder
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / RUN_ARGS).write_text(json.dumps(self.run_args, indent=2, default=str))

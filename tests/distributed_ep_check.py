@@ -97,7 +97,8 @@ def main() -> None:
     for module in (full, sharded.mlp):
         module.zero_grad()
         with torch.no_grad():
-            module.router.weight.copy_(torch.cat([full.router.weight[:2].abs() + 0.1, torch.zeros(2, config.hidden_size)]))
+            module.router.weight.copy_(torch.cat([full.router.weight[:2].abs() + 0.1,
+                                                  torch.zeros(2, config.hidden_size)]))
     result |= compare("rank1_empty", full, sharded, torch.randn(2, 8, config.hidden_size).abs())
 
     # export gathers full experts; shards round-trip; another EP size is refused

@@ -18,7 +18,8 @@ TINY = {
     "data_throughput.py": ["--preset", "debug", "--steps", "1", "--batch_size", "2", "--block_size", "32",
                            "--max_documents", "40", "--stream_tokens", "2000"],
 }
-LAST_LINE = {"throughput.py": r"ratio ours/mixtral: \d+\.\d\d", "recursion_overhead.py": r"ratio measured/FLOPs: \d+\.\d\d",
+LAST_LINE = {"throughput.py": r"ratio ours/mixtral: \d+\.\d\d",
+             "recursion_overhead.py": r"ratio measured/FLOPs: \d+\.\d\d",
              "data_throughput.py": r"ratio streaming/training: \d+\.\d"}
 
 

@@ -117,7 +117,8 @@ def test_compiled_recursive_model_trains_like_eager_while_halting_changes_the_ba
 @pytest.mark.parametrize("model_type, backend", [
     pytest.param("base", "aot_eager", marks=pytest.mark.full),
     pytest.param("recursive", "aot_eager", marks=pytest.mark.full),
-    pytest.param("base", "inductor", marks=pytest.mark.full), pytest.param("recursive", "inductor", marks=pytest.mark.full)])
+    pytest.param("base", "inductor", marks=pytest.mark.full),
+    pytest.param("recursive", "inductor", marks=pytest.mark.full)])
 def test_trainer_with_torch_compile_reproduces_the_eager_losses(tmp_path, model_type, backend):
     corpus = write_corpus(tmp_path, n=80)
     argvs = [train_args(tmp_path, corpus, model_type=model_type, output_dir=tmp_path / f"compile_{compile_}",

@@ -129,7 +129,8 @@ def test_bad_input_gets_a_clear_error(tmp_path, case):
         (tmp_path / "blank.txt").write_text("   \n")
         args, err, match = args_for(tmp_path, tmp_path / "blank.txt"), ValueError, "corpus is empty"
     elif case == "no_text_column":
-        args, err, match = args_for(tmp_path, write_corpus(tmp_path, column="body")), ValueError, "'text' not found.*body"
+        args = args_for(tmp_path, write_corpus(tmp_path, column="body"))
+        err, match = ValueError, "'text' not found.*body"
     elif case == "no_validation_left":
         args = args_for(tmp_path, write_corpus(tmp_path), max_documents=5)
         err, match = ValueError, "leave no training data"

@@ -97,8 +97,8 @@ def test_evaluate_reproduces_the_trainers_final_validation_loss(tmp_path, corpus
                   "--validation_documents", "6", "--data_cache_dir", str(tmp_path / "eval_cache"),
                   "--preprocessing_num_workers", "1"]
     # the CLI's main in this process: it builds no Accelerator, so nothing is left behind
-    evaluate_main(["--model_path", str(out / "final"), "--max_blocks", "8", "--output_file", str(tmp_path / "eval.json"),
-                   *data_flags])
+    evaluate_main(["--model_path", str(out / "final"), "--max_blocks", "8",
+                   "--output_file", str(tmp_path / "eval.json"), *data_flags])
     printed = capsys.readouterr().out
     written = json.loads((tmp_path / "eval.json").read_text())
     assert written == json.loads(printed[printed.index("{"):])
@@ -184,8 +184,8 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     saved.write_text(json.dumps({**json.loads(saved.read_text()), "rms_norm_eps": 1e-3}))
     ablate_main([str(tmp_path / "grid.yaml"), "--output_dir", str(out), "--variants", "baseline"])
     printed = capsys.readouterr().out
-    assert f"[FAILED] baseline/seed_0 (1/2): interrupted earlier (at {checkpoint.name}), but its arguments now build a " \
-        "different model (rms_norm_eps: 0.001 there, 1e-06 now)" in printed and "[start]" not in printed
+    assert f"[FAILED] baseline/seed_0 (1/2): interrupted earlier (at {checkpoint.name}), but its arguments now " \
+        "build a different model (rms_norm_eps: 0.001 there, 1e-06 now)" in printed and "[start]" not in printed
     assert json.loads(saved.read_text())["rms_norm_eps"] == 1e-3
     assert not (out / "baseline" / "seed_0" / RESULTS).exists()
 
@@ -270,7 +270,8 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
     assert {k for k in base0.keys() | rec0.keys() if base0.get(k) != rec0.get(k)} == \
         {"model_type", "h_cycles", "l_cycles", "halt_max_steps"}
     for side in ("equal_steps", "equal_flops"):
-        assert payload[side]["recursive"]["verdict"] and payload[side]["recursive"]["beyond_seed_spread"] in (True, False)
+        verdict = payload[side]["recursive"]
+        assert verdict["verdict"] and verdict["beyond_seed_spread"] in (True, False)
     report = (out / "COMPARISON.md").read_text()
     assert "Equal steps, recursive vs baseline:" in report and "Equal FLOPs, recursive vs baseline:" in report
     assert "ln(vocab)" in report
@@ -318,7 +319,8 @@ def test_the_equal_flops_gap_along_the_budget_pairs_seeds_at_the_same_share_of_t
             run("recursive_equal_flops", 1, 8, [[1, 9.0, 0], [4, 4.5, 0], [6, 3.2, 0], [8, 2.0, 0]]),
             run("recursive_equal_flops", 2, 8, [[4, 0.0, 0]])]  # no baseline run of seed 2: left out
     rows = budget_trend(runs, "baseline", "recursive_equal_flops")
-    assert [(r["share"], r["arm_step"], r["reference_step"]) for r in rows] == [(0.5, 4, 20), (0.75, 6, 30), (1.0, 8, 40)]
+    assert [(r["share"], r["arm_step"], r["reference_step"]) for r in rows] == \
+        [(0.5, 4, 20), (0.75, 6, 30), (1.0, 8, 40)]
     assert rows[0]["seeds"] == [0, 1] and rows[0]["reference_loss"] == (3.5, pytest.approx(0.5 ** 0.5))
     assert [r["gap"][0] for r in rows] == pytest.approx([0.5, 0.1, 0.0])  # seed 0: 0.5, 0, 0; seed 1: 0.5, 0.2, 0
     assert trend_verdict(rows).startswith("the gap shrinks: from +0.5000 ± 0.0000 at 50% of the budget to +0.0000")
@@ -350,7 +352,8 @@ def test_compare_takes_any_number_of_named_arms_and_refuses_a_reference_that_nam
                           ({"arms": {"only": {"model_type": "base"}}}, "two or more arm names"),
                           ({"arms": {**arms, "b": {"model_type": "base", "max_steps": 10}}}, "and learning_rate only"),
                           ({"baseline": {}}, "either 'arms:' or the two-arm form"),
-                          ({"transfer": {"task_size": 8}}, "transfer scores task runs on other puzzles; base has no task"),
+                          ({"transfer": {"task_size": 8}},
+                           "transfer scores task runs on other puzzles; base has no task"),
                           ({"transfer": {"learning_rate": 1.0}}, "transfer \\(task arguments\\) has unknown")]:
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**spec, **change}))
         with pytest.raises(ValueError, match=error):

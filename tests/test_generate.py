@@ -84,4 +84,5 @@ def test_lm_eval_harness_scores_an_export_on_a_task_of_local_files(tmp_path):
                             "--lm_eval_include_path", str(tmp_path / "tasks"), "--lm_eval_limit", "2"])
     accuracy = result["results"]["colours"]["acc,none"]
     assert 0.0 <= accuracy <= 1.0 and result["n-samples"]["colours"]["effective"] == 2
-    assert json.loads((tmp_path / "model" / "eval_lm_eval.json").read_text())["results"]["colours"]["acc,none"] == accuracy
+    saved = json.loads((tmp_path / "model" / "eval_lm_eval.json").read_text())
+    assert saved["results"]["colours"]["acc,none"] == accuracy

@@ -41,7 +41,8 @@ def test_one_cycle_without_act_is_the_base_model_applied_twice():
     torch.testing.assert_close(model(ids).logits, base(inputs_embeds=hidden).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode,grad_passes", [("last_cycle", [False] * 3 + [True] * 3), ("one_step", [False] * 4 + [True] * 2)])
+@pytest.mark.parametrize("mode,grad_passes", [("last_cycle", [False] * 3 + [True] * 3),
+                                              ("one_step", [False] * 4 + [True] * 2)])
 def test_gradient_flows_only_through_the_configured_passes(mode, grad_passes):
     model = recursive(h_cycles=2, l_cycles=2, halt_max_steps=1, use_act=False, recursion_gradient=mode).train()
     seen = []
@@ -89,7 +90,8 @@ def test_training_statistics_without_logits_equal_the_logits_path(stablemax_loss
 
 def test_q_head_gets_gradient_and_aux_loss_counts_every_pass():
     # towards "accuracy": under the default "loss_rank" a median split gives the bias no net gradient at q = 0
-    model = recursive(h_cycles=2, l_cycles=1, halt_max_steps=2, router_aux_loss_coef=0.1, halt_target="accuracy").train()
+    model = recursive(h_cycles=2, l_cycles=1, halt_max_steps=2, router_aux_loss_coef=0.1,
+                      halt_target="accuracy").train()
     ids = random_ids()
     out = model(ids, labels=ids)
     out.loss.backward()

@@ -177,7 +177,8 @@ def test_task_file_reads_text_and_csv_and_names_a_malformed_line(tmp_path):
     assert (solutions[0].reshape(-1) == [int(c) for c in SOLVED]).all()
     for name, line, error in [("short.txt", "4..31.4224..3..", "line 2: the puzzle has 15 characters"),
                               ("letters.txt", "4..31.4224..3..x", "line 2: the puzzle holds 'x'"),
-                              ("blank_solution.txt", f"4..31.4224..3...,{SOLVED[:-1]}.", "line 2: the solution holds '.'")]:
+                              ("blank_solution.txt", f"4..31.4224..3...,{SOLVED[:-1]}.",
+                               "line 2: the solution holds '.'")]:
         (tmp_path / name).write_text("# header\n" + line + "\n")
         with pytest.raises(ValueError, match=error):
             read_sudoku_file(tmp_path / name)

@@ -82,7 +82,8 @@ def test_resume_is_exact(tmp_path, corpus):
     resumed, other_model = main_cases([
         train_args(tmp_path, corpus, output_dir=halves, resume_from_checkpoint="latest", **noisy),
         # the same weight shapes, another model: it would load silently and train as something else
-        train_args(tmp_path, corpus, output_dir=halves, resume_from_checkpoint="latest", num_experts_per_tok=1, **noisy)])
+        train_args(tmp_path, corpus, output_dir=halves, resume_from_checkpoint="latest", num_experts_per_tok=1,
+                   **noisy)])
     assert resumed is None
     assert other_model.startswith("ValueError: ") and "checkpoint-6 holds a different model" in other_model \
         and "num_experts_per_tok: 2 there, 1 now" in other_model and "run_args.json" in other_model, other_model
@@ -90,7 +91,8 @@ def test_resume_is_exact(tmp_path, corpus):
     results = json.loads((halves / "train_results.json").read_text())
     assert 1000 < results["wall_seconds"] < 1000 + json.loads((straight / "train_results.json").read_text())[
         "wall_seconds"] * 5  # both halves' time: throughput is over the whole run, not its last start
-    assert results["tokens_per_s"] == pytest.approx(results["step"] * results["tokens_per_step"] / results["wall_seconds"])
+    assert results["tokens_per_s"] == \
+        pytest.approx(results["step"] * results["tokens_per_step"] / results["wall_seconds"])
     a, b = load_file(straight / "final" / "model.safetensors"), load_file(halves / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -136,7 +138,8 @@ def assert_zero_run_learned_and_exported_its_gathered_weights(out, tmp_path, cor
     exported = load_file(out / "final" / "model.safetensors")
     for name, tensor in exported.items():
         torch.testing.assert_close(tensor, gathered[name], atol=0, rtol=0, msg=name)
-    assert evaluate_export(out / "final", tmp_path, corpus) == pytest.approx(eval_records(out)[-1]["eval/loss"], abs=1e-5)
+    assert evaluate_export(out / "final", tmp_path, corpus) == \
+        pytest.approx(eval_records(out)[-1]["eval/loss"], abs=1e-5)
     assert_export_cli_matches_final(out)  # DeepSpeed's module file (ZeRO-2) or its fp32 partitions (ZeRO-3)
 
 
@@ -277,8 +280,9 @@ def test_bf16_mixed_precision_on_cpu_tracks_fp32(tmp_path, corpus, model_type):
     assert bf16_eval == pytest.approx(fp32_eval, abs=5e-3)
 
 
+# DeepSpeed cases last: they leave a process group
 BAD_SETUPS = ["unknown_arg", "unknown_preset", "bad_yaml", "occupied_output", "bad_resume", "indivisible_batch",
-              "block_over_positions", "fp16_on_cpu", "ds_contradiction", "recursive_zero3"]  # DeepSpeed cases last: they leave a process group
+              "block_over_positions", "fp16_on_cpu", "ds_contradiction", "recursive_zero3"]
 
 
 def bad_setup(tmp_path, corpus, case) -> tuple[list[str], str]:
