@@ -9,6 +9,7 @@ fields and docstring, so every config field is settable and documented in one pl
 
 import dataclasses
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -114,6 +115,9 @@ class TrainingArguments:
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     warmup_steps: int = field(default=50, metadata={"help": "Linear warmup steps (0 = none; may exceed max_steps)."})
+    warmup_ratio: float | None = field(default=None, metadata={"help": (
+        "Warm up for this share of max_steps (rounded up) instead of --warmup_steps, so that runs of different "
+        "lengths (compare's equal-FLOPs runs) spend the same share of their schedule warming up.")})
     lr_scheduler: str = field(default="cosine", metadata={"help": (
         f"Decay after warmup: one of {LR_SCHEDULERS}. seeds_linear is the Exp8 seeds' max(min_lr_ratio, "
         "(max_steps - step) / (max_steps - warmup_steps)), which reaches its floor before the last step.")})
@@ -169,6 +173,7 @@ class TrainingArguments:
         checks = [
             ("learning_rate", self.learning_rate > 0, "> 0"),
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("warmup_ratio", self.warmup_ratio is None or 0.0 <= self.warmup_ratio < 1.0, "None or in [0, 1)"),
             ("eval_batches", self.eval_batches >= 0, ">= 0"),
             ("lr_scheduler", self.lr_scheduler in LR_SCHEDULERS, f"one of {LR_SCHEDULERS}"),
             ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "in [0, 1]"),
@@ -183,6 +188,12 @@ class TrainingArguments:
             require(self, name, ok, allowed)
         if self.deepspeed:
             load_mapping(self.deepspeed, "DeepSpeed config")  # a syntax error is named here, with the file
+
+    def warmup(self) -> int:
+        """The warm-up in steps: --warmup_ratio of max_steps when given, else --warmup_steps."""
+        if self.warmup_ratio is None:
+            return self.warmup_steps
+        return math.ceil(round(self.warmup_ratio * self.max_steps, 9))  # 0.07 x 100 is 7.000000000000001
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)

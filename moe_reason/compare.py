@@ -24,7 +24,8 @@ A comparison file:
 The arms may set model fields, and `learning_rate` where each arm is to train at its own best
 one (the report names each arm's); batch, schedule, data and seed are the base's.
 Runs per seed: every arm at `max_steps` (equal steps) and, with `equal_flops`, each costlier arm
-at the steps that spend the cheapest arm's FLOPs (its own full schedule). `equal_steps: false` keeps
+at the steps that spend the cheapest arm's FLOPs (its own full schedule: a base `warmup_steps` is the
+same number of steps in every run, a base `warmup_ratio` the same share of each). `equal_steps: false` keeps
 only the cheapest arm's `max_steps` run (the equal-FLOPs reference) and the equal-FLOPs runs: the
 costlier arms' full-length runs are what makes a long study long. With a task base each
 finished run's export is scored on the held-out puzzles (`task_eval`). Writes `comparison.json`,

@@ -84,5 +84,5 @@ def make_optimizer_and_scheduler(model, args, device: torch.device):
         lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
         fused=fused_adamw(device))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
-        step, args.warmup_steps, args.max_steps, args.lr_scheduler, args.min_lr_ratio))
+        step, args.warmup(), args.max_steps, args.lr_scheduler, args.min_lr_ratio))
     return optimizer, scheduler

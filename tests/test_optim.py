@@ -46,6 +46,26 @@ def test_warmup_longer_than_training_never_decays():
     assert [lr_multiplier(s, 20, 10, "cosine", 0.1) for s in range(10)] == [(s + 1) / 20 for s in range(10)]
 
 
+def test_warmup_ratio_warms_every_run_length_up_for_the_same_share():
+    def schedule(**kw):
+        args = TrainingArguments(output_dir="unused", learning_rate=1.0, **kw)
+        optimizer, scheduler = make_optimizer_and_scheduler(torch.nn.Linear(2, 2), args, torch.device("cpu"))
+        lrs = []
+        for _ in range(args.max_steps):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step(), scheduler.step()
+        return args.warmup(), lrs
+
+    assert schedule(max_steps=200, warmup_steps=20)[0] == 20
+    warmup, lrs = schedule(max_steps=38, warmup_steps=20, warmup_ratio=0.1)  # the ratio replaces the steps
+    first_decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 34))  # cosine to the default floor over 34 steps
+    assert warmup == 4 and lrs[:6] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, first_decay])
+    assert schedule(max_steps=100, warmup_ratio=0.07)[0] == 7  # not 8: 0.07 x 100 is 7.000000000000001
+    assert schedule(max_steps=3000, warmup_ratio=0.1)[0] == 300
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        TrainingArguments(output_dir="unused", warmup_ratio=1.0)
+
+
 def test_unknown_schedule_is_refused():
     with pytest.raises(ValueError, match="lr_scheduler='step'"):
         lr_multiplier(5, 0, 10, "step")
