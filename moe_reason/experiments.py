@@ -36,7 +36,7 @@ from .checkpointing import complete_checkpoints
 from .evaluate import main as evaluate_main
 from .layout import FINAL, METRICS, RESULTS, TASK_EVAL
 from .tasks import TaskArguments
-from .train import TOKENIZER_FIELDS, config_drift, main as train_main
+from .train import TOKENIZER_FIELDS, config_drift, describe_drift, main as train_main
 
 LAUNCHERS = ("in_process", "accelerate")
 RUN_SPEC = "experiment_run.json"  # the arguments a run folder was made with
@@ -230,11 +230,10 @@ def run_training(name: str, values: dict, run_dir: Path, launcher: str = "in_pro
         saved = run_dir / FINAL if finished else checkpoints[-1]
         drift = model_drift(saved, values)
         if drift:
-            changes = ", ".join(f"{k}: {then!r} there, {now!r} now" for k, (then, now) in drift.items())
             state = "finished earlier" if finished else f"interrupted earlier (at {saved.name})"
-            error = (f"{state}, but its arguments now build a different model ({changes}): a default changed "
-                     f"since. Pin the old value(s) in the experiment file to keep this run, or delete {run_dir} "
-                     "to train it again with the new one(s)")
+            error = (f"{state}, but its arguments now build a different model ({describe_drift(drift)}): a "
+                     "default changed since. Pin the old value(s) in the experiment file to keep this run, or "
+                     f"delete {run_dir} to train it again with the new one(s)")
             print(f"[FAILED] {name}: {error}", flush=True)
             return {"name": name, "status": "failed", "error": error, "output_dir": str(run_dir), "wall_seconds": 0.0,
                     "skipped": True}  # nothing trained: the ETA must not count it

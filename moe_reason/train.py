@@ -290,6 +290,11 @@ def config_drift(saved: Path, now) -> dict:
     return {k: (then.get(k), now[k]) for k in fields if then.get(k) != now[k]}
 
 
+def describe_drift(drift: dict) -> str:
+    """`config_drift`'s fields for a message: "name: saved there, built now, ..."."""
+    return ", ".join(f"{k}: {then!r} there, {now!r} now" for k, (then, now) in drift.items())
+
+
 def build_model(model_args, args, data, accelerator, expert_parallel):
     """The model for this run's tokenizer, this rank's experts kept under expert parallelism -> (model, config)."""
     config = build_config(model_args, vocab_size=len(data.tokenizer), task=data.summary.get("task"))
@@ -489,10 +494,9 @@ class Trainer:
                               f"finish); resuming from the newest complete checkpoint, {checkpoint.name}")
         drift = config_drift(checkpoint, self.config)
         if drift:
-            changes = ", ".join(f"{k}: {then!r} there, {now!r} now" for k, (then, now) in drift.items())
-            raise ValueError(f"{checkpoint} holds a different model than these arguments build ({changes}): resume "
-                             f"with the arguments it was trained with ({self.out / RUN_ARGS}), or train into "
-                             "another --output_dir")
+            raise ValueError(f"{checkpoint} holds a different model than these arguments build "
+                             f"({describe_drift(drift)}): resume with the arguments it was trained with "
+                             f"({self.out / RUN_ARGS}), or train into another --output_dir")
         saved = load_checkpoint(accelerator, self.model, checkpoint, self.expert_parallel)
         if self.ema is not None:
             if not (checkpoint / EMA_WEIGHTS).is_file():
