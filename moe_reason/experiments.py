@@ -28,15 +28,14 @@ from pathlib import Path
 
 import yaml
 from accelerate.state import AcceleratorState, GradientState
-from transformers import AutoConfig, HfArgumentParser
-from transformers.utils import CONFIG_NAME
+from transformers import HfArgumentParser
 
 from .arguments import ARGUMENT_CLASSES, ModelArguments, build_config, load_mapping, parse_args, to_argv
 from .checkpointing import complete_checkpoints
 from .evaluate import main as evaluate_main
 from .layout import FINAL, METRICS, RESULTS, TASK_EVAL
 from .tasks import TaskArguments
-from .train import TOKENIZER_FIELDS, config_drift, describe_drift, main as train_main
+from .train import TOKENIZER_FIELDS, config_drift, describe_drift, main as train_main, saved_config
 
 LAUNCHERS = ("in_process", "accelerate")
 RUN_SPEC = "experiment_run.json"  # the arguments a run folder was made with
@@ -293,13 +292,13 @@ def score_task_run(run_dir: Path, values: dict, transfer: dict | None = None) ->
 def model_drift(saved: Path, values: dict) -> dict:
     """{field: (saved, built now)} for the model fields where the config a run saved (its final/ export or a
     checkpoint) differs from the config its arguments build with today's code; empty when they agree."""
-    if not (saved / CONFIG_NAME).is_file():
+    then = saved_config(saved)
+    if then is None:
         return {}
-    then = AutoConfig.from_pretrained(saved)
     now = build_config(parse_args(to_argv(values))[0], vocab_size=then.vocab_size, task=getattr(then, "task", None))
     for name in TOKENIZER_FIELDS:  # the run's tokenizer sets them, not its arguments
         setattr(now, name, getattr(then, name))
-    return config_drift(saved, now)
+    return config_drift(then, now)
 
 
 def _spec_of(run_dir: Path):

@@ -83,6 +83,7 @@ def make_optimizer_and_scheduler(model, args, device: torch.device):
         [{k: v for k, v in g.items() if k != "names"} for g in parameter_groups(model, args.weight_decay)],
         lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
         fused=fused_adamw(device))
+    warmup = args.warmup()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
-        step, args.warmup(), args.max_steps, args.lr_scheduler, args.min_lr_ratio))
+        step, warmup, args.max_steps, args.lr_scheduler, args.min_lr_ratio))
     return optimizer, scheduler

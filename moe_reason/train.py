@@ -277,12 +277,15 @@ def token_ids(tokenizer) -> dict:
     return dict(zip(TOKENIZER_FIELDS, (tokenizer.bos_token_id, tokenizer.eos_token_id, pad)))
 
 
-def config_drift(saved: Path, now) -> dict:
-    """{field: (saved, now)} for the model fields where the config saved in `saved` (an export or a checkpoint)
-    differs from the config `now`; empty when they agree or `saved` holds no config."""
-    if not (saved / CONFIG_NAME).is_file():
-        return {}
-    then = AutoConfig.from_pretrained(saved)  # through from_dict: how the export itself loads
+def saved_config(folder: Path):
+    """The model config an export or a checkpoint saved (through from_dict: how the export itself loads), or
+    None where it saved none."""
+    return AutoConfig.from_pretrained(folder) if (folder / CONFIG_NAME).is_file() else None
+
+
+def config_drift(then, now) -> dict:
+    """{field: (then, now)} for the model fields where the saved config `then` differs from the config `now`;
+    empty when they agree."""
     if then.model_type != now.model_type:
         return {"model_type": (then.model_type, now.model_type)}
     fields = sorted(type(now).field_names())
@@ -492,7 +495,8 @@ class Trainer:
         if unfinished:
             accelerator.print(f"{', '.join(p.name for p in unfinished)}: no trainer_state.json (the save did not "
                               f"finish); resuming from the newest complete checkpoint, {checkpoint.name}")
-        drift = config_drift(checkpoint, self.config)
+        then = saved_config(checkpoint)
+        drift = config_drift(then, self.config) if then is not None else {}
         if drift:
             raise ValueError(f"{checkpoint} holds a different model than these arguments build "
                              f"({describe_drift(drift)}): resume with the arguments it was trained with "
