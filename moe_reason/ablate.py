@@ -21,8 +21,15 @@ every run), `ablation_comparison.png` and `SUMMARY.md`. A failed run is recorded
 error and the grid goes on; rerunning the command skips finished runs and resumes
 interrupted ones. `--max_hours H` starts no run after H hours (the report covers those done and
 names the variants it lacks), and a one-line ETA follows every run.
+
+results.json is the grid's record: a command narrowed by --variants or --seeds keeps the other
+finished runs in it, and a finished run whose folder is gone (deleted to free the disk, or a fresh
+clone that holds only a committed results.json copied into output_dir) is kept from it while its
+arguments are unchanged, instead of trained again. Such a run cannot be checked for a model default
+changed since (that needs its saved config), so the runner says it kept it.
 """
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,17 +79,24 @@ def run_grid(grid: dict) -> dict:
     print(f"ablation {grid['path']}: {len(grid['variants'])} variants x {len(grid['seeds'])} seeds = {total} runs "
           f"-> {out}", flush=True)
     budget = RunBudget(total, grid.get("max_hours"))
+    earlier = earlier_runs(out / REPORT.json, grid["in_file"])
     plan = [(variant, overrides, seed) for variant, overrides in grid["variants"].items() for seed in grid["seeds"]]
     for variant, overrides, seed in plan:
         if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
             break
         values = {**grid["base"], **overrides, "seed": seed}
-        record = run_training(f"{variant}/seed_{seed} ({len(runs) + 1}/{total})", values,
-                              out / variant / f"seed_{seed}", grid["launcher"], grid["accelerate_config"])
+        name, run_dir = f"{variant}/seed_{seed} ({len(runs) + 1}/{total})", out / variant / f"seed_{seed}"
+        kept = earlier.pop((variant, seed), None)
+        if kept and kept["config"] == values and not run_dir.exists():
+            record = {**kept, "name": name, "skipped": True}
+            print(f"[kept] {name}: its folder is gone; kept from {REPORT.json} (val loss "
+                  f"{kept['final_val_loss']:.4f}; a model default changed since could not be checked)", flush=True)
+        else:
+            record = run_training(name, values, run_dir, grid["launcher"], grid["accelerate_config"])
         runs.append({**record, "variant": variant, "seed": seed, "overrides": overrides, "config": values})
-        write_json(out / REPORT.json, results_payload(grid, runs))
+        write_json(out / REPORT.json, results_payload(grid, runs, earlier))
         budget.after(len(runs), record)
-    payload = results_payload(grid, runs)
+    payload = results_payload(grid, runs, earlier)
     write_json(out / REPORT.json, payload)
     REPORT.write(payload, out)
     failed = [r["name"] for r in runs if r["status"] == "failed"]
@@ -91,8 +105,22 @@ def run_grid(grid: dict) -> dict:
     return payload
 
 
-def results_payload(grid: dict, runs: list[dict]) -> dict:
-    """Runs plus per-variant statistics across seeds, ranked by mean final validation loss."""
+def earlier_runs(path: Path, in_file: list[str]) -> dict:
+    """{(variant, seed): record} of the finished runs an earlier results.json holds, for variants still in the grid."""
+    if not path.is_file():
+        return {}
+    try:
+        payload = json.loads(path.read_text())
+        runs = payload["runs"] + payload.get("other_runs", [])
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a results.json written by this runner ({error!r}); move it aside to "
+                         "start the grid's record afresh") from error
+    return {(r["variant"], r["seed"]): r for r in runs if r["status"] == "finished" and r["variant"] in in_file}
+
+
+def results_payload(grid: dict, runs: list[dict], earlier: dict | None = None) -> dict:
+    """Runs plus per-variant statistics across seeds, ranked by mean final validation loss; `other_runs` keeps
+    the earlier finished runs this command did not plan or reach (a narrowed or budgeted command), not reported."""
     variants = {}
     reference = [r["final_val_loss"] for r in runs if r["variant"] == grid["reference"] and r["status"] == "finished"]
     for name in grid["variants"]:
@@ -117,7 +145,8 @@ def results_payload(grid: dict, runs: list[dict]) -> dict:
     not_in_report = [name for name in grid.get("in_file", grid["variants"]) if name not in variants]
     return {"grid": grid["path"], "description": grid["description"], "reference": grid["reference"],
             "seeds": grid["seeds"], "base": grid["base"], "ln_vocab": ln_vocab, "ranking": ranking,
-            "variants": variants, "not_in_report": not_in_report, "runs": runs, "spread_rule": SPREAD_RULE}
+            "variants": variants, "not_in_report": not_in_report, "runs": runs, "spread_rule": SPREAD_RULE,
+            "other_runs": list((earlier or {}).values())}
 
 
 def summary_markdown(payload: dict) -> str:

@@ -1,6 +1,7 @@
 """Evaluation, the ablation runner, the baseline-vs-recursive comparison and the shipped experiment files."""
 
 import json
+import shutil
 import warnings
 
 import pytest
@@ -188,6 +189,40 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
         "build a different model (rms_norm_eps: 0.001 there, 1e-06 now)" in printed and "[start]" not in printed
     assert json.loads(saved.read_text())["rms_norm_eps"] == 1e-3
     assert not (out / "baseline" / "seed_0" / RESULTS).exists()
+
+
+def test_a_run_whose_folder_is_gone_is_kept_from_results_json_while_its_arguments_hold(tmp_path, corpus, capsys):
+    # a committed report copied into a fresh clone's output folder: its runs' folders are not there
+    grid = {"seeds": [0], "base": tiny_base(tmp_path, corpus), "variants": {"a": {}, "b": {"learning_rate": 1e-3}}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
+    out, command = tmp_path / "ablation", [str(tmp_path / "grid.yaml"), "--output_dir", str(tmp_path / "ablation")]
+    first = ablate_main(command)
+    shutil.rmtree(out / "b")
+    capsys.readouterr()
+    again = ablate_main(command)
+    printed = capsys.readouterr().out
+    assert "[kept] b/seed_0 (2/2): its folder is gone; kept from results.json (val loss" in printed
+    assert printed.count("[skip]") == 1 and "[start]" not in printed and not (out / "b").exists()
+    assert again["variants"] == first["variants"]
+
+    ablate_main(command + ["--variants", "a"])  # a narrowed command keeps b in the grid's record
+    assert [r["variant"] for r in json.loads((out / "results.json").read_text())["other_runs"]] == ["b"]
+    assert ablate_main(command)["variants"]["b"] == first["variants"]["b"]
+    assert "[kept] b/seed_0" in capsys.readouterr().out
+
+    grid["variants"]["b"] = {"learning_rate": 2e-3}  # its arguments changed: trained again, not kept
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
+    capsys.readouterr()
+    changed = ablate_main(command)
+    printed = capsys.readouterr().out
+    assert "[kept]" not in printed and "[start] b/seed_0" in printed and (out / "b" / "seed_0" / RESULTS).is_file()
+    assert changed["variants"]["b"]["val_loss_mean"] != first["variants"]["b"]["val_loss_mean"]
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.json").write_text("{\"runs\": ")  # cut short: refused before any run
+    with pytest.raises(ValueError, match="other/results.json is not a results.json written by this runner"):
+        ablate_main(command[:1] + ["--output_dir", str(tmp_path / "other")])
+    assert not (tmp_path / "other" / "a").exists()
 
 
 def test_a_spent_budget_still_trains_one_run_and_a_report_with_no_finished_run_plots(tmp_path, capsys):
