@@ -22,20 +22,16 @@ error and the grid goes on; rerunning the command skips finished runs and resume
 interrupted ones. `--max_hours H` starts no run after H hours (the report covers those done and
 names the variants it lacks), and a one-line ETA follows every run.
 
-results.json is the grid's record: a command narrowed by --variants or --seeds keeps the other
-finished runs in it, and a finished run whose folder is gone (deleted to free the disk, or a fresh
-clone that holds only a committed results.json copied into output_dir) is kept from it while its
-arguments are unchanged, instead of trained again. Such a run cannot be checked for a model default
-changed since (that needs its saved config), so the runner says it kept it.
+results.json is the grid's record (moe_reason.experiments): a narrowed command keeps the other finished
+runs in it, and a finished run whose folder is gone is kept from it while its arguments are unchanged.
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .experiments import (SPREAD_RULE, THROUGHPUT_NOTE, ReportFiles, RunBudget, RunnerArguments, beyond_spread,
-                          check_arguments, load_runner_file, mean_curve, mean_std, pyplot, run_runner, run_training,
-                          safe_name, save_figure, write_json)
+                          check_arguments, earlier_runs, load_runner_file, mean_curve, mean_std, pyplot, run_runner,
+                          safe_name, save_figure, train_or_keep, write_json)
 
 USAGE = ("python -m moe_reason.ablate GRID.yaml [--output_dir D] [--launcher in_process|accelerate] [--seeds 0 1] "
          "[--variants a b] [--set name=value ...]")
@@ -79,20 +75,16 @@ def run_grid(grid: dict) -> dict:
     print(f"ablation {grid['path']}: {len(grid['variants'])} variants x {len(grid['seeds'])} seeds = {total} runs "
           f"-> {out}", flush=True)
     budget = RunBudget(total, grid.get("max_hours"))
-    earlier = earlier_runs(out / REPORT.json, grid["in_file"])
+    earlier = earlier_runs(out / REPORT.json, lambda r: (r["variant"], r["seed"]) if r["variant"] in grid["in_file"]
+                           else None)
     plan = [(variant, overrides, seed) for variant, overrides in grid["variants"].items() for seed in grid["seeds"]]
     for variant, overrides, seed in plan:
         if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
             break
         values = {**grid["base"], **overrides, "seed": seed}
         name, run_dir = f"{variant}/seed_{seed} ({len(runs) + 1}/{total})", out / variant / f"seed_{seed}"
-        kept = earlier.pop((variant, seed), None)
-        if kept and kept["config"] == values and not run_dir.exists():
-            record = {**kept, "name": name, "skipped": True}
-            print(f"[kept] {name}: its folder is gone; kept from {REPORT.json} (val loss "
-                  f"{kept['final_val_loss']:.4f}; a model default changed since could not be checked)", flush=True)
-        else:
-            record = run_training(name, values, run_dir, grid["launcher"], grid["accelerate_config"])
+        record = train_or_keep(name, values, run_dir, grid["launcher"], grid["accelerate_config"],
+                               earlier.pop((variant, seed), None))
         runs.append({**record, "variant": variant, "seed": seed, "overrides": overrides, "config": values})
         write_json(out / REPORT.json, results_payload(grid, runs, earlier))
         budget.after(len(runs), record)
@@ -104,18 +96,6 @@ def run_grid(grid: dict) -> dict:
           f"{f'; {len(failed)} run(s) failed: {failed}' if failed else ''}", flush=True)
     return payload
 
-
-def earlier_runs(path: Path, in_file: list[str]) -> dict:
-    """{(variant, seed): record} of the finished runs an earlier results.json holds, for variants still in the grid."""
-    if not path.is_file():
-        return {}
-    try:
-        payload = json.loads(path.read_text())
-        runs = payload["runs"] + payload.get("other_runs", [])
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a results.json written by this runner ({error!r}); move it aside to "
-                         "start the grid's record afresh") from error
-    return {(r["variant"], r["seed"]): r for r in runs if r["status"] == "finished" and r["variant"] in in_file}
 
 
 def results_payload(grid: dict, runs: list[dict], earlier: dict | None = None) -> dict:

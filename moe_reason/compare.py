@@ -31,6 +31,8 @@ costlier arms' full-length runs are what makes a long study long. With a task ba
 finished run's export is scored on the held-out puzzles (`task_eval`). Writes `comparison.json`,
 `comparison.png` and `COMPARISON.md`; a winner is named only when the gap exceeds the seed spread.
 `--max_hours H` starts no run after H hours; `--report DIR` rebuilds the report from DIR/comparison.json.
+comparison.json is the comparison's record (moe_reason.experiments): a command narrowed by --seeds keeps the
+other finished runs in it, and a finished run whose folder is gone is kept from it while its arguments are unchanged.
 """
 
 import math
@@ -39,9 +41,9 @@ from pathlib import Path
 from .arguments import build_config, parse_args, to_argv
 from .data import prepare_data
 from .experiments import (SPREAD_RULE, THROUGHPUT_NOTE, TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments,
-                          beyond_spread, check_arguments, load_runner_file, mean_curve, mean_std,
-                          model_argument_names, pyplot, run_runner, run_training, safe_name, save_figure,
-                          score_task_run, task_argument_names, task_figures, write_json)
+                          beyond_spread, check_arguments, earlier_runs, load_runner_file, mean_curve, mean_std,
+                          model_argument_names, pyplot, run_runner, safe_name, save_figure,
+                          score_task_run, task_argument_names, task_figures, train_or_keep, write_json)
 from .metrics import training_flops_per_token
 
 LEGACY_ARMS = ("baseline", "recursive")
@@ -132,20 +134,22 @@ def run_comparison(cmp: dict) -> dict:
     runs = []
     # seeds outermost: a partial comparison has every arm
     todo = [(seed, item) for seed in cmp["seeds"] for item in plan]
+    labels = {run_label(item) for item in plan}
+    earlier = earlier_runs(out / REPORT.json, lambda r: (r["label"], r["seed"]) if r["label"] in labels else None)
     budget = RunBudget(len(todo), cmp.get("max_hours"))
     for seed, item in todo:
         if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
             break
-        label = item["arm"] if item["kind"] == "equal_steps" else f"{item['arm']}_equal_flops"
+        label = run_label(item)
         values = {**cmp["base"], **cmp["arms"][item["arm"]], "seed": seed, "max_steps": item["steps"]}
-        record = run_training(f"{label}/seed_{seed}", values, out / label / f"seed_{seed}",
-                              cmp["launcher"], cmp["accelerate_config"])
-        if cmp.get("transfer") and record["status"] == "finished":
+        record = train_or_keep(f"{label}/seed_{seed}", values, out / label / f"seed_{seed}",
+                               cmp["launcher"], cmp["accelerate_config"], earlier.pop((label, seed), None))
+        if cmp.get("transfer") and record["status"] == "finished" and "transfer" not in record:
             record["transfer"] = transfer_figures(out / label / f"seed_{seed}", values, cmp["transfer"])
         runs.append({**record, **item, "label": label, "seed": seed, "config": values})
-        write_json(out / REPORT.json, comparison_payload(cmp, accounting, runs))
+        write_json(out / REPORT.json, comparison_payload(cmp, accounting, runs, earlier))
         budget.after(len(runs), record)
-    payload = comparison_payload(cmp, accounting, runs)
+    payload = comparison_payload(cmp, accounting, runs, earlier)
     write_json(out / REPORT.json, payload)
     REPORT.write(payload, out)
     for kind in ("equal_steps", "equal_flops"):
@@ -153,6 +157,11 @@ def run_comparison(cmp: dict) -> dict:
             print(f"{kind.replace('_', ' ')}, {arm}: {v['verdict']}", flush=True)
     print(f"wrote {out / REPORT.json}, {out / REPORT.png}, {out / REPORT.markdown}", flush=True)
     return payload
+
+
+def run_label(item: dict) -> str:
+    """A planned run's folder and report label: the arm, or ARM_equal_flops for its equal-FLOPs run."""
+    return item["arm"] if item["kind"] == "equal_steps" else f"{item['arm']}_equal_flops"
 
 
 def transfer_figures(run_dir: Path, values: dict, transfer: dict) -> dict:
@@ -237,7 +246,8 @@ def trend_verdict(rows: list[dict]) -> str:
     return f"the gap {'shrinks' if abs(last) < abs(first) else 'grows'}: {span}"
 
 
-def comparison_payload(cmp: dict, accounting: dict, runs: list[dict]) -> dict:
+def comparison_payload(cmp: dict, accounting: dict, runs: list[dict], earlier: dict | None = None) -> dict:
+    """The verdicts from `runs`; `other_runs` keeps the earlier finished runs this command did not plan or reach."""
     key, _, higher = METRICS[cmp["metric"]]
 
     def values(label):
@@ -262,7 +272,7 @@ def comparison_payload(cmp: dict, accounting: dict, runs: list[dict]) -> dict:
             "equal_flops_trend": {arm: budget_trend(runs, cheapest, f"{arm}_equal_flops")
                                   for arm in accounting["equal_flops_steps"]},
             "ln_vocab": next((r["ln_vocab"] for r in runs if r["status"] == "finished"), None),
-            "runs": runs, "spread_rule": SPREAD_RULE}
+            "runs": runs, "spread_rule": SPREAD_RULE, "other_runs": list((earlier or {}).values())}
 
 
 def comparison_markdown(p: dict) -> str:

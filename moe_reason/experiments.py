@@ -10,6 +10,12 @@ A run folder whose results file (`train_results.json`) exists and whose argument
 finished and skipped, unless those arguments now build a different model than the one it exported (a
 default changed in the code since): then it is reported as failed, naming the fields, and left as it is.
 An interrupted run resumes from its last checkpoint.
+
+A runner's report JSON is its record: a command narrowed by --seeds (or the ablation's --variants)
+keeps the other finished runs in it (`other_runs`), and a finished run whose folder is gone (deleted to
+free the disk, or a fresh clone holding only a committed report JSON copied into output_dir) is kept
+from it while its arguments are unchanged, instead of trained again. Such a run cannot be checked for a
+model default changed since (that needs its saved config), so the runner prints `[kept]`.
 """
 
 import contextlib
@@ -265,6 +271,32 @@ def run_training(name: str, values: dict, run_dir: Path, launcher: str = "in_pro
           f"acc {record['accuracy']:.3f}, {record['tokens_per_s']:,.0f} tok/s, {wall:.0f} s"
           f"{', NON-FINITE values seen' if record['nan'] else ''}", flush=True)
     return {**record, "name": name, "status": "finished", "skipped": False}
+
+
+def earlier_runs(path: Path, key: Callable[[dict], tuple | None]) -> dict:
+    """{key(record): record} of the finished runs a runner's earlier report JSON holds (its `runs` and
+    `other_runs`), leaving out those `key` maps to None (a variant no longer in the file)."""
+    if not path.is_file():
+        return {}
+    try:
+        payload = json.loads(path.read_text())
+        runs = payload["runs"] + payload.get("other_runs", [])
+        keyed = {key(r): r for r in runs if r["status"] == "finished"}
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a report written by this runner ({error!r}); move it aside to start "
+                         "the record afresh") from error
+    keyed.pop(None, None)
+    return keyed
+
+
+def train_or_keep(name: str, values: dict, run_dir: Path, launcher: str, accelerate_config: str | None,
+                  kept: dict | None) -> dict:
+    """run_training, unless the run's folder is gone and its earlier record `kept` has the same arguments."""
+    if kept and kept["config"] == values and not Path(run_dir).exists():
+        print(f"[kept] {name}: its folder is gone; kept from the report (val loss {kept['final_val_loss']:.4f}; "
+              "a model default changed since could not be checked)", flush=True)
+        return {**kept, "name": name, "skipped": True}
+    return run_training(name, values, run_dir, launcher, accelerate_config)
 
 
 TRANSFER_EVAL = "eval_transfer.json"  # a task run's scores on other puzzles (a comparison's `transfer:`)

@@ -201,7 +201,7 @@ def test_a_run_whose_folder_is_gone_is_kept_from_results_json_while_its_argument
     capsys.readouterr()
     again = ablate_main(command)
     printed = capsys.readouterr().out
-    assert "[kept] b/seed_0 (2/2): its folder is gone; kept from results.json (val loss" in printed
+    assert "[kept] b/seed_0 (2/2): its folder is gone; kept from the report (val loss" in printed
     assert printed.count("[skip]") == 1 and "[start]" not in printed and not (out / "b").exists()
     assert again["variants"] == first["variants"]
 
@@ -220,7 +220,7 @@ def test_a_run_whose_folder_is_gone_is_kept_from_results_json_while_its_argument
 
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "results.json").write_text("{\"runs\": ")  # cut short: refused before any run
-    with pytest.raises(ValueError, match="other/results.json is not a results.json written by this runner"):
+    with pytest.raises(ValueError, match="other/results.json is not a report written by this runner"):
         ablate_main(command[:1] + ["--output_dir", str(tmp_path / "other")])
     assert not (tmp_path / "other" / "a").exists()
 
@@ -279,7 +279,7 @@ def test_a_reference_left_out_by_the_variants_option_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path, corpus):
+def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path, corpus, capsys):
     spec = {"seeds": [0, 1], "base": tiny_base(tmp_path, corpus, max_steps=6, eval_interval=3),
             "baseline": {}, "recursive": {"h_cycles": 1, "l_cycles": 1, "halt_max_steps": 2}}
     (tmp_path / "cmp.yaml").write_text(yaml.safe_dump(spec))
@@ -317,6 +317,20 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
     (out / "COMPARISON.md").unlink()
     compare_main(["--report", str(out)])  # rebuilt from comparison.json, without training
     assert (out / "COMPARISON.md").read_text() == report
+
+    # a fresh clone with the committed comparison.json: the runs whose folders are gone are kept, not trained
+    shutil.rmtree(out / "recursive_equal_flops")
+    capsys.readouterr()
+    again = compare_main([str(tmp_path / "cmp.yaml"), "--output_dir", str(out), "--seeds", "1"])
+    printed = capsys.readouterr().out
+    assert "[kept] recursive_equal_flops/seed_1" in printed and "[start]" not in printed
+    kept = next(r for r in runs if r["label"] == "recursive_equal_flops" and r["seed"] == 1)
+    assert again["equal_flops"]["recursive"]["recursive_equal_flops"]["values"] == [kept["final_val_loss"]]
+    # seed 0's runs, left out by --seeds 1, stay in the record; its equal-FLOPs run comes back from it
+    assert {(r["label"], r["seed"]) for r in again["other_runs"]} == {
+        ("baseline", 0), ("recursive", 0), ("recursive_equal_flops", 0)}
+    assert compare_main([str(tmp_path / "cmp.yaml"), "--output_dir", str(out)])["equal_flops"] == payload["equal_flops"]
+    assert not (out / "recursive_equal_flops").exists()
 
 
 def test_compare_refuses_training_settings_in_an_arm_except_its_own_learning_rate(tmp_path):
