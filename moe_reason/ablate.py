@@ -97,7 +97,6 @@ def run_grid(grid: dict) -> dict:
     return payload
 
 
-
 def results_payload(grid: dict, runs: list[dict], earlier: dict | None = None) -> dict:
     """Runs plus per-variant statistics across seeds, ranked by mean final validation loss; `other_runs` keeps
     the earlier finished runs this command did not plan or reach (a narrowed or budgeted command), not reported."""
