@@ -29,9 +29,10 @@ runs in it, and a finished run whose folder is gone is kept from it while its ar
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .experiments import (SPREAD_RULE, THROUGHPUT_NOTE, ReportFiles, RunBudget, RunnerArguments, beyond_spread,
-                          check_arguments, earlier_runs, load_runner_file, mean_curve, mean_std, pyplot, run_runner,
-                          safe_name, save_figure, train_or_keep, write_json)
+from .experiments import (THROUGHPUT_NOTE, ReportFiles, RunBudget, RunnerArguments, check_arguments, earlier_runs,
+                          load_runner_file, mean_curve, pyplot, run_runner, safe_name, save_figure, train_or_keep,
+                          write_json)
+from .statistics import HOLM_RULE, RULE as STATISTICS_RULE, holm, mean_std, welch
 
 USAGE = ("python -m moe_reason.ablate GRID.yaml [--output_dir D] [--launcher in_process|accelerate] [--seeds 0 1] "
          "[--variants a b] [--set name=value ...]")
@@ -98,8 +99,9 @@ def run_grid(grid: dict) -> dict:
 
 
 def results_payload(grid: dict, runs: list[dict], earlier: dict | None = None) -> dict:
-    """Runs plus per-variant statistics across seeds, ranked by mean final validation loss; `other_runs` keeps
-    the earlier finished runs this command did not plan or reach (a narrowed or budgeted command), not reported."""
+    """Runs plus per-variant statistics across seeds, ranked by mean final validation loss, each variant's
+    difference from the reference with its 95% Welch interval and Holm's verdict over the variants; `other_runs`
+    keeps the earlier finished runs this command did not plan or reach (a narrowed or budgeted command)."""
     variants = {}
     reference = [r["final_val_loss"] for r in runs if r["variant"] == grid["reference"] and r["status"] == "finished"]
     for name in grid["variants"]:
@@ -108,6 +110,7 @@ def results_payload(grid: dict, runs: list[dict], earlier: dict | None = None) -
             continue
         losses = [r["final_val_loss"] for r in done]
         mean, std = mean_std(losses)
+        d = welch(losses, reference) if reference and name != grid["reference"] else None
         variants[name] = {
             "seeds": [r["seed"] for r in done], "val_loss_mean": mean, "val_loss_std": std,
             "best_val_loss_mean": mean_std([r["best_val_loss"] for r in done])[0],
@@ -116,16 +119,28 @@ def results_payload(grid: dict, runs: list[dict], earlier: dict | None = None) -
             "tokens_per_s_mean": mean_std([r["tokens_per_s"] for r in done])[0],
             "wall_seconds_mean": mean_std([r["wall_seconds"] for r in done])[0],
             "delta_vs_reference": mean - mean_std(reference)[0] if reference else None,
-            "beyond_seed_spread": beyond_spread(losses, reference) if name != grid["reference"] else None,
+            "interval": None if d is None else [d.low, d.high], "p_value": None if d is None else d.p_value,
             "any_nan": any(r["nan"] for r in done),
         }
+    others = {name: v["p_value"] for name, v in variants.items() if name != grid["reference"] and reference}
+    for name, real in holm(others).items():
+        variants[name]["real_by_holm"] = real
     ranking = sorted(variants, key=lambda n: variants[n]["val_loss_mean"])
     ln_vocab = next((r["ln_vocab"] for r in runs if r["status"] == "finished"), None)
     not_in_report = [name for name in grid.get("in_file", grid["variants"]) if name not in variants]
     return {"grid": grid["path"], "description": grid["description"], "reference": grid["reference"],
             "seeds": grid["seeds"], "base": grid["base"], "ln_vocab": ln_vocab, "ranking": ranking,
-            "variants": variants, "not_in_report": not_in_report, "runs": runs, "spread_rule": SPREAD_RULE,
-            "other_runs": list((earlier or {}).values())}
+            "variants": variants, "not_in_report": not_in_report, "runs": runs,
+            "spread_rule": f"{STATISTICS_RULE}; {HOLM_RULE}", "other_runs": list((earlier or {}).values())}
+
+
+def refreshed(payload: dict) -> dict:
+    """A results.json's statistics computed again from its runs by today's rules (`--report`)."""
+    overrides = {r["variant"]: r["overrides"] for r in payload["runs"]}
+    grid = {"path": payload["grid"], "description": payload["description"], "reference": payload["reference"],
+            "seeds": payload["seeds"], "base": payload["base"], "variants": overrides,
+            "in_file": list(overrides) + [n for n in payload.get("not_in_report", []) if n not in overrides]}
+    return results_payload(grid, payload["runs"], dict(enumerate(payload.get("other_runs", []))))
 
 
 def summary_markdown(payload: dict) -> str:
@@ -145,16 +160,18 @@ def summary_markdown(payload: dict) -> str:
                   f"Losses are mean cross-entropy in nats per token. A model guessing uniformly over the "
                   f"vocabulary scores ln(vocab) = {payload['ln_vocab']:.3f}; a loss L means the model is as unsure "
                   f"as a uniform choice among e^L tokens (its perplexity).", ""]
-    lines += ["| rank | variant | val loss (mean ± std) | Δ vs " + ref + " | beyond seed spread? | perplexity | "
-              "accuracy | tokens/s | wall (s) |", "|---:|---|---|---:|---|---:|---:|---:|---:|"]
+    lines += ["| rank | variant | val loss (mean ± std) | Δ vs " + ref + " | 95% interval of Δ | real (Holm)? | "
+              "perplexity | accuracy | tokens/s | wall (s) |", "|---:|---|---|---:|---|---|---:|---:|---:|---:|"]
     for rank, name in enumerate(payload["ranking"], 1):
         v = variants[name]
-        beyond = {True: "**yes**", False: "no", None: "n/a" if name == ref else "can't tell (1 seed)"}[
-            v["beyond_seed_spread"]]
+        real = {True: "**yes**", False: "no", None: "n/a" if name == ref else "can't tell (1 seed)"}[
+            v.get("real_by_holm")]
         delta = "—" if name == ref or v["delta_vs_reference"] is None else f"{v['delta_vs_reference']:+.4f}"
+        low, high = v.get("interval") or (None, None)
+        interval = "—" if low is None else f"[{low:+.4f}, {high:+.4f}]"
         nan = " (non-finite seen)" if v["any_nan"] else ""
         lines.append(f"| {rank} | {name}{nan} | {v['val_loss_mean']:.4f} ± {v['val_loss_std']:.4f} | {delta} | "
-                     f"{beyond} | {v['perplexity_mean']:.2f} | {v['accuracy_mean']:.3f} | "
+                     f"{interval} | {real} | {v['perplexity_mean']:.2f} | {v['accuracy_mean']:.3f} | "
                      f"{v['tokens_per_s_mean']:,.0f} | {v['wall_seconds_mean']:.0f} |")
     lines += ["", f"Rule: {payload['spread_rule']}.", "", f"Throughput: {THROUGHPUT_NOTE}."]
     failed = [r for r in runs if r["status"] == "failed"]
@@ -196,7 +213,7 @@ def plot(payload: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-REPORT = ReportFiles("results.json", "ablation_comparison.png", "SUMMARY.md", plot, summary_markdown)
+REPORT = ReportFiles("results.json", "ablation_comparison.png", "SUMMARY.md", plot, summary_markdown, refreshed)
 
 
 def main(argv: list[str] | None = None) -> dict:

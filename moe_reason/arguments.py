@@ -101,7 +101,17 @@ class TrainingArguments:
         "Start afresh even if output_dir holds another run (its checkpoints are deleted).")})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": (
         "'latest' (newest complete checkpoint in output_dir) or a checkpoint folder.")})
-    max_steps: int = field(default=800, metadata={"help": "Optimizer steps to train for."})
+    max_steps: int = field(default=800, metadata={"help": (
+        "Optimizer steps to train for (with --stop_on_plateau: the cap).")})
+    stop_on_plateau: bool = field(default=False, metadata={"help": (
+        "Stop before max_steps once held-out accuracy plateaus (moe_reason/plateau.py): after at least "
+        "--plateau_min_evals evaluations, when neither exact accuracy (puzzles solved) nor token accuracy rose "
+        "--plateau_delta or more over the last quarter of the evaluations above its best before them. Use a "
+        "schedule that does not depend on max_steps (--lr_scheduler constant), so the cap does not shape training.")})
+    plateau_min_evals: int = field(default=8, metadata={"help": (
+        "Evaluations before --stop_on_plateau may stop a run (the flat start of learning is not a plateau).")})
+    plateau_delta: float = field(default=0.01, metadata={"help": (
+        "Smallest rise of a share (0.01 = one point) that --stop_on_plateau counts as an improvement.")})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per device per micro-batch."})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Sequences per device per evaluation batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
@@ -175,6 +185,8 @@ class TrainingArguments:
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
             ("warmup_ratio", self.warmup_ratio is None or 0.0 <= self.warmup_ratio < 1.0, "None or in [0, 1)"),
             ("eval_batches", self.eval_batches >= 0, ">= 0"),
+            ("plateau_min_evals", self.plateau_min_evals >= 2, ">= 2"),
+            ("plateau_delta", 0.0 < self.plateau_delta < 1.0, "a share in (0, 1)"),
             ("lr_scheduler", self.lr_scheduler in LR_SCHEDULERS, f"one of {LR_SCHEDULERS}"),
             ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "in [0, 1]"),
             ("max_grad_norm", self.max_grad_norm >= 0, ">= 0"),

@@ -15,7 +15,8 @@ A comparison file:
       direct: {model_type: base}
     reference: recursive                     # the arm the others are compared with (default: the first)
     metric: loss                             # or exact_accuracy, for a --task base (higher is better)
-    equal_flops: true                        # also run each costlier arm at the cheapest arm's FLOPs
+    equal_flops: true                        # also run each costlier arm at the cheapest arm's FLOPs; or
+                                             # `reference`: each cheaper arm also runs at the reference's FLOPs
     equal_steps: true                        # false: costlier arms run at equal FLOPs only (long studies)
     transfer: {task_size: 8}                 # task bases: also score every run on the puzzles these task
                                              # arguments generate (easy-to-hard), in its own report section
@@ -25,11 +26,15 @@ The arms may set model fields, and `learning_rate` where each arm is to train at
 one (the report names each arm's); batch, schedule, data and seed are the base's.
 Runs per seed: every arm at `max_steps` (equal steps) and, with `equal_flops`, each costlier arm
 at the steps that spend the cheapest arm's FLOPs (its own full schedule: a base `warmup_steps` is the
-same number of steps in every run, a base `warmup_ratio` the same share of each). `equal_steps: false` keeps
-only the cheapest arm's `max_steps` run (the equal-FLOPs reference) and the equal-FLOPs runs: the
+same number of steps in every run, a base `warmup_ratio` the same share of each). `equal_flops: reference`
+turns this around for studies whose reference is the costly arm (a deep recursion): each arm cheaper than
+the reference also runs for the steps that spend the reference's FLOPs, so the cheap arms are not starved;
+with `stop_on_plateau` in the base those steps are a cap, and each run says whether it plateaued or hit it.
+`equal_steps: false` keeps only the budget arm's `max_steps` run and the equal-FLOPs runs: the
 costlier arms' full-length runs are what makes a long study long. With a task base each
 finished run's export is scored on the held-out puzzles (`task_eval`). Writes `comparison.json`,
-`comparison.png` and `COMPARISON.md`; a winner is named only when the gap exceeds the seed spread.
+`comparison.png` and `COMPARISON.md`; a winner is named only where the 95% interval of the difference
+over seeds excludes 0 (moe_reason.statistics).
 `--max_hours H` starts no run after H hours; `--report DIR` rebuilds the report from DIR/comparison.json.
 comparison.json is the comparison's record (moe_reason.experiments): a command narrowed by --seeds keeps the
 other finished runs in it, and a finished run whose folder is gone is kept from it while its arguments are unchanged.
@@ -40,13 +45,15 @@ from pathlib import Path
 
 from .arguments import build_config, parse_args, to_argv
 from .data import prepare_data
-from .experiments import (SPREAD_RULE, THROUGHPUT_NOTE, TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments,
-                          beyond_spread, check_arguments, earlier_runs, load_runner_file, mean_curve, mean_std,
+from .experiments import (THROUGHPUT_NOTE, TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments,
+                          check_arguments, earlier_runs, load_runner_file, mean_curve,
                           model_argument_names, pyplot, run_runner, safe_name, save_figure,
                           score_task_run, task_argument_names, task_figures, train_or_keep, write_json)
 from .metrics import training_flops_per_token
+from .statistics import RULE as STATISTICS_RULE, mean_std, welch
 
 LEGACY_ARMS = ("baseline", "recursive")
+EQUAL_FLOPS_REFERENCE = "reference"  # equal_flops: the cheaper arms also run at the reference arm's FLOPs
 METRICS = {"loss": ("final_val_loss", "validation loss", False),  # name -> (record key, label, higher is better)
            "exact_accuracy": ("exact_accuracy", "exact accuracy on held-out puzzles", True)}
 OWN_KEYS = {"arms", "reference", "metric", "equal_flops", "equal_steps", "transfer", *LEGACY_ARMS}
@@ -84,7 +91,10 @@ def load_comparison(path, args: RunnerArguments | None = None) -> dict:
         raise ValueError(f"comparison {path}: metric={metric!r} is invalid: must be one of {sorted(METRICS)}")
     if metric == "exact_accuracy" and not settings["base"].get("task"):
         raise ValueError(f"comparison {path}: metric exact_accuracy needs a task in base (task: sudoku or maze)")
-    equal_flops, equal_steps = bool(spec.get("equal_flops", True)), bool(spec.get("equal_steps", True))
+    equal_flops, equal_steps = spec.get("equal_flops", True), bool(spec.get("equal_steps", True))
+    if equal_flops not in (True, False, EQUAL_FLOPS_REFERENCE):
+        raise ValueError(f"comparison {path}: equal_flops={equal_flops!r} is invalid: must be true, false or "
+                         f"{EQUAL_FLOPS_REFERENCE!r}")
     if not (equal_flops or equal_steps):
         raise ValueError(f"comparison {path}: equal_flops and equal_steps are both false: nothing to compare")
     transfer = check_arguments(spec.get("transfer"), f"comparison {path}: transfer (task arguments)",
@@ -95,31 +105,50 @@ def load_comparison(path, args: RunnerArguments | None = None) -> dict:
             "equal_steps": equal_steps, "transfer": transfer, "max_hours": args.max_hours}
 
 
-def flops_per_token(values: dict) -> tuple[float, int]:
-    """Training FLOPs per token of the model these trainer arguments build, and its step budget.
+def arm_config(values: dict):
+    """The model config these trainer arguments build, and their step budget.
 
     Prepares (or loads the cached) data once for the exact vocabulary size.
     """
     model_args, data_args, train_args = parse_args(to_argv(values))
     data = prepare_data(data_args, log=lambda _: None)
     config = build_config(model_args, vocab_size=len(data.tokenizer), task=data.summary.get("task"))
-    return training_flops_per_token(config, data.summary["block_size"]), train_args.max_steps
+    return config, data.summary["block_size"], train_args.max_steps
+
+
+def depth_of(config) -> dict:
+    """Layers per supervision step (the effective depth), decoder passes and passes with gradient per
+    supervision step, and supervision steps: the recursion's shape for a report's arm table."""
+    layers = config.num_hidden_layers
+    if not hasattr(config, "h_cycles"):
+        return {"effective_depth": layers, "passes": 1, "gradient_passes": 1, "supervision_steps": 1}
+    passes = config.h_cycles * (config.l_cycles + 1)
+    return {"effective_depth": passes * layers, "passes": passes,
+            "gradient_passes": config.grad_passes_per_supervision_step(),
+            "supervision_steps": config.halt_max_steps}
 
 
 def plan_runs(cmp: dict) -> tuple[list[dict], dict]:
     """The runs (kind, arm, steps) per seed and the FLOP accounting behind the equal-FLOPs budgets."""
-    flops = {}
+    flops, depth = {}, {}
     for arm, fields in cmp["arms"].items():
-        flops[arm], steps = flops_per_token({**cmp["base"], **fields})
+        config, block, steps = arm_config({**cmp["base"], **fields})
+        flops[arm], depth[arm] = training_flops_per_token(config, block), depth_of(config)
     cheapest = min(flops, key=flops.get)
-    equal_flops_steps = {arm: max(1, math.floor(steps * flops[cheapest] / f)) for arm, f in flops.items()
-                         if f > flops[cheapest] and cmp["equal_flops"]}
+    if cmp["equal_flops"] == EQUAL_FLOPS_REFERENCE:  # the cheaper arms get the reference's FLOPs
+        budget_arm = cmp["reference"]
+        equal_flops_steps = {arm: max(1, math.floor(steps * flops[budget_arm] / f)) for arm, f in flops.items()
+                             if f < flops[budget_arm]}
+    else:  # the costlier arms get the cheapest arm's FLOPs
+        budget_arm = cheapest
+        equal_flops_steps = {arm: max(1, math.floor(steps * flops[cheapest] / f)) for arm, f in flops.items()
+                             if f > flops[cheapest] and cmp["equal_flops"]}
     plan = [{"kind": "equal_steps", "arm": arm, "steps": steps} for arm in cmp["arms"]
-            if cmp.get("equal_steps", True) or arm == cheapest]
+            if cmp.get("equal_steps", True) or arm == budget_arm]
     plan += [{"kind": "equal_flops", "arm": arm, "steps": n} for arm, n in equal_flops_steps.items()]
-    accounting = {"flops_per_token": flops, "steps": steps, "cheapest_arm": cheapest,
+    accounting = {"flops_per_token": flops, "steps": steps, "cheapest_arm": cheapest, "budget_arm": budget_arm,
                   "flop_ratio": {arm: f / flops[cheapest] for arm, f in flops.items()},
-                  "equal_flops_steps": equal_flops_steps}
+                  "equal_flops_steps": equal_flops_steps, "depth": depth}
     return plan, accounting
 
 
@@ -159,6 +188,15 @@ def run_comparison(cmp: dict) -> dict:
     return payload
 
 
+def budget_arm(accounting: dict) -> str:
+    """The arm whose training FLOPs the equal-FLOPs runs spend (the cheapest, unless `equal_flops: reference`)."""
+    return accounting.get("budget_arm", accounting["cheapest_arm"])
+
+
+def budget_words(accounting: dict) -> str:
+    return "cheapest arm's" if budget_arm(accounting) == accounting["cheapest_arm"] else "reference arm's"
+
+
 def run_label(item: dict) -> str:
     """A planned run's folder and report label: the arm, or ARM_equal_flops for its equal-FLOPs run."""
     return item["arm"] if item["kind"] == "equal_steps" else f"{item['arm']}_equal_flops"
@@ -172,22 +210,25 @@ def transfer_figures(run_dir: Path, values: dict, transfer: dict) -> dict:
 
 
 def verdict(label_a: str, a: list[float], label_b: str, b: list[float], higher_is_better: bool = False) -> dict:
-    """Mean ± std per side and a winner only when the gap exceeds the seed spread."""
+    """Mean ± std per side, the difference a - b with its 95% Welch interval over seeds, and a winner only
+    where the interval excludes 0 (statistics.RULE)."""
     if not a or not b:
         return {"verdict": "incomplete: a side has no finished run", "winner": None}
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    beyond = beyond_spread(a, b)
+    d = welch(a, b)
     a_better = ma > mb if higher_is_better else ma < mb
-    winner = (label_a if a_better else label_b) if beyond else None
-    if beyond is None:
-        text = "no winner: fewer than 2 seeds per side, the seed spread is unknown"
+    winner = (label_a if a_better else label_b) if d.excludes_zero else None
+    difference = f"{label_a} - {label_b} = {d.interval_text()}"
+    if d.low is None:
+        text = f"no winner: {difference}"
     elif winner:
         best, other = (ma, mb) if a_better else (mb, ma)
-        text = f"{winner} wins: {best:.4f} vs {other:.4f}, gap {abs(ma - mb):.4f} > spread {sa + sb:.4f}"
+        text = f"{winner} wins: {best:.4f} vs {other:.4f}; {difference} excludes 0"
     else:
-        text = f"no winner: gap {abs(ma - mb):.4f} is within the seed spread {sa + sb:.4f}"
+        text = f"no winner: {difference} includes 0"
     return {label_a: {"mean": ma, "std": sa, "values": a}, label_b: {"mean": mb, "std": sb, "values": b},
-            "gap": abs(ma - mb), "beyond_seed_spread": beyond, "winner": winner, "verdict": text}
+            "gap": abs(ma - mb), "difference": d.diff, "interval": [d.low, d.high], "p_value": d.p_value,
+            "winner": winner, "verdict": text}
 
 
 def budget_trend(runs: list[dict], reference: str, label: str) -> list[dict]:
@@ -253,7 +294,7 @@ def comparison_payload(cmp: dict, accounting: dict, runs: list[dict], earlier: d
     def values(label):
         return [r[key] for r in runs if r["label"] == label and r["status"] == "finished" and r.get(key) is not None]
 
-    reference, cheapest = cmp["reference"], accounting["cheapest_arm"]
+    reference, cheapest = cmp["reference"], budget_arm(accounting)
     equal_steps = {arm: verdict(reference, values(reference), arm, values(arm), higher)
                    for arm in cmp["arms"] if arm != reference} if cmp.get("equal_steps", True) else {}
     equal_flops = {arm: verdict(cheapest, values(cheapest), f"{arm}_equal_flops", values(f"{arm}_equal_flops"), higher)
@@ -272,7 +313,15 @@ def comparison_payload(cmp: dict, accounting: dict, runs: list[dict], earlier: d
             "equal_flops_trend": {arm: budget_trend(runs, cheapest, f"{arm}_equal_flops")
                                   for arm in accounting["equal_flops_steps"]},
             "ln_vocab": next((r["ln_vocab"] for r in runs if r["status"] == "finished"), None),
-            "runs": runs, "spread_rule": SPREAD_RULE, "other_runs": list((earlier or {}).values())}
+            "runs": runs, "spread_rule": STATISTICS_RULE, "other_runs": list((earlier or {}).values())}
+
+
+def refreshed(p: dict) -> dict:
+    """A comparison.json's verdicts and trends computed again from its runs by today's rules (`--report`)."""
+    cmp = {"path": p["config"], "description": p["description"], "seeds": p["seeds"], "base": p["base"],
+           "arms": p["arms"], "reference": p["reference"], "metric": p["metric"],
+           "equal_steps": p.get("equal_steps_runs", True), "transfer": (p.get("transfer") or {}).get("settings")}
+    return comparison_payload(cmp, p["accounting"], p["runs"], dict(enumerate(p.get("other_runs", []))))
 
 
 def comparison_markdown(p: dict) -> str:
@@ -295,19 +344,21 @@ def comparison_markdown(p: dict) -> str:
         lines.append(f"| {arm} | `{model_fields}` | {lr} | {f'{params:,}' if params else '—'} | "
                      f"{acc['flops_per_token'][arm]:.4g} | {full_steps(p, arm)} | "
                      f"{acc['equal_flops_steps'].get(arm, '—')} |")
+    lines += depth_table(p)
     lines += ["", "Recursive FLOPs count every supervision step (halting can only make it cheaper) and the backward "
-              "of the passes that carry gradient only. An equal-FLOPs run spends the cheapest arm's "
-              f"(`{acc['cheapest_arm']}`) training FLOPs with its own full learning-rate schedule.", ""]
+              f"of the passes that carry gradient only. An equal-FLOPs run spends the {budget_words(acc)} "
+              f"(`{budget_arm(acc)}`) training FLOPs with its own full learning-rate schedule.", ""]
     if p["ln_vocab"] and p["metric"] == "loss":
         lines += [f"Losses are validation cross-entropy in nats per token; chance (uniform guessing) is "
                   f"ln(vocab) = {p['ln_vocab']:.3f}.", ""]
     lines += run_table(p, key, metric_label, higher) + [""]
     lines += [f"**Equal steps, {arm} vs {p['reference']}:** {v['verdict']}." for arm, v in p["equal_steps"].items()]
-    lines += [f"**Equal FLOPs, {arm} vs {acc['cheapest_arm']}:** {v['verdict']}."
+    lines += [f"**Equal FLOPs, {arm} vs {budget_arm(acc)}:** {v['verdict']}."
               for arm, v in p["equal_flops"].items()]
     lines += ["", f"Rule: {p['spread_rule']}.", "", f"Throughput: {THROUGHPUT_NOTE}."]
     lines += trend_section(p)
     lines += steps_curve_table(runs)
+    lines += halting_section(p)
     lines += transfer_section(p)
     failed = [r for r in runs if r["status"] == "failed"]
     if failed:
@@ -318,7 +369,7 @@ def comparison_markdown(p: dict) -> str:
 
 def trend_section(p: dict) -> list[str]:
     """The equal-FLOPs gap at each shared evaluation along the budget (`budget_trend`), one table per arm."""
-    lines, reference = [], p["accounting"]["cheapest_arm"]
+    lines, reference = [], budget_arm(p["accounting"])
     for arm, rows in p.get("equal_flops_trend", {}).items():
         if not rows:
             continue
@@ -335,21 +386,73 @@ def trend_section(p: dict) -> list[str]:
     return lines
 
 
+def depth_table(p: dict) -> list[str]:
+    """Each arm's depth: layers per supervision step, decoder passes (with gradient), supervision steps."""
+    depth = p["accounting"].get("depth")
+    if not depth:  # a report written before the depth was recorded
+        return []
+    lines = ["", "| arm | effective depth (layers per supervision step) | decoder passes per supervision step | "
+             "passes with gradient | supervision steps (most) |", "|---|---:|---:|---:|---:|"]
+    for arm, d in depth.items():
+        lines.append(f"| {arm} | {d['effective_depth']} | {d['passes']} | {d['gradient_passes']} | "
+                     f"{d['supervision_steps']} |")
+    return lines
+
+
+def stops_text(done: list[dict]) -> str:
+    """How the runs ended: plateau at step S, or the step cap (runs written before the rule: the cap)."""
+    return ", ".join(f"{'plateau' if r.get('stopped_by') == 'plateau' else 'cap'} {r.get('stopped_at', r['steps'])}"
+                     for r in sorted(done, key=lambda r: r["seed"]))
+
+
+def halting_section(p: dict) -> list[str]:
+    """Q-head halting at the trained depth per run kind (accuracy, steps, share of the maximum) and, for the
+    reference arm, by difficulty."""
+    runs = [r for r in p["runs"] if r["status"] == "finished" and (r.get("q_head") or {}).get("share_of_steps")]
+    if not runs:
+        return []
+    lines = ["", "## Halting: the Q-head against every supervision step (all held-out puzzles)", "",
+             "| run | seeds | exact accuracy, every step | exact accuracy, Q-head halting | difference "
+             "(95% interval) | mean steps | share of the steps |", "|---|---:|---:|---:|---|---:|---:|"]
+    for label in dict.fromkeys(r["label"] for r in runs):
+        q = [r["q_head"] for r in runs if r["label"] == label]
+        every, halted = [x["all_steps_exact_accuracy"] for x in q], [x["exact_accuracy"] for x in q]
+        lines.append(f"| {label} | {len(q)} | {mean_std(every)[0]:.4f} | {mean_std(halted)[0]:.4f} | "
+                     f"{welch(halted, every).interval_text()} | {mean_std([x['mean_steps'] for x in q])[0]:.2f} "
+                     f"of {q[0]['halt_max_steps']} | {mean_std([x['share_of_steps'] for x in q])[0]:.0%} |")
+    reference = [r["by_difficulty"] for r in runs if r["label"] == p["reference"] and r.get("by_difficulty")]
+    if reference:
+        measure = reference[0]["measure"]
+        values = sorted({int(v) for table in reference for v in table["rows"]})
+        lines += ["", f"By difficulty ({measure}), `{p['reference']}`, mean over seeds: do harder puzzles take more "
+                  "steps?", "", f"| {measure} | puzzles | exact accuracy, every step | exact accuracy, Q-head | "
+                  "Q-head mean steps |", "|---:|---:|---:|---:|---:|"]
+        for value in values:
+            rows = [table["rows"][str(value)] if str(value) in table["rows"] else table["rows"].get(value)
+                    for table in reference]
+            rows = [row for row in rows if row]
+            lines.append(f"| {value} | {rows[0]['puzzles']} | "
+                         + " | ".join(f"{mean_std([row[k] for row in rows])[0]:.3f}" for k in
+                                      ("exact_accuracy", "q_head_exact_accuracy", "q_head_mean_steps")) + " |")
+    return lines
+
+
 def full_steps(p: dict, arm: str):
     """The arm's equal-steps run length, or — where `equal_steps: false` left it out."""
-    ran = p.get("equal_steps_runs", True) or arm == p["accounting"]["cheapest_arm"]
+    ran = p.get("equal_steps_runs", True) or arm == budget_arm(p["accounting"])
     return p["accounting"]["steps"] if ran else "—"
 
 
 def run_table(p: dict, key: str, metric_label: str, higher: bool) -> list[str]:
     task = p["metric"] == "exact_accuracy"
+    stops = any("stopped_by" in r for r in p["runs"])  # runs made before the plateau rule have no such field
     lines = [f"| run | seeds | {metric_label} (mean ± std) | " + ("cell accuracy | " if task else "")
-             + "val loss | token accuracy | tokens/s | recursion steps |",
-             "|---|---:|---|" + ("---:|" if task else "") + "---:|---:|---:|---:|"]
+             + "val loss | token accuracy | tokens/s | recursion steps |" + (" stopped, per seed |" if stops else ""),
+             "|---|---:|---|" + ("---:|" if task else "") + "---:|---:|---:|---:|" + ("---|" if stops else "")]
     for label in dict.fromkeys(r["label"] for r in p["runs"]):
         done = [r for r in p["runs"] if r["label"] == label and r["status"] == "finished"]
         if not done:
-            lines.append(f"| {label} | 0 | failed |" + (" |" if task else "") + " | | | |")
+            lines.append(f"| {label} | 0 | failed |" + (" |" if task else "") + " | | | |" + (" |" if stops else ""))
             continue
         m, s = mean_std([r[key] for r in done])
         cells = f" {mean_std([r['cell_accuracy'] for r in done])[0]:.3f} |" if task else ""
@@ -358,7 +461,8 @@ def run_table(p: dict, key: str, metric_label: str, higher: bool) -> list[str]:
                      f"{mean_std([r['final_val_loss'] for r in done])[0]:.4f} | "
                      f"{mean_std([r['accuracy'] for r in done])[0]:.3f} | "
                      f"{mean_std([r['tokens_per_s'] for r in done])[0]:,.0f} | "
-                     f"{f'{sum(steps) / len(steps):.2f}' if steps else '—'} |")
+                     f"{f'{sum(steps) / len(steps):.2f}' if steps else '—'} |"
+                     + (f" {stops_text(done)} |" if stops else ""))
     return lines
 
 
@@ -367,20 +471,22 @@ def steps_curve_table(runs: list[dict],
     """Exact accuracy after 1 .. 2 x halt_max_steps supervision steps (recursive task runs): test-time compute."""
     curves = {}
     for r in runs:
-        if r["status"] == "finished" and r.get("exact_accuracy_by_steps"):
-            curves.setdefault(r["label"], []).append(r["exact_accuracy_by_steps"])
+        for key, how in (("exact_accuracy_by_steps", ""), ("q_head_by_steps", ", Q-head may halt")):
+            if r["status"] == "finished" and r.get(key):
+                curves.setdefault(r["label"] + how, []).append({str(k): v for k, v in r[key].items()})
     if not curves:
         return []
-    depth = max(len(c) for runs_ in curves.values() for c in runs_)
+    depths = sorted({int(k) for found in curves.values() for c in found for k in c})
     lines = ["", f"{title} (mean over seeds)", "",
-             "| run | " + " | ".join(str(k) for k in range(1, depth + 1)) + " | Q-head halting (steps) |",
-             "|---|" + "---:|" * (depth + 1)]
+             "| run | " + " | ".join(str(k) for k in depths) + " | Q-head halting (steps) |",
+             "|---|" + "---:|" * (len(depths) + 1)]
     for label, found in curves.items():
-        row = [mean_std([c[str(k)] for c in found if str(k) in c])[0] for k in range(1, depth + 1)]
+        row = [[c[str(k)] for c in found if str(k) in c] for k in depths]
         q = [r for r in runs if r["label"] == label and r.get("q_head")]
         q_text = (f"{mean_std([r['q_head']['exact_accuracy'] for r in q])[0]:.3f} "
                   f"({mean_std([r['q_head']['mean_steps'] for r in q])[0]:.2f})") if q else "—"
-        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in row) + f" | {q_text} |")
+        cells = " | ".join(f"{mean_std(v)[0]:.3f}" if v else "—" for v in row)
+        lines.append(f"| {label} | {cells} | {q_text} |")
     return lines
 
 
@@ -416,6 +522,47 @@ def plot(p: dict, path: Path) -> None:
     colors = dict(zip(labels, plt.get_cmap("tab10").colors))
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     (by_step, by_flops), (final, last) = axes
+    learning_curves(by_step, by_flops, done, labels, colors) if p["metric"] == "exact_accuracy" else \
+        loss_curves(by_step, by_flops, done, labels, colors)
+    stats = [mean_std([r[key] for r in done if r["label"] == label]) for label in labels]
+    final.bar(labels, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=5,
+              color=[colors[label] for label in labels])
+    final.set_ylabel(metric_label + ", mean ± std")
+    final.set_title(metric_label.capitalize())
+    final.tick_params(axis="x", labelrotation=20, labelsize=8)
+    final.grid(axis="y", alpha=0.3)
+    plot_steps_curve(last, done, labels, colors)
+    fig.suptitle(f"{p['config']} ({len(p['seeds'])} seeds)", fontsize=10)
+    save_figure(fig, path)
+
+
+def learning_curves(by_seen, by_flops, done: list[dict], labels: list[str], colors: dict) -> None:
+    """Held-out exact accuracy at every evaluation against puzzles seen and training FLOPs: one line per run
+    (arm and seed), so a run that plateaued early and one that hit its cap are both visible."""
+    for label in labels:
+        for i, r in enumerate(r for r in done if r["label"] == label):
+            points = [(s, e) for s, _, _, e, *_ in (c + [None] for c in r["eval_curve"]) if e is not None]
+            if not points or not r.get("sequences_per_step"):  # a run made before its curve had exact accuracy
+                continue
+            seen = [s * r["sequences_per_step"] for s, _ in points]
+            flops = [s * r["tokens_per_step"] * r["flops_per_token"] for s, _ in points]
+            for ax, x in ((by_seen, seen), (by_flops, flops)):
+                ax.plot(x, [e for _, e in points], color=colors[label], linewidth=1, alpha=0.8,
+                        label=label if i == 0 else None)
+    by_seen.set_xlabel("training puzzles seen")
+    by_flops.set_xlabel("training FLOPs")
+    for ax in (by_seen, by_flops):
+        ax.set_xscale("log")
+        ax.set_ylabel("held-out exact accuracy (one line per seed)")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    by_seen.set_title("Learning curves by puzzles seen")
+    by_flops.set_title("Learning curves by training compute")
+
+
+def loss_curves(by_step, by_flops, done: list[dict], labels: list[str], colors: dict) -> None:
+    """Validation loss, mean ± std over seeds, against steps and training FLOPs."""
     for label in labels:
         runs = [r for r in done if r["label"] == label]
         steps, mean, std = mean_curve([r["eval_curve"] for r in runs])
@@ -435,16 +582,6 @@ def plot(p: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         if ax.lines:  # a report written while one side has no finished run yet
             ax.legend(fontsize=8)
-    stats = [mean_std([r[key] for r in done if r["label"] == label]) for label in labels]
-    final.bar(labels, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=5,
-              color=[colors[label] for label in labels])
-    final.set_ylabel(metric_label + ", mean ± std")
-    final.set_title(metric_label.capitalize())
-    final.tick_params(axis="x", labelrotation=20, labelsize=8)
-    final.grid(axis="y", alpha=0.3)
-    plot_steps_curve(last, done, labels, colors)
-    fig.suptitle(f"{p['config']} ({len(p['seeds'])} seeds)", fontsize=10)
-    save_figure(fig, path)
 
 
 def plot_steps_curve(ax, done: list[dict], labels: list[str], colors: dict) -> None:
@@ -458,10 +595,12 @@ def plot_steps_curve(ax, done: list[dict], labels: list[str], colors: dict) -> N
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         return
     for label in curved:
-        found = [r["exact_accuracy_by_steps"] for r in done if r["label"] == label and r.get("exact_accuracy_by_steps")]
-        ks = sorted({int(k) for c in found for k in c})
-        ax.plot(ks, [mean_std([c[str(k)] for c in found if str(k) in c])[0] for k in ks], marker="o",
-                color=colors[label], label=label)
+        for key, style, how in (("exact_accuracy_by_steps", "-", ""), ("q_head_by_steps", "--", ", Q-head may halt")):
+            found = [{str(k): v for k, v in r[key].items()} for r in done if r["label"] == label and r.get(key)]
+            ks = sorted({int(k) for c in found for k in c})
+            if ks:
+                ax.plot(ks, [mean_std([c[str(k)] for c in found if str(k) in c])[0] for k in ks], marker="o",
+                        linestyle=style, color=colors[label], label=label + how)
     ax.set_xlabel("supervision steps at evaluation")
     ax.set_ylabel("exact accuracy, mean over seeds")
     ax.set_title("Test-time compute: accuracy by supervision steps")
@@ -469,7 +608,7 @@ def plot_steps_curve(ax, done: list[dict], labels: list[str], colors: dict) -> N
     ax.legend(fontsize=8)
 
 
-REPORT = ReportFiles("comparison.json", "comparison.png", "COMPARISON.md", plot, comparison_markdown)
+REPORT = ReportFiles("comparison.json", "comparison.png", "COMPARISON.md", plot, comparison_markdown, refreshed)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -40,6 +40,7 @@ from .arguments import ARGUMENT_CLASSES, ModelArguments, build_config, load_mapp
 from .checkpointing import complete_checkpoints
 from .evaluate import main as evaluate_main
 from .layout import FINAL, METRICS, RESULTS, TASK_EVAL
+from .statistics import mean_std
 from .tasks import TaskArguments
 from .train import TOKENIZER_FIELDS, config_drift, describe_drift, main as train_main, saved_config
 
@@ -129,16 +130,18 @@ class ReportFiles:
     markdown: str
     plot: Callable[[dict, Path], None]
     render: Callable[[dict], str]
+    refresh: Callable[[dict], dict]  # the verdicts computed again from the runs, by today's statistics
 
     def write(self, payload: dict, out: Path) -> None:
         self.plot(payload, out / self.png)
         (out / self.markdown).write_text(self.render(payload))
 
     def rebuild(self, out: Path) -> dict:
-        """--report DIR: the plot and Markdown again from DIR's JSON, without training."""
+        """--report DIR: the verdicts, plot and Markdown again from the runs in DIR's JSON, without training."""
         if not (out / self.json).is_file():
             raise FileNotFoundError(f"--report {out}: no {self.json} there (the output folder of a runner's runs)")
-        payload = json.loads((out / self.json).read_text())
+        payload = self.refresh(json.loads((out / self.json).read_text()))
+        write_json(out / self.json, payload)
         self.write(payload, out)
         print(f"wrote {out / self.png}, {out / self.markdown} from {out / self.json}", flush=True)
         return payload
@@ -243,8 +246,8 @@ def run_training(name: str, values: dict, run_dir: Path, launcher: str = "in_pro
             return {"name": name, "status": "failed", "error": error, "output_dir": str(run_dir), "wall_seconds": 0.0,
                     "skipped": True}  # nothing trained: the ETA must not count it
     if finished:
-        if values.get("task") and not (run_dir / FINAL / TASK_EVAL).is_file():
-            score_task_run(run_dir, values)  # trained, but stopped before its scoring
+        if values.get("task") and not scored(run_dir, values):
+            score_task_run(run_dir, values)  # trained, but stopped before its scoring (or scored by older code)
         record = collect_run(run_dir)
         print(f"[skip] {name}: finished earlier, val loss {record['final_val_loss']:.4f}", flush=True)
         return {**record, "name": name, "status": "finished", "skipped": True}
@@ -319,6 +322,13 @@ def score_task_run(run_dir: Path, values: dict, transfer: dict | None = None) ->
         argv += to_argv({**task, **transfer}) + ["--output_file", str(run_dir / FINAL / TRANSFER_EVAL)]
     with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         evaluate_main(argv)
+
+
+def scored(run_dir: Path, values: dict) -> bool:
+    """Whether a task run's scores exist with every figure today's scoring gives (a recursive run's
+    test-time depth curves with and without the Q-head; older scoring lacked the second)."""
+    figures = task_figures(run_dir)
+    return bool(figures) and (values.get("model_type") != "recursive" or "q_head_by_steps" in figures)
 
 
 def model_drift(saved: Path, values: dict) -> dict:
@@ -397,11 +407,14 @@ def collect_run(run_dir) -> dict:
         "eval_tokens": final["tokens"], "recursion_steps": final.get("recursion_steps"),
         "tokens_per_s": results["tokens_per_s"], "wall_seconds": results["wall_seconds"],
         "flops_per_token": results["flops_per_token"], "tokens_per_step": results["tokens_per_step"],
+        "sequences_per_step": results.get("sequences_per_step"),
         "parameters": results["parameters"],
         # the language-model cross-entropy, comparable across variants that change the auxiliary losses
         "train_loss_curve": [[r["step"], r["train/lm_loss"]] for r in train],
         "grad_norm_curve": [[r["step"], r["train/grad_norm"]] for r in train],
-        "eval_curve": [[r["step"], r["eval/loss"], r["eval/accuracy"]] for r in evals],
+        # [step, loss, token accuracy, exact match]: a task run's learning curve is its fourth column
+        "eval_curve": [[r["step"], r["eval/loss"], r["eval/accuracy"], r.get("eval/exact_match")] for r in evals],
+        "stopped_by": results.get("stopped_by", "max_steps"), "stopped_at": results["step"],
         "nan": nan,
         **task_figures(run_dir),
     }
@@ -413,37 +426,17 @@ def task_figures(run_dir: Path, scores: str = TASK_EVAL) -> dict:
     if not scored.is_file():
         return {}
     result = json.loads(scored.read_text())
-    return {k: result[k] for k in ("exact_accuracy", "cell_accuracy", "exact_accuracy_by_steps", "q_head", "puzzles",
-                                   "curve_puzzles") if k in result}
+    return {k: result[k] for k in ("exact_accuracy", "cell_accuracy", "exact_accuracy_by_steps", "q_head_by_steps",
+                                   "q_head", "by_difficulty", "puzzles", "curve_puzzles") if k in result}
 
 
 # ----------------------------------------------------------------------------
-# Statistics across seeds
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std
+# Curves and throughput across seeds
 
 
 THROUGHPUT_NOTE = ("tokens/s and wall time are each run's training loop over all its starts (its checkpoints carry the "
                    "time; a run resumed from a checkpoint older than that counts from its resume): they compare only "
                    "between runs that had the machine alike")
-SPREAD_RULE = ("a difference is called real only when |mean_a - mean_b| > std_a + std_b over at least 2 seeds "
-               "each (the gap exceeds the two seed spreads added; with one seed nothing can be told apart)")
-
-
-def beyond_spread(a: list[float], b: list[float]) -> bool | None:
-    """True/False by SPREAD_RULE, or None when either side has fewer than 2 seeds."""
-    if len(a) < 2 or len(b) < 2:
-        return None
-    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    return abs(ma - mb) > sa + sb
-
-
 def mean_curve(curves: list[list[list[float]]], column: int = 1) -> tuple[list[float], list[float], list[float]]:
     """Steps, mean and std over runs of [[step, value, ...], ...] curves, at the steps all runs share."""
     shared = sorted(set.intersection(*(set(p[0] for p in c) for c in curves))) if curves else []

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from .configuration_recursive import RecursiveMoEReasonConfig
+from .configuration_recursive import EVAL_HALTING, RecursiveMoEReasonConfig
 from .modeling_moe_reason import (MoEReasonCausalLMOutput, MoEReasonForCausalLM, MoEReasonRMSNorm, expert_load,
                                   next_token_loss, next_token_statistics)
 
@@ -186,8 +186,16 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
     @torch.compiler.disable(recursive=False)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
-                logits_to_keep: int = 0, **kwargs) -> RecursiveCausalLMOutput:
+                logits_to_keep: int = 0, halt_max_steps: int | None = None, eval_halting: str | None = None,
+                **kwargs) -> RecursiveCausalLMOutput:
+        """`halt_max_steps` and `eval_halting` override the config's for this call only: evaluation at another
+        depth than the trained one (test-time compute) or with the Q-head halting."""
         cfg = self.config
+        max_steps = cfg.halt_max_steps if halt_max_steps is None else halt_max_steps
+        eval_halting = cfg.eval_halting if eval_halting is None else eval_halting
+        if max_steps < 1 or eval_halting not in EVAL_HALTING:
+            raise ValueError(f"halt_max_steps={max_steps} and eval_halting={eval_halting!r}: need >= 1 and one of "
+                             f"{EVAL_HALTING}")
         x = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds  # [B, S, H], once
         x = x if self.input_norm is None else self.input_norm(x)
         B, S, _ = x.shape
@@ -195,11 +203,11 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         token_mask = attention_mask[:, -S:].to(x.dtype) if attention_mask is not None else x.new_ones(B, S)
         # training halts by the Q-head only towards "accuracy": a relative target is set by the whole batch at every
         # step ("loss_gain"'s also needs the next step; a halted example's would stay unknown)
-        halt_by_q = cfg.use_act and (cfg.halt_target == "accuracy" if self.training else cfg.eval_halting == "q_head")
+        halt_by_q = cfg.use_act and (cfg.halt_target == "accuracy" if self.training else eval_halting == "q_head")
         min_steps = torch.ones(B, dtype=torch.long, device=x.device)
         if self.training and cfg.use_act and cfg.halt_exploration_prob > 0:
             explore = torch.rand(B, device=x.device) < cfg.halt_exploration_prob
-            drawn = torch.randint(2, cfg.halt_max_steps + 1, (B,), device=x.device) if cfg.halt_max_steps >= 2 \
+            drawn = torch.randint(2, max_steps + 1, (B,), device=x.device) if max_steps >= 2 \
                 else min_steps
             min_steps = torch.where(explore, drawn, min_steps)
 
@@ -214,7 +222,7 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         lm_sum, pairs = x.new_zeros((), dtype=torch.float32), 0
         halting = HaltingLoss(cfg, x.new_zeros((), dtype=torch.float32))
         ghost, ghost_term = None, x.new_zeros((), dtype=torch.float32)
-        for step in range(1, cfg.halt_max_steps + 1):
+        for step in range(1, max_steps + 1):
             if len(rows) == 0:  # every local example halted, but another rank still runs
                 ghost_term = ghost_term + self.ghost_step(ghost)
                 if not self.any_rank_running(False, x.device):
@@ -227,7 +235,7 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
             passes += step_passes
             q = self.q_head((z_H * m_rows[..., None]).sum(1) / m_rows.sum(1, keepdim=True).clamp(min=1)).squeeze(-1)
             steps[rows] = step
-            halt = torch.full_like(q, step == cfg.halt_max_steps, dtype=torch.bool)
+            halt = torch.full_like(q, step == max_steps, dtype=torch.bool)
             logits, stats, lm_term = self.predict(z_H, rows_of(labels, rows), logits_to_keep)
             if stats is not None:
                 lm_sum, pairs = lm_sum + lm_term, pairs + len(rows)
@@ -253,7 +261,7 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
             loss = self.combine_losses((lm_sum + cfg.act_loss_coef * halting.sum) / pairs, aux, z_loss) + ghost_term
         if logits_to_keep and final_logits is not None and labels is not None:
             final_logits = final_logits[:, -logits_to_keep:]
-        halt_rate = (steps < cfg.halt_max_steps).float().mean()
+        halt_rate = (steps < max_steps).float().mean()
         q_accuracy = torch.tensor(halting.right / halting.decisions) if halting.decisions else None
         metrics = {"recursion_steps": steps.mean(), "halt_rate": halt_rate}
         if act_loss is not None:

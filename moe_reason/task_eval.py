@@ -1,6 +1,11 @@
 """Scoring a grid model on puzzles: exact accuracy by the task's validator (no reference needed), cell
-accuracy on the cells the puzzle leaves open, and for recursive models the test-time-compute curve
-(accuracy after 1 .. 2 x halt_max_steps supervision steps) and Q-head halting.
+accuracy on the cells the puzzle leaves open, and for recursive models:
+
+- test-time depth: exact accuracy after 1 .. halt_max_steps supervision steps and at 2, 3 and 4 times
+  the trained number, every puzzle running every step (`exact_accuracy_by_steps`), and the same depths
+  with the Q-head free to stop a puzzle early (`q_head_by_steps`: a halted puzzle keeps its answer);
+- Q-head halting at the trained depth: exact accuracy, mean steps and their share of the maximum;
+- by difficulty (Sudoku blanks, maze path length): how many steps the Q-head spends and what it solves.
 """
 
 import numpy as np
@@ -10,10 +15,15 @@ from .task_files import given
 from .tasks import MazeTask, PromptFormulation
 
 
+TEST_TIME_MULTIPLES = (2, 3, 4)  # depths past the trained one, as multiples of halt_max_steps
+
+
 @torch.no_grad()
-def predict_answers(model, task, puzzles: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def predict_answers(model, task, puzzles: np.ndarray, batch_size: int = 64,
+                    **halting) -> tuple[np.ndarray, np.ndarray]:
     """Puzzles [N, n, n] -> (the model's answers [N, n, n], recursion steps [N]): a grid model's argmax at
-    every cell, or a prompt model's greedy continuation of puzzle + '='."""
+    every cell, or a prompt model's greedy continuation of puzzle + '='. `halting` (halt_max_steps,
+    eval_halting) overrides a recursive grid model's for these calls."""
     device = next(model.parameters()).device
     prompt = PromptFormulation() if not model.config.bidirectional else None
     answers, steps = [], []
@@ -21,7 +31,7 @@ def predict_answers(model, task, puzzles: np.ndarray, batch_size: int = 64) -> t
         batch = puzzles[start:start + batch_size]
         if prompt is None:
             ids = torch.tensor(np.stack([task.to_tokens(p) for p in batch]), device=device)  # [b, n*n]
-            out = model(input_ids=ids, use_cache=False)
+            out = model(input_ids=ids, use_cache=False, **halting)
             predicted = out.logits.argmax(-1)  # [b, n*n]
             recursion = getattr(out, "recursion_steps", None)
         else:
@@ -60,28 +70,54 @@ def score(task, puzzles: np.ndarray, answers: np.ndarray, references: np.ndarray
     return result
 
 
+def test_time_depths(trained: int) -> list[int]:
+    """1 .. trained, then the TEST_TIME_MULTIPLES of it."""
+    return list(range(1, trained + 1)) + [m * trained for m in TEST_TIME_MULTIPLES]
+
+
+def difficulty_of(task, puzzles: np.ndarray) -> tuple[str, np.ndarray]:
+    """(what sets a puzzle's difficulty, its value per puzzle [N]): a Sudoku's blanks, a maze's free cells."""
+    return ("free cells", (puzzles == 2).sum((1, 2))) if isinstance(task, MazeTask) else \
+        ("blanks", (puzzles == 0).sum((1, 2)))
+
+
+def by_difficulty(task, puzzles, all_steps: np.ndarray, halted: np.ndarray, steps: np.ndarray) -> dict:
+    """Per difficulty value: puzzles, exact accuracy with every step and with the Q-head, its mean steps.
+    all_steps and halted are [N] booleans (solved), steps [N] the Q-head's steps."""
+    name, values = difficulty_of(task, puzzles)
+    rows = {}
+    for value in np.unique(values):
+        chosen = values == value
+        rows[int(value)] = {"puzzles": int(chosen.sum()), "exact_accuracy": float(all_steps[chosen].mean()),
+                            "q_head_exact_accuracy": float(halted[chosen].mean()),
+                            "q_head_mean_steps": float(steps[chosen].mean())}
+    return {"measure": name, "rows": rows}
+
+
 def evaluate_puzzles(model, task, puzzles, references=None, batch_size: int = 64, curve_puzzles: int = 0) -> dict:
-    """The figures of `score`, as the model was trained to run (recursive: its configured halting), plus for
-    a recursive model exact_accuracy_by_steps (on the first `curve_puzzles`, 0 = all: the curve runs
-    1 + 2 + ... + 2 x halt_max_steps supervision steps) and the Q-head's halting."""
+    """The figures of `score`, as the model was trained to run (recursive: every supervision step), plus for
+    a recursive model the test-time depth curves (on the first `curve_puzzles`, 0 = all), the Q-head's
+    halting at the trained depth and both by difficulty."""
     model.eval()
-    answers, steps = predict_answers(model, task, puzzles, batch_size)
+    answers, _ = predict_answers(model, task, puzzles, batch_size, **(
+        {"eval_halting": "max_steps"} if hasattr(model.config, "halt_max_steps") else {}))
     result = score(task, puzzles, answers, references)
-    config = model.config
-    if not hasattr(config, "halt_max_steps"):
+    if not hasattr(model.config, "halt_max_steps"):
         return result
-    trained = (config.halt_max_steps, config.eval_halting)
-    try:
-        config.eval_halting = "max_steps"
-        curve, subset = {}, puzzles[:curve_puzzles or len(puzzles)]
-        for k in range(1, 2 * trained[0] + 1):  # beyond the trained depth: does accuracy keep rising?
-            config.halt_max_steps = k
-            curve[k] = score(task, subset, predict_answers(model, task, subset, batch_size)[0], None)["exact_accuracy"]
-        result.update(exact_accuracy_by_steps=curve, curve_puzzles=len(subset))
-        config.halt_max_steps, config.eval_halting = trained[0], "q_head"
-        answers, steps = predict_answers(model, task, puzzles, batch_size)
-        result["q_head"] = {"exact_accuracy": score(task, puzzles, answers, None)["exact_accuracy"],
-                            "mean_steps": float(steps.mean()), "halt_max_steps": trained[0]}
-    finally:
-        config.halt_max_steps, config.eval_halting = trained
+    trained = model.config.halt_max_steps
+    solved_all = np.array([task.is_valid(p, a) for p, a in zip(puzzles, answers)])
+    subset = puzzles[:curve_puzzles or len(puzzles)]
+    curves = {"max_steps": {}, "q_head": {}}
+    for k in test_time_depths(trained):  # beyond the trained depth: does accuracy keep rising, or hold?
+        for halting, curve in curves.items():
+            found = predict_answers(model, task, subset, batch_size, halt_max_steps=k, eval_halting=halting)[0]
+            curve[k] = score(task, subset, found, None)["exact_accuracy"]
+    result.update(exact_accuracy_by_steps=curves["max_steps"], q_head_by_steps=curves["q_head"],
+                  curve_puzzles=len(subset))
+    answers, steps = predict_answers(model, task, puzzles, batch_size, eval_halting="q_head")
+    solved_q = np.array([task.is_valid(p, a) for p, a in zip(puzzles, answers)])
+    result["q_head"] = {"exact_accuracy": float(solved_q.mean()), "mean_steps": float(steps.mean()),
+                        "share_of_steps": float(steps.mean() / trained), "halt_max_steps": trained,
+                        "all_steps_exact_accuracy": float(solved_all.mean())}
+    result["by_difficulty"] = by_difficulty(task, puzzles, solved_all, solved_q, steps)
     return result

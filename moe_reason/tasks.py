@@ -50,6 +50,10 @@ class TaskArguments:
         f"{DEFAULT_BLANKS[6]} at 6x6, {DEFAULT_BLANKS[4]} at 4x4. At 9x9, 20 blanks need about 1.3 rounds of "
         "single-candidate filling, 30 about 2.1, 45 about 4.7 (one in a hundred needs a guess), 55 about 10 "
         "(a third need a guess). The data summary reports the rounds its puzzles need.")})
+    sudoku_blanks_max: int | None = field(default=None, metadata={"help": (
+        "Mix difficulties: draw each Sudoku's blanks uniformly from [sudoku_blanks, sudoku_blanks_max] (default: "
+        "every puzzle has sudoku_blanks). Small grids have few distinct puzzles at one blank count (4x4 at 10 "
+        "blanks: a few hundred up to the augmentations); a range gives a held-out set large enough to measure.")})
     maze_min_path: int | None = field(default=None, metadata={"help": (
         "Shortest-path length in cells (start and goal included) a maze must reach (difficulty); default 2 x size.")})
     maze_wall_share: float = field(default=0.3, metadata={"help": "Share of maze cells drawn as walls."})
@@ -86,6 +90,9 @@ class TaskArguments:
                 self.sudoku_blanks = DEFAULT_BLANKS[self.task_size]
             require(self, "sudoku_blanks", 1 <= self.sudoku_blanks < self.task_size ** 2,
                     f"in [1, {self.task_size ** 2 - 1}] for a {self.task_size}x{self.task_size} sudoku")
+            require(self, "sudoku_blanks_max", self.sudoku_blanks_max is None
+                    or self.sudoku_blanks <= self.sudoku_blanks_max < self.task_size ** 2,
+                    f"None or in [sudoku_blanks ({self.sudoku_blanks}), {self.task_size ** 2 - 1}]")
         else:
             require(self, "task_size", self.task_size >= 2, ">= 2 for a maze")
             if self.maze_min_path is None:
@@ -95,6 +102,8 @@ class TaskArguments:
             require(self, "maze_canvas", self.maze_canvas is None or self.maze_canvas >= self.task_size,
                     f"None or >= task_size ({self.task_size})")
         require(self, "maze_canvas", self.task == "maze" or self.maze_canvas is None, "None for a sudoku task")
+        require(self, "sudoku_blanks_max", self.task == "sudoku" or self.sudoku_blanks_max is None,
+                "None for a maze task")
         require(self, "task_test_file", bool(self.task_train_file) == bool(self.task_test_file),
                 "given together with task_train_file (training and held-out puzzles)")
         require(self, "task_train_file", not self.task_train_file or self.task == "sudoku",
@@ -107,6 +116,7 @@ class TaskArguments:
         regenerates the same held-out test puzzles)."""
         keys = ["task", "task_formulation", "task_size"] + (["sudoku_blanks"] if self.task == "sudoku" else
                                         ["maze_min_path", "maze_wall_share", "maze_canvas"])
+        keys += ["sudoku_blanks_max"] if self.sudoku_blanks_max is not None else []  # absent: one blank count
         keys += ["task_train_puzzles", "task_test_puzzles"]
         keys += ["task_train_file", "task_test_file"] if self.task_train_file else ["data_seed"]  # DataArguments
         return {k: getattr(self, k) for k in keys}
@@ -119,13 +129,14 @@ class TaskArguments:
 class SudokuTask:
     """Cells: 0 blank, 1..n digits. Tokens: code + 1 (1 = blank), so the vocabulary is <pad> . 1 .. n."""
 
-    def __init__(self, task_size: int = 9, sudoku_blanks: int = 45, **_):
-        self.n, self.blanks = task_size, sudoku_blanks
+    def __init__(self, task_size: int = 9, sudoku_blanks: int = 45, sudoku_blanks_max: int | None = None, **_):
+        self.n, self.blanks, self.blanks_max = task_size, sudoku_blanks, sudoku_blanks_max
         self.symbols = "." + "123456789"[: self.n]
 
     def generate(self, rng):
         solution = sudoku.random_solution(self.n, rng)
-        return sudoku.make_puzzle(solution, self.blanks, rng), solution
+        blanks = self.blanks if self.blanks_max is None else int(rng.integers(self.blanks, self.blanks_max + 1))
+        return sudoku.make_puzzle(solution, blanks, rng), solution
 
     def key(self, puzzle, answer):
         # 9x9: no test solution grid is an augmentation of a training one. The small grids have too few

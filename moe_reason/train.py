@@ -50,6 +50,7 @@ from .lora import add_lora, is_lora, lora_config, merged
 from .metrics import LogWindow, any_nonfinite, measure_peak_flops, training_flops_per_token
 from .modeling_recursive import RecursiveMoEReasonForCausalLM
 from .optim import make_optimizer_and_scheduler
+from .plateau import describe as describe_plateau, plateaued
 from .safe_loading import from_pretrained
 from .task_eval import answer_one
 from .tasks import make_task, render
@@ -74,6 +75,8 @@ class TrainState:
     last_eval: dict | None = None  # {"step": S, "loss": ..., ...}: the latest evaluation
     last_save: int | None = None  # the step of the latest checkpoint
     train_seconds: float = 0.0  # the training loop's wall time up to the latest checkpoint, over every start
+    evals: list = dataclasses.field(default_factory=list)  # [step, exact_match, accuracy] per evaluation (plateau)
+    plateau_step: int | None = None  # --stop_on_plateau: the step whose evaluation found the plateau
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -560,7 +563,7 @@ class Trainer:
                         desc="training", dynamic_ncols=True)
         self.started = time.perf_counter() - state.train_seconds  # a resumed run's clock goes on from its checkpoint
         self.model.train()
-        while state.step < args.max_steps:
+        while state.step < args.max_steps and state.plateau_step is None:
             record = self.train_step(micro_batches)
             progress.update(1)
             last = state.step == args.max_steps
@@ -572,6 +575,7 @@ class Trainer:
                                      tok_s=f"{record['train/tokens_per_s']:,.0f}")
             if state.step % args.eval_interval == 0 or last:
                 self.evaluate()
+                last = last or state.plateau_step is not None
             stopping = stop.agreed(self.accelerator)
             if state.step % args.save_interval == 0 or last or stopping:
                 self.save()
@@ -680,6 +684,13 @@ class Trainer:
                                f"ppl {result['perplexity']:.1f}, acc {result['accuracy']:.3f}"
                                + (f", puzzles solved {result['exact_match']:.3f}" if self.data_args.task else ""))
         state.last_eval = {"step": state.step, **result}
+        state.evals.append([state.step, result["exact_match"], result["accuracy"]])
+        if self.args.stop_on_plateau and plateaued(state.evals, self.args.plateau_min_evals, self.args.plateau_delta):
+            state.plateau_step = state.step
+            rule = describe_plateau(self.args.plateau_min_evals, self.args.plateau_delta)
+            cap = self.args.max_steps
+            early = f": stopping before the cap of {cap} steps" if state.step < cap else ""
+            self.accelerator.print(f"step {state.step}: plateau ({rule}){early}")
         if state.best_val_loss is None or result["loss"] < state.best_val_loss:
             state.best_val_loss = result["loss"]
             self.export(BEST)
@@ -741,7 +752,9 @@ class Trainer:
         results = {"step": state.step, "final_eval": final_eval, "best_val_loss": state.best_val_loss,
                    "tokens_per_s": state.step * tokens_per_step / wall if state.step else None, "wall_seconds": wall,
                    "flops_per_token": self.flops_per_token, "tokens_per_step": tokens_per_step,
-                   "parameters": self.parameters, "output_dir": str(self.out)}
+                   "sequences_per_step": tokens_per_step // self.data.summary["block_size"],
+                   "parameters": self.parameters, "output_dir": str(self.out),
+                   "stopped_by": "plateau" if state.plateau_step is not None else "max_steps"}
         if self.accelerator.is_main_process:
             (self.out / RESULTS).write_text(json.dumps(results, indent=2))
             self.accelerator.print(f"done: {state.step} steps in {wall / 60:.1f} min; final val loss "

@@ -137,7 +137,9 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     assert "num_experts_per_tok=9 is invalid" in runs[4]["error"]
     assert runs[0]["final_val_loss"] != runs[1]["final_val_loss"]  # the seeds differ
     stats = results["variants"]["no_aux"]
-    assert stats["val_loss_std"] > 0 and stats["beyond_seed_spread"] in (True, False)
+    assert stats["val_loss_std"] > 0 and stats["real_by_holm"] in (True, False)
+    low, high = stats["interval"]
+    assert low < stats["delta_vs_reference"] < high
     summary = (out / "SUMMARY.md").read_text()
     assert "ln(vocab) = 5.768" in summary and "± " in summary and "broken" in summary
     assert "Throughput: tokens/s and wall time are each run's training loop over all its starts" in summary
@@ -306,7 +308,9 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
         {"model_type", "h_cycles", "l_cycles", "halt_max_steps"}
     for side in ("equal_steps", "equal_flops"):
         verdict = payload[side]["recursive"]
-        assert verdict["verdict"] and verdict["beyond_seed_spread"] in (True, False)
+        assert verdict["verdict"] and verdict["winner"] in ("baseline", "recursive", f"recursive_{side}", None)
+        low, high = verdict["interval"]
+        assert low < verdict["difference"] < high and ("excludes 0" in verdict["verdict"]) == (low > 0 or high < 0)
     report = (out / "COMPARISON.md").read_text()
     assert "Equal steps, recursive vs baseline:" in report and "Equal FLOPs, recursive vs baseline:" in report
     assert "ln(vocab)" in report
@@ -433,8 +437,10 @@ def test_a_task_comparison_scores_every_run_on_the_transfer_puzzles_too(tmp_path
         assert run["puzzles"] == 8 and run["transfer"]["puzzles"] == 8
         scored = json.loads((out / run["label"] / "seed_0" / "final" / "eval_transfer.json").read_text())
         assert scored["task"]["task_size"] == 5 and scored["trained_task"]["task_size"] == 4
-    assert set(next(r for r in payload["runs"] if r["label"] == "recursive")["transfer"]["exact_accuracy_by_steps"]) \
-        == {"1", "2", "3", "4"}
+    transfer = next(r for r in payload["runs"] if r["label"] == "recursive")["transfer"]
+    # the trained 2 steps, then 2, 3 and 4 times as many: with every step, and with the Q-head free to halt
+    assert set(transfer["exact_accuracy_by_steps"]) == set(transfer["q_head_by_steps"]) == {"1", "2", "4", "6", "8"}
+    assert transfer["by_difficulty"]["measure"] == "free cells" and transfer["q_head"]["share_of_steps"] <= 1.0
     report = (out / "COMPARISON.md").read_text()
     assert "## Transfer: the same models on other puzzles (task_size 5, maze_min_path 6" in report
     assert "Transfer, equal steps, direct vs recursive:" in report and "### Transfer: exact accuracy by" in report

@@ -1,0 +1,129 @@
+"""What a study needs to decide: the plateau rule (and a run that stops by it, resumably), the statistics
+behind every verdict, mixed-difficulty puzzles, and a comparison that gives the cheap arms the costly
+arm's FLOPs."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from moe_reason.compare import load_comparison, plan_runs
+from moe_reason.data import DataArguments
+from moe_reason.plateau import plateaued
+from moe_reason.statistics import holm, welch
+from moe_reason.tasks import SudokuTask, TaskArguments, generate_splits
+
+from conftest import main_cases, train_args, write_corpus
+
+
+# ----------------------------------------------------------------------------
+# The plateau rule
+
+
+def history(*exact, accuracy=None):
+    """[step, exact, accuracy] rows, evaluations every 100 steps; token accuracy follows exact unless given."""
+    accuracy = accuracy or exact
+    return [[100 * (i + 1), e, a] for i, (e, a) in enumerate(zip(exact, accuracy))]
+
+
+def test_a_run_plateaus_when_the_last_quarter_brings_no_point():
+    flat = history(0.1, 0.3, 0.5, 0.6, 0.65, 0.7, 0.705, 0.70)  # last 2 of 8: best 0.705 vs 0.7 before
+    assert plateaued(flat, min_evals=8, delta=0.01)
+    rising = history(0.1, 0.3, 0.5, 0.6, 0.65, 0.7, 0.72, 0.70)  # 0.72: two points above the best before
+    assert not plateaued(rising, min_evals=8, delta=0.01)
+    assert not plateaued(flat[:7], min_evals=8, delta=0.01)  # too few evaluations yet
+    # the window grows with the run: 12 evaluations look at the last 3
+    assert not plateaued(history(*[0.5] * 9, 0.52, 0.5, 0.5), min_evals=8, delta=0.01)
+    assert plateaued(history(*[0.5] * 8, 0.52, 0.5, 0.5, 0.5), min_evals=8, delta=0.01)
+
+
+def test_exact_accuracy_flat_at_zero_is_no_plateau_while_the_cells_are_still_learned():
+    learning = history(*[0.0] * 8, accuracy=[0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75])
+    assert not plateaued(learning, min_evals=8, delta=0.01)
+    assert plateaued(history(*[0.0] * 8, accuracy=[0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.75, 0.752]), 8, 0.01)
+
+
+@pytest.mark.slow
+def test_a_run_stops_on_its_plateau_and_a_resumed_run_stops_at_the_same_step(tmp_path):
+    corpus = write_corpus(tmp_path, n=80)
+    rule = dict(max_steps=200, eval_interval=2, save_interval=4, stop_on_plateau="true", plateau_min_evals=4,
+                plateau_delta=0.5, lr_scheduler="constant")  # half the tokens more: a bar no short run clears
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    assert main_cases([train_args(tmp_path, corpus, output_dir=straight, **rule),
+                       train_args(tmp_path, corpus, output_dir=halves, **{**rule, "max_steps": 4})]) == [None, None]
+    results = json.loads((straight / "train_results.json").read_text())
+    assert results["stopped_by"] == "plateau" and results["step"] == 8  # 4 evaluations at steps 2, 4, 6, 8
+    capped = json.loads((halves / "train_results.json").read_text())
+    assert capped["stopped_by"] == "max_steps" and capped["step"] == 4
+    assert main_cases([train_args(tmp_path, corpus, output_dir=halves, resume_from_checkpoint="latest",
+                                  **rule)]) == [None]
+    resumed = json.loads((halves / "train_results.json").read_text())
+    assert (resumed["stopped_by"], resumed["step"]) == ("plateau", 8)  # the history came back with the checkpoint
+    assert resumed["final_eval"]["loss"] == results["final_eval"]["loss"]
+
+
+# ----------------------------------------------------------------------------
+# Statistics
+
+
+def test_welch_interval_and_p_value_match_scipy():
+    a, b = [0.98, 1.0, 0.99], [0.62, 0.70, 0.55, 0.66]
+    d = welch(a, b)
+    reference = scipy_stats.ttest_ind(a, b, equal_var=False)
+    assert d.p_value == pytest.approx(reference.pvalue, rel=1e-9)
+    low, high = reference.confidence_interval(0.95)
+    assert (d.low, d.high) == (pytest.approx(low, rel=1e-9), pytest.approx(high, rel=1e-9))
+    assert d.excludes_zero and d.diff == pytest.approx(np.mean(a) - np.mean(b))
+    assert not welch([0.5, 0.6, 0.4], [0.45, 0.55, 0.5]).excludes_zero
+    assert welch([0.5], [0.4, 0.3]).excludes_zero is None  # one seed: no interval
+    exact = welch([0.0, 0.0, 0.0], [0.0, 0.0, 0.0])  # no spread at all on either side
+    assert (exact.low, exact.high, exact.excludes_zero) == (0.0, 0.0, False)
+
+
+def test_holm_steps_down_and_counts_unknown_comparisons():
+    # 3 comparisons: 0.01 <= 0.05/3 rejects, 0.03 > 0.05/2 stops there, so 0.04 is not rejected either
+    assert holm({"a": 0.01, "b": 0.03, "c": 0.04}) == {"a": True, "b": False, "c": False}
+    assert holm({"a": 0.01, "b": 0.02, "c": 0.04}) == {"a": True, "b": True, "c": True}
+    # an unknown p-value (one seed) still counts as a comparison: 0.02 > 0.05/3
+    assert holm({"a": 0.02, "b": None}) == {"a": True, "b": None}
+    assert holm({"a": 0.02, "b": None, "c": None}) == {"a": False, "b": None, "c": None}
+
+
+# ----------------------------------------------------------------------------
+# Mixed difficulty and equal FLOPs for the cheap arms
+
+
+def test_mixed_blank_counts_give_a_held_out_set_a_single_count_cannot():
+    with pytest.raises(ValueError, match="sudoku_blanks_max=8 is invalid"):
+        TaskArguments(task="sudoku", task_size=4, sudoku_blanks=9, sudoku_blanks_max=8)
+    splits = generate_splits(SudokuTask(4, 9, 11), 100, 400, seed=0)
+    blanks = (splits["test"][0] == 0).sum((1, 2))
+    assert set(blanks.tolist()) == {9, 10, 11} and len(splits["train"][0]) == 100
+    args = DataArguments(task="sudoku", task_size=4, sudoku_blanks=9)
+    assert "sudoku_blanks_max" not in args.task_settings()  # a single count keeps the settings it always had
+
+
+def test_equal_flops_reference_gives_each_cheaper_arm_the_reference_arms_flops(tmp_path):
+    spec = tmp_path / "c.yaml"
+    spec.write_text(json.dumps({
+        "seeds": [0, 1, 2], "metric": "exact_accuracy", "reference": "recursive", "equal_flops": "reference",
+        "base": {"task": "sudoku", "task_size": 4, "sudoku_blanks": 6, "task_train_puzzles": 20,
+                 "task_test_puzzles": 10, "data_cache_dir": str(tmp_path / "cache"), "model_preset": "debug",
+                 "max_steps": 100},
+        "arms": {"recursive": {"model_type": "recursive", "h_cycles": 2, "l_cycles": 3, "halt_max_steps": 8},
+                 "direct": {"model_type": "base"}, "deep": {"model_type": "base", "num_hidden_layers": 16}}}))
+    plan, accounting = plan_runs(load_comparison(spec))
+    flops = accounting["flops_per_token"]
+    assert accounting["budget_arm"] == "recursive" and accounting["cheapest_arm"] == "direct"
+    for arm in ("direct", "deep"):
+        steps = accounting["equal_flops_steps"][arm]
+        assert steps * flops[arm] <= 100 * flops["recursive"] < (steps + 1) * flops[arm]
+    assert [(r["kind"], r["arm"]) for r in plan] == [("equal_steps", "recursive"), ("equal_steps", "direct"),
+                                                     ("equal_steps", "deep"), ("equal_flops", "direct"),
+                                                     ("equal_flops", "deep")]
+    assert accounting["depth"]["recursive"] == {"effective_depth": 16, "passes": 8, "gradient_passes": 4,
+                                                "supervision_steps": 8}
+    with pytest.raises(ValueError, match="equal_flops='cheapest' is invalid"):
+        spec.write_text(spec.read_text().replace('"reference", "base"', '"cheapest", "base"'))
+        load_comparison(spec)
