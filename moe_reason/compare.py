@@ -24,7 +24,8 @@ A comparison file:
 `baseline:` and `recursive:` at the top level are the two-arm form (reference: baseline).
 The arms may set model fields, and `learning_rate` where each arm is to train at its own best
 one (the report names each arm's); batch, schedule, data and seed are the base's.
-Runs per seed: every arm at `max_steps` (equal steps) and, with `equal_flops`, each costlier arm
+Runs per seed (the equal-steps runs of every seed first, then the equal-FLOPs runs): every arm at
+`max_steps` (equal steps) and, with `equal_flops`, each costlier arm
 at the steps that spend the cheapest arm's FLOPs (its own full schedule: a base `warmup_steps` is the
 same number of steps in every run, a base `warmup_ratio` the same share of each). `equal_flops: reference`
 turns this around for studies whose reference is the costly arm (a deep recursion): each arm cheaper than
@@ -161,8 +162,11 @@ def run_comparison(cmp: dict) -> dict:
     print(f"comparison {cmp['path']}: training FLOPs/token {costs}; equal steps: {accounting['steps']}; equal FLOPs: "
           f"{accounting['equal_flops_steps'] or 'none'}; seeds {cmp['seeds']} -> {out}", flush=True)
     runs = []
-    # seeds outermost: a partial comparison has every arm
-    todo = [(seed, item) for seed in cmp["seeds"] for item in plan]
+    # the equal-steps runs of every seed first, then the equal-FLOPs ones (a long study's cheap arms run for the
+    # costly arm's FLOPs: its first verdict should not wait for them); seeds outermost within each, so a partial
+    # comparison has every arm
+    todo = [(seed, item) for kind in ("equal_steps", "equal_flops") for seed in cmp["seeds"]
+            for item in plan if item["kind"] == kind]
     labels = {run_label(item) for item in plan}
     earlier = earlier_runs(out / REPORT.json, lambda r: (r["label"], r["seed"]) if r["label"] in labels else None)
     budget = RunBudget(len(todo), cmp.get("max_hours"))
