@@ -23,6 +23,7 @@ from .configuration_moe_reason import PRESETS, MoEReasonConfig, require
 from .configuration_recursive import RecursiveMoEReasonConfig
 from .data import DataArguments
 from .optim import LR_SCHEDULERS
+from .tasks import formulation_of, make_task
 
 MODEL_TYPES = ("base", "recursive")
 DYNAMO_BACKENDS = {b.value for b in DynamoBackend}
@@ -273,6 +274,8 @@ def build_config(model_args, vocab_size: int | None = None, task: dict | None = 
         overrides.setdefault("halt_target", "accuracy")
     if task and task.get("task_formulation", "grid") == "grid":
         overrides.update(bidirectional=True, use_cache=False)
+        if overrides.get("token_mixer") == "mlp":  # an MLP across positions is as wide as the grid
+            overrides.setdefault("max_position_embeddings", task_length(task))
     elif overrides.get("bidirectional"):
         raise ValueError("bidirectional=True is the grid formulation of a reasoning task: pass --task sudoku or "
                          "--task maze with --task_formulation grid (on text, or in the prompt formulation, every "
@@ -287,6 +290,11 @@ def build_config(model_args, vocab_size: int | None = None, task: dict | None = 
     if task:
         config.task = task  # saved in config.json: evaluate reads which puzzles the model was trained on
     return config
+
+
+def task_length(task: dict) -> int:
+    """Positions of one example of a task (`TaskArguments.task_settings()`)."""
+    return formulation_of(task).length(make_task(task))
 
 
 def resolve_global_batch(args, world_size: int) -> None:

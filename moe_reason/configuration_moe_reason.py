@@ -33,6 +33,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 EXPERT_ACTIVATIONS = ("silu", "swiglu")
+TOKEN_MIXERS = ("attention", "mlp")
 
 
 class MoEReasonConfig(PretrainedConfig):
@@ -76,6 +77,11 @@ class MoEReasonConfig(PretrainedConfig):
             whole sequence in both directions and position i predicts label i (no shift). A puzzle's
             cells map to its answer's cells in one forward, so `generate` is refused; read the
             answer as the argmax of the logits. Requires `use_cache=False`.
+        token_mixer (`str`): how positions exchange information in each layer: `"attention"` (the default)
+            or `"mlp"`, TRM's MLP across positions for fixed-size grids (its best Sudoku model): a SwiGLU over
+            the sequence dimension, shared by the channels. `"mlp"` needs `bidirectional=True` and inputs of
+            exactly `max_position_embeddings` positions (a reasoning task's grid sets it).
+        token_mlp_expansion (`int`): with `token_mixer="mlp"`, its hidden width as a multiple of the positions.
         stablemax_loss (`bool`): the loss's probabilities are TRM's stable-max, s(x) / sum s(x) with
             s(x) = x + 1 for x >= 0 and 1 / (1 - x) below, instead of softmax. It grows linearly where
             softmax grows exponentially, which TRM found stabler on small puzzle data. The argmax, and
@@ -109,6 +115,8 @@ class MoEReasonConfig(PretrainedConfig):
     initializer_range: float = 0.02
     use_cache: bool = True
     bidirectional: bool = False
+    token_mixer: str = "attention"
+    token_mlp_expansion: int = 4
     stablemax_loss: bool = False
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -150,6 +158,11 @@ class MoEReasonConfig(PretrainedConfig):
         require(self, "router_jitter_noise", self.router_jitter_noise < 1.0, "a number in [0, 1)")
         for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
             require(self, name, getattr(self, name) > 0.0, "a number > 0")
+        require(self, "token_mixer", self.token_mixer in TOKEN_MIXERS, f"one of {TOKEN_MIXERS}")
+        require(self, "token_mixer", self.token_mixer == "attention" or self.bidirectional,
+                "'attention' unless bidirectional=True (an MLP across positions lets each see the tokens after it)")
+        require(self, "token_mlp_expansion", _is_int(self.token_mlp_expansion) and self.token_mlp_expansion >= 1,
+                "an integer >= 1")
         require(self, "use_cache", not (self.bidirectional and self.use_cache),
                  "False with bidirectional=True (a grid model has no left-to-right decoding to cache)")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):

@@ -120,6 +120,26 @@ class MoEReasonAttention(nn.Module):
         return self.o_proj(out.reshape(B, S, -1))
 
 
+class MoEReasonTokenMLP(nn.Module):
+    """TRM's MLP token mixer for fixed-size grids, in place of attention (`token_mixer="mlp"`): a SwiGLU
+    across the positions, the same for every channel. Every position sees every other (bidirectional), so
+    it serves the grid formulation only, on inputs of exactly `max_position_embeddings` positions
+    without padding; positions need no rotary embedding, the weights know them."""
+
+    def __init__(self, config: MoEReasonConfig):
+        super().__init__()
+        positions = config.max_position_embeddings
+        self.gate_up_proj = nn.Linear(positions, 2 * config.token_mlp_expansion * positions, bias=False)
+        self.down_proj = nn.Linear(config.token_mlp_expansion * positions, positions, bias=False)
+
+    def forward(self, x, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        if x.shape[1] != self.down_proj.out_features:
+            raise ValueError(f"the MLP token mixer takes exactly max_position_embeddings={self.down_proj.out_features} "
+                             f"positions, got {x.shape[1]}")
+        gate, up = self.gate_up_proj(x.transpose(1, 2)).chunk(2, dim=-1)  # [B, H, e*S] each
+        return self.down_proj(F.silu(gate) * up).transpose(1, 2)  # [B, S, H]
+
+
 # ----------------------------------------------------------------------------
 # Router, experts and the MoE block (their kernels: expert_kernels.py)
 
@@ -235,20 +255,24 @@ class MoEReasonSparseMoeBlock(nn.Module):
 
 
 class MoEReasonDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: x + attn(norm(x)), then x + moe(norm(x)), dropout on each branch."""
+    """Pre-norm block: x + mix(norm(x)), then x + moe(norm(x)), dropout on each branch. The token mixer is
+    attention (`self_attn`), or TRM's MLP across positions (`token_mlp`) with `token_mixer="mlp"`."""
 
     def __init__(self, config: MoEReasonConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = MoEReasonRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MoEReasonAttention(config, layer_idx)
+        if config.token_mixer == "mlp":
+            self.token_mlp = MoEReasonTokenMLP(config)
+        else:
+            self.self_attn = MoEReasonAttention(config, layer_idx)
         self.post_attention_layernorm = MoEReasonRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoEReasonSparseMoeBlock(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
-        attn = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask,
-                              cache=cache, **kwargs)
-        hidden_states = hidden_states + self.dropout(attn)
+        mixer = self.token_mlp if hasattr(self, "token_mlp") else self.self_attn
+        mixed = mixer(self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs)
+        hidden_states = hidden_states + self.dropout(mixed)
         moe, router_logits, experts = self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states + self.dropout(moe), router_logits, experts
 
@@ -302,7 +326,7 @@ class MoEReasonPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=residual_std)
         if isinstance(module, MoEReasonAttention):
             init.normal_(module.o_proj.weight, mean=0.0, std=residual_std)
-        elif isinstance(module, MoEReasonMLP):
+        elif isinstance(module, (MoEReasonMLP, MoEReasonTokenMLP)):
             init.normal_(module.down_proj.weight, mean=0.0, std=residual_std)
 
 

@@ -226,7 +226,8 @@ def test_recursive_model_overfits_32_puzzles_and_the_ema_is_exported_and_resumed
         results[folder] = evaluate_puzzles(model, make_task(settings), *splits["train"])
         assert results[folder]["puzzles"] == 32 and results[folder]["exact_accuracy"] == 1.0, results[folder]
         assert model.config.bidirectional == (folder == fit)
-    assert set(results[fit]["exact_accuracy_by_steps"]) == {1, 2, 3, 4} and "q_head" in results[fit]
+    # the trained 2 steps, then 2, 3 and 4 times as many
+    assert set(results[fit]["exact_accuracy_by_steps"]) == {1, 2, 4, 6, 8} and "q_head" in results[fit]
 
     average = load_file(ema / "checkpoint-8" / "ema.safetensors")
     raw = load_file(ema / "checkpoint-8" / "model.safetensors")
@@ -239,6 +240,34 @@ def test_recursive_model_overfits_32_puzzles_and_the_ema_is_exported_and_resumed
     assert all(torch.allclose(resumed[k], average[k], atol=1e-6, rtol=0) for k in average)
     evals = [json.loads(line) for line in open(ema / "metrics.jsonl") if "eval/exact_match" in line]
     assert evals and 0.0 <= evals[-1]["eval/exact_match"] <= 1.0
+
+
+@pytest.mark.slow
+def test_the_mlp_token_mixer_trains_on_grids_for_both_models_and_its_exports_reload(tmp_path):
+    """TRM's MLP across positions in place of attention: direct and recursive grid models train through the
+    trainer (the grid sets max_position_embeddings), and each export reloads with from_pretrained as the same
+    function; a causal model cannot have it."""
+    direct, recursive = tmp_path / "direct", tmp_path / "recursive"
+    quick = dict(token_mixer="mlp", max_steps=30, learning_rate=1e-2, log_interval=10)
+    errors = main_cases([task_argv(tmp_path, direct, **quick),
+                         task_argv(tmp_path, recursive, **quick, model_type="recursive", h_cycles=2, l_cycles=1)])
+    assert errors == [None, None]
+    for folder in (direct, recursive):
+        losses = [json.loads(line)["train/lm_loss"] for line in open(folder / "metrics.jsonl")
+                  if "train/lm_loss" in line]
+        first, last = losses[0], losses[-1]
+        assert last < first - 0.1, (folder, first, last)
+        model = AutoModelForCausalLM.from_pretrained(folder / "final").eval()
+        assert model.config.token_mixer == "mlp" and model.config.max_position_embeddings == 16
+        assert "model.layers.0.token_mlp.gate_up_proj.weight" in load_file(folder / "final" / "model.safetensors")
+        assert not any("self_attn" in name for name, _ in model.named_parameters())
+        ids = torch.randint(1, 6, (3, 16))
+        again = AutoModelForCausalLM.from_pretrained(folder / "final").eval()
+        assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+        with pytest.raises(ValueError, match="takes exactly max_position_embeddings=16 positions, got 12"):
+            model(input_ids=ids[:, :12])
+    with pytest.raises(ValueError, match="token_mixer='mlp' is invalid: must be 'attention' unless bidirectional"):
+        MoEReasonConfig.from_preset("debug", token_mixer="mlp")
 
 
 def test_task_options_are_checked_before_any_work():
