@@ -17,10 +17,13 @@ TINY = {
                               "--warmup", "1"],
     "data_throughput.py": ["--preset", "debug", "--steps", "1", "--batch_size", "2", "--block_size", "32",
                            "--max_documents", "40", "--stream_tokens", "2000"],
+    "puzzle_cost.py": ["--cells", "16", "--batch", "4", "--hidden", "32", "--steps", "1", "--rounds", "1",
+                       "--recursion", "1,1,2", "--deep_layers", "3", "--threads", "1"],
 }
 LAST_LINE = {"throughput.py": r"ratio ours/mixtral: \d+\.\d\d",
              "recursion_overhead.py": r"ratio measured/FLOPs: \d+\.\d\d",
-             "data_throughput.py": r"ratio streaming/training: \d+\.\d"}
+             "data_throughput.py": r"ratio streaming/training: \d+\.\d",
+             "puzzle_cost.py": r"ratio recursive/direct puzzles per second: \d+\.\d\d\d"}
 
 
 @pytest.mark.slow
