@@ -3,7 +3,8 @@
 The loop lives in moe_reason/train.py; `python train.py --help` lists every argument.
 """
 
+from moe_reason.errors import run_cli
 from moe_reason.train import main
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -29,10 +29,25 @@ runs in it, and a finished run whose folder is gone is kept from it while its ar
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .experiments import (THROUGHPUT_NOTE, ReportFiles, RunBudget, RunnerArguments, check_arguments, earlier_runs,
-                          load_runner_file, mean_curve, pyplot, run_runner, safe_name, save_figure, train_or_keep,
-                          write_json)
-from .statistics import HOLM_RULE, RULE as STATISTICS_RULE, holm, mean_std, welch
+from .errors import UserError, run_cli
+from .experiments import (
+    THROUGHPUT_NOTE,
+    ReportFiles,
+    RunBudget,
+    RunnerArguments,
+    check_arguments,
+    earlier_runs,
+    load_runner_file,
+    mean_curve,
+    pyplot,
+    run_runner,
+    safe_name,
+    save_figure,
+    train_or_keep,
+    write_json,
+)
+from .statistics import HOLM_RULE, holm, mean_std, welch
+from .statistics import RULE as STATISTICS_RULE
 
 USAGE = ("python -m moe_reason.ablate GRID.yaml [--output_dir D] [--launcher in_process|accelerate] [--seeds 0 1] "
          "[--variants a b] [--set name=value ...]")
@@ -50,20 +65,20 @@ def load_grid(path, args: AblateArguments | None = None) -> dict:
                                       output_prefix="ablation")
     variants = grid.get("variants")
     if not isinstance(variants, dict) or not variants:
-        raise ValueError(f"grid {path} needs a non-empty mapping 'variants: {{name: {{overrides}}}}'")
+        raise UserError(f"grid {path} needs a non-empty mapping 'variants: {{name: {{overrides}}}}'")
     variants = {safe_name(name): check_arguments(over, f"grid {path}: variant {name}")
                 for name, over in variants.items()}
     in_file = list(variants)
     reference = grid.get("reference", next(iter(variants)))
     if reference not in variants:
-        raise ValueError(f"grid {path}: reference {reference!r} is not one of its variants: {list(variants)}")
+        raise UserError(f"grid {path}: reference {reference!r} is not one of its variants: {list(variants)}")
     if args.variants:
         missing = sorted(set(args.variants) - set(variants))
         if missing:
-            raise ValueError(f"--variants {missing} not in the grid; it has {list(variants)}")
+            raise UserError(f"--variants {missing} not in the grid; it has {list(variants)}")
         if reference not in args.variants:
-            raise ValueError(f"--variants {args.variants} leaves out the reference {reference!r}, which every "
-                             "variant is compared with: add it to --variants")
+            raise UserError(f"--variants {args.variants} leaves out the reference {reference!r}, which every "
+                            "variant is compared with: add it to --variants")
         variants = {name: variants[name] for name in args.variants}
     return {**settings, "variants": variants, "in_file": in_file, "reference": reference, "max_hours": args.max_hours}
 
@@ -221,4 +236,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

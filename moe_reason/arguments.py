@@ -22,6 +22,7 @@ from transformers import HfArgumentParser
 from .configuration_moe_reason import PRESETS, MoEReasonConfig, require
 from .configuration_recursive import RecursiveMoEReasonConfig
 from .data import DataArguments
+from .errors import MissingFileError, UserError
 from .optim import LR_SCHEDULERS
 from .tasks import formulation_of, make_task
 
@@ -75,7 +76,7 @@ class _ModelChoice:
 
     def __post_init__(self):
         if self.model_preset not in PRESETS:
-            raise ValueError(f"unknown model preset {self.model_preset!r}; known presets: {', '.join(sorted(PRESETS))}")
+            raise UserError(f"unknown model preset {self.model_preset!r}; known presets: {', '.join(sorted(PRESETS))}")
         require(self, "model_type", self.model_type in MODEL_TYPES, f"one of {MODEL_TYPES}")
         require(self, "lora_rank", self.lora_rank >= 0, "0 (no LoRA) or a positive rank")
         require(self, "lora_rank", self.lora_rank == 0 or self.init_from is not None,
@@ -230,13 +231,13 @@ def load_mapping(path, what: str) -> dict:
     config files and the runners' experiment files."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise MissingFileError(f"{what} not found: {path}")
     try:
         values = json.loads(file.read_text()) if file.suffix == ".json" else yaml.safe_load(file.read_text())
     except (yaml.YAMLError, json.JSONDecodeError) as err:
-        raise ValueError(f"{what} {path} does not parse: {err}") from err
+        raise UserError(f"{what} {path} does not parse: {err}") from err
     if not isinstance(values, dict):
-        raise ValueError(f"{what} {path} must hold a mapping of names to values")
+        raise UserError(f"{what} {path} must hold a mapping of names to values")
     return values
 
 
@@ -246,7 +247,7 @@ def config_file_to_argv(path: str) -> list[str]:
     known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"config file {path} has unknown argument(s) {unknown}")
+        raise UserError(f"config file {path} has unknown argument(s) {unknown}")
     return to_argv(values)
 
 
@@ -277,15 +278,15 @@ def build_config(model_args, vocab_size: int | None = None, task: dict | None = 
         if overrides.get("token_mixer") == "mlp":  # an MLP across positions is as wide as the grid
             overrides.setdefault("max_position_embeddings", task_length(task))
     elif overrides.get("bidirectional"):
-        raise ValueError("bidirectional=True is the grid formulation of a reasoning task: pass --task sudoku or "
-                         "--task maze with --task_formulation grid (on text, or in the prompt formulation, every "
-                         "position would see the label it must predict)")
+        raise UserError("bidirectional=True is the grid formulation of a reasoning task: pass --task sudoku or "
+                        "--task maze with --task_formulation grid (on text, or in the prompt formulation, every "
+                        "position would see the label it must predict)")
     if model_args.model_type == "recursive":
         config = RecursiveMoEReasonConfig.from_preset(model_args.model_preset, **overrides)
     else:
         recursive_only = sorted(set(overrides) - MoEReasonConfig.field_names())
         if recursive_only:
-            raise ValueError(f"{recursive_only} apply to the recursive model only; add --model_type recursive")
+            raise UserError(f"{recursive_only} apply to the recursive model only; add --model_type recursive")
         config = MoEReasonConfig.from_preset(model_args.model_preset, **overrides)
     if task:
         config.task = task  # saved in config.json: evaluate reads which puzzles the model was trained on
@@ -304,9 +305,9 @@ def resolve_global_batch(args, world_size: int) -> None:
     per_step = args.per_device_train_batch_size * world_size
     steps, rest = divmod(args.global_batch_size, per_step)
     if rest or steps == 0:
-        raise ValueError(f"global_batch_size={args.global_batch_size} is not a multiple of per_device_train_batch_size"
-                         f"={args.per_device_train_batch_size} x {world_size} process(es) = {per_step}")
+        raise UserError(f"global_batch_size={args.global_batch_size} is not a multiple of per_device_train_batch_size"
+                        f"={args.per_device_train_batch_size} x {world_size} process(es) = {per_step}")
     if args.gradient_accumulation_steps not in (1, steps):
-        raise ValueError(f"global_batch_size={args.global_batch_size} implies gradient_accumulation_steps={steps}, "
-                         f"but {args.gradient_accumulation_steps} was given; set only one of them")
+        raise UserError(f"global_batch_size={args.global_batch_size} implies gradient_accumulation_steps={steps}, "
+                        f"but {args.gradient_accumulation_steps} was given; set only one of them")
     args.gradient_accumulation_steps = steps

@@ -14,7 +14,6 @@ save leaves the previous checkpoint intact (a stale .tmp is cleared by the next 
 
 import json
 import logging
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,11 +21,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .atomic import install, readable_like_the_rest, staged
+from .errors import MissingFileError, UserError
 from .expert_parallel import NoExpertParallel
 from .layout import TRAINER_STATE, checkpoint_name, checkpoint_step, complete_checkpoints
 from .lora import is_lora
-from .safe_loading import (check_no_custom_pickles, check_random_states, damaged_files, deepspeed_globals,
-                           deepspeed_weights_only)
+from .safe_loading import (
+    check_no_custom_pickles,
+    check_random_states,
+    damaged_files,
+    deepspeed_globals,
+    deepspeed_weights_only,
+)
 
 NO_EXPERT_PARALLEL = NoExpertParallel()
 
@@ -36,13 +42,13 @@ def resolve_checkpoint(output_dir, spec: str) -> Path:
     if spec == "latest":
         found = complete_checkpoints(output_dir)
         if not found:
-            raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
+            raise MissingFileError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
         return found[-1]
     path = Path(spec)
     if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a complete checkpoint folder "
-                                f"(no {TRAINER_STATE}); complete ones: "
-                                f"{[str(p) for p in complete_checkpoints(output_dir)]}")
+        raise MissingFileError(f"--resume_from_checkpoint {spec}: not a complete checkpoint folder "
+                               f"(no {TRAINER_STATE}); complete ones: "
+                               f"{[str(p) for p in complete_checkpoints(output_dir)]}")
     return path
 
 
@@ -59,16 +65,17 @@ def read_trainer_state(checkpoint: Path) -> dict:
     try:
         return json.loads((checkpoint / TRAINER_STATE).read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"checkpoint {checkpoint} is corrupt: {TRAINER_STATE} unreadable ({err})") from err
+        raise UserError(f"checkpoint {checkpoint} is corrupt: {TRAINER_STATE} unreadable ({err})") from err
 
 
 def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, total_limit: int, model=None,
                     expert_parallel: NoExpertParallel = NO_EXPERT_PARALLEL, tensor_files: dict | None = None,
-                    tokenizer=None, rank_files: dict[str, str] | None = None) -> Path:
+                    tokenizer=None, rank_files: dict[str, str] | None = None,
+                    main_files: dict[str, str] | None = None) -> Path:
     """accelerator.save_state (+ the expert shards, + `tensor_files`: {file name: tensors} written by the
     main process as safetensors, + `rank_files`: {file name: text} written by each rank under its own
-    name, + the model's config and the tokenizer, which `moe_reason.export` reads) into
-    checkpoint-STEP.tmp, then rename and rotate.
+    name, + `main_files`: {file name: text} written by the main process, + the model's config and the
+    tokenizer, which `moe_reason.export` reads) into checkpoint-STEP.tmp, then rename and rotate.
 
     All ranks call this.
     """
@@ -87,13 +94,15 @@ def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, tot
     if accelerator.is_main_process:
         for name, tensors in (tensor_files or {}).items():
             save_file(tensors, tmp / name)
+        for name, text in (main_files or {}).items():
+            (tmp / name).write_text(text)
         if model is not None and tokenizer is not None:
             model.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             if is_lora(model):
                 model.peft_config["default"].save_pretrained(tmp)  # how `moe_reason.export` rebuilds the adapters
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
-        _replace(tmp, final)
+        install(tmp, final)
         for old in complete_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -119,8 +128,8 @@ def load_checkpoint(accelerator, model, checkpoint: Path,
         damaged = damaged_files(checkpoint, deepspeed_globals() if hasattr(model, "checkpoint_engine") else ())
         if not damaged:
             raise
-        raise ValueError(f"checkpoint {checkpoint} cannot be resumed: {'; '.join(damaged)}. Resume from an "
-                         "earlier checkpoint with --resume_from_checkpoint DIR") from None
+        raise UserError(f"checkpoint {checkpoint} cannot be resumed: {'; '.join(damaged)}. Resume from an "
+                        "earlier checkpoint with --resume_from_checkpoint DIR") from None
     return trainer_state
 
 
@@ -159,39 +168,24 @@ def export_model(accelerator, model, tokenizer, folder,
     return folder
 
 
-def write_pretrained(model, state: dict, tokenizer, folder: Path) -> Path:
+def write_pretrained(model, state: dict, tokenizer, folder: Path, check=lambda staged_folder: None) -> Path:
     """`state` as a from_pretrained folder (safetensors, config, tokenizer), written aside and renamed into
-    place. Refuses non-finite weights. A tied head is left out (from_pretrained ties it again), whether or
-    not `state` shares its storage with the embedding (a DeepSpeed state dict does not)."""
+    place; `check(staged_folder)` may refuse it there, before anything at `folder` changes. Refuses non-finite
+    weights. A tied head is left out (from_pretrained ties it again), whether or not `state` shares its storage
+    with the embedding (a DeepSpeed state dict does not)."""
     if model.config.tie_word_embeddings:
         state = {k: v for k, v in state.items() if k not in (model._tied_weights_keys or {})}
     bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if bad:
         raise RuntimeError(f"refusing to export {folder}: non-finite weights in {bad[:5]}")
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    _readable_like_the_rest(tmp)
-    _replace(tmp, folder)
+    tmp = staged(folder)
+    try:
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        readable_like_the_rest(tmp)
+        check(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours: nothing else is ever in it
+        raise
+    install(tmp, folder)
     return folder
-
-
-def _readable_like_the_rest(folder: Path) -> None:
-    """Give every file the mode this process's umask gives new files: safetensors writes its files 0600,
-    so an export shared with a group or served from the folder would be missing its weights."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
-
-
-def _replace(tmp: Path, final: Path) -> None:
-    """Rename tmp to final; an older final is moved aside first and deleted after."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)

@@ -46,12 +46,31 @@ from pathlib import Path
 
 from .arguments import build_config, parse_args, to_argv
 from .data import prepare_data
-from .experiments import (THROUGHPUT_NOTE, TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments,
-                          check_arguments, earlier_runs, load_runner_file, mean_curve,
-                          model_argument_names, pyplot, run_runner, safe_name, save_figure,
-                          score_task_run, task_argument_names, task_figures, train_or_keep, write_json)
+from .errors import UserError, run_cli
+from .experiments import (
+    THROUGHPUT_NOTE,
+    TRANSFER_EVAL,
+    ReportFiles,
+    RunBudget,
+    RunnerArguments,
+    check_arguments,
+    earlier_runs,
+    load_runner_file,
+    mean_curve,
+    model_argument_names,
+    pyplot,
+    run_runner,
+    safe_name,
+    save_figure,
+    score_task_run,
+    task_argument_names,
+    task_figures,
+    train_or_keep,
+    write_json,
+)
 from .metrics import training_flops_per_token
-from .statistics import RULE as STATISTICS_RULE, mean_std, welch
+from .statistics import RULE as STATISTICS_RULE
+from .statistics import mean_std, welch
 
 LEGACY_ARMS = ("baseline", "recursive")
 EQUAL_FLOPS_REFERENCE = "reference"  # equal_flops: the cheaper arms also run at the reference arm's FLOPs
@@ -70,38 +89,38 @@ def load_comparison(path, args: RunnerArguments | None = None) -> dict:
                                       output_prefix="compare")
     legacy = [arm for arm in LEGACY_ARMS if arm in spec]
     if legacy and "arms" in spec:
-        raise ValueError(f"comparison {path}: give either 'arms:' or the two-arm form {LEGACY_ARMS}, not both")
+        raise UserError(f"comparison {path}: give either 'arms:' or the two-arm form {LEGACY_ARMS}, not both")
     raw = spec.get("arms") if "arms" in spec else {arm: spec.get(arm) for arm in LEGACY_ARMS}
     if legacy and len(legacy) < 2:
-        raise ValueError(f"comparison {path} needs both '{LEGACY_ARMS[0]}:' and '{LEGACY_ARMS[1]}:' mappings")
+        raise UserError(f"comparison {path} needs both '{LEGACY_ARMS[0]}:' and '{LEGACY_ARMS[1]}:' mappings")
     if not isinstance(raw, dict) or len(raw) < 2:
-        raise ValueError(f"comparison {path}: 'arms:' must map two or more arm names to model fields")
+        raise UserError(f"comparison {path}: 'arms:' must map two or more arm names to model fields")
     arms = {safe_name(name): check_arguments(fields, f"comparison {path}: arm {name} (model fields and "
                                              "learning_rate only, so every arm trains with the same settings)",
                                              model_argument_names() | ARM_TRAINING_FIELDS)
             for name, fields in raw.items()}
     if not legacy and not all("model_type" in fields for fields in arms.values()):
-        raise ValueError(f"comparison {path}: every arm must name its model_type (base or recursive)")
+        raise UserError(f"comparison {path}: every arm must name its model_type (base or recursive)")
     arms.get("baseline", {}).setdefault("model_type", "base")
     arms.get("recursive", {}).setdefault("model_type", "recursive")
     reference = spec.get("reference", next(iter(arms)))
     if reference not in arms:
-        raise ValueError(f"comparison {path}: reference={reference!r} names no arm; arms: {sorted(arms)}")
+        raise UserError(f"comparison {path}: reference={reference!r} names no arm; arms: {sorted(arms)}")
     metric = spec.get("metric", "loss")
     if metric not in METRICS:
-        raise ValueError(f"comparison {path}: metric={metric!r} is invalid: must be one of {sorted(METRICS)}")
+        raise UserError(f"comparison {path}: metric={metric!r} is invalid: must be one of {sorted(METRICS)}")
     if metric == "exact_accuracy" and not settings["base"].get("task"):
-        raise ValueError(f"comparison {path}: metric exact_accuracy needs a task in base (task: sudoku or maze)")
+        raise UserError(f"comparison {path}: metric exact_accuracy needs a task in base (task: sudoku or maze)")
     equal_flops, equal_steps = spec.get("equal_flops", True), bool(spec.get("equal_steps", True))
     if equal_flops not in (True, False, EQUAL_FLOPS_REFERENCE):
-        raise ValueError(f"comparison {path}: equal_flops={equal_flops!r} is invalid: must be true, false or "
-                         f"{EQUAL_FLOPS_REFERENCE!r}")
+        raise UserError(f"comparison {path}: equal_flops={equal_flops!r} is invalid: must be true, false or "
+                        f"{EQUAL_FLOPS_REFERENCE!r}")
     if not (equal_flops or equal_steps):
-        raise ValueError(f"comparison {path}: equal_flops and equal_steps are both false: nothing to compare")
+        raise UserError(f"comparison {path}: equal_flops and equal_steps are both false: nothing to compare")
     transfer = check_arguments(spec.get("transfer"), f"comparison {path}: transfer (task arguments)",
                                task_argument_names())
     if transfer and not settings["base"].get("task"):
-        raise ValueError(f"comparison {path}: transfer scores task runs on other puzzles; base has no task")
+        raise UserError(f"comparison {path}: transfer scores task runs on other puzzles; base has no task")
     return {**settings, "arms": arms, "reference": reference, "metric": metric, "equal_flops": equal_flops,
             "equal_steps": equal_steps, "transfer": transfer, "max_hours": args.max_hours}
 
@@ -620,4 +639,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -192,10 +192,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+class ConfigError(ValueError):
+    """An invalid setting (a config field or an argument): a user error, not a bug (`moe_reason.errors`)."""
+
+
 def require(obj, field: str, ok: bool, allowed: str) -> None:
-    """Raise `ValueError("Class.field=value is invalid: must be <allowed>")` unless `ok`.
+    """Raise `ConfigError("Class.field=value is invalid: must be <allowed>")` unless `ok`.
 
     The one wording for invalid settings, shared by the configs and the argument dataclasses.
     """
     if not ok:
-        raise ValueError(f"{type(obj).__name__}.{field}={getattr(obj, field)!r} is invalid: must be {allowed}")
+        raise ConfigError(f"{type(obj).__name__}.{field}={getattr(obj, field)!r} is invalid: must be {allowed}")

@@ -15,6 +15,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from .configuration_moe_reason import MoEReasonConfig
+from .errors import UserError
 from .modeling_moe_reason import MoEReasonForCausalLM
 
 # fields whose value must be exactly this for the model to be Mixtral's function
@@ -46,7 +47,7 @@ def to_mixtral(model: MoEReasonForCausalLM) -> MixtralForCausalLM:
     blockers = [f"{name}={getattr(config, name)!r} (needs {want!r})"
                 for name, want in _MIXTRAL_FUNCTION.items() if getattr(config, name) != want]
     if blockers:
-        raise ValueError("this model is not Mixtral's function, so it cannot be exported: " + ", ".join(blockers))
+        raise UserError("this model is not Mixtral's function, so it cannot be exported: " + ", ".join(blockers))
     mixtral_config = MixtralConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
@@ -88,7 +89,7 @@ def from_mixtral(model: MixtralForCausalLM) -> MoEReasonForCausalLM:
         blockers.append(f"router_jitter_noise={mc.router_jitter_noise!r} "
                         "(needs 0: Mixtral's jitter also perturbs the experts' input)")
     if blockers:
-        raise ValueError("this Mixtral model cannot be imported as the same function: " + ", ".join(blockers))
+        raise UserError("this Mixtral model cannot be imported as the same function: " + ", ".join(blockers))
     config = MoEReasonConfig(
         vocab_size=mc.vocab_size, hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
         num_hidden_layers=mc.num_hidden_layers, num_attention_heads=mc.num_attention_heads,

@@ -7,8 +7,6 @@ tokenizer, tokenization and packing, and the cache key. `args` is always the dat
 import codecs
 import hashlib
 import json
-import os
-import shutil
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -20,6 +18,8 @@ import pyarrow.compute as pc
 from datasets import Dataset, load_dataset
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from .errors import MissingFileError, UserError
 
 CACHE_VERSION = 2  # bump when the prepared data or the trained tokenizer would differ
 EOS_TOKEN = "<|endoftext|>"
@@ -58,18 +58,18 @@ def expand_files(paths: list[str]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix in LOADERS and p.is_file())
             if not found:
-                raise FileNotFoundError(f"folder {path} holds no data files ({', '.join(sorted(LOADERS))})")
+                raise MissingFileError(f"folder {path} holds no data files ({', '.join(sorted(LOADERS))})")
             files += found
         elif path.is_file():
             if path.suffix not in LOADERS:
-                raise ValueError(f"data file {path} has unsupported type {path.suffix!r}; "
-                                 f"use {', '.join(sorted(LOADERS))}")
+                raise UserError(f"data file {path} has unsupported type {path.suffix!r}; "
+                                f"use {', '.join(sorted(LOADERS))}")
             files.append(path)
         else:
-            raise FileNotFoundError(f"data file or folder not found: {path}")
+            raise MissingFileError(f"data file or folder not found: {path}")
     loaders = {LOADERS[p.suffix] for p in files}
     if len(loaders) > 1:
-        raise ValueError(f"data_files mix formats {sorted(loaders)}; give files of one format")
+        raise UserError(f"data_files mix formats {sorted(loaders)}; give files of one format")
     return files
 
 
@@ -82,8 +82,8 @@ def check_utf8(files: list[Path]) -> None:
                 try:
                     decoder.decode(chunk)
                 except UnicodeDecodeError as err:
-                    raise ValueError(f"data file {path} is not UTF-8 text: byte {offset + err.start} ({err.reason}). "
-                                     "Convert it (e.g. iconv -f LATIN1 -t UTF-8) or leave it out") from None
+                    raise UserError(f"data file {path} is not UTF-8 text: byte {offset + err.start} ({err.reason}). "
+                                    "Convert it (e.g. iconv -f LATIN1 -t UTF-8) or leave it out") from None
                 offset += len(chunk)
 
 
@@ -92,19 +92,38 @@ def check_text_file_sizes(files: list[Path]) -> None:
     for path in files:
         size = path.stat().st_size
         if size > MAX_TEXT_FILE:
-            raise ValueError(f"data file {path} is {size / 2**30:.1f} GiB: a .txt/.md/.py file is read whole, up to "
-                             f"{MAX_TEXT_FILE / 2**30:.0f} GiB. Split it (split -C 512M {path.name} part_) or give "
-                             "its documents as .jsonl, one per line")
+            raise UserError(f"data file {path} is {size / 2**30:.1f} GiB: a .txt/.md/.py file is read whole, up to "
+                            f"{MAX_TEXT_FILE / 2**30:.0f} GiB. Split it (split -C 512M {path.name} part_) or give "
+                            "its documents as .jsonl, one per line")
 
 
 def source_identity(args) -> dict:
     """What the documents are, for the cache key: names, or paths with sizes and mtimes."""
     if args.dataset_name:
         return {"hub": args.dataset_name, "config": args.dataset_config, "split": args.dataset_split}
-    files = expand_files(args.data_files) if args.data_files else stdlib_files()
-    listing = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return {"files": hashlib.sha256(json.dumps(listing).encode()).hexdigest(), "count": len(files),
+    listing = source_listing(args)
+    return {"files": hashlib.sha256(json.dumps(listing).encode()).hexdigest(), "count": len(listing),
             "default": not args.data_files}
+
+
+def source_listing(args) -> list[list]:
+    """The local documents' files as [path, bytes, mtime_ns] (none for a Hub dataset): what a checkpoint
+    records so that a resume can name the files changed since."""
+    if args.dataset_name:
+        return []
+    files = expand_files(args.data_files) if args.data_files else stdlib_files()
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def changed_files(then: list[list], now: list[list]) -> list[str]:
+    """What differs between two `source_listing`s, one line per file."""
+    before, after = {p: (size, mtime) for p, size, mtime in then}, {p: (size, mtime) for p, size, mtime in now}
+    lines = [f"{p}: gone" for p in before if p not in after] + [f"{p}: new" for p in after if p not in before]
+    for path in (p for p in before if p in after and before[p] != after[p]):
+        (was, _), (size, _) = before[path], after[path]
+        how = "shrank" if size < was else "grew" if size > was else "rewritten"
+        lines.append(f"{path}: {how} ({was:,} -> {size:,} bytes)")
+    return lines
 
 
 def load_documents(args, log=print) -> Dataset:
@@ -122,10 +141,10 @@ def load_documents(args, log=print) -> Dataset:
         except Exception as err:  # datasets' errors do not say which file; find it, or pass the error on
             if loader in ("text", "json"):
                 check_utf8(files)
-            raise RuntimeError(f"could not read the data files ({len(files)}, first {files[0]}): {err}") from err
+            raise UserError(f"could not read the data files ({len(files)}, first {files[0]}): {err}") from err
     if args.text_column not in raw.column_names:
-        raise ValueError(f"text column {args.text_column!r} not found; columns are {raw.column_names} "
-                         "(set --text_column)")
+        raise UserError(f"text column {args.text_column!r} not found; columns are {raw.column_names} "
+                        "(set --text_column)")
     docs = raw.select_columns([args.text_column])
     if args.text_column != "text":
         docs = docs.rename_column(args.text_column, "text")
@@ -135,7 +154,7 @@ def load_documents(args, log=print) -> Dataset:
         log(f"{rows - len(docs)} of {rows} rows have no text in column {args.text_column!r} (missing or blank) "
             "and are left out")
     if len(docs) == 0:
-        raise ValueError("the corpus is empty: no document with text was found")
+        raise UserError("the corpus is empty: no document with text was found")
     return docs
 
 
@@ -143,7 +162,7 @@ def _load_hub(args) -> Dataset:
     try:
         return load_dataset(args.dataset_name, args.dataset_config, split=args.dataset_split)
     except (ConnectionError, FileNotFoundError, OSError, ValueError) as err:
-        raise RuntimeError(
+        raise UserError(
             f"could not load Hub dataset {args.dataset_name!r} (config {args.dataset_config!r}): {err}\n"
             "No network, or HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set? Use local files instead: "
             "--data_files path/to/docs.jsonl (or .txt/.parquet files or folders), or leave dataset_name "
@@ -197,30 +216,14 @@ def split_documents(docs: Dataset, args) -> tuple[Dataset, Dataset]:
     """Shuffle documents with the seed and hold out whole documents for validation."""
     n_val = args.validation_documents or max(1, round(len(docs) * args.validation_split))
     if n_val >= len(docs):
-        raise ValueError(f"{len(docs)} document(s) leave no training data after holding out {n_val} for "
-                         "validation; lower validation_documents/validation_split or raise max_documents")
+        raise UserError(f"{len(docs)} document(s) leave no training data after holding out {n_val} for "
+                        "validation; lower validation_documents/validation_split or raise max_documents")
     parts = docs.train_test_split(test_size=n_val, seed=args.data_seed, shuffle=True)
     return parts["train"], parts["test"]
 
 
 # ----------------------------------------------------------------------------
 # Tokenizer
-
-
-def staging_folder(root: Path) -> Path:
-    """An empty ROOT.tmp-PID beside a cache entry, to be renamed into place when complete."""
-    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
-
-
-def install_staged(tmp: Path, root: Path) -> None:
-    """A complete staging folder renamed into place as the cache entry `root` (atomic: a crash mid-preparation
-    never leaves a half-written entry); if a concurrent preparation finished first, its result is kept."""
-    if root.exists():
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(root)
 
 
 def padding_id(tokenizer) -> int:
@@ -234,11 +237,11 @@ def load_or_train_tokenizer(args, train_docs: Dataset, folder: Path, log=print):
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name)
         except OSError as err:
-            raise RuntimeError(
+            raise UserError(
                 f"could not load tokenizer {args.tokenizer_name!r}: {err}\nGive a local tokenizer folder, or "
                 "leave tokenizer_name unset to train a BPE tokenizer on the corpus.") from err
         if tokenizer.eos_token_id is None:
-            raise ValueError(f"tokenizer {args.tokenizer_name!r} has no EOS token to separate documents")
+            raise UserError(f"tokenizer {args.tokenizer_name!r} has no EOS token to separate documents")
         tokenizer.save_pretrained(folder)
         return tokenizer
     log(f"training a byte-level BPE tokenizer ({args.tokenizer_vocab_size} tokens) on {len(train_docs)} documents")
@@ -323,13 +326,18 @@ def cache_key(args) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "added_tokens.json", "chat_template.jinja")
+
+
 def _tokenizer_identity(name: str | None):
-    """A local tokenizer folder is identified by its files' contents; a Hub id by its name."""
+    """A local tokenizer folder is identified by its tokenizer files' contents (wherever it lies: a checkpoint's
+    tokenizer is the same tokenizer whichever checkpoint holds it); a Hub id by its name."""
     if name and Path(name).expanduser().is_dir():
         folder = Path(name).expanduser()
         digest = hashlib.sha256()
-        for path in sorted(folder.iterdir()):
-            if path.is_file():
-                digest.update(path.name.encode() + path.read_bytes())
-        return {"folder": str(folder.resolve()), "sha256": digest.hexdigest()}
+        for file in TOKENIZER_FILES:
+            if (folder / file).is_file():
+                digest.update(file.encode() + (folder / file).read_bytes())
+        return {"sha256": digest.hexdigest()}
     return name

@@ -21,12 +21,29 @@ import torch
 from datasets import Dataset, load_from_disk
 from transformers import AutoTokenizer
 
+from .atomic import install, staged
 from .configuration_moe_reason import require
-from .corpus import (FEW_DOCUMENTS, LONG_DOCUMENT, PreparedData, cache_key, cut_long_documents, flat_ids,
-                     install_staged, load_documents, load_or_train_tokenizer, pack, padding_id, source_identity,
-                     split_documents, staging_folder, tokenize)
+from .corpus import (
+    FEW_DOCUMENTS,
+    LONG_DOCUMENT,
+    PreparedData,
+    cache_key,
+    cut_long_documents,
+    flat_ids,
+    load_documents,
+    load_or_train_tokenizer,
+    pack,
+    padding_id,
+    source_identity,
+    source_listing,
+    split_documents,
+    tokenize,
+)
+from .errors import UserError
 from .streaming import prepare_stream
 from .tasks import TaskArguments, formulation_of, make_task, prepare_task_data
+
+STREAM_VALIDATION_DOCUMENTS = 500  # held out from the start of a stream when --validation_documents is not given
 
 
 @dataclass
@@ -41,8 +58,9 @@ class DataArguments(TaskArguments):
     text_column: str = field(default="text", metadata={"help": "Column holding the document text."})
     streaming: bool = field(default=False, metadata={"help": (
         "Read the corpus (a Hub dataset or local files) as a stream while training: nothing of it is stored, "
-        "each rank reads its own share, and checkpoints save the position. Needs validation_documents (the "
-        "stream's first documents, held out). See moe_reason/streaming.py.")})
+        "each rank reads its own share, and checkpoints save the position. The stream's first "
+        f"validation_documents are held out (default {STREAM_VALIDATION_DOCUMENTS}: a stream has no length to take "
+        "a validation_split of). See moe_reason/streaming.py.")})
     stream_tokenizer_documents: int = field(default=10_000, metadata={"help": (
         "With --streaming and no tokenizer_name: the BPE tokenizer is trained on this many documents after the "
         "validation slice.")})
@@ -53,7 +71,8 @@ class DataArguments(TaskArguments):
     block_size: int = field(default=256, metadata={"help": "Tokens per training sequence (packed block)."})
     validation_split: float = field(default=0.05, metadata={"help": "Share of documents held out for validation."})
     validation_documents: int | None = field(default=None, metadata={"help": (
-        "Number of documents held out for validation; overrides validation_split.")})
+        "Number of documents held out for validation; overrides validation_split (with --streaming: default "
+        f"{STREAM_VALIDATION_DOCUMENTS}, the stream's first).")})
     max_document_chars: int | None = field(default=None, metadata={"help": (
         "Cut longer documents into pieces of at most this many characters before the train/validation split: at "
         f"blank lines, else at line breaks, else every max_document_chars characters. Default: {LONG_DOCUMENT:,}, "
@@ -87,12 +106,12 @@ class DataArguments(TaskArguments):
         for name, ok, allowed in checks:
             require(self, name, ok, allowed)
         if self.dataset_name and self.data_files:
-            raise ValueError("give either dataset_name (Hub) or data_files (local), not both")
+            raise UserError("give either dataset_name (Hub) or data_files (local), not both")
         if self.streaming:
             require(self, "streaming", bool(self.dataset_name or self.data_files),
                     "False for the embedded default corpus, which is read whole: stream a dataset_name or data_files")
-            require(self, "streaming", self.validation_documents is not None, "given with validation_documents: a "
-                    "stream has no length, so validation_split cannot be a share of it")
+            if self.validation_documents is None:  # a stream has no length to take validation_split of
+                self.validation_documents = STREAM_VALIDATION_DOCUMENTS
             require(self, "streaming", self.max_train_tokens is None and not self.task,
                     "used without max_train_tokens and task (max_steps bounds what a stream trains on)")
             require(self, "stream_tokenizer_documents", self.stream_tokenizer_documents >= 1, "an integer >= 1")
@@ -114,6 +133,13 @@ def prepare_data(args: DataArguments, log=print, rank: int = 0, world_size: int 
         return PreparedData(*prepare_task_data(args, log), sampler=DrawSampler)
     if args.streaming:
         return prepare_stream(args, rank, world_size, log)
+    data = prepare_corpus(args, log)
+    data.summary["files"] = source_listing(args)  # as they are now, cache hit or not: what a checkpoint records
+    return data
+
+
+def prepare_corpus(args: DataArguments, log=print) -> PreparedData:
+    """Packed train/validation datasets and the tokenizer of a corpus read whole, from the cache when possible."""
     start = time.perf_counter()
     key = cache_key(args)
     root = Path(args.data_cache_dir).expanduser() / key
@@ -125,7 +151,7 @@ def prepare_data(args: DataArguments, log=print, rank: int = 0, world_size: int 
     log(f"preparing data (cache miss {key}) ...")
     docs, unit = cut_long_documents(load_documents(args, log), args, log)
     train_docs, val_docs = split_documents(docs, args)
-    tmp = staging_folder(root)
+    tmp = staged(root)
     tokenizer = load_or_train_tokenizer(args, train_docs, tmp / "tokenizer", log)
     pad_id = padding_id(tokenizer)
     splits, summary = {}, {"cache_key": key, "cache_path": str(root), "split_unit": unit, "vocab_size": len(tokenizer),
@@ -138,7 +164,7 @@ def prepare_data(args: DataArguments, log=print, rank: int = 0, world_size: int 
         splits[name].save_to_disk(str(tmp / name))
     summary["source"] = source_identity(args)
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    install_staged(tmp, root)
+    install(tmp, root, keep_existing=True)  # another process may have finished first
     summary.update(cache_hit=False, seconds=round(time.perf_counter() - start, 3))
     return load_prepared(root, summary)
 
@@ -152,8 +178,8 @@ def load_prepared(root: Path, summary: dict) -> PreparedData:
 def check_block_fits(block_size: int, config, remedy: str = "") -> None:
     """Refuse blocks longer than the model's positions (the trainer checks before preparing any data)."""
     if block_size > config.max_position_embeddings:
-        raise ValueError(f"block_size={block_size} is larger than the model's "
-                         f"max_position_embeddings={config.max_position_embeddings}{remedy}")
+        raise UserError(f"block_size={block_size} is larger than the model's "
+                        f"max_position_embeddings={config.max_position_embeddings}{remedy}")
 
 
 def check_against_model(data: PreparedData, config, vocab_remedy: str | None = None) -> None:
@@ -162,14 +188,14 @@ def check_against_model(data: PreparedData, config, vocab_remedy: str | None = N
     check_block_fits(data.summary["block_size"], config)
     if data.summary["vocab_size"] > config.vocab_size:
         remedy = vocab_remedy or f"set --vocab_size {data.summary['vocab_size']} or more"
-        raise ValueError(f"the tokenizer has {data.summary['vocab_size']} tokens but the model's "
-                         f"vocab_size={config.vocab_size}; {remedy}")
+        raise UserError(f"the tokenizer has {data.summary['vocab_size']} tokens but the model's "
+                        f"vocab_size={config.vocab_size}; {remedy}")
     for name, split in (("train", data.train), ("validation", data.validation)):
         if not isinstance(split, Dataset):
             continue  # a task's draws: ids come from its own tokenizer's vocabulary
         ids = flat_ids(split)
         if len(ids) and ids.max() >= config.vocab_size:
-            raise ValueError(f"{name} data holds token id {int(ids.max())} >= vocab_size={config.vocab_size}")
+            raise UserError(f"{name} data holds token id {int(ids.max())} >= vocab_size={config.vocab_size}")
 
 
 # ----------------------------------------------------------------------------

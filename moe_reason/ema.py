@@ -12,6 +12,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .errors import UserError
+
 
 class WeightEMA:
     def __init__(self, model: nn.Module, decay: float):
@@ -43,7 +45,7 @@ class WeightEMA:
     def load_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
         missing = sorted(set(self.names) - set(state))
         if missing:
-            raise ValueError(f"{source} lacks the EMA of {len(missing)} parameter(s), e.g. {missing[:3]}; resume "
-                             "with the --ema_decay the checkpoint was saved with")
+            raise UserError(f"{source} lacks the EMA of {len(missing)} parameter(s), e.g. {missing[:3]}; resume "
+                            "with the --ema_decay the checkpoint was saved with")
         for name, a in zip(self.names, self.average):
             a.copy_(state[name])

@@ -30,15 +30,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 from transformers.utils import CONFIG_NAME
 
 from .configuration_moe_reason import require
-from .layout import TASK_EVAL
 from .data import DataArguments, check_against_model, collate_blocks, prepare_data
+from .errors import MissingFileError, UserError, run_cli
 from .harness import run_lm_eval
-from .task_eval import evaluate_puzzles
-from .task_files import read_sudoku_file
-from .tasks import load_or_generate, make_task
+from .layout import TASK_EVAL
 from .metrics import summarise_eval
 from .modeling_moe_reason import next_token_statistics
 from .safe_loading import from_pretrained
+from .task_eval import evaluate_puzzles
+from .task_files import read_sudoku_file
+from .tasks import load_or_generate, make_task
 
 SPLITS = ("validation", "train")
 
@@ -75,8 +76,8 @@ class EvaluateArguments:
         require(self, "batch_size", self.batch_size >= 1, ">= 1")
         require(self, "max_blocks", self.max_blocks >= 0, ">= 0")
         if not (Path(self.model_path) / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"--model_path {self.model_path}: no {CONFIG_NAME} there (expected an exported "
-                                    "model folder such as outputs/run/final)")
+            raise MissingFileError(f"--model_path {self.model_path}: no {CONFIG_NAME} there (expected an exported "
+                                   "model folder such as outputs/run/final)")
 
 
 @torch.no_grad()
@@ -116,8 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = from_pretrained(AutoModelForCausalLM, eval_args.model_path).to(device)
     if eval_args.eval_halting is not None:
         if not hasattr(model.config, "eval_halting"):
-            raise ValueError(f"--eval_halting {eval_args.eval_halting}: "
-                             f"{eval_args.model_path} is not a recursive model")
+            raise UserError(f"--eval_halting {eval_args.eval_halting}: "
+                            f"{eval_args.model_path} is not a recursive model")
         model.config.eval_halting = eval_args.eval_halting
         model.config.check()  # names the allowed values
     if eval_args.lm_eval_tasks:
@@ -144,10 +145,10 @@ def evaluate_task(eval_args, data_args, model) -> dict:
     """A task model on a --task_file or on the held-out test puzzles of its training -> the figures."""
     settings = getattr(model.config, "task", None)
     if not settings:
-        raise ValueError(f"{eval_args.model_path} was not trained on a task (its config has no `task`): evaluate it "
-                         "on text, without --task and --task_file")
+        raise UserError(f"{eval_args.model_path} was not trained on a task (its config has no `task`): evaluate it "
+                        "on text, without --task and --task_file")
     if data_args.task and data_args.task != settings["task"]:
-        raise ValueError(f"--task {data_args.task}: {eval_args.model_path} was trained on {settings['task']}")
+        raise UserError(f"--task {data_args.task}: {eval_args.model_path} was trained on {settings['task']}")
     trained = settings
     if data_args.task and not eval_args.task_file:  # the command line's puzzles (a harder set), the model's formulation
         settings = {**data_args.task_settings(), "task_formulation": trained.get("task_formulation", "grid")}
@@ -157,12 +158,12 @@ def evaluate_task(eval_args, data_args, model) -> dict:
               "line up with its training (give mazes one --maze_canvas)", file=sys.stderr)
     if eval_args.task_file:
         if settings["task"] != "sudoku":
-            raise ValueError(f"--task_file reads Sudoku collections; "
-                             f"{eval_args.model_path} is a {settings['task']} model")
+            raise UserError(f"--task_file reads Sudoku collections; "
+                            f"{eval_args.model_path} is a {settings['task']} model")
         puzzles, references = read_sudoku_file(eval_args.task_file)
         if puzzles.shape[1] != task.n:
-            raise ValueError(f"{eval_args.task_file}: {puzzles.shape[1]}x{puzzles.shape[1]} puzzles, but the model "
-                             f"was trained on {task.n}x{task.n}")
+            raise UserError(f"{eval_args.task_file}: {puzzles.shape[1]}x{puzzles.shape[1]} puzzles, but the model "
+                            f"was trained on {task.n}x{task.n}")
         source = eval_args.task_file
     else:
         cached = DataArguments(**settings, data_cache_dir=data_args.data_cache_dir)
@@ -178,8 +179,8 @@ def evaluate_task(eval_args, data_args, model) -> dict:
 
 def evaluate_with_lm_eval(eval_args, model) -> dict:
     if getattr(model.config, "task", None):
-        raise ValueError(f"{eval_args.model_path} was trained on {model.config.task['task']} puzzles: lm-eval's "
-                         "language tasks do not apply; evaluate it without --lm_eval_tasks")
+        raise UserError(f"{eval_args.model_path} was trained on {model.config.task['task']} puzzles: lm-eval's "
+                        "language tasks do not apply; evaluate it without --lm_eval_tasks")
     tasks = [t.strip() for t in eval_args.lm_eval_tasks.split(",") if t.strip()]
     tokenizer = AutoTokenizer.from_pretrained(eval_args.model_path)
     return {"model_path": eval_args.model_path, "model_type": model.config.model_type,
@@ -195,4 +196,4 @@ def write_result(eval_args, name: str, result: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -37,12 +37,15 @@ from accelerate.state import AcceleratorState, GradientState
 from transformers import HfArgumentParser
 
 from .arguments import ARGUMENT_CLASSES, ModelArguments, build_config, load_mapping, parse_args, to_argv
+from .atomic import write_text
 from .checkpointing import complete_checkpoints
+from .errors import MissingFileError, UserError
 from .evaluate import main as evaluate_main
 from .layout import FINAL, METRICS, RESULTS, TASK_EVAL
 from .statistics import mean_std
 from .tasks import TaskArguments
-from .train import TOKENIZER_FIELDS, config_drift, describe_drift, main as train_main, saved_config
+from .train import TOKENIZER_FIELDS, config_drift, describe_drift, saved_config
+from .train import main as train_main
 
 LAUNCHERS = ("in_process", "accelerate")
 RUN_SPEC = "experiment_run.json"  # the arguments a run folder was made with
@@ -139,7 +142,7 @@ class ReportFiles:
     def rebuild(self, out: Path) -> dict:
         """--report DIR: the verdicts, plot and Markdown again from the runs in DIR's JSON, without training."""
         if not (out / self.json).is_file():
-            raise FileNotFoundError(f"--report {out}: no {self.json} there (the output folder of a runner's runs)")
+            raise MissingFileError(f"--report {out}: no {self.json} there (the output folder of a runner's runs)")
         payload = self.refresh(json.loads((out / self.json).read_text()))
         write_json(out / self.json, payload)
         self.write(payload, out)
@@ -158,7 +161,7 @@ def load_runner_file(path, kind: str, own_keys: set[str], args: RunnerArguments,
     allowed = RUNNER_KEYS | own_keys
     unknown = sorted(set(spec) - allowed)
     if unknown:
-        raise ValueError(f"{kind} {path} has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        raise UserError(f"{kind} {path} has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
     output_dir = args.output_dir or spec.get("output_dir") or f"outputs/{output_prefix}_{Path(path).stem}"
     return spec, {
         "path": str(path), "description": spec.get("description", ""),
@@ -182,24 +185,24 @@ def check_arguments(values, where: str, allowed: set[str] | None = None) -> dict
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ValueError(f"{where} must be a mapping of trainer arguments to values, got {values!r}")
+        raise UserError(f"{where} must be a mapping of trainer arguments to values, got {values!r}")
     allowed = argument_names() if allowed is None else allowed
     unknown = sorted(set(values) - allowed)
     if unknown:
-        raise ValueError(f"{where} has unknown argument(s) {unknown}")
+        raise UserError(f"{where} has unknown argument(s) {unknown}")
     return dict(values)
 
 
 def check_seeds(seeds) -> list[int]:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) \
             or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds={seeds!r} is invalid: must be a non-empty list of distinct integers")
+        raise UserError(f"seeds={seeds!r} is invalid: must be a non-empty list of distinct integers")
     return seeds
 
 
 def check_launcher(launcher: str) -> str:
     if launcher not in LAUNCHERS:
-        raise ValueError(f"launcher={launcher!r} is invalid: must be one of {LAUNCHERS}")
+        raise UserError(f"launcher={launcher!r} is invalid: must be one of {LAUNCHERS}")
     return launcher
 
 
@@ -208,7 +211,7 @@ def parse_overrides(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise ValueError(f"override {pair!r} is invalid: must be NAME=VALUE")
+            raise UserError(f"override {pair!r} is invalid: must be NAME=VALUE")
         name, value = pair.split("=", 1)
         out[name.strip()] = yaml.safe_load(value)
     return check_arguments(out, "--set")
@@ -216,7 +219,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def safe_name(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", str(name)):
-        raise ValueError(f"run name {name!r} is invalid: use letters, digits, _ . + - (it names a folder)")
+        raise UserError(f"run name {name!r} is invalid: use letters, digits, _ . + - (it names a folder)")
     return str(name)
 
 
@@ -286,8 +289,8 @@ def earlier_runs(path: Path, key: Callable[[dict], tuple | None]) -> dict:
         runs = payload["runs"] + payload.get("other_runs", [])
         keyed = {key(r): r for r in runs if r["status"] == "finished"}
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a report written by this runner ({error!r}); move it aside to start "
-                         "the record afresh") from error
+        raise UserError(f"{path} is not a report written by this runner ({error!r}); move it aside to start "
+                        "the record afresh") from error
     keyed.pop(None, None)
     return keyed
 
@@ -447,9 +450,7 @@ def mean_curve(curves: list[list[list[float]]], column: int = 1) -> tuple[list[f
 
 def write_json(path: Path, payload: dict) -> None:
     """Write atomically: a crash mid-write never leaves a truncated results file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
+    write_text(path, json.dumps(payload, indent=2, default=str))
 
 
 def pyplot():

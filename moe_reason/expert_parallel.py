@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import UserError
 from .layout import saved_expert_parallel_sizes, wrong_expert_parallel_size
 
 
@@ -21,23 +22,23 @@ def check_layout(num_experts: int, ep_size: int, world_size: int, zero_stage: in
     zero_stage is None when DeepSpeed is not in use.
     """
     if ep_size < 1:
-        raise ValueError(f"expert_parallel_size={ep_size} is invalid: must be >= 1")
+        raise UserError(f"expert_parallel_size={ep_size} is invalid: must be >= 1")
     if ep_size == 1:
         return
     if num_experts % ep_size:
-        raise ValueError(f"expert_parallel_size={ep_size} does not divide num_experts={num_experts}: each rank must "
-                         f"hold the same number of experts (use one of {divisors(num_experts)})")
+        raise UserError(f"expert_parallel_size={ep_size} does not divide num_experts={num_experts}: each rank must "
+                        f"hold the same number of experts (use one of {divisors(num_experts)})")
     if world_size % ep_size:
-        raise ValueError(f"expert_parallel_size={ep_size} does not divide the world size {world_size}: the processes "
-                         f"must split into groups of {ep_size} (use one of {divisors(world_size)})")
+        raise UserError(f"expert_parallel_size={ep_size} does not divide the world size {world_size}: the processes "
+                        f"must split into groups of {ep_size} (use one of {divisors(world_size)})")
     if zero_stage is None:
-        raise ValueError(f"expert_parallel_size={ep_size} needs DeepSpeed ZeRO stage 0, 1 or 2: plain DDP would "
-                         "average different experts' gradients across ranks. Launch with "
-                         "--config_file accelerate_configs/deepspeed_zero2.yaml (or --deepspeed ds_configs/zero2.json)")
+        raise UserError(f"expert_parallel_size={ep_size} needs DeepSpeed ZeRO stage 0, 1 or 2: plain DDP would "
+                        "average different experts' gradients across ranks. Launch with "
+                        "--config_file accelerate_configs/deepspeed_zero2.yaml (or --deepspeed ds_configs/zero2.json)")
     if zero_stage == 3:
-        raise ValueError(f"expert_parallel_size={ep_size} does not work with ZeRO-3 (DeepSpeed's ZeRO-3 does not "
-                         "partition expert-parallel parameters): use ZeRO-2 with expert parallelism, or ZeRO-3 with "
-                         "expert_parallel_size 1")
+        raise UserError(f"expert_parallel_size={ep_size} does not work with ZeRO-3 (DeepSpeed's ZeRO-3 does not "
+                        "partition expert-parallel parameters): use ZeRO-2 with expert parallelism, or ZeRO-3 with "
+                        "expert_parallel_size 1")
 
 
 def divisors(n: int) -> list[int]:
@@ -58,7 +59,7 @@ class NoExpertParallel:
         """A checkpoint resumes only at the expert-parallel size it was saved with (its experts are sharded)."""
         saved = saved_expert_parallel_sizes(checkpoint)
         if saved != {self.size}:
-            raise ValueError(wrong_expert_parallel_size(checkpoint, saved, self.size))
+            raise UserError(wrong_expert_parallel_size(checkpoint, saved, self.size))
 
     def shard(self, model: nn.Module) -> str | None:
         """Keep this rank's experts; -> a line for the log, or None."""

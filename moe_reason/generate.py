@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TextStreamer, set_seed
 
 from .configuration_moe_reason import require
+from .errors import UserError, run_cli
 from .safe_loading import from_pretrained
 from .task_eval import answer_one
 from .tasks import SudokuTask, make_task, render
@@ -47,8 +48,8 @@ def parse_puzzle(task, text: str):
     if isinstance(task, SudokuTask):
         cells = cells.replace("0", ".")
     if len(cells) != task.n * task.n or any(c not in task.symbols for c in cells):
-        raise ValueError(f"a {task.n}x{task.n} puzzle is {task.n * task.n} cells of {task.symbols!r} (white space "
-                         f"ignored); got {len(cells)} characters: {cells[:90]!r}")
+        raise UserError(f"a {task.n}x{task.n} puzzle is {task.n * task.n} cells of {task.symbols!r} (white space "
+                        f"ignored); got {len(cells)} characters: {cells[:90]!r}")
     return task.from_tokens([task.symbols.index(c) + 1 for c in cells])
 
 
@@ -63,7 +64,7 @@ def answer_puzzle(model, text: str) -> str:
 def generate_text(model, tokenizer, text: str, args: GenerateArguments) -> str:
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
     if ids.shape[1] == 0:
-        raise ValueError("the prompt is empty: give --prompt TEXT, text on stdin, or a line in --interactive")
+        raise UserError("the prompt is empty: give --prompt TEXT, text on stdin, or a line in --interactive")
     set_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) if args.do_sample else {}
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
@@ -103,4 +104,4 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -4,6 +4,8 @@ its tokenizer, so every task lm-eval knows (or a folder of task YAMLs) scores it
 lm-eval is an optional extra: `pip install -e ".[eval]"`.
 """
 
+from .errors import UserError
+
 
 def run_lm_eval(model, tokenizer, tasks: list[str], include_path: str | None = None, limit: int | None = None,
                 batch_size: int = 8) -> dict:
@@ -20,8 +22,8 @@ def run_lm_eval(model, tokenizer, tasks: list[str], include_path: str | None = N
         manager = TaskManager(include_path=include_path)
     unknown = sorted(set(tasks) - set(manager.all_tasks))
     if unknown:
-        raise ValueError(f"lm-eval knows no task {unknown}"
-                         + (f" (nor does --lm_eval_include_path {include_path})" if include_path else
+        raise UserError(f"lm-eval knows no task {unknown}"
+                        + (f" (nor does --lm_eval_include_path {include_path})" if include_path else
                             "; a folder of task YAMLs can be added with --lm_eval_include_path"))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
               max_length=model.config.max_position_embeddings)

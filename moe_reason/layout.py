@@ -9,6 +9,7 @@
                                (+ expert_shard_R_of_N.safetensors per expert-parallel rank)
                                (+ ema.safetensors: the weights' moving average, with --ema_decay)
                                (+ stream_state_R_of_N.json per rank, with --streaming: its stream position)
+                               (+ data_source.json: the local data files then, so a resume names those changed)
       best/  final/            exported models (save_pretrained); a task model's scores: final/eval_task.json
       run.lock, run.lock.json  held by the live run (flock, released by the kernel when it ends), and who it is
 
@@ -27,6 +28,7 @@ EMA_WEIGHTS = "ema.safetensors"
 BEST, FINAL = "best", "final"
 TASK_EVAL = "eval_task.json"  # a task model's puzzle scores, written into its export folder by evaluate
 RUN_LOCK, RUN_LOCK_OWNER = "run.lock", "run.lock.json"
+DATA_SOURCE = "data_source.json"  # in a checkpoint: the data files as they were ([path, bytes, mtime_ns] each)
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 EXPERT_SHARD = re.compile(r"^expert_shard_(\d+)_of_(\d+)\.safetensors$")
 STREAM_STATE = re.compile(r"^stream_state_(\d+)_of_(\d+)\.json$")

@@ -11,6 +11,8 @@ from collections import deque
 
 import numpy as np
 
+from .errors import UserError
+
 WALL, FREE, START, GOAL, PATH = 1, 2, 3, 4, 5  # 0 is padding in the token vocabulary
 MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))
 
@@ -63,8 +65,8 @@ def make_maze(n: int, min_path: int, rng: np.random.Generator, wall_share: float
         for cell in shortest_path(grid, start, goal)[1:-1]:
             answer[cell] = PATH
         return grid, answer
-    raise ValueError(f"no {n}x{n} maze with a shortest path of >= {min_path} cells in {tries} tries: "
-                     f"lower --maze_min_path (at most about {n * n // 2} is reachable)")
+    raise UserError(f"no {n}x{n} maze with a shortest path of >= {min_path} cells in {tries} tries: "
+                    f"lower --maze_min_path (at most about {n * n // 2} is reachable)")
 
 
 def is_valid(puzzle: np.ndarray, answer: np.ndarray) -> bool:

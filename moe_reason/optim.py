@@ -4,6 +4,8 @@ import math
 
 import torch
 
+from .errors import UserError
+
 LR_SCHEDULERS = ("linear", "cosine", "constant", "seeds_linear")
 
 
@@ -65,7 +67,7 @@ def lr_multiplier(step: int, warmup_steps: int, max_steps: int, kind: str = "cos
     elif kind == "cosine":
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
-        raise ValueError(f"lr_scheduler={kind!r} is invalid: must be one of {LR_SCHEDULERS}")
+        raise UserError(f"lr_scheduler={kind!r} is invalid: must be one of {LR_SCHEDULERS}")
     return min_ratio + (1.0 - min_ratio) * shape
 
 

@@ -20,6 +20,7 @@ from transformers import HfArgumentParser
 
 from .configuration_moe_reason import MoEReasonConfig
 from .data import DataArguments, check_against_model, prepare_data
+from .errors import run_cli
 
 
 @dataclass
@@ -39,4 +40,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

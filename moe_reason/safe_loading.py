@@ -21,6 +21,8 @@ import torch
 from accelerate.utils import load as accelerate_load
 from safetensors import safe_open
 
+from .errors import MissingFileError, UserError
+
 
 def deepspeed_globals() -> list:
     """The non-tensor types DeepSpeed's ZeRO checkpoint files hold (imported only for DeepSpeed runs)."""
@@ -78,10 +80,10 @@ def check_no_custom_pickles(checkpoint: Path) -> None:
     of this trainer wrote the learning-rate schedule there; it is a function of the step and is recomputed."""
     found = sorted(p.name for p in Path(checkpoint).glob("custom_checkpoint_*.pkl"))
     if found:
-        raise ValueError(f"checkpoint {checkpoint} holds {', '.join(found)}: a pickle, which Accelerate would load "
-                         "with weights_only=False, where it can run code. It is not loaded. If the checkpoint is "
-                         "yours (an earlier version of this trainer saved its learning-rate schedule there), delete "
-                         "the file and resume: the schedule is recomputed from the step")
+        raise UserError(f"checkpoint {checkpoint} holds {', '.join(found)}: a pickle, which Accelerate would load "
+                        "with weights_only=False, where it can run code. It is not loaded. If the checkpoint is "
+                        "yours (an earlier version of this trainer saved its learning-rate schedule there), delete "
+                        "the file and resume: the schedule is recomputed from the step")
 
 
 def check_random_states(checkpoint: Path, process_index: int, required: bool = True) -> bool:
@@ -91,14 +93,14 @@ def check_random_states(checkpoint: Path, process_index: int, required: bool = T
     if not path.is_file() and not required:
         return False
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} has no {path.name}: the resumed run could not continue "
-                                "the random streams (dropout, routing noise) where they stopped. Resume from a "
-                                "complete checkpoint, or start afresh with --init_from on an exported model.")
+        raise MissingFileError(f"checkpoint {checkpoint} has no {path.name}: the resumed run could not continue "
+                               "the random streams (dropout, routing noise) where they stopped. Resume from a "
+                               "complete checkpoint, or start afresh with --init_from on an exported model.")
     try:
         accelerate_load(path)
     except Exception as err:  # noqa: BLE001  (what matters is that it does not load)
-        raise ValueError(f"checkpoint {checkpoint}: {path.name} {_why_unreadable(err)}; resume from an earlier "
-                         "checkpoint (--resume_from_checkpoint DIR)") from None
+        raise UserError(f"checkpoint {checkpoint}: {path.name} {_why_unreadable(err)}; resume from an earlier "
+                        "checkpoint (--resume_from_checkpoint DIR)") from None
     return True
 
 
@@ -135,4 +137,4 @@ def from_pretrained(model_class, folder, **kwargs):
         damaged = damaged_files(Path(folder)) if Path(folder).is_dir() else []
         if not damaged:
             raise
-        raise ValueError(f"model folder {folder} cannot be loaded: {'; '.join(damaged)}") from None
+        raise UserError(f"model folder {folder} cannot be loaded: {'; '.join(damaged)}") from None

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
+from .errors import MissingFileError
 from .layout import expert_shard_name, saved_expert_parallel_sizes, wrong_expert_parallel_size
 from .modeling_moe_reason import MoEReasonExperts, MoEReasonSparseMoeBlock
 
@@ -159,8 +160,8 @@ def load_shards(model: nn.Module, folder) -> None:
     first = experts[0][1]
     path = Path(folder) / expert_shard_name(first.ep_rank, first.ep_size)
     if not path.is_file():
-        raise FileNotFoundError(f"no {path.name} for expert_parallel_size={first.ep_size}: "
-                                + wrong_expert_parallel_size(folder, saved_expert_parallel_sizes(folder),
+        raise MissingFileError(f"no {path.name} for expert_parallel_size={first.ep_size}: "
+                               + wrong_expert_parallel_size(folder, saved_expert_parallel_sizes(folder),
                                                              first.ep_size))
     tensors = load_file(path)
     for name, e in experts:

@@ -27,8 +27,21 @@ from datasets import Dataset, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from transformers import AutoTokenizer
 
-from .corpus import (LOADERS, PreparedData, cache_key, check_text_file_sizes, expand_files, install_staged,
-                     load_or_train_tokenizer, pack, padding_id, source_identity, staging_folder, tokenize)
+from .atomic import install, staged
+from .corpus import (
+    LOADERS,
+    PreparedData,
+    cache_key,
+    check_text_file_sizes,
+    expand_files,
+    load_or_train_tokenizer,
+    pack,
+    padding_id,
+    source_identity,
+    source_listing,
+    tokenize,
+)
+from .errors import UserError
 
 HELD_OUT = "held_out.json"  # in the cache entry: the validation documents' keys, left out of the training stream
 STREAM_PACK_DOCUMENTS = 256  # documents packed together; the tokens left over from each group (< a block) are dropped
@@ -40,8 +53,8 @@ def open_stream(args) -> IterableDataset:
         try:
             stream = load_dataset(args.dataset_name, args.dataset_config, split=args.dataset_split, streaming=True)
         except (ConnectionError, FileNotFoundError, OSError, ValueError) as err:
-            raise RuntimeError(f"could not open Hub dataset {args.dataset_name!r} as a stream: {err}\nNo network? "
-                               "Stream local files instead: --streaming --data_files path/to/shards/") from err
+            raise UserError(f"could not open Hub dataset {args.dataset_name!r} as a stream: {err}\nNo network? "
+                            "Stream local files instead: --streaming --data_files path/to/shards/") from err
     else:
         files = expand_files(args.data_files)
         loader = LOADERS[files[0].suffix]
@@ -50,8 +63,8 @@ def open_stream(args) -> IterableDataset:
         kwargs = {"sample_by": "document"} if loader == "text" else {}
         stream = load_dataset(loader, data_files=[str(p) for p in files], split="train", streaming=True, **kwargs)
     if stream.column_names is not None and args.text_column not in stream.column_names:
-        raise ValueError(f"text column {args.text_column!r} not found; columns are {stream.column_names} "
-                         "(set --text_column)")
+        raise UserError(f"text column {args.text_column!r} not found; columns are {stream.column_names} "
+                        "(set --text_column)")
     stream = stream.select_columns([args.text_column])
     if args.text_column != "text":
         stream = stream.rename_column(args.text_column, "text")
@@ -101,7 +114,7 @@ def prepare_stream(args, rank: int, world_size: int, log=print):
     if not hit:
         cache_head_of_stream(args, root, log)
     summary = {**json.loads((root / "summary.json").read_text()), "cache_hit": hit,
-               "seconds": round(time.perf_counter() - start, 3)}
+               "seconds": round(time.perf_counter() - start, 3), "files": source_listing(args)}
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
     held_out = set(json.loads((root / HELD_OUT).read_text()))
     train = training_stream(args, tokenizer, held_out, rank, world_size, log)
@@ -118,9 +131,9 @@ def cache_head_of_stream(args, root: Path, log=print) -> None:
     sample = Dataset.from_dict({"text": [row["text"] for row in stream.skip(args.validation_documents)
                                          .take(args.stream_tokenizer_documents)]})
     if len(sample) == 0:
-        raise ValueError(f"the stream holds only {len(validation_docs)} document(s): validation_documents="
-                         f"{args.validation_documents} leaves nothing to train on")
-    tmp = staging_folder(root)
+        raise UserError(f"the stream holds only {len(validation_docs)} document(s): validation_documents="
+                        f"{args.validation_documents} leaves nothing to train on")
+    tmp = staged(root)
     tokenizer = load_or_train_tokenizer(args, sample, tmp / "tokenizer", log)
     validation = pack(tokenize(validation_docs, tokenizer, 1), args.block_size, padding_id(tokenizer))
     validation.save_to_disk(str(tmp / "validation"))
@@ -131,4 +144,4 @@ def cache_head_of_stream(args, root: Path, log=print) -> None:
                "validation": {"documents": len(validation_docs), "blocks": len(validation)},
                "source": source_identity(args)}
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    install_staged(tmp, root)
+    install(tmp, root, keep_existing=True)  # another process may have finished first

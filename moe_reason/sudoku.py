@@ -12,6 +12,8 @@ from itertools import permutations
 
 import numpy as np
 
+from .errors import UserError
+
 BOXES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}  # grid size -> (box rows, box columns)
 
 
@@ -19,7 +21,7 @@ BOXES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}  # grid size -> (box rows, box columns
 def geometry(n: int):
     """-> (units: the cell lists of every row, column and box; peers[c]: the cells sharing a unit with c)."""
     if n not in BOXES:
-        raise ValueError(f"sudoku size {n} is not supported: use one of {sorted(BOXES)}")
+        raise UserError(f"sudoku size {n} is not supported: use one of {sorted(BOXES)}")
     br, bc = BOXES[n]
     rows = [[r * n + c for c in range(n)] for r in range(n)]
     cols = [[r * n + c for r in range(n)] for c in range(n)]

@@ -14,7 +14,6 @@ import torch
 from .task_files import given
 from .tasks import MazeTask, PromptFormulation
 
-
 TEST_TIME_MULTIPLES = (2, 3, 4)  # depths past the trained one, as multiples of halt_max_steps
 
 

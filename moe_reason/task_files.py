@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import MissingFileError, UserError
 from .sudoku import BOXES
 
 COLUMN_PAIRS = (("question", "answer"), ("puzzle", "solution"), ("quizzes", "solutions"), ("unsolved", "solved"))
@@ -25,14 +26,14 @@ def parse_grid(text: str, where: str, what: str, blanks_allowed: bool) -> np.nda
     text = text.strip()
     n = round(len(text) ** 0.5)
     if n * n != len(text) or n not in BOXES:
-        raise ValueError(f"{where}: the {what} has {len(text)} characters; expected "
-                         f"{' or '.join(str(k * k) for k in sorted(BOXES))} (a {'/'.join(map(str, sorted(BOXES)))}-"
-                         "square grid read row by row)")
+        raise UserError(f"{where}: the {what} has {len(text)} characters; expected "
+                        f"{' or '.join(str(k * k) for k in sorted(BOXES))} (a {'/'.join(map(str, sorted(BOXES)))}-"
+                        "square grid read row by row)")
     allowed = "123456789"[:n] + (".0" if blanks_allowed else "")
     bad = sorted({c for c in text if c not in allowed})
     if bad:
-        raise ValueError(f"{where}: the {what} holds {''.join(bad)!r}; allowed: digits 1-{n}"
-                         + (" and '.' or '0' for a blank" if blanks_allowed else " (a solution has no blanks)"))
+        raise UserError(f"{where}: the {what} holds {''.join(bad)!r}; allowed: digits 1-{n}"
+                        + (" and '.' or '0' for a blank" if blanks_allowed else " (a solution has no blanks)"))
     return np.array([0 if c in ".0" else int(c) for c in text], dtype=np.int8).reshape(n, n)
 
 
@@ -56,8 +57,8 @@ def read_csv(path: Path) -> list[tuple[np.ndarray, np.ndarray | None]]:
         header = [h.strip().lower() for h in next(reader, [])]
         pair = next(((q, a) for q, a in COLUMN_PAIRS if q in header), None)
         if pair is None:
-            raise ValueError(f"{path} line 1: no puzzle column in the header {header}; expected one of the "
-                             f"column pairs {', '.join('/'.join(p) for p in COLUMN_PAIRS)}")
+            raise UserError(f"{path} line 1: no puzzle column in the header {header}; expected one of the "
+                            f"column pairs {', '.join('/'.join(p) for p in COLUMN_PAIRS)}")
         q_col, a_col = header.index(pair[0]), header.index(pair[1]) if pair[1] in header else None
         rows = []
         for number, record in enumerate(reader, start=2):
@@ -65,7 +66,7 @@ def read_csv(path: Path) -> list[tuple[np.ndarray, np.ndarray | None]]:
                 continue
             where = f"{path} line {number}"
             if len(record) != len(header):
-                raise ValueError(f"{where}: {len(record)} fields where the header has {len(header)}")
+                raise UserError(f"{where}: {len(record)} fields where the header has {len(header)}")
             puzzle = parse_grid(record[q_col], where, "puzzle", True)
             solution = parse_grid(record[a_col], where, "solution", False) \
                 if a_col is not None and record[a_col].strip() else None
@@ -75,8 +76,8 @@ def read_csv(path: Path) -> list[tuple[np.ndarray, np.ndarray | None]]:
 
 def check_pair(puzzle, solution, where):
     if solution is not None and solution.shape != puzzle.shape:
-        raise ValueError(f"{where}: the solution is {solution.shape[0]}x{solution.shape[0]} but the puzzle "
-                         f"{puzzle.shape[0]}x{puzzle.shape[0]}")
+        raise UserError(f"{where}: the solution is {solution.shape[0]}x{solution.shape[0]} but the puzzle "
+                        f"{puzzle.shape[0]}x{puzzle.shape[0]}")
     return puzzle, solution
 
 
@@ -84,13 +85,13 @@ def read_sudoku_file(path) -> tuple[np.ndarray, np.ndarray | None]:
     """The puzzles of a text or CSV file (chosen by a `.csv` suffix) -> (puzzles, solutions or None)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--task_file {path}: no such file")
+        raise MissingFileError(f"--task_file {path}: no such file")
     rows = read_csv(path) if path.suffix.lower() == ".csv" else read_text(path)
     if not rows:
-        raise ValueError(f"{path}: no puzzles found")
+        raise UserError(f"{path}: no puzzles found")
     sizes = {p.shape[0] for p, _ in rows}
     if len(sizes) > 1:
-        raise ValueError(f"{path}: puzzles of several sizes {sorted(sizes)}; keep one size per file")
+        raise UserError(f"{path}: puzzles of several sizes {sorted(sizes)}; keep one size per file")
     puzzles = np.stack([p for p, _ in rows])
     if all(s is None for _, s in rows):
         return puzzles, None

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from . import maze, sudoku
+from .atomic import install, staged
 from .configuration_moe_reason import require
-from .corpus import install_staged, staging_folder
+from .errors import UserError
 from .task_files import given, read_sudoku_file
 
 TASKS = ("sudoku", "maze")
@@ -281,8 +282,8 @@ def generate_splits(task, train: int, test: int, seed: int) -> dict[str, tuple[n
                 if key in keys:
                     rejected += 1
                     if rejected > 10 * count + 100:
-                        raise ValueError(f"only {len(puzzles)} distinct {name} puzzles found of {count}: the task "
-                                         "has too few distinct puzzles at this size; lower the puzzle counts")
+                        raise UserError(f"only {len(puzzles)} distinct {name} puzzles found of {count}: the task "
+                                        "has too few distinct puzzles at this size; lower the puzzle counts")
                     continue
                 keys.add(key)
                 puzzles.append(puzzle)
@@ -338,11 +339,11 @@ def read_task_files(args) -> tuple[dict, dict]:
         puzzles, solutions = puzzles[:count], None if solutions is None else solutions[:count]
         missing = len(puzzles) if solutions is None else int((~given(solutions)).sum())
         if missing:
-            raise ValueError(f"{path}: {missing} of {len(puzzles)} puzzles have no solution; training and held-out "
-                             "puzzles need theirs (puzzle,solution lines or a CSV answer column)")
+            raise UserError(f"{path}: {missing} of {len(puzzles)} puzzles have no solution; training and held-out "
+                            "puzzles need theirs (puzzle,solution lines or a CSV answer column)")
         if puzzles.shape[1] != args.task_size:
-            raise ValueError(f"{path} holds {puzzles.shape[1]}x{puzzles.shape[1]} puzzles; pass --task_size "
-                             f"{puzzles.shape[1]}")
+            raise UserError(f"{path} holds {puzzles.shape[1]}x{puzzles.shape[1]} puzzles; pass --task_size "
+                            f"{puzzles.shape[1]}")
         splits[name] = (puzzles, solutions)
         summary[name] = {"puzzles": len(puzzles), "file": str(path),
                          "blanks_mean": float((puzzles == 0).sum((1, 2)).mean())}
@@ -361,14 +362,13 @@ def load_or_generate(args, log=print) -> tuple[dict, dict]:
     if not cache_hit:
         log(f"generating {args.task} puzzles ({root.name}) ...")
         splits = generate_splits(task, args.task_train_puzzles, args.task_test_puzzles, args.data_seed)
-        tmp = staging_folder(root)
-        tmp.mkdir(parents=True)
+        tmp = staged(root)
         summary = {"task": args.task_settings(), "generation_seconds": round(time.perf_counter() - start, 2)}
         for name, (puzzles, answers) in splits.items():
             np.savez(tmp / f"{name}.npz", puzzles=puzzles, answers=answers)
             summary[name] = {"puzzles": len(puzzles), **task.difficulty(puzzles, answers)}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        install_staged(tmp, root)
+        install(tmp, root, keep_existing=True)  # another process may have finished first
     # the cached puzzles serve every formulation: the settings are this run's, not the cache's
     summary = {**json.loads((root / "summary.json").read_text()), "task": args.task_settings(), "cache_hit": cache_hit}
     splits = {}

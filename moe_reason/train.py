@@ -38,19 +38,42 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import CONFIG_NAME
 
 from .arguments import ARGUMENT_CLASSES, build_config, parse_args, resolve_global_batch
-from .checkpointing import (export_model, load_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint,
-                            unfinished_checkpoints_after)
+from .atomic import write_text
+from .checkpointing import (
+    export_model,
+    load_checkpoint,
+    read_trainer_state,
+    resolve_checkpoint,
+    save_checkpoint,
+    unfinished_checkpoints_after,
+)
+from .corpus import changed_files
 from .data import check_against_model, check_block_fits, collate_blocks, prepare_data
-from .evaluate import evaluate_model
 from .ema import WeightEMA
+from .errors import UserError, run_cli
+from .evaluate import evaluate_model
 from .expert_parallel import make_expert_parallel
-from .layout import (BEST, EMA_WEIGHTS, FINAL, METRICS, RESULTS, RUN_ARGS, RUN_LOCK, RUN_LOCK_OWNER, STREAM_STATE,
-                     complete_checkpoints, run_outputs, stream_state_name)
+from .layout import (
+    BEST,
+    DATA_SOURCE,
+    EMA_WEIGHTS,
+    FINAL,
+    METRICS,
+    RESULTS,
+    RUN_ARGS,
+    RUN_LOCK,
+    RUN_LOCK_OWNER,
+    STREAM_STATE,
+    complete_checkpoints,
+    run_outputs,
+    stream_state_name,
+)
 from .lora import add_lora, is_lora, lora_config, merged
 from .metrics import LogWindow, any_nonfinite, measure_peak_flops, training_flops_per_token
 from .modeling_recursive import RecursiveMoEReasonForCausalLM
 from .optim import make_optimizer_and_scheduler
-from .plateau import describe as describe_plateau, plateaued
+from .plateau import describe as describe_plateau
+from .plateau import plateaued
 from .safe_loading import from_pretrained
 from .task_eval import answer_one
 from .tasks import make_task, render
@@ -93,7 +116,7 @@ def check_deepspeed_world(checkpoint: Path, num_processes: int) -> None:
     partitioned that many ways, and DeepSpeed loads it no other way (a plain DDP checkpoint resumes on any)."""
     saved = read_trainer_state(checkpoint).get("num_processes")
     if saved is not None and saved != num_processes:
-        raise ValueError(
+        raise UserError(
             f"checkpoint {checkpoint} was saved by {saved} DeepSpeed processes, and this launch has {num_processes}: "
             f"ZeRO's optimizer state is partitioned {saved} ways and DeepSpeed loads it only so. Resume with "
             f"`accelerate launch --num_processes {saved} ...`, or train on {num_processes} from its weights: "
@@ -104,10 +127,10 @@ def read_stream_state(checkpoint: Path, rank: int, num_processes: int) -> dict:
     """This rank's stream position saved in `checkpoint`, which must hold one per process of this launch."""
     saved = {int(m.group(2)) for p in checkpoint.iterdir() if (m := STREAM_STATE.match(p.name))}
     if not saved:
-        raise ValueError(f"checkpoint {checkpoint} holds no stream position (stream_state_*.json): it was not saved "
-                         "by a --streaming run")
+        raise UserError(f"checkpoint {checkpoint} holds no stream position (stream_state_*.json): it was not saved "
+                        "by a --streaming run")
     if saved != {num_processes}:
-        raise ValueError(
+        raise UserError(
             f"checkpoint {checkpoint} holds the stream positions of {max(saved)} process(es), and this launch has "
             f"{num_processes}: each rank's position is within its own share of the documents, which another number "
             f"of processes splits differently. Resume with `accelerate launch --num_processes {max(saved)} ...`, or "
@@ -121,7 +144,7 @@ def micro_batches_to_skip(state: TrainState, per_device_batch: int, num_processe
     batches all processes together have consumed k * per_device_batch * num_processes blocks."""
     per_round = per_device_batch * num_processes
     if state.samples_in_epoch % per_round:
-        raise ValueError(
+        raise UserError(
             f"{checkpoint or 'the checkpoint'} stopped {state.samples_in_epoch} blocks into epoch {state.epoch}, "
             f"which is not a whole number of rounds of {per_device_batch} blocks x {num_processes} process(es): "
             "resuming here would repeat or skip blocks. Resume with a per_device_train_batch_size and number of "
@@ -149,8 +172,8 @@ def check_output_dir(args, run_args: dict) -> None:
     if (out / RUN_ARGS).exists() or complete_checkpoints(out) or (out / FINAL).exists():
         same = (out / RUN_ARGS).exists() and json.loads((out / RUN_ARGS).read_text()) == run_args
         what = "this run's earlier output" if same else "a different run"
-        raise ValueError(f"output_dir {out} already holds {what}; pass --resume_from_checkpoint latest to continue "
-                         "it or --overwrite_output_dir to start afresh (its checkpoints are deleted)")
+        raise UserError(f"output_dir {out} already holds {what}; pass --resume_from_checkpoint latest to continue "
+                        "it or --overwrite_output_dir to start afresh (its checkpoints are deleted)")
 
 
 def lock_output_dir(out: Path) -> FileLock | None:
@@ -168,8 +191,8 @@ def lock_output_dir(out: Path) -> FileLock | None:
             who = f"PID {holder['pid']} on {holder['host']}, started {holder['started']}"
         except (OSError, ValueError, KeyError):
             who = "a process that has not said who it is yet"
-        raise RuntimeError(f"output_dir {out} is in use by another run ({who}): wait for it to end, stop it, "
-                           "or train into another --output_dir") from None
+        raise UserError(f"output_dir {out} is in use by another run ({who}): wait for it to end, stop it, "
+                        "or train into another --output_dir") from None
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     (out / RUN_LOCK_OWNER).write_text(json.dumps(owner))
     return lock
@@ -188,9 +211,7 @@ def truncate_metrics(out: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
+    write_text(path, "".join(kept))
 
 
 def make_accelerator(args) -> Accelerator:
@@ -235,8 +256,8 @@ def reconcile_deepspeed_config(accelerator, args) -> None:
         if enabled is True and args.mixed_precision != name:
             clashes.append(f"{name}.enabled=true vs --mixed_precision {args.mixed_precision}")
     if clashes:
-        raise ValueError(f"the DeepSpeed config contradicts the training arguments: {'; '.join(clashes)}. "
-                         "Use \"auto\" in the DeepSpeed config, or change the arguments.")
+        raise UserError(f"the DeepSpeed config contradicts the training arguments: {'; '.join(clashes)}. "
+                        "Use \"auto\" in the DeepSpeed config, or change the arguments.")
     for key, value in ours.items():
         if config.get(key) == "auto":
             config[key] = value
@@ -246,8 +267,8 @@ def configure_device(accelerator, args) -> None:
     """Refuse a precision this device would ignore, share the CPU's cores, and settle DeepSpeed's config."""
     if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate applies fp16 autocast on accelerators only: on the CPU the run would be fp32
-        raise ValueError("--mixed_precision fp16 needs a GPU: on the CPU Accelerate does not apply it and the run "
-                         "would train in fp32 unannounced; use --mixed_precision bf16 (CPU autocast) or no")
+        raise UserError("--mixed_precision fp16 needs a GPU: on the CPU Accelerate does not apply it and the run "
+                        "would train in fp32 unannounced; use --mixed_precision bf16 (CPU autocast) or no")
     if not torch.cuda.is_available():
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         torch.set_num_threads(args.cpu_threads or max(1, (os.cpu_count() or 1) // local_processes))
@@ -259,9 +280,9 @@ def check_model_under_zero(model_type: str, stage: int | None) -> None:
     """The recursive model runs its shared decoder stack several times with gradient in one backward;
     ZeRO-3 partitions each parameter's gradient as its hook fires, once (DeepSpeed asserts at step 1)."""
     if model_type == "recursive" and stage == 3:
-        raise ValueError("the recursive model does not train under DeepSpeed ZeRO-3: its shared decoder stack is "
-                         "used several times in each backward, and ZeRO-3 reduces a parameter's gradient once. Use "
-                         "ZeRO-2 (--config_file accelerate_configs/deepspeed_zero2.yaml), ZeRO-1, or plain DDP")
+        raise UserError("the recursive model does not train under DeepSpeed ZeRO-3: its shared decoder stack is "
+                        "used several times in each backward, and ZeRO-3 reduces a parameter's gradient once. Use "
+                        "ZeRO-2 (--config_file accelerate_configs/deepspeed_zero2.yaml), ZeRO-1, or plain DDP")
 
 
 def zero_stage(accelerator) -> int | None:
@@ -346,10 +367,39 @@ def make_loaders(data, args, num_processes: int) -> tuple[DataLoader, DataLoader
                              collate_fn=collate_blocks)
     if data.sampler is not None and len(train_loader) < num_processes:
         unit = data.summary.get("unit", "block")
-        raise ValueError(f"{len(data.train)} training {unit}s make {len(train_loader)} full batch(es) of "
-                         f"per_device_train_batch_size={args.per_device_train_batch_size}, fewer than the "
-                         f"{num_processes} process(es): lower the batch size or add data")
+        raise UserError(f"{len(data.train)} training {unit}s make {len(train_loader)} full batch(es) of "
+                        f"per_device_train_batch_size={args.per_device_train_batch_size}, fewer than the "
+                        f"{num_processes} process(es): lower the batch size or add data")
     return train_loader, eval_loader
+
+
+def data_for_resume(data, data_args, checkpoint: Path, accelerator):
+    """The data a resumed run trains on: tokenized by the tokenizer its checkpoint saved, whatever today's
+    documents would train (a changed training document moves token ids; the run's embeddings follow the
+    saved ones), with a warning naming every data file changed since the checkpoint."""
+    then = json.loads((checkpoint / DATA_SOURCE).read_text()) if (checkpoint / DATA_SOURCE).is_file() else None
+    changed = changed_files(then, data.summary.get("files", [])) if then is not None else []
+    if changed:
+        shrank = any(": shrank" in line or ": gone" in line for line in changed)
+        accelerator.print(f"warning: data files changed since {checkpoint}:\n  " + "\n  ".join(changed)
+                          + ("\n  the resumed stream's pass ends earlier than the run's" if data_args.streaming
+                             and shrank else "")
+                          + ("" if data_args.streaming or data_args.task else
+                             "\n  the corpus was prepared again from them: the resumed epoch's blocks differ"))
+    if data_args.task or not (checkpoint / "tokenizer_config.json").is_file():
+        return data  # a task's tokenizer is its symbols; an old checkpoint saved none
+    saved = AutoTokenizer.from_pretrained(checkpoint)
+    if same_tokenizer(saved, data.tokenizer):
+        return data
+    accelerator.print(f"the documents today train another tokenizer than the run's (a training document changed): "
+                      f"the resumed run keeps the tokenizer saved in {checkpoint}")
+    return prepare_data(dataclasses.replace(data_args, tokenizer_name=str(checkpoint)), log=accelerator.print,
+                        rank=accelerator.process_index, world_size=accelerator.num_processes)
+
+
+def same_tokenizer(a, b) -> bool:
+    """The same token ids for the same strings, and the same special tokens."""
+    return a.get_vocab() == b.get_vocab() and token_ids(a) == token_ids(b)
 
 
 # ----------------------------------------------------------------------------
@@ -415,7 +465,7 @@ class Trainer:
     def setup(self) -> "Trainer":
         """Check everything that can be checked cheaply, then build data, model, optimizer and Accelerate."""
         checkpoint = self.check()
-        self.build()
+        self.build(checkpoint)
         if checkpoint is not None:
             self.resume(checkpoint)
         self.start_logging()
@@ -443,8 +493,8 @@ class Trainer:
         check_model_under_zero(self.model_args.model_type, zero_stage(accelerator))
         for flag, used in (("--ema_decay", args.ema_decay), ("--lora_rank", self.model_args.lora_rank)):
             if used and (zero_stage(accelerator) == 3 or args.expert_parallel_size > 1):
-                raise ValueError(f"{flag} needs every rank to hold the whole model: not with ZeRO-3 or "
-                                 "--expert_parallel_size > 1 (use ZeRO-2 or DDP with expert_parallel_size 1)")
+                raise UserError(f"{flag} needs every rank to hold the whole model: not with ZeRO-3 or "
+                                "--expert_parallel_size > 1 (use ZeRO-2 or DDP with expert_parallel_size 1)")
         self.expert_parallel = make_expert_parallel(args.expert_parallel_size, num_experts, accelerator.num_processes,
                                                     zero_stage(accelerator))
         self.stream_state = None  # this rank's saved stream position, read here: another process count fails early
@@ -458,12 +508,15 @@ class Trainer:
         set_seed(args.seed)
         return checkpoint
 
-    def build(self) -> None:
-        """Data, model, optimizer, schedule and loaders, prepared by Accelerate."""
+    def build(self, checkpoint: Path | None = None) -> None:
+        """Data, model, optimizer, schedule and loaders, prepared by Accelerate. A resumed run's data is tokenized
+        by the tokenizer its checkpoint saved (`data_for_resume`)."""
         args, accelerator = self.args, self.accelerator
         with accelerator.main_process_first():
             self.data = prepare_data(self.data_args, log=accelerator.print, rank=accelerator.process_index,
                                      world_size=accelerator.num_processes)
+            if checkpoint is not None:
+                self.data = data_for_resume(self.data, self.data_args, checkpoint, accelerator)
         shown = {k: self.data.summary[k] for k in ("train", "validation", "cache_hit")}
         accelerator.print(f"data: {json.dumps(shown)}")
         model, self.config = build_model(self.model_args, args, self.data, accelerator, self.expert_parallel)
@@ -501,13 +554,13 @@ class Trainer:
         then = saved_config(checkpoint)
         drift = config_drift(then, self.config) if then is not None else {}
         if drift:
-            raise ValueError(f"{checkpoint} holds a different model than these arguments build "
-                             f"({describe_drift(drift)}): resume with the arguments it was trained with "
-                             f"({self.out / RUN_ARGS}), or train into another --output_dir")
+            raise UserError(f"{checkpoint} holds a different model than these arguments build "
+                            f"({describe_drift(drift)}): resume with the arguments it was trained with "
+                            f"({self.out / RUN_ARGS}), or train into another --output_dir")
         saved = load_checkpoint(accelerator, self.model, checkpoint, self.expert_parallel)
         if self.ema is not None:
             if not (checkpoint / EMA_WEIGHTS).is_file():
-                raise ValueError(f"{checkpoint} holds no {EMA_WEIGHTS}: it was saved without --ema_decay")
+                raise UserError(f"{checkpoint} holds no {EMA_WEIGHTS}: it was saved without --ema_decay")
             self.ema.load_state_dict(load_file(checkpoint / EMA_WEIGHTS), str(checkpoint / EMA_WEIGHTS))
         self.state.load_state_dict(saved)
         self.state.last_save = self.state.step
@@ -706,7 +759,8 @@ class Trainer:
         folder = save_checkpoint(self.accelerator, self.out, self.state.step, trainer_state,
                                  self.args.save_total_limit, self.accelerator.unwrap_model(self.model),
                                  self.expert_parallel, {EMA_WEIGHTS: self.ema.state_dict()} if self.ema else None,
-                                 self.data.tokenizer, self.stream_files())
+                                 self.data.tokenizer, self.stream_files(),
+                                 {DATA_SOURCE: json.dumps(self.data.summary.get("files", []))})
         self.window.restart_clock()
         return folder
 
@@ -779,4 +833,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -73,9 +73,9 @@ def test_trainer_fine_tunes_with_lora_and_exports_the_merged_model(tmp_path):
         train_args(tmp_path, corpus, output_dir=tmp_path / "y", lora_rank=4, init_from=base / "final",
                    expert_parallel_size=2),
     ]) == [None, None, None, None,
-           "ValueError: ModelArguments.lora_rank=4 is invalid: must be 0 without --init_from: LoRA adapts a trained "
+           "ConfigError: ModelArguments.lora_rank=4 is invalid: must be 0 without --init_from: LoRA adapts a trained "
            "model, so name it with --init_from DIR",
-           "ValueError: --lora_rank needs every rank to hold the whole model: not with ZeRO-3 or "
+           "UserError: --lora_rank needs every rank to hold the whole model: not with ZeRO-3 or "
            "--expert_parallel_size > 1 (use ZeRO-2 or DDP with expert_parallel_size 1)"]
     start, final = load_file(base / "final" / "model.safetensors"), load_file(tuned / "final" / "model.safetensors")
     assert start.keys() == final.keys()  # the merged model: no adapter tensors left in the export

@@ -246,3 +246,56 @@ def test_a_megabyte_line_without_white_space_trains_the_tokenizer_in_bounded_pie
     assert max(len(piece) for piece, _ in pieces) == MAX_PIECE
     words = prepared.tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str("plain words, as before")
     assert [w for w, _ in words] == ["plain", "Ġwords", ",", "Ġas", "Ġbefore"]
+
+
+# ----------------------------------------------------------------------------
+# export never deletes what it did not write
+
+
+def export_cli(*argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moe_reason.export", *map(str, argv)], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True, timeout=180)
+
+
+def listing(folder) -> dict:
+    """Every file under `folder` with its bytes: what must not change."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_export_refuses_every_destination_that_holds_what_it_did_not_write(tmp_path):
+    corpus, out = write_corpus(tmp_path, n=80), tmp_path / "run"
+    assert main_cases([train_args(tmp_path, corpus, output_dir=out, max_steps=2, save_interval=2)]) == [None]
+    r = tmp_path / "r"
+    shutil.copytree(out / "checkpoint-2", r / "checkpoint-2")
+    (r / "notes.txt").write_text("mine")
+    (tmp_path / "a_file").write_text("mine too")
+    before = listing(tmp_path)
+    cases = {  # destination -> the refusal
+        r: "is a folder holding the checkpoint",
+        r / "checkpoint-2": "is the checkpoint",
+        r / "checkpoint-2" / "inside": "is inside the checkpoint",
+        tmp_path / "a_file": "is a file",
+        tmp_path / "run": "is not empty: name a new folder, or pass --overwrite",
+    }
+    for destination, refusal in cases.items():
+        result = export_cli(r / "checkpoint-2", destination)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.startswith("error: ") and refusal in result.stderr, result.stderr
+    assert listing(tmp_path) == before  # nothing deleted, nothing written
+
+    # a new folder, then replaced with --overwrite; files of the user's beside it (NAME.tmp, NAME.old) stay
+    for name in ("export.tmp", "export.old"):
+        (tmp_path / name).write_text("the user's")
+    assert export_cli(r / "checkpoint-2", tmp_path / "export").returncode == 0
+    assert listing(tmp_path / "export") == listing(out / "final") | {}  # what the trainer exported at that step
+    (tmp_path / "export" / "eval_task.json").write_text("{}")  # what evaluate adds is part of an export
+    replaced = export_cli(r / "checkpoint-2", tmp_path / "export", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert not (tmp_path / "export" / "eval_task.json").exists()
+    assert (tmp_path / "export.tmp").read_text() == (tmp_path / "export.old").read_text() == "the user's"
+    (tmp_path / "export" / "notes.txt").write_text("mine")  # an export with a file of the user's: refused
+    refused = export_cli(r / "checkpoint-2", tmp_path / "export", "--overwrite")
+    assert refused.returncode == 2 and "holds ['notes.txt'], which an export does not write" in refused.stderr
+    assert (tmp_path / "export" / "notes.txt").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind

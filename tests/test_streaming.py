@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
 
 from moe_reason.arguments import parse_args
 from moe_reason.data import collate_blocks, prepare_data
@@ -92,12 +93,36 @@ def test_streaming_run_resumes_exactly_and_refuses_bad_setups(tmp_path):
                          ["--streaming", "true", "--data_files", str(corpus), "--output_dir", str(tmp_path / "x")],
                          ["--streaming", "true", "--validation_documents", "5", "--output_dir", str(tmp_path / "y")]])
     assert errors[:3] == [None, None, None]
-    assert "must be given with validation_documents: a stream has no length" in errors[3]
+    # no --validation_documents: the default 500 (a stream has no length to take a share of), too many here
+    assert "UserError: the stream holds only 240 document(s): validation_documents=500 leaves nothing" in errors[3]
     assert "must be False for the embedded default corpus" in errors[4]
     assert train_losses(halves) == train_losses(straight)  # every step, bit for bit
     a, b = load_file(straight / "final" / "model.safetensors"), load_file(halves / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (halves / "checkpoint-4" / stream_state_name(0, 1)).is_file()
+
+
+@pytest.mark.slow
+def test_a_resume_keeps_the_runs_tokenizer_and_names_the_data_files_changed_since(tmp_path):
+    """A stream's documents edited after its checkpoint would train another tokenizer (token ids move); the
+    resumed run keeps the saved one, warns naming the file, and says that a shrunken stream ends early."""
+    corpus = write_stream_corpus(tmp_path / "corpus")
+    run = tmp_path / "run"
+    launch(stream_args(tmp_path, corpus, output_dir=run, max_steps=4, save_interval=4, eval_interval=4))
+    saved = AutoTokenizer.from_pretrained(run / "checkpoint-4")
+    lines = (corpus / "part0.jsonl").read_text().splitlines()
+    edited = [json.dumps({"text": f"doc{i}. zebra quokka axolotl narwhal " * 4}) for i in range(len(lines) // 2)]
+    (corpus / "part0.jsonl").write_text("\n".join(lines[:VALIDATION] + edited) + "\n")  # new words, half the lines
+    fresh = prepared(tmp_path / "fresh", corpus).tokenizer
+    assert fresh.get_vocab() != saved.get_vocab()  # what a fresh run would train: another tokenizer
+    result = launch(stream_args(tmp_path, corpus, output_dir=run, max_steps=8, save_interval=4, eval_interval=4,
+                                resume_from_checkpoint="latest"))
+    assert f"warning: data files changed since {run / 'checkpoint-4'}:" in result.stdout
+    assert re.search(r"part0\.jsonl: shrank \([\d,]+ -> [\d,]+ bytes\)", result.stdout), result.stdout[-2000:]
+    assert "the resumed stream's pass ends earlier than the run's" in result.stdout
+    assert "keeps the tokenizer saved in" in result.stdout
+    for folder in (run / "checkpoint-8", run / "final"):
+        assert AutoTokenizer.from_pretrained(folder).get_vocab() == saved.get_vocab()
 
 
 def test_a_stream_position_resumes_only_on_the_number_of_processes_that_saved_it(tmp_path):

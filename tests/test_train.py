@@ -85,7 +85,7 @@ def test_resume_is_exact(tmp_path, corpus):
         train_args(tmp_path, corpus, output_dir=halves, resume_from_checkpoint="latest", num_experts_per_tok=1,
                    **noisy)])
     assert resumed is None
-    assert other_model.startswith("ValueError: ") and "checkpoint-6 holds a different model" in other_model \
+    assert other_model.startswith("UserError: ") and "checkpoint-6 holds a different model" in other_model \
         and "num_experts_per_tok: 2 there, 1 now" in other_model and "run_args.json" in other_model, other_model
     assert train_losses(halves) == train_losses(straight)  # every step, bit for bit
     results = json.loads((halves / "train_results.json").read_text())
