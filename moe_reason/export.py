@@ -32,7 +32,7 @@ from .checkpointing import write_pretrained
 from .errors import MissingFileError, UserError, run_cli
 from .layout import EMA_WEIGHTS, EXPERT_SHARD, TRAINER_STATE
 from .lora import add_lora, load_lora_config, merged
-from .safe_loading import load_deepspeed_file, torch_load_weights_only
+from .safe_loading import damaged_files, deepspeed_globals, load_deepspeed_file, torch_load_weights_only
 
 DEEPSPEED_TAG = "pytorch_model"  # the folder Accelerate asks DeepSpeed to save a model's states in
 EXPORT_EXTRAS = ("eval_task.json", "eval_transfer.json")  # what `evaluate` adds to an export folder
@@ -115,7 +115,16 @@ def export_checkpoint(checkpoint, output, overwrite: bool = False) -> Path:
     adapters = load_lora_config(checkpoint)
     if adapters is not None:  # a LoRA run: its adapters are rebuilt, loaded and merged
         model = add_lora(model, adapters)
-    state = checkpoint_weights(checkpoint)
+    try:
+        state = checkpoint_weights(checkpoint)
+    except (OSError, MissingFileError):
+        raise
+    except Exception:
+        damaged = damaged_files(checkpoint, deepspeed_globals() if (checkpoint / DEEPSPEED_TAG).is_dir() else ())
+        if not damaged:
+            raise
+        raise UserError(f"checkpoint {checkpoint} cannot be exported: {'; '.join(damaged)}. Export an earlier "
+                        "checkpoint") from None
     if (checkpoint / EMA_WEIGHTS).is_file():  # an --ema_decay run exports the moving average of its parameters
         state.update(load_file(checkpoint / EMA_WEIGHTS))
     missing, unexpected = model.load_state_dict(state, strict=False)

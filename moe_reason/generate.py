@@ -12,12 +12,14 @@ white space is ignored) and prints its answer as a grid, with the validator's ve
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TextStreamer, set_seed
+from transformers.utils import CONFIG_NAME
 
 from .configuration_moe_reason import require
-from .errors import UserError, run_cli
+from .errors import MissingFileError, UserError, run_cli
 from .safe_loading import from_pretrained
 from .task_eval import answer_one
 from .tasks import SudokuTask, make_task, render
@@ -61,13 +63,27 @@ def answer_puzzle(model, text: str) -> str:
     return f"{render(task, answer)}\n({verdict} by the {model.config.task['task']} validator)"
 
 
+def new_tokens(model, prompt_tokens: int, wanted: int) -> int:
+    """--max_new_tokens, capped (with a note on stderr) where prompt + answer would pass the model's positions."""
+    room = model.config.max_position_embeddings - prompt_tokens
+    if room < 1:
+        raise UserError(f"the prompt is {prompt_tokens} tokens; the model holds max_position_embeddings="
+                        f"{model.config.max_position_embeddings}, so no token is left to generate: shorten it")
+    if wanted > room:
+        positions = model.config.max_position_embeddings
+        print(f"note: --max_new_tokens {wanted} capped at {room}: the model holds {positions} positions and the "
+              f"prompt takes {prompt_tokens}", file=sys.stderr, flush=True)
+    return min(wanted, room)
+
+
 def generate_text(model, tokenizer, text: str, args: GenerateArguments) -> str:
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
     if ids.shape[1] == 0:
         raise UserError("the prompt is empty: give --prompt TEXT, text on stdin, or a line in --interactive")
     set_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) if args.do_sample else {}
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+    out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                         max_new_tokens=new_tokens(model, ids.shape[1], args.max_new_tokens),
                          do_sample=args.do_sample, streamer=TextStreamer(tokenizer, skip_prompt=True),
                          pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                          else tokenizer.eos_token_id, **sampling)
@@ -88,6 +104,11 @@ def main(argv: list[str] | None = None) -> list[str]:
     (args,) = HfArgumentParser(GenerateArguments).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     import moe_reason  # noqa: F401  (registers the Auto classes)
 
+    if not (Path(args.model_path) / CONFIG_NAME).is_file():
+        raise MissingFileError(f"--model_path {args.model_path}: no {CONFIG_NAME} there; give an exported model folder "
+                               "(a run's best/ or final/, or the output of python -m moe_reason.export)")
+    if args.prompt is None and (sys.stdin is None or sys.stdin.closed):
+        raise UserError("no prompt: give --prompt TEXT (standard input, where a prompt is read otherwise, is closed)")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model = from_pretrained(AutoModelForCausalLM, args.model_path).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)

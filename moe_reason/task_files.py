@@ -6,8 +6,10 @@ Two formats:
   CSV   a header naming a puzzle and a solution column: question/answer, puzzle/solution,
         quizzes/solutions or unsolved/solved (Sudoku-Extreme's `source,question,answer,rating` is one).
 A puzzle given without its solution gets an all-zero solution grid (0 is the blank, never a solution
-digit); solutions is None when no puzzle has one. The validator judges every answer either way. A
-malformed line raises a ValueError naming the file, the line and the problem.
+digit); solutions is None when no puzzle has one. A given solution must be one: a valid grid that keeps
+every clue of its puzzle (`sudoku.is_valid`), or the file is refused, since it would be scored as the
+reference. The validator judges every answer either way. A malformed line raises a UserError naming the
+file, the line and the problem.
 """
 
 import csv
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MissingFileError, UserError
-from .sudoku import BOXES
+from .sudoku import BOXES, is_valid
 
 COLUMN_PAIRS = (("question", "answer"), ("puzzle", "solution"), ("quizzes", "solutions"), ("unsolved", "solved"))
 
@@ -61,10 +63,10 @@ def read_csv(path: Path) -> list[tuple[np.ndarray, np.ndarray | None]]:
                             f"column pairs {', '.join('/'.join(p) for p in COLUMN_PAIRS)}")
         q_col, a_col = header.index(pair[0]), header.index(pair[1]) if pair[1] in header else None
         rows = []
-        for number, record in enumerate(reader, start=2):
+        for record in csv_records(reader, path):
             if not any(cell.strip() for cell in record):
                 continue
-            where = f"{path} line {number}"
+            where = f"{path} line {reader.line_num}"
             if len(record) != len(header):
                 raise UserError(f"{where}: {len(record)} fields where the header has {len(header)}")
             puzzle = parse_grid(record[q_col], where, "puzzle", True)
@@ -74,10 +76,26 @@ def read_csv(path: Path) -> list[tuple[np.ndarray, np.ndarray | None]]:
     return rows
 
 
+def csv_records(reader, path: Path):
+    """The reader's records; a line the csv module cannot read (a field over its size limit, a stray quote)
+    is an error naming the file and the line."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise UserError(f"{path} line {reader.line_num}: {err}") from None
+
+
 def check_pair(puzzle, solution, where):
     if solution is not None and solution.shape != puzzle.shape:
         raise UserError(f"{where}: the solution is {solution.shape[0]}x{solution.shape[0]} but the puzzle "
                         f"{puzzle.shape[0]}x{puzzle.shape[0]}")
+    if solution is not None and not is_valid(puzzle, solution):
+        clash = int(((puzzle != 0) & (puzzle != solution)).sum())
+        why = f"it changes {clash} of the puzzle's clues" if clash else "it breaks a row, column or box rule"
+        raise UserError(f"{where}: the solution is not one ({why}); it would be scored as the reference")
     return puzzle, solution
 
 

@@ -86,3 +86,10 @@ def test_lm_eval_harness_scores_an_export_on_a_task_of_local_files(tmp_path):
     assert 0.0 <= accuracy <= 1.0 and result["n-samples"]["colours"]["effective"] == 2
     saved = json.loads((tmp_path / "model" / "eval_lm_eval.json").read_text())
     assert saved["results"]["colours"]["acc,none"] == accuracy
+
+
+def test_generate_caps_new_tokens_at_the_models_positions_and_says_so(tmp_path, capsys):
+    folder = save_tiny(tmp_path / "lm", PromptFormulation())  # the debug preset holds 128 positions
+    (reply,) = generate_main(["--model_path", str(folder), "--prompt", PUZZLE + "=", "--max_new_tokens", "100000"])
+    assert len(reply) == 128 - 17  # every position the prompt left
+    assert "note: --max_new_tokens 100000 capped at 111: the model holds 128 positions" in capsys.readouterr().err

@@ -24,8 +24,10 @@ from moe_reason.data import DataArguments, prepare_data
 from moe_reason.evaluate import main as evaluate_main
 from moe_reason.layout import RUN_LOCK_OWNER, complete_checkpoints
 from moe_reason.safe_loading import damaged_files, deepspeed_globals, deepspeed_weights_only
+from moe_reason.tasks import GridFormulation
 
 from conftest import REPO, clean_env, launch, main_cases, read_metrics, train_args, train_losses, write_corpus
+from test_generate import save_tiny
 from test_train import assert_zero_run_learned_and_exported_its_gathered_weights
 
 def run_train(argv, timeout=180) -> subprocess.CompletedProcess:
@@ -299,3 +301,50 @@ def test_export_refuses_every_destination_that_holds_what_it_did_not_write(tmp_p
     assert refused.returncode == 2 and "holds ['notes.txt'], which an export does not write" in refused.stderr
     assert (tmp_path / "export" / "notes.txt").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+# ----------------------------------------------------------------------------
+# user errors: one line, no traceback, exit status 2
+
+
+def cli(args: list[str], close_stdin: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=clean_env(), capture_output=not close_stdin,
+                          stdout=subprocess.PIPE if close_stdin else None, stderr=subprocess.PIPE if close_stdin
+                          else None, stdin=None, text=True, timeout=180,
+                          preexec_fn=(lambda: os.close(0)) if close_stdin else None)
+
+
+@pytest.mark.slow
+def test_every_command_tells_a_user_error_in_one_line_without_a_traceback(tmp_path):
+    corpus, out = write_corpus(tmp_path, n=80), tmp_path / "run"
+    assert main_cases([train_args(tmp_path, corpus, output_dir=out, max_steps=2, save_interval=2)]) == [None]
+    truncated = tmp_path / "truncated"
+    shutil.copytree(out / "checkpoint-2", truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (tmp_path / "huge.csv").write_text("question,answer\n4..31.4224..3...," + "1" * 5_000_000 + "\n")
+    train = ["train.py", "--output_dir", str(tmp_path / "x"), "--max_steps", "1"]
+    cases = [
+        (train + ["--learning_rate", "-1"], "TrainingArguments.learning_rate=-1.0 is invalid: must be > 0"),
+        (train + ["--num_experts", "0"], "MoEReasonConfig.num_experts=0 is invalid"),
+        (train + ["--block_size", "0"], "DataArguments.block_size=0 is invalid"),
+        (train + ["--block_size", "100000"], "block_size=100000 is larger than the model's max_position_embeddings"),
+        (["-m", "moe_reason.generate", "--model_path", str(tmp_path / "nowhere"), "--prompt", "x"],
+         f"--model_path {tmp_path / 'nowhere'}: no config.json there"),
+        (["-m", "moe_reason.export", str(truncated), str(tmp_path / "e")],
+         "model.safetensors is damaged or truncated"),
+        (["-m", "moe_reason.evaluate", "--model_path", str(save_tiny(tmp_path / "grid", GridFormulation(), {
+            "task": "sudoku", "task_size": 4, "sudoku_blanks": 8})), "--task_file", str(tmp_path / "huge.csv")],
+         "huge.csv line 2: field larger than field limit"),
+        (["-m", "moe_reason.compare", str(tmp_path / "missing.yaml")], "comparison file not found"),
+        (["-m", "moe_reason.ablate", str(tmp_path / "missing.yaml")], "grid file not found"),
+    ]
+    for args, message in cases:
+        result = cli(args)
+        assert result.returncode == 2, (args, result.returncode, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and message in result.stderr, (args, result.stderr[-2000:])
+        assert [line for line in result.stderr.splitlines() if line.startswith("error: ")], result.stderr[-500:]
+    closed = cli(["-m", "moe_reason.generate", "--model_path", str(out / "final")], close_stdin=True)
+    assert closed.returncode == 2 and "Traceback" not in closed.stderr
+    assert "error: no prompt: give --prompt TEXT (standard input, where a prompt is read otherwise, is closed)" \
+        in closed.stderr

@@ -185,6 +185,16 @@ def test_task_file_reads_text_and_csv_and_names_a_malformed_line(tmp_path):
     (tmp_path / "cols.csv").write_text("id,grid\n1,4..31.4224..3...\n")
     with pytest.raises(ValueError, match="line 1: no puzzle column"):
         read_sudoku_file(tmp_path / "cols.csv")
+    # a given solution must be one: scored as the reference otherwise
+    clue_broken = ("3" + SOLVED[1:], "line 2: the solution is not one \\(it changes 1 of the puzzle's clues\\)")
+    not_a_grid = (SOLVED[0] + "1" + SOLVED[2:], "line 2: the solution is not one \\(it breaks a row, column or box rule\\)")
+    for solution, error in (clue_broken, not_a_grid):
+        (tmp_path / "wrong.txt").write_text(f"# header\n4..31.4224..3...,{solution}\n")
+        with pytest.raises(ValueError, match=error):
+            read_sudoku_file(tmp_path / "wrong.txt")
+    (tmp_path / "huge.csv").write_text("question,answer\n4..31.4224..3...," + "1" * 5_000_000 + "\n")
+    with pytest.raises(ValueError, match="huge.csv line 2: field larger than field limit"):
+        read_sudoku_file(tmp_path / "huge.csv")
 
 
 # ---- training on puzzles, and the moving average of the weights
