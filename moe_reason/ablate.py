@@ -30,22 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError, run_cli
-from .experiments import (
-    THROUGHPUT_NOTE,
-    ReportFiles,
-    RunBudget,
-    RunnerArguments,
-    check_arguments,
-    earlier_runs,
-    load_runner_file,
-    mean_curve,
-    pyplot,
-    run_runner,
-    safe_name,
-    save_figure,
-    train_or_keep,
-    write_json,
-)
+from .experiments import (THROUGHPUT_NOTE, ReportFiles, RunBudget, RunnerArguments, check_arguments, earlier_runs,
+                          exit_status, load_runner_file, mean_curve, pyplot, run_runner, safe_name, save_figure,
+                          train_or_keep, write_json)
 from .statistics import HOLM_RULE, holm, mean_std, welch
 from .statistics import RULE as STATISTICS_RULE
 
@@ -236,4 +223,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    raise SystemExit(exit_status(run_cli(main)))

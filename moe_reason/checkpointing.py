@@ -26,13 +26,8 @@ from .errors import MissingFileError, UserError
 from .expert_parallel import NoExpertParallel
 from .layout import TRAINER_STATE, checkpoint_name, checkpoint_step, complete_checkpoints
 from .lora import is_lora
-from .safe_loading import (
-    check_no_custom_pickles,
-    check_random_states,
-    damaged_files,
-    deepspeed_globals,
-    deepspeed_weights_only,
-)
+from .safe_loading import (check_no_custom_pickles, check_random_states, damaged_files, deepspeed_globals,
+                           deepspeed_weights_only)
 
 NO_EXPERT_PARALLEL = NoExpertParallel()
 

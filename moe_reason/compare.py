@@ -47,27 +47,10 @@ from pathlib import Path
 from .arguments import build_config, parse_args, to_argv
 from .data import prepare_data
 from .errors import UserError, run_cli
-from .experiments import (
-    THROUGHPUT_NOTE,
-    TRANSFER_EVAL,
-    ReportFiles,
-    RunBudget,
-    RunnerArguments,
-    check_arguments,
-    earlier_runs,
-    load_runner_file,
-    mean_curve,
-    model_argument_names,
-    pyplot,
-    run_runner,
-    safe_name,
-    save_figure,
-    score_task_run,
-    task_argument_names,
-    task_figures,
-    train_or_keep,
-    write_json,
-)
+from .experiments import (THROUGHPUT_NOTE, TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments, check_arguments,
+                          earlier_runs, exit_status, load_runner_file, mean_curve, model_argument_names, pyplot,
+                          run_runner, safe_name, save_figure, score_task_run, task_argument_names, task_figures,
+                          train_or_keep, write_json)
 from .metrics import training_flops_per_token
 from .statistics import RULE as STATISTICS_RULE
 from .statistics import mean_std, welch
@@ -639,4 +622,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    raise SystemExit(exit_status(run_cli(main)))

@@ -23,22 +23,9 @@ from transformers import AutoTokenizer
 
 from .atomic import install, staged
 from .configuration_moe_reason import require
-from .corpus import (
-    FEW_DOCUMENTS,
-    LONG_DOCUMENT,
-    PreparedData,
-    cache_key,
-    cut_long_documents,
-    flat_ids,
-    load_documents,
-    load_or_train_tokenizer,
-    pack,
-    padding_id,
-    source_identity,
-    source_listing,
-    split_documents,
-    tokenize,
-)
+from .corpus import (FEW_DOCUMENTS, LONG_DOCUMENT, PreparedData, cache_key, cut_long_documents, flat_ids,
+                     load_documents, load_or_train_tokenizer, pack, padding_id, source_identity, source_listing,
+                     split_documents, tokenize)
 from .errors import UserError
 from .streaming import prepare_stream
 from .tasks import TaskArguments, formulation_of, make_task, prepare_task_data

@@ -1,7 +1,8 @@
 """User errors: a mistake in what the user gave (an argument, a file, a path), told in one line.
 
 Every command catches them at its entry (`run_cli`) and prints `error: ...` with exit status 2, as argparse
-does for a bad flag; any other exception is a bug and keeps its traceback. An invalid model-config field
+does for a bad flag (a stop asked for with Ctrl-C or SIGTERM: `stopped: ...`, 130); any other exception is a
+bug and keeps its traceback. An invalid model-config field
 raises `ConfigError` from the config file itself (which must import nothing from the package: it travels
 with exported models as remote code); both count as user errors.
 """
@@ -32,3 +33,6 @@ def run_cli(main, argv: list[str] | None = None):
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the runs saved a checkpoint and say how to resume
+        print(f"stopped: {stop}" if str(stop) else "stopped", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None

@@ -41,7 +41,8 @@ from .atomic import write_text
 from .checkpointing import complete_checkpoints
 from .errors import MissingFileError, UserError
 from .evaluate import main as evaluate_main
-from .layout import FINAL, METRICS, RESULTS, TASK_EVAL
+from .layout import FINAL, METRICS, RESULTS, STUDY_LOCK, TASK_EVAL
+from .locks import hold_folder
 from .statistics import mean_std
 from .tasks import TaskArguments
 from .train import TOKENIZER_FIELDS, config_drift, describe_drift, saved_config
@@ -76,22 +77,35 @@ def parse_runner_cli(argv: list[str] | None, arguments_class, usage: str) -> tup
         print(f"{usage}\n\noptions:{parser.format_help().split('options:', 1)[1]}")  # argparse's usage replaced
         raise SystemExit(0)
     if not argv or argv[0].startswith("-"):
-        raise SystemExit(usage)
+        raise UserError(usage)
     path = argv.pop(0)
     (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     return path, args
 
 
 def run_runner(argv: list[str] | None, arguments_class, load, run, usage: str, report=None) -> dict:
-    """A runner's command line: FILE.yaml and its overrides -> load(file, overrides), validated, then run it;
-    or --report OUTPUT_DIR -> report(OUTPUT_DIR), which rebuilds the report from the JSON the runs left."""
+    """A runner's command line: FILE.yaml and its overrides -> load(file, overrides), validated, then run it
+    holding its output folder (a second runner on the same study is refused, naming the first); or --report
+    OUTPUT_DIR -> report(OUTPUT_DIR), which rebuilds the report from the JSON the runs left."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--report"]:
         if len(argv) != 2:
-            raise SystemExit(f"usage: --report OUTPUT_DIR (got {argv[1:]})")
-        return report(Path(argv[1]))
+            raise UserError(f"usage: --report OUTPUT_DIR (got {argv[1:]})")
+        with hold_folder(Path(argv[1]), STUDY_LOCK, STUDY_IN_USE):
+            return report(Path(argv[1]))
     path, args = parse_runner_cli(argv, arguments_class, usage)
-    return run(load(path, args))
+    spec = load(path, args)
+    with hold_folder(spec["output_dir"], STUDY_LOCK, STUDY_IN_USE):
+        return run(spec)
+
+
+STUDY_IN_USE = ("study folder {folder} is in use by another runner ({who}): wait for it to end or stop it (its runs "
+                "resume), or give this one another --output_dir")
+
+
+def exit_status(payload: dict) -> int:
+    """A runner command's exit status: 1 when any of its runs failed (scripts and CI must notice), else 0."""
+    return int(any(r["status"] == "failed" for r in payload.get("runs", [])))
 
 
 class RunBudget:

@@ -12,6 +12,7 @@
                                (+ data_source.json: the local data files then, so a resume names those changed)
       best/  final/            exported models (save_pretrained); a task model's scores: final/eval_task.json
       run.lock, run.lock.json  held by the live run (flock, released by the kernel when it ends), and who it is
+    A runner's output folder (a study) holds its runs' folders, its report, and study.lock(.json), held alike.
 
 A folder being written is NAME.tmp; a checkpoint counts only once its trainer_state.json is in place.
 """
@@ -28,6 +29,7 @@ EMA_WEIGHTS = "ema.safetensors"
 BEST, FINAL = "best", "final"
 TASK_EVAL = "eval_task.json"  # a task model's puzzle scores, written into its export folder by evaluate
 RUN_LOCK, RUN_LOCK_OWNER = "run.lock", "run.lock.json"
+STUDY_LOCK = "study.lock"  # in a runner's output folder: held by the runner working on it (+ study.lock.json)
 DATA_SOURCE = "data_source.json"  # in a checkpoint: the data files as they were ([path, bytes, mtime_ns] each)
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 EXPERT_SHARD = re.compile(r"^expert_shard_(\d+)_of_(\d+)\.safetensors$")

@@ -36,14 +36,8 @@ from torch import nn
 from transformers import initialization as init
 
 from .configuration_recursive import EVAL_HALTING, RecursiveMoEReasonConfig
-from .modeling_moe_reason import (
-    MoEReasonCausalLMOutput,
-    MoEReasonForCausalLM,
-    MoEReasonRMSNorm,
-    expert_load,
-    next_token_loss,
-    next_token_statistics,
-)
+from .modeling_moe_reason import (MoEReasonCausalLMOutput, MoEReasonForCausalLM, MoEReasonRMSNorm, expert_load,
+                                  next_token_loss, next_token_statistics)
 
 
 @dataclass

@@ -28,19 +28,8 @@ from datasets.distributed import split_dataset_by_node
 from transformers import AutoTokenizer
 
 from .atomic import install, staged
-from .corpus import (
-    LOADERS,
-    PreparedData,
-    cache_key,
-    check_text_file_sizes,
-    expand_files,
-    load_or_train_tokenizer,
-    pack,
-    padding_id,
-    source_identity,
-    source_listing,
-    tokenize,
-)
+from .corpus import (LOADERS, PreparedData, cache_key, check_text_file_sizes, expand_files, load_or_train_tokenizer,
+                     pack, padding_id, source_identity, source_listing, tokenize)
 from .errors import UserError
 
 HELD_OUT = "held_out.json"  # in the cache entry: the validation documents' keys, left out of the training stream

@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
-from filelock import FileLock, Timeout
+from filelock import FileLock
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -39,35 +38,17 @@ from transformers.utils import CONFIG_NAME
 
 from .arguments import ARGUMENT_CLASSES, build_config, parse_args, resolve_global_batch
 from .atomic import write_text
-from .checkpointing import (
-    export_model,
-    load_checkpoint,
-    read_trainer_state,
-    resolve_checkpoint,
-    save_checkpoint,
-    unfinished_checkpoints_after,
-)
+from .checkpointing import (export_model, load_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint,
+                            unfinished_checkpoints_after)
 from .corpus import changed_files
 from .data import check_against_model, check_block_fits, collate_blocks, prepare_data
 from .ema import WeightEMA
 from .errors import UserError, run_cli
 from .evaluate import evaluate_model
 from .expert_parallel import make_expert_parallel
-from .layout import (
-    BEST,
-    DATA_SOURCE,
-    EMA_WEIGHTS,
-    FINAL,
-    METRICS,
-    RESULTS,
-    RUN_ARGS,
-    RUN_LOCK,
-    RUN_LOCK_OWNER,
-    STREAM_STATE,
-    complete_checkpoints,
-    run_outputs,
-    stream_state_name,
-)
+from .layout import (BEST, DATA_SOURCE, EMA_WEIGHTS, FINAL, METRICS, RESULTS, RUN_ARGS, RUN_LOCK, STREAM_STATE,
+                     complete_checkpoints, run_outputs, stream_state_name)
+from .locks import hold_folder
 from .lora import add_lora, is_lora, lora_config, merged
 from .metrics import LogWindow, any_nonfinite, measure_peak_flops, training_flops_per_token
 from .modeling_recursive import RecursiveMoEReasonForCausalLM
@@ -181,21 +162,8 @@ def lock_output_dir(out: Path) -> FileLock | None:
     run into the same folder is refused, naming the holder, before it can write or delete anything."""
     if int(os.environ.get("RANK", "0")) != 0:
         return None
-    out.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(out / RUN_LOCK, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        try:
-            holder = json.loads((out / RUN_LOCK_OWNER).read_text())
-            who = f"PID {holder['pid']} on {holder['host']}, started {holder['started']}"
-        except (OSError, ValueError, KeyError):
-            who = "a process that has not said who it is yet"
-        raise UserError(f"output_dir {out} is in use by another run ({who}): wait for it to end, stop it, "
-                        "or train into another --output_dir") from None
-    owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (out / RUN_LOCK_OWNER).write_text(json.dumps(owner))
-    return lock
+    return hold_folder(out, RUN_LOCK, "output_dir {folder} is in use by another run ({who}): wait for it to end, "
+                                      "stop it, or train into another --output_dir")
 
 
 def clear_output_dir(accelerator, args) -> None:

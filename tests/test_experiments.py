@@ -12,7 +12,7 @@ from moe_reason.arguments import build_config, parse_args, to_argv
 from moe_reason.compare import budget_trend, load_comparison, main as compare_main, plan_runs, trend_verdict
 from moe_reason.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.evaluate import main as evaluate_main
-from moe_reason.experiments import RunBudget, RunnerArguments, parse_runner_cli
+from moe_reason.experiments import STUDY_IN_USE, RunBudget, RunnerArguments, exit_status, parse_runner_cli
 from moe_reason.layout import RESULTS, complete_checkpoints
 from moe_reason.metrics import training_flops_per_token
 
@@ -144,6 +144,7 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     assert "ln(vocab) = 5.768" in summary and "± " in summary and "broken" in summary
     assert "Throughput: tokens/s and wall time are each run's training loop over all its starts" in summary
     assert payload["ranking"] == results["ranking"]
+    assert exit_status(payload) == 1  # the command exits 1: a script or CI notices the failed runs
 
     capsys.readouterr()
     ablate_main([str(tmp_path / "grid.yaml"), "--output_dir", str(out)])  # restarted: finished runs are skipped
@@ -452,3 +453,26 @@ def test_evaluate_refuses_a_halting_mode_for_a_model_that_does_not_halt(tmp_path
     tiny_model().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="--eval_halting q_head: .* is not a recursive model"):
         evaluate_main(["--model_path", str(tmp_path), "--eval_halting", "q_head"])
+
+
+def test_a_second_runner_on_the_same_study_is_refused_naming_the_first(tmp_path):
+    """Two identical commands at once: the second stops before any run (it once reported the first's live runs
+    as failed), and says who holds the study."""
+    import os
+    import subprocess
+    import sys
+
+    from moe_reason.layout import STUDY_LOCK
+    from moe_reason.locks import hold_folder
+
+    from conftest import clean_env
+    spec = {"seeds": [0], "base": {"model_preset": "debug", "max_steps": 1},
+            "variants": {"a": {}, "b": {"learning_rate": 1e-4}}}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "study"
+    with hold_folder(out, STUDY_LOCK, STUDY_IN_USE):
+        result = subprocess.run([sys.executable, "-m", "moe_reason.ablate", str(tmp_path / "g.yaml"), "--output_dir",
+                                 str(out)], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"error: study folder {out} is in use by another runner (PID {os.getpid()} on" in result.stderr
+    assert not (out / "results.json").exists() and not (out / "a").exists()  # nothing started
