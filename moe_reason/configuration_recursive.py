@@ -16,8 +16,9 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
         halt_max_steps (`int`): most supervision steps (deep supervision) per example.
         halt_exploration_prob (`float`): in training, chance that an example must run a random minimum
             number of steps in [2, halt_max_steps] before the Q-head may halt it (HRM/TRM exploration).
-        use_act (`bool`): adaptive computation time: the Q-head halts examples early. Without it
-            every example runs exactly `halt_max_steps` supervision steps.
+        use_act (`bool`): adaptive computation time: a Q-head learns when to halt and halts examples
+            early. Without it the model has no Q-head and no halting loss, and every example runs exactly
+            `halt_max_steps` supervision steps, in training and at evaluation.
         recursion_gradient (`str`): `"last_cycle"`: backprop through the whole last H cycle
             (its l_cycles + 1 passes, TRM's choice); `"one_step"`: only the last L pass and the H
             pass (HRM's one-step approximation). Earlier passes always run without gradient.

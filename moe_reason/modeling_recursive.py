@@ -126,7 +126,8 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
     def __init__(self, config: RecursiveMoEReasonConfig):
         super().__init__(config)
         self.z_init = LatentInit(config.hidden_size)
-        self.q_head = HaltingHead(config.hidden_size, 1)
+        # without ACT there is nothing to halt: no Q-head, no halting loss, every supervision step runs
+        self.q_head = HaltingHead(config.hidden_size, 1) if config.use_act else None
         self.input_norm = MoEReasonRMSNorm(config.hidden_size, config.rms_norm_eps) if config.input_norm else None
         self.post_init()
 
@@ -233,13 +234,15 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
             mask_rows = rows_of(mask, rows)
             z_H, z_L, step_passes = self.supervision_step(x_rows, z_H, z_L, pe, mask_rows, m_rows)
             passes += step_passes
-            q = self.q_head((z_H * m_rows[..., None]).sum(1) / m_rows.sum(1, keepdim=True).clamp(min=1)).squeeze(-1)
+            q = None if self.q_head is None else self.q_head(
+                (z_H * m_rows[..., None]).sum(1) / m_rows.sum(1, keepdim=True).clamp(min=1)).squeeze(-1)  # [b]
             steps[rows] = step
-            halt = torch.full_like(q, step == max_steps, dtype=torch.bool)
+            halt = torch.full((len(rows),), step == max_steps, dtype=torch.bool, device=x.device)
             logits, stats, lm_term = self.predict(z_H, rows_of(labels, rows), logits_to_keep)
             if stats is not None:
                 lm_sum, pairs = lm_sum + lm_term, pairs + len(rows)
-                halting.observe(q, stats)
+                if q is not None:
+                    halting.observe(q, stats)
             if halt_by_q:
                 halt = halt | ((q.detach() > 0) & (step >= min_steps[rows]))
             finished.append((rows[halt], None if logits is None else logits[halt],
@@ -257,7 +260,7 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         lm_loss = loss = act_loss = None
         if labels is not None:
             lm_loss = final_stats[:, 0].sum() / final_stats[:, 1].sum().clamp(min=1)  # token mean, as the base's
-            act_loss = halting.sum / pairs
+            act_loss = halting.sum / pairs if cfg.use_act else None
             loss = self.combine_losses((lm_sum + cfg.act_loss_coef * halting.sum) / pairs, aux, z_loss) + ghost_term
         if logits_to_keep and final_logits is not None and labels is not None:
             final_logits = final_logits[:, -logits_to_keep:]
@@ -322,7 +325,8 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         """Repeat one supervision step on a detached copy of the last example's state -> a zero loss term
         that still reaches the LM head and Q-head, so their parameters take part as on the other ranks."""
         z_H, _, _ = self.supervision_step(*ghost)
-        return 0.0 * (self.lm_head(z_H).float().sum() + self.q_head(z_H).float().sum())
+        q_term = 0.0 if self.q_head is None else self.q_head(z_H).float().sum()
+        return 0.0 * (self.lm_head(z_H).float().sum() + q_term)
 
     def any_rank_running(self, local: bool, device) -> bool:
         """Whether any rank still has examples running (one small all-reduce per step in distributed training,

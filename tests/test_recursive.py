@@ -30,6 +30,23 @@ def fit(model, batch, steps: int, lr: float):
     return out
 
 
+def test_without_act_there_is_no_q_head_no_halting_loss_and_every_step_runs():
+    """use_act=False means it: nothing halts (even towards "accuracy", which halts in training with ACT), the
+    loss is the LM loss and the router terms only, and there is no Q-head to train (it once was trained)."""
+    torch.manual_seed(0)
+    model = recursive(use_act=False, halt_max_steps=3, halt_target="accuracy", router_aux_loss_coef=0.0).train()
+    assert model.q_head is None and not any("q_head" in name for name, _ in model.named_parameters())
+    ids = random_ids(4, 16)
+    out = model(ids, labels=ids)
+    assert out.recursion_steps.tolist() == [3.0] * 4 and out.act_loss is None and "act_loss" not in \
+        out.training_metrics
+    # the loss is each supervision step's LM loss, averaged: nothing else
+    steps = [model(ids, labels=ids, halt_max_steps=k).lm_loss for k in (1, 2, 3)]
+    assert torch.allclose(out.loss, sum(steps) / 3, atol=1e-5), (out.loss, steps)
+    with_act = recursive(use_act=True, halt_max_steps=3, halt_target="accuracy").train()
+    assert with_act.q_head is not None and with_act(ids, labels=ids).act_loss is not None
+
+
 def test_one_cycle_without_act_is_the_base_model_applied_twice():
     """h_cycles = l_cycles = 1, no ACT, initial states 0 (their init): z_L = f(x) is the base model's final
     hidden state, and z_H = f(z_L), so logits = base(inputs_embeds=base hidden state)."""
