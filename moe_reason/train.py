@@ -244,15 +244,6 @@ def configure_device(accelerator, args) -> None:
         reconcile_deepspeed_config(accelerator, args)
 
 
-def check_model_under_zero(model_type: str, stage: int | None) -> None:
-    """The recursive model runs its shared decoder stack several times with gradient in one backward;
-    ZeRO-3 partitions each parameter's gradient as its hook fires, once (DeepSpeed asserts at step 1)."""
-    if model_type == "recursive" and stage == 3:
-        raise UserError("the recursive model does not train under DeepSpeed ZeRO-3: its shared decoder stack is "
-                        "used several times in each backward, and ZeRO-3 reduces a parameter's gradient once. Use "
-                        "ZeRO-2 (--config_file accelerate_configs/deepspeed_zero2.yaml), ZeRO-1, or plain DDP")
-
-
 def zero_stage(accelerator) -> int | None:
     """The DeepSpeed ZeRO stage, or None without DeepSpeed."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
@@ -310,10 +301,15 @@ def build_model(model_args, args, data, accelerator, expert_parallel):
         accelerator.print(described)
     if model_args.lora_rank:
         model = add_lora(model, lora_config(model_args.lora_rank, model_args.lora_alpha))
-    if zero_stage(accelerator) == 3:
-        # ZeRO-3 gathers a module's parameters when its forward starts; an expert that gets no
-        # tokens on one rank would skip that gather and hang the others, so the whole MoE block is one
-        # leaf. (Imported here: a run without DeepSpeed need not pay for importing it.)
+    if zero_stage(accelerator) == 3 and not isinstance(model, RecursiveMoEReasonForCausalLM):
+        # ZeRO-3 gathers a module's parameters when its forward starts; the MoE block is one leaf, gathered
+        # whole, so no rank's routing can change which of its parameters are gathered. Not in the recursive
+        # model: a leaf's gradients are reduced by a backward hook that fires at each call, and the recursion
+        # calls the block once per pass, so DeepSpeed would reduce the same gradients several times (it asserts
+        # in stage3.py, __reduce_and_partition_ipg_grads). Unregistered, each parameter's gradient is reduced
+        # once, after the backward of every pass (its accumulation hook); the experts are one module, called in
+        # every pass whatever the routing, and halting keeps the ranks' calls in step (see the recursive
+        # model's ghost steps). (Imported here: a run without DeepSpeed need not pay for importing it.)
         from deepspeed.utils import set_z3_leaf_modules
         set_z3_leaf_modules(model, [type(model.model.layers[0].mlp)])
     return model, config
@@ -458,7 +454,6 @@ class Trainer:
         self.accelerator = accelerator = make_accelerator(args)
         configure_device(accelerator, args)
         self.is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-        check_model_under_zero(self.model_args.model_type, zero_stage(accelerator))
         for flag, used in (("--ema_decay", args.ema_decay), ("--lora_rank", self.model_args.lora_rank)):
             if used and (zero_stage(accelerator) == 3 or args.expert_parallel_size > 1):
                 raise UserError(f"{flag} needs every rank to hold the whole model: not with ZeRO-3 or "

@@ -186,8 +186,8 @@ def test_task_file_reads_text_and_csv_and_names_a_malformed_line(tmp_path):
     with pytest.raises(ValueError, match="line 1: no puzzle column"):
         read_sudoku_file(tmp_path / "cols.csv")
     # a given solution must be one: scored as the reference otherwise
-    clue_broken = ("3" + SOLVED[1:], "line 2: the solution is not one \\(it changes 1 of the puzzle's clues\\)")
-    not_a_grid = (SOLVED[0] + "1" + SOLVED[2:], "line 2: the solution is not one \\(it breaks a row, column or box rule\\)")
+    clue_broken = ("3" + SOLVED[1:], r"line 2: the solution is not one \(it changes 1 of the puzzle's clues\)")
+    not_a_grid = (SOLVED[0] + "1" + SOLVED[2:], r"line 2: the solution is not one \(it breaks a row, column or box")
     for solution, error in (clue_broken, not_a_grid):
         (tmp_path / "wrong.txt").write_text(f"# header\n4..31.4224..3...,{solution}\n")
         with pytest.raises(ValueError, match=error):
