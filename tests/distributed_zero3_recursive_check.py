@@ -20,7 +20,8 @@ from deepspeed.utils import safe_get_full_grad
 
 from moe_reason import RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
 
-DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
+DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+             "zero_allow_untested_optimizer": True,
              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
 
 
