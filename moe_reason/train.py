@@ -14,6 +14,7 @@ Expert parallelism is one object built at set-up (`make_expert_parallel`), a no-
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -559,6 +560,18 @@ class Trainer:
         accelerator.init_trackers("tensorboard", config=hparams)
         self.window = LogWindow(self.expert_parallel.rows_per_layer)
 
+    def end(self) -> None:
+        """Tear down in order, every rank together: the model, optimizer (DeepSpeed's engine, its CPU optimizer and
+        partitioned parameters) and loaders are released while the process group still lives, then the trackers
+        end and the process group goes. Left to the interpreter's exit, DeepSpeed's objects were destroyed after
+        the group, and a finished ZeRO-3 offload rank could abort (`terminate called without an active
+        exception`), failing a job that had succeeded."""
+        self.accelerator.wait_for_everyone()
+        self.model = self.optimizer = self.train_loader = self.eval_loader = self.ema = None
+        self.accelerator.free_memory()
+        gc.collect()
+        self.accelerator.end_training()
+
     def close(self) -> None:
         """Release the output folder (a run in this process may train into it next)."""
         if getattr(self, "lock", None) is not None:
@@ -752,7 +765,7 @@ class Trainer:
                 (i == 0 or words[i - 1] != "--resume_from_checkpoint")]
         self.accelerator.print(f"stopped at step {step}; checkpoint saved in {self.out}/checkpoint-{step}. Resume "
                                f"with:\n  accelerate launch train.py {' '.join(kept)} --resume_from_checkpoint latest")
-        self.accelerator.end_training()
+        self.end()
         return {"stopped_at": step, "output_dir": str(self.out)}
 
     def finish(self) -> dict:
@@ -782,7 +795,7 @@ class Trainer:
             elif args.sample_tokens:
                 self.accelerator.print("sample:\n" + print_sample(self.out / FINAL, args.sample_prompt,
                                                                   args.sample_tokens))
-        self.accelerator.end_training()
+        self.end()
         return results
 
 
