@@ -17,8 +17,8 @@ import time
 import torch
 
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM
-from moe_reason.corpus import stdlib_files
-from moe_reason.data import DataArguments, collate_blocks, prepare_data
+from moe_reason.data.corpus import stdlib_files
+from moe_reason.data.prepare import DataArguments, collate_blocks, prepare_data
 from timing import time_rounds, training_step
 
 

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, HfArgumentParser
 
 import moe_reason  # noqa: F401  (registers the Auto classes)
-from moe_reason.data import DataArguments, prepare_data
-from moe_reason.modeling_moe_reason import next_token_statistics
+from moe_reason.data.prepare import DataArguments, prepare_data
+from moe_reason.models.modeling_moe_reason import next_token_statistics
 from moe_reason.safe_loading import from_pretrained
 
 

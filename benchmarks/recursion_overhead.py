@@ -18,7 +18,7 @@ import statistics
 import torch
 
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
-from moe_reason.metrics import training_flops_per_token
+from moe_reason.training.metrics import training_flops_per_token
 from timing import time_rounds, training_step
 
 

@@ -18,8 +18,8 @@ import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM
-from moe_reason.convert import to_mixtral
-from moe_reason.metrics import measure_peak_flops, training_flops_per_token
+from moe_reason.models.convert import to_mixtral
+from moe_reason.training.metrics import measure_peak_flops, training_flops_per_token
 from timing import time_rounds, training_step
 
 

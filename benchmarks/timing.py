@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from moe_reason.optim import fused_adamw
+from moe_reason.training.optim import fused_adamw
 
 
 def training_step(model, ids: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32,

@@ -7,10 +7,10 @@ marks them for `register_for_auto_class` so a saved folder also loads with
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_moe_reason import PRESETS, MoEReasonConfig
-from .configuration_recursive import RecursiveMoEReasonConfig
-from .modeling_moe_reason import MoEReasonForCausalLM, MoEReasonModel, MoEReasonPreTrainedModel
-from .modeling_recursive import RecursiveMoEReasonForCausalLM
+from .models.configuration_moe_reason import PRESETS, MoEReasonConfig
+from .models.configuration_recursive import RecursiveMoEReasonConfig
+from .models.modeling_moe_reason import MoEReasonForCausalLM, MoEReasonModel, MoEReasonPreTrainedModel
+from .models.modeling_recursive import RecursiveMoEReasonForCausalLM
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,7 @@ with exported models as remote code); both count as user errors.
 import os
 import sys
 
-from .configuration_moe_reason import ConfigError
+from .models.configuration_moe_reason import ConfigError
 
 
 class UserError(ValueError):

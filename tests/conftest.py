@@ -129,11 +129,11 @@ def eval_records(output_dir) -> list[dict]:
 
 
 def assert_export_cli_matches_final(output_dir) -> None:
-    """`python -m moe_reason.export` on the run's newest checkpoint writes what the trainer exported to final/
+    """`moe-reason-export` on the run's newest checkpoint writes what the trainer exported to final/
     at that step: the same weights (so the same logits), config and tokenizer."""
     from safetensors.torch import load_file
 
-    from moe_reason.export import main as export_main
+    from moe_reason.training.export import main as export_main
     from moe_reason.layout import complete_checkpoints
 
     output_dir = Path(output_dir)

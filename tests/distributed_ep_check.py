@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 
 from moe_reason import MoEReasonConfig, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
-from moe_reason.sharded_experts import (ExpertParallelExperts, full_state_dict, load_shards, save_shards,
-                                        shard_experts)
-from moe_reason.modeling_moe_reason import MoEReasonSparseMoeBlock
+from moe_reason.parallel.sharded_experts import (ExpertParallelExperts, full_state_dict, load_shards, save_shards,
+                                                 shard_experts)
+from moe_reason.models.modeling_moe_reason import MoEReasonSparseMoeBlock
 
 
 class Holder(torch.nn.Module):

@@ -67,7 +67,8 @@ def test_every_preset_builds_and_round_trips(tmp_path):
         assert MoEReasonConfig.from_pretrained(tmp_path / name).to_dict() == c.to_dict()
 
 
-@pytest.mark.parametrize("module", ["train", "evaluate", "generate", "prepare_data", "ablate", "compare"])
+@pytest.mark.parametrize("module", ["training.trainer", "evaluation.evaluate", "evaluation.generate",
+                                    "data.prepare_data", "runners.ablate", "runners.compare", "training.export"])
 def test_every_command_prints_its_help(module, capsys):
     """argparse %-formats every help text: one stray percent sign made `train.py --help` crash."""
     main = importlib.import_module(f"moe_reason.{module}").main

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from moe_reason.convert import from_mixtral, to_mixtral
+from moe_reason.models.convert import from_mixtral, to_mixtral
 
 from conftest import random_ids, tiny_model
 

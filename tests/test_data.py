@@ -9,10 +9,11 @@ from accelerate.data_loader import BatchSamplerShard
 from transformers import AutoTokenizer
 
 from moe_reason import MoEReasonConfig
-from moe_reason import data as data_module
+from moe_reason.data import prepare as data_module
 from conftest import write_corpus
-from moe_reason.corpus import cut_text, load_documents, pack, split_documents, stdlib_files
-from moe_reason.data import DataArguments, EpochSampler, check_against_model, prepare_data
+from moe_reason.data.corpus import cut_text, load_documents, pack, split_documents, stdlib_files
+from moe_reason.data.prepare import DataArguments, EpochSampler, check_against_model, prepare_data
+from moe_reason.errors import UserError
 
 
 def args_for(tmp_path, corpus, **overrides):
@@ -160,14 +161,14 @@ def test_invalid_data_arguments(field, value):
 
 def test_unreachable_hub_dataset_fails_fast_with_a_way_out(tmp_path):
     start = time.perf_counter()
-    with pytest.raises(RuntimeError, match="(?s)could not load Hub dataset.*--data_files"):
+    with pytest.raises(UserError, match="(?s)could not load Hub dataset.*--data_files"):
         prepare_data(DataArguments(dataset_name="nobody/no-such-corpus", data_cache_dir=str(tmp_path)),
                      log=lambda _: None)
     assert time.perf_counter() - start < 30  # offline mode answers at once; no 50 s of retries
 
 
 def test_prepare_data_cli_prints_a_json_summary(tmp_path, capsys):
-    from moe_reason.prepare_data import main
+    from moe_reason.data.prepare_data import main
     corpus = write_corpus(tmp_path)
     main(["--data_files", str(corpus), "--data_cache_dir", str(tmp_path / "c"), "--tokenizer_vocab_size", "320",
           "--block_size", "16", "--validation_documents", "4", "--preprocessing_num_workers", "1"])

@@ -7,14 +7,14 @@ import warnings
 import pytest
 import yaml
 
-from moe_reason.ablate import AblateArguments, load_grid, main as ablate_main, plot as ablate_plot
-from moe_reason.arguments import build_config, parse_args, to_argv
-from moe_reason.compare import budget_trend, load_comparison, main as compare_main, plan_runs, trend_verdict
-from moe_reason.configuration_recursive import RecursiveMoEReasonConfig
-from moe_reason.evaluate import main as evaluate_main
-from moe_reason.experiments import STUDY_IN_USE, RunBudget, RunnerArguments, exit_status, parse_runner_cli
+from moe_reason.runners.ablate import AblateArguments, load_grid, main as ablate_main, plot as ablate_plot
+from moe_reason.training.arguments import arguments_from, build_config, parse_args
+from moe_reason.runners.compare import budget_trend, load_comparison, main as compare_main, plan_runs, trend_verdict
+from moe_reason.models.configuration_recursive import RecursiveMoEReasonConfig
+from moe_reason.evaluation.evaluate import main as evaluate_main
+from moe_reason.runners.engine import STUDY_IN_USE, RunBudget, RunnerArguments, exit_status, parse_runner_cli
 from moe_reason.layout import RESULTS, complete_checkpoints
-from moe_reason.metrics import training_flops_per_token
+from moe_reason.training.metrics import training_flops_per_token
 
 from conftest import REPO, eval_records, launch, tiny_model, train_args, write_corpus
 
@@ -62,7 +62,7 @@ def test_shipped_experiment_parses_and_every_variant_builds_a_valid_config(path)
         cmp = load_comparison(path)
         runs = [{**cmp["base"], **arm} for arm in cmp["arms"].values()]
     for values in runs:
-        model_args, _, train_args = parse_args(to_argv(values))
+        model_args, _, train_args = arguments_from(values)
         build_config(model_args, vocab_size=49152).check()  # raises on any invalid field
         assert train_args.max_steps >= 1
     if path.stem.startswith("exp8_ablations"):  # the seeds' fifteen, by their numbers, #2 and #12 recursive
@@ -74,7 +74,7 @@ def test_shipped_experiment_parses_and_every_variant_builds_a_valid_config(path)
         assert grid["variants"]["12_recursive_low_lr"]["learning_rate"] == 1e-4
         assert grid["variants"]["two_experts"]["num_experts"] == 2 and grid["base"]["lr_scheduler"] == "seeds_linear"
         small = {**grid["base"], **grid["variants"]["07_small_model"]}
-        config = build_config(parse_args(to_argv(small))[0])
+        config = build_config(arguments_from(small)[0])
         assert config.intermediate_size == 4 * config.hidden_size  # the original kept 2048 at width 256
     if path.stem.startswith("exp8_reasoning_ablations"):  # the seeds' 15 around their defaults, + R16 (+ R17 offline)
         assert len(grid["variants"]) == (17 if path.stem.endswith("_offline") else 16)
@@ -471,8 +471,9 @@ def test_a_second_runner_on_the_same_study_is_refused_naming_the_first(tmp_path)
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "study"
     with hold_folder(out, STUDY_LOCK, STUDY_IN_USE):
-        result = subprocess.run([sys.executable, "-m", "moe_reason.ablate", str(tmp_path / "g.yaml"), "--output_dir",
-                                 str(out)], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+        result = subprocess.run([sys.executable, "-m", "moe_reason.runners.ablate", str(tmp_path / "g.yaml"),
+                                 "--output_dir", str(out)], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                                timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"error: study folder {out} is in use by another runner (PID {os.getpid()} on" in result.stderr
     assert not (out / "results.json").exists() and not (out / "a").exists()  # nothing started

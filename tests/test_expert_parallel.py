@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moe_reason.expert_parallel import check_layout
+from moe_reason.parallel.expert_parallel import check_layout
 
 from conftest import (REPO, assert_export_cli_matches_final, clean_env, eval_records, launch, read_metrics, train_args,
                       train_losses, write_corpus)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_reason import chunked_loss
-from moe_reason.chunked_loss import linear_cross_entropy
-from moe_reason.expert_kernels import expert_activation
+from moe_reason.models.chunked_loss import linear_cross_entropy
+from moe_reason.models.expert_kernels import expert_activation
 
 from conftest import assert_training_path_equals_eval_path, random_ids, tiny_model
 

@@ -1,4 +1,4 @@
-"""`python -m moe_reason.generate`: streamed text from a prompt, stdin or an interactive loop, and a task
+"""`moe-reason-generate`: streamed text from a prompt, stdin or an interactive loop, and a task
 model's answer as a grid."""
 
 import io
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM
-from moe_reason.generate import main as generate_main
-from moe_reason.tasks import GridFormulation, PromptFormulation, SudokuTask, task_tokenizer
+from moe_reason.evaluation.generate import main as generate_main
+from moe_reason.tasks.puzzles import GridFormulation, PromptFormulation, SudokuTask, task_tokenizer
 
 PUZZLE = "4..31.4224..3..."
 
@@ -60,7 +60,7 @@ def test_lm_eval_harness_scores_an_export_on_a_task_of_local_files(tmp_path):
     import json
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from moe_reason.evaluate import main as evaluate_main
+    from moe_reason.evaluation.evaluate import main as evaluate_main
 
     words = ["<eos>", "the", "sky", "is", "blue", "green", "grass", "red", "?"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
-from moe_reason.expert_kernels import _grouped_mm_supported, grouped_mm
+from moe_reason.models.expert_kernels import _grouped_mm_supported, grouped_mm
 
 from conftest import launch, train_args, train_losses, write_corpus
 

@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from moe_reason import MoEReasonForCausalLM
-from moe_reason.configuration_recursive import RecursiveMoEReasonConfig
-from moe_reason.lora import add_lora, lora_config, merged
-from moe_reason.modeling_recursive import RecursiveMoEReasonForCausalLM
+from moe_reason.models.configuration_recursive import RecursiveMoEReasonConfig
+from moe_reason.training.lora import add_lora, lora_config, merged
+from moe_reason.models.modeling_recursive import RecursiveMoEReasonForCausalLM
 
 from conftest import (assert_export_cli_matches_final, main_cases, random_ids, tiny_model, train_args, train_losses,
                       write_corpus)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from moe_reason.expert_kernels import _grouped_mm_supported, grouped_mm
-from moe_reason.modeling_moe_reason import load_balancing_loss, router_z_loss
+from moe_reason.models.expert_kernels import _grouped_mm_supported, grouped_mm
+from moe_reason.models.modeling_moe_reason import load_balancing_loss, router_z_loss
 
 from conftest import random_ids, tiny_model
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from moe_reason.arguments import TrainingArguments
-from moe_reason.lora import add_lora, lora_config
-from moe_reason.optim import lr_multiplier, make_optimizer_and_scheduler, parameter_groups
+from moe_reason.training.arguments import TrainingArguments
+from moe_reason.training.lora import add_lora, lora_config
+from moe_reason.training.optim import lr_multiplier, make_optimizer_and_scheduler, parameter_groups
 
 from conftest import tiny_model
 
@@ -101,7 +101,7 @@ def test_fused_adamw_on_cpu_steps_like_the_default_implementation():
 
 
 def test_global_batch_size_sets_accumulation_or_is_refused():
-    from moe_reason.arguments import resolve_global_batch
+    from moe_reason.training.arguments import resolve_global_batch
     args = TrainingArguments(per_device_train_batch_size=4, global_batch_size=32)
     resolve_global_batch(args, world_size=2)
     assert args.gradient_accumulation_steps == 4

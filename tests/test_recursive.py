@@ -8,10 +8,10 @@ from datasets import load_from_disk
 from transformers import AutoModelForCausalLM
 
 from moe_reason import MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
-from moe_reason.modeling_recursive import HaltingLoss
+from moe_reason.models.modeling_recursive import HaltingLoss
 
-from conftest import (assert_training_path_equals_eval_path, launch, random_ids, read_metrics, train_args,
-                      train_losses, write_corpus)
+from conftest import (assert_training_path_equals_eval_path, launch, random_ids, read_metrics, train_args, train_losses,
+                      write_corpus)
 
 
 def recursive(**overrides) -> RecursiveMoEReasonForCausalLM:

@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM
-from moe_reason.arguments import TrainingArguments
-from moe_reason.corpus import MAX_PIECE
-from moe_reason.data import DataArguments, prepare_data
-from moe_reason.evaluate import main as evaluate_main
+from moe_reason.training.arguments import TrainingArguments
+from moe_reason.data.corpus import MAX_PIECE
+from moe_reason.data.prepare import DataArguments, prepare_data
+from moe_reason.evaluation.evaluate import main as evaluate_main
 from moe_reason.layout import RUN_LOCK_OWNER, complete_checkpoints
 from moe_reason.safe_loading import damaged_files, deepspeed_globals, deepspeed_weights_only
-from moe_reason.tasks import GridFormulation
+from moe_reason.tasks.puzzles import GridFormulation
 
 from conftest import REPO, clean_env, launch, main_cases, read_metrics, train_args, train_losses, write_corpus
 from test_generate import save_tiny
@@ -255,8 +255,8 @@ def test_a_megabyte_line_without_white_space_trains_the_tokenizer_in_bounded_pie
 
 
 def export_cli(*argv) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moe_reason.export", *map(str, argv)], cwd=REPO, env=clean_env(),
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run([sys.executable, "-m", "moe_reason.training.export", *map(str, argv)], cwd=REPO,
+                          env=clean_env(), capture_output=True, text=True, timeout=180)
 
 
 def listing(folder) -> dict:
@@ -329,22 +329,22 @@ def test_every_command_tells_a_user_error_in_one_line_without_a_traceback(tmp_pa
         (train + ["--num_experts", "0"], "MoEReasonConfig.num_experts=0 is invalid"),
         (train + ["--block_size", "0"], "DataArguments.block_size=0 is invalid"),
         (train + ["--block_size", "100000"], "block_size=100000 is larger than the model's max_position_embeddings"),
-        (["-m", "moe_reason.generate", "--model_path", str(tmp_path / "nowhere"), "--prompt", "x"],
+        (["-m", "moe_reason.evaluation.generate", "--model_path", str(tmp_path / "nowhere"), "--prompt", "x"],
          f"--model_path {tmp_path / 'nowhere'}: no config.json there"),
-        (["-m", "moe_reason.export", str(truncated), str(tmp_path / "e")],
+        (["-m", "moe_reason.training.export", str(truncated), str(tmp_path / "e")],
          "model.safetensors is damaged or truncated"),
-        (["-m", "moe_reason.evaluate", "--model_path", str(save_tiny(tmp_path / "grid", GridFormulation(), {
+        (["-m", "moe_reason.evaluation.evaluate", "--model_path", str(save_tiny(tmp_path / "grid", GridFormulation(), {
             "task": "sudoku", "task_size": 4, "sudoku_blanks": 8})), "--task_file", str(tmp_path / "huge.csv")],
          "huge.csv line 2: field larger than field limit"),
-        (["-m", "moe_reason.compare", str(tmp_path / "missing.yaml")], "comparison file not found"),
-        (["-m", "moe_reason.ablate", str(tmp_path / "missing.yaml")], "grid file not found"),
+        (["-m", "moe_reason.runners.compare", str(tmp_path / "missing.yaml")], "comparison file not found"),
+        (["-m", "moe_reason.runners.ablate", str(tmp_path / "missing.yaml")], "grid file not found"),
     ]
     for args, message in cases:
         result = cli(args)
         assert result.returncode == 2, (args, result.returncode, result.stderr[-2000:])
         assert "Traceback" not in result.stderr and message in result.stderr, (args, result.stderr[-2000:])
         assert [line for line in result.stderr.splitlines() if line.startswith("error: ")], result.stderr[-500:]
-    closed = cli(["-m", "moe_reason.generate", "--model_path", str(out / "final")], close_stdin=True)
+    closed = cli(["-m", "moe_reason.evaluation.generate", "--model_path", str(out / "final")], close_stdin=True)
     assert closed.returncode == 2 and "Traceback" not in closed.stderr
     assert "error: no prompt: give --prompt TEXT (standard input, where a prompt is read otherwise, is closed)" \
         in closed.stderr

@@ -7,7 +7,7 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils.deepspeed import HfDeepSpeedConfig
 
-from moe_reason.arguments import parse_args
+from moe_reason.training.arguments import parse_args
 
 from conftest import REPO
 

@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from moe_reason.arguments import parse_args
-from moe_reason.data import collate_blocks, prepare_data
+from moe_reason.training.arguments import parse_args
+from moe_reason.data.prepare import collate_blocks, prepare_data
 from moe_reason.layout import stream_state_name
-from moe_reason.train import read_stream_state
+from moe_reason.training.trainer import read_stream_state
 
 from conftest import launch, main_cases, train_args, train_losses
 

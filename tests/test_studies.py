@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from moe_reason.compare import load_comparison, plan_runs
-from moe_reason.data import DataArguments
-from moe_reason.plateau import plateaued
-from moe_reason.statistics import holm, welch
-from moe_reason.tasks import SudokuTask, TaskArguments, generate_splits
+from moe_reason.runners.compare import load_comparison, plan_runs
+from moe_reason.data.prepare import DataArguments
+from moe_reason.training.plateau import plateaued
+from moe_reason.runners.statistics import holm, welch
+from moe_reason.tasks.puzzles import SudokuTask, TaskArguments, generate_splits
 
 from conftest import main_cases, train_args, write_corpus
 

@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from moe_reason.checkpointing import complete_checkpoints, save_checkpoint
-from moe_reason.data import DataArguments, collate_blocks, prepare_data
-from moe_reason.metrics import summarise_eval
-from moe_reason.modeling_moe_reason import next_token_statistics
+from moe_reason.training.checkpointing import complete_checkpoints, save_checkpoint
+from moe_reason.data.prepare import DataArguments, collate_blocks, prepare_data
+from moe_reason.evaluation.loss import summarise_eval
+from moe_reason.models.modeling_moe_reason import next_token_statistics
 
-from conftest import (REPO, assert_export_cli_matches_final, clean_env, eval_records, launch, main_cases,
-                      read_metrics, train_args, train_losses, write_corpus)
+from conftest import (REPO, assert_export_cli_matches_final, clean_env, eval_records, launch, main_cases, read_metrics,
+                      train_args, train_losses, write_corpus)
 
 pytestmark = pytest.mark.slow
 
@@ -168,7 +168,7 @@ def assert_zero_run_learned_and_exported_its_gathered_weights(out, tmp_path, cor
 def test_log_window_averages_losses_and_recursion_metrics_over_processes():
     """The logged recursion metrics are the mean over processes, as the losses are, not rank 0's."""
     from types import SimpleNamespace
-    from moe_reason.metrics import LogWindow
+    from moe_reason.training.metrics import LogWindow
 
     class TwoRanks:  # stands in for a 2-process Accelerator whose other rank saw 3x our values
         device, num_processes = torch.device("cpu"), 2

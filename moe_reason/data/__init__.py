@@ -1,0 +1,1 @@
+"""Text data: documents, tokenizer, train/validation split, packing, the cache, streaming."""

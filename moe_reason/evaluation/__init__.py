@@ -1,0 +1,1 @@
+"""Evaluation of exported models: loss, puzzles, lm-eval, and generation."""

@@ -1,0 +1,46 @@
+"""Loss, perplexity, token accuracy and exact match of a model on batches: what the trainer's evaluation and
+the evaluate command both report."""
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models.modeling_moe_reason import next_token_statistics
+
+
+def summarise_eval(stats: torch.Tensor, vocab_size: int) -> dict[str, float]:
+    """Per-sequence [N, 3] statistics -> loss, perplexity, token accuracy, exact match (the share of
+    sequences with every labelled token right: a puzzle solved), tokens, ln(vocab)."""
+    nll, tokens, correct = stats.double().sum(0).tolist()
+    loss = nll / max(tokens, 1.0)
+    labelled = stats[:, 1] > 0
+    exact = float((stats[labelled, 2] == stats[labelled, 1]).double().mean()) if labelled.any() else 0.0
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct / max(tokens, 1.0),
+            "exact_match": exact, "tokens": int(tokens), "ln_vocab": math.log(vocab_size)}
+
+
+@torch.no_grad()
+def evaluate_model(model, batches, config, gather=lambda t: t, progress: bool = False) -> dict:
+    """Loss, perplexity, accuracy, exact match (and recursion steps) over `batches`; `gather` joins ranks' tensors.
+
+    `model` may be wrapped (DDP, a DeepSpeed engine), so its config is passed in.
+    Statistics are computed from fp32 logits and summed in float64, never in bf16.
+    """
+    was_training = model.training
+    model.eval()
+    stats, recursion_steps = [], []
+    for batch in tqdm(batches, desc="evaluating", disable=not progress, dynamic_ncols=True):
+        out = model(input_ids=batch["input_ids"], use_cache=False)
+        stats.append(gather(next_token_statistics(out.logits, batch["labels"], not config.bidirectional,
+                                                  config.stablemax_loss)))
+        if getattr(out, "recursion_steps", None) is not None:
+            recursion_steps.append(gather(out.recursion_steps.float().reshape(-1)))
+    model.train(was_training)
+    result = summarise_eval(torch.cat(stats), config.vocab_size)
+    if recursion_steps:
+        steps = torch.cat(recursion_steps)
+        result.update(recursion_steps=float(steps.mean()),
+                      halt_rate=float((steps < config.halt_max_steps).float().mean()))
+    return result
+

@@ -1,0 +1,1 @@
+"""Expert parallelism: the experts of each MoE layer split over ranks (DeepSpeed's groups)."""

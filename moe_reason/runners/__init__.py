@@ -1,0 +1,1 @@
+"""Studies: the ablation and comparison runners, their run records, statistics and reports."""

@@ -1,0 +1,227 @@
+"""The ablation runner: a base config, named variants (overrides) and seeds; every variant x seed
+trained by the same trainer, then compared.
+
+    moe-reason-ablate configs/exp8_ablations_offline.yaml
+    moe-reason-ablate GRID.yaml --output_dir outputs/abl --set max_steps=50 --variants baseline no_aux
+    moe-reason-ablate --report outputs/abl        # SUMMARY.md and the plot again, from results.json
+
+A grid file:
+
+    output_dir: outputs/my_ablation      # optional; --output_dir wins
+    launcher: in_process                 # or accelerate (+ accelerate_config: accelerate_configs/x.yaml)
+    seeds: [0, 1]
+    reference: baseline                  # the variant others are compared with (default: the first)
+    base: {model_preset: small, max_steps: 100}        # trainer arguments shared by every run
+    variants:
+      baseline: {}
+      no_aux_loss: {router_aux_loss_coef: 0.0}
+
+Writes into output_dir: one folder per run (VARIANT/seed_S), `results.json` (updated after
+every run), `ablation_comparison.png` and `SUMMARY.md`. A failed run is recorded with its
+error and the grid goes on; rerunning the command skips finished runs and resumes
+interrupted ones. `--max_hours H` starts no run after H hours (the report covers those done and
+names the variants it lacks), and a one-line ETA follows every run.
+
+results.json is the grid's record (moe_reason.runners.engine): a narrowed command keeps the other finished
+runs in it, and a finished run whose folder is gone is kept from it while its arguments are unchanged.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError, run_cli
+from .engine import (THROUGHPUT_NOTE, ReportFiles, RunBudget, RunnerArguments, check_arguments, check_launch,
+                     earlier_runs, exit_status, load_runner_file, mean_curve, pyplot, run_runner, safe_name,
+                     save_figure, train_or_keep, write_json)
+from .statistics import HOLM_RULE, holm, mean_std, welch
+from .statistics import RULE as STATISTICS_RULE
+
+USAGE = ("moe-reason-ablate GRID.yaml [--output_dir D] [--launcher in_process|accelerate] [--seeds 0 1] "
+         "[--variants a b] [--set name=value ...]")
+
+
+@dataclass
+class AblateArguments(RunnerArguments):
+    variants: list[str] | None = field(default=None, metadata={"help": "Run only these variants."})
+
+
+def load_grid(path, args: AblateArguments | None = None) -> dict:
+    """The grid file with CLI overrides applied, validated before any run starts."""
+    args = args or AblateArguments()
+    grid, settings = load_runner_file(path, "grid", {"reference", "variants"}, args, default_seeds=[0],
+                                      output_prefix="ablation")
+    variants = grid.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise UserError(f"grid {path} needs a non-empty mapping 'variants: {{name: {{overrides}}}}'")
+    variants = {safe_name(name): check_arguments(over, f"grid {path}: variant {name}")
+                for name, over in variants.items()}
+    in_file = list(variants)
+    reference = grid.get("reference", next(iter(variants)))
+    if reference not in variants:
+        raise UserError(f"grid {path}: reference {reference!r} is not one of its variants: {list(variants)}")
+    if args.variants:
+        missing = sorted(set(args.variants) - set(variants))
+        if missing:
+            raise UserError(f"--variants {missing} not in the grid; it has {list(variants)}")
+        if reference not in args.variants:
+            raise UserError(f"--variants {args.variants} leaves out the reference {reference!r}, which every "
+                            "variant is compared with: add it to --variants")
+        variants = {name: variants[name] for name in args.variants}
+    check_launch(settings["launcher"], [{**settings["base"], **over} for over in variants.values()], f"grid {path}")
+    return {**settings, "variants": variants, "in_file": in_file, "reference": reference, "max_hours": args.max_hours}
+
+
+def run_grid(grid: dict) -> dict:
+    out = grid["output_dir"]
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    total = len(grid["variants"]) * len(grid["seeds"])
+    print(f"ablation {grid['path']}: {len(grid['variants'])} variants x {len(grid['seeds'])} seeds = {total} runs "
+          f"-> {out}", flush=True)
+    budget = RunBudget(total, grid.get("max_hours"))
+    earlier = earlier_runs(out / REPORT.json, lambda r: (r["variant"], r["seed"]) if r["variant"] in grid["in_file"]
+                           else None)
+    plan = [(variant, overrides, seed) for variant, overrides in grid["variants"].items() for seed in grid["seeds"]]
+    for variant, overrides, seed in plan:
+        if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
+            break
+        values = {**grid["base"], **overrides, "seed": seed}
+        name, run_dir = f"{variant}/seed_{seed} ({len(runs) + 1}/{total})", out / variant / f"seed_{seed}"
+        record = train_or_keep(name, values, run_dir, grid["launcher"], grid["accelerate_config"],
+                               earlier.pop((variant, seed), None))
+        runs.append({**record, "variant": variant, "seed": seed, "overrides": overrides, "config": values})
+        write_json(out / REPORT.json, results_payload(grid, runs, earlier))
+        budget.after(len(runs), record)
+    payload = results_payload(grid, runs, earlier)
+    write_json(out / REPORT.json, payload)
+    REPORT.write(payload, out)
+    failed = [r["name"] for r in runs if r["status"] == "failed"]
+    print(f"wrote {out / REPORT.json}, {out / REPORT.png}, {out / REPORT.markdown}"
+          f"{f'; {len(failed)} run(s) failed: {failed}' if failed else ''}", flush=True)
+    return payload
+
+
+def results_payload(grid: dict, runs: list[dict], earlier: dict | None = None) -> dict:
+    """Runs plus per-variant statistics across seeds, ranked by mean final validation loss, each variant's
+    difference from the reference with its 95% Welch interval and Holm's verdict over the variants; `other_runs`
+    keeps the earlier finished runs this command did not plan or reach (a narrowed or budgeted command)."""
+    variants = {}
+    reference = [r["final_val_loss"] for r in runs if r["variant"] == grid["reference"] and r["status"] == "finished"]
+    for name in grid["variants"]:
+        done = [r for r in runs if r["variant"] == name and r["status"] == "finished"]
+        if not done:
+            continue
+        losses = [r["final_val_loss"] for r in done]
+        mean, std = mean_std(losses)
+        d = welch(losses, reference) if reference and name != grid["reference"] else None
+        variants[name] = {
+            "seeds": [r["seed"] for r in done], "val_loss_mean": mean, "val_loss_std": std,
+            "best_val_loss_mean": mean_std([r["best_val_loss"] for r in done])[0],
+            "perplexity_mean": mean_std([r["perplexity"] for r in done])[0],
+            "accuracy_mean": mean_std([r["accuracy"] for r in done])[0],
+            "tokens_per_s_mean": mean_std([r["tokens_per_s"] for r in done])[0],
+            "wall_seconds_mean": mean_std([r["wall_seconds"] for r in done])[0],
+            "delta_vs_reference": mean - mean_std(reference)[0] if reference else None,
+            "interval": None if d is None else [d.low, d.high], "p_value": None if d is None else d.p_value,
+            "any_nan": any(r["nan"] for r in done),
+        }
+    others = {name: v["p_value"] for name, v in variants.items() if name != grid["reference"] and reference}
+    for name, real in holm(others).items():
+        variants[name]["real_by_holm"] = real
+    ranking = sorted(variants, key=lambda n: variants[n]["val_loss_mean"])
+    ln_vocab = next((r["ln_vocab"] for r in runs if r["status"] == "finished"), None)
+    not_in_report = [name for name in grid.get("in_file", grid["variants"]) if name not in variants]
+    return {"grid": grid["path"], "description": grid["description"], "reference": grid["reference"],
+            "seeds": grid["seeds"], "base": grid["base"], "ln_vocab": ln_vocab, "ranking": ranking,
+            "variants": variants, "not_in_report": not_in_report, "runs": runs,
+            "spread_rule": f"{STATISTICS_RULE}; {HOLM_RULE}", "other_runs": list((earlier or {}).values())}
+
+
+def refreshed(payload: dict) -> dict:
+    """A results.json's statistics computed again from its runs by today's rules (`--report`)."""
+    overrides = {r["variant"]: r["overrides"] for r in payload["runs"]}
+    grid = {"path": payload["grid"], "description": payload["description"], "reference": payload["reference"],
+            "seeds": payload["seeds"], "base": payload["base"], "variants": overrides,
+            "in_file": list(overrides) + [n for n in payload.get("not_in_report", []) if n not in overrides]}
+    return results_payload(grid, payload["runs"], dict(enumerate(payload.get("other_runs", []))))
+
+
+def summary_markdown(payload: dict) -> str:
+    runs, variants, ref = payload["runs"], payload["variants"], payload["reference"]
+    done = [r for r in runs if r["status"] == "finished"]
+    lines = [f"# Ablation summary: {payload['grid']}", ""]
+    if payload["description"]:
+        lines += [payload["description"].strip(), ""]
+    lines += [f"{len(payload['variants'])} variants finished, {len(payload['seeds'])} seed(s) each "
+              f"({payload['seeds']}); {len(runs) - len(done)} run(s) failed."]
+    if payload.get("not_in_report"):  # a grid still running, stopped by --max_hours, or narrowed by --variants
+        lines += ["", f"Not in this report (no finished run yet, or left out by --variants): "
+                  f"{', '.join(payload['not_in_report'])}. The grid's command runs them and rebuilds the report."]
+    if done:
+        r0 = done[0]
+        lines += ["", f"Each run: {r0['steps']} optimizer steps; validation on {r0['eval_tokens']:,} tokens. "
+                  f"Losses are mean cross-entropy in nats per token. A model guessing uniformly over the "
+                  f"vocabulary scores ln(vocab) = {payload['ln_vocab']:.3f}; a loss L means the model is as unsure "
+                  f"as a uniform choice among e^L tokens (its perplexity).", ""]
+    lines += ["| rank | variant | val loss (mean ± std) | Δ vs " + ref + " | 95% interval of Δ | real (Holm)? | "
+              "perplexity | accuracy | tokens/s | wall (s) |", "|---:|---|---|---:|---|---|---:|---:|---:|---:|"]
+    for rank, name in enumerate(payload["ranking"], 1):
+        v = variants[name]
+        real = {True: "**yes**", False: "no", None: "n/a" if name == ref else "can't tell (1 seed)"}[
+            v.get("real_by_holm")]
+        delta = "—" if name == ref or v["delta_vs_reference"] is None else f"{v['delta_vs_reference']:+.4f}"
+        low, high = v.get("interval") or (None, None)
+        interval = "—" if low is None else f"[{low:+.4f}, {high:+.4f}]"
+        nan = " (non-finite seen)" if v["any_nan"] else ""
+        lines.append(f"| {rank} | {name}{nan} | {v['val_loss_mean']:.4f} ± {v['val_loss_std']:.4f} | {delta} | "
+                     f"{interval} | {real} | {v['perplexity_mean']:.2f} | {v['accuracy_mean']:.3f} | "
+                     f"{v['tokens_per_s_mean']:,.0f} | {v['wall_seconds_mean']:.0f} |")
+    lines += ["", f"Rule: {payload['spread_rule']}.", "", f"Throughput: {THROUGHPUT_NOTE}."]
+    failed = [r for r in runs if r["status"] == "failed"]
+    if failed:
+        lines += ["", "## Failed runs", ""]
+        lines += [f"- `{r['variant']}` seed {r['seed']}: {r['error'].splitlines()[-1][:300]} "
+                  f"(log: `{r['output_dir']}/train.log`)" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def plot(payload: dict, path: Path) -> None:
+    """Left: final validation loss per variant (mean ± std, seeds as dots). Right: mean training curves."""
+    plt = pyplot()
+    names = payload["ranking"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, max(4.5, 0.42 * len(names) + 1.5)))
+    colors = plt.cm.tab20.colors
+    for i, name in enumerate(names):
+        v = payload["variants"][name]
+        seeds = [r["final_val_loss"] for r in payload["runs"] if r["variant"] == name and r["status"] == "finished"]
+        left.errorbar(v["val_loss_mean"], i, xerr=v["val_loss_std"], fmt="o", color=colors[i % 20], capsize=4)
+        left.scatter(seeds, [i] * len(seeds), color=colors[i % 20], alpha=0.4, s=14)
+    left.set_yticks(range(len(names)), names)
+    left.invert_yaxis()
+    left.set_xlabel("final validation loss (nats/token), mean ± std over seeds; dots: single seeds")
+    chance = "" if payload["ln_vocab"] is None else f" (ln vocab = {payload['ln_vocab']:.2f} is chance)"
+    left.set_title(f"Variants ranked{chance}")
+    left.grid(axis="x", alpha=0.3)
+    for i, name in enumerate(names):
+        curves = [r["train_loss_curve"] for r in payload["runs"]
+                  if r["variant"] == name and r["status"] == "finished" and r["train_loss_curve"]]
+        steps, mean, _ = mean_curve(curves)
+        right.plot(steps, mean, color=colors[i % 20], label=name, linewidth=1.3)
+    right.set_xlabel("optimizer step")
+    right.set_ylabel("training LM loss (nats/token, no aux terms), mean over seeds")
+    right.set_title("Training curves")
+    right.grid(alpha=0.3)
+    if right.lines:
+        right.legend(fontsize=7, ncol=2 if len(names) > 8 else 1)
+    save_figure(fig, path)
+
+
+REPORT = ReportFiles("results.json", "ablation_comparison.png", "SUMMARY.md", plot, summary_markdown, refreshed)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_runner(argv, AblateArguments, load_grid, run_grid, USAGE, REPORT.rebuild)
+
+
+if __name__ == "__main__":
+    raise SystemExit(exit_status(run_cli(main)))

@@ -1,0 +1,493 @@
+"""What the ablation and comparison runners share: experiment files, running one training run,
+reading its results back, and the statistics that decide whether a difference is real.
+
+A run is the trainer (`moe_reason.training.trainer`) with a mapping of its arguments, in its own folder:
+in this process (`launcher: in_process`, the default, no start-up cost) or as
+`accelerate launch` (`launcher: accelerate`, optionally with `accelerate_config`), which
+is how multi-GPU and DeepSpeed runs are made. Either way its output goes to
+`RUN_DIR/train.log` and the runner prints one line when it starts and one when it ends.
+A run folder whose results file (`train_results.json`) exists and whose arguments are unchanged is
+finished and skipped, unless those arguments now build a different model than the one it exported (a
+default changed in the code since): then it is reported as failed, naming the fields, and left as it is.
+An interrupted run resumes from its last checkpoint.
+
+A runner's report JSON is its record: a command narrowed by --seeds (or the ablation's --variants)
+keeps the other finished runs in it (`other_runs`), and a finished run whose folder is gone (deleted to
+free the disk, or a fresh clone holding only a committed report JSON copied into output_dir) is kept
+from it while its arguments are unchanged, instead of trained again. Such a run cannot be checked for a
+model default changed since (that needs its saved config), so the runner prints `[kept]`.
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import re
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+from ..atomic import write_text
+from ..data.prepare import DataArguments
+from ..errors import MissingFileError, UserError
+from ..evaluation.evaluate import EvaluateArguments, evaluate
+from ..layout import FINAL, METRICS, RESULTS, STUDY_LOCK, TASK_EVAL
+from ..locks import hold_folder
+from ..tasks.puzzles import TaskArguments
+from ..training.arguments import ModelArguments, argument_names, arguments_from, build_config, load_mapping
+from ..training.checkpointing import complete_checkpoints
+from ..training.trainer import TOKENIZER_FIELDS, config_drift, describe_drift, saved_config, train
+from .statistics import mean_std
+
+LAUNCHERS = ("in_process", "accelerate")
+RUN_SPEC = "experiment_run.json"  # the arguments a run folder was made with
+RUN_CONFIG = "run_config.yaml"  # launcher accelerate: the arguments, as the trainer's config file
+CURVE_PUZZLES = 200  # a task run's accuracy-by-steps curve: its first held-out puzzles (all of them are scored)
+RUNNER_KEYS = {"output_dir", "launcher", "accelerate_config", "seeds", "base", "description"}
+
+
+@dataclass
+class RunnerArguments:
+    """Command-line overrides of an experiment file, shared by the ablation and comparison runners."""
+    output_dir: str | None = field(default=None, metadata={"help": "Where runs and reports go (default: the file's)."})
+    launcher: str | None = field(default=None, metadata={"help": "in_process or accelerate (default: the file's)."})
+    accelerate_config: str | None = field(default=None, metadata={"help": "accelerate YAML for launcher accelerate."})
+    seeds: list[int] | None = field(default=None, metadata={"help": (
+        "Replace the file's seeds (2 or more to measure the spread).")})
+    set: list[str] | None = field(default=None, metadata={"action": "extend", "help": (
+        "NAME=VALUE trainer arguments for every run, space-separated; a second --set adds to the first.")})
+    max_hours: float | None = field(default=None, metadata={"help": (
+        "Start no run after this many hours; the report covers the runs done, and the same command continues.")})
+
+
+def parse_runner_cli(argv: list[str] | None, arguments_class, usage: str) -> tuple[str, RunnerArguments]:
+    """FILE.yaml [--flag value ...] -> (the file, the parsed overrides)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = f"usage: {usage}\n   or: --report OUTPUT_DIR (rebuild the report from its JSON, no training)"
+    parser = HfArgumentParser(arguments_class)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{usage}\n\noptions:{parser.format_help().split('options:', 1)[1]}")  # argparse's usage replaced
+        raise SystemExit(0)
+    if not argv or argv[0].startswith("-"):
+        raise UserError(usage)
+    path = argv.pop(0)
+    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return path, args
+
+
+def run_runner(argv: list[str] | None, arguments_class, load, run, usage: str, report=None) -> dict:
+    """A runner's command line: FILE.yaml and its overrides -> load(file, overrides), validated, then run it
+    holding its output folder (a second runner on the same study is refused, naming the first); or --report
+    OUTPUT_DIR -> report(OUTPUT_DIR), which rebuilds the report from the JSON the runs left."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--report"]:
+        if len(argv) != 2:
+            raise UserError(f"usage: --report OUTPUT_DIR (got {argv[1:]})")
+        with hold_folder(Path(argv[1]), STUDY_LOCK, STUDY_IN_USE):
+            return report(Path(argv[1]))
+    path, args = parse_runner_cli(argv, arguments_class, usage)
+    spec = load(path, args)
+    with hold_folder(spec["output_dir"], STUDY_LOCK, STUDY_IN_USE):
+        return run(spec)
+
+
+STUDY_IN_USE = ("study folder {folder} is in use by another runner ({who}): wait for it to end or stop it (its runs "
+                "resume), or give this one another --output_dir")
+
+
+def exit_status(payload: dict) -> int:
+    """A runner command's exit status: 1 when any of its runs failed (scripts and CI must notice), else 0."""
+    return int(any(r["status"] == "failed" for r in payload.get("runs", [])))
+
+
+class RunBudget:
+    """Between runs: whether --max_hours leaves time to start another, and a one-line ETA after each run."""
+
+    def __init__(self, total: int, max_hours: float | None):
+        self.total, self.max_hours, self.start = total, max_hours, time.perf_counter()
+        self.trained = self.timed = 0  # runs started here (the budget); of those, runs that finished (the ETA)
+
+    def exhausted(self, done: int, command: str) -> bool:
+        # one run always trains, so a budget spent by a slow start (or a tiny --max_hours) still makes progress
+        hours = (time.perf_counter() - self.start) / 3600
+        if self.max_hours is None or hours < self.max_hours or done == self.total or not self.trained:
+            return False
+        print(f"[budget] --max_hours {self.max_hours} spent after {done}/{self.total} runs ({hours:.2f} h): "
+              f"reporting the runs done; continue with:\n  {command}", flush=True)
+        return True
+
+    def after(self, done: int, record: dict) -> None:
+        if not record.get("skipped"):
+            self.trained += 1
+            # a run refused at once (its folder in use, a bad argument) says nothing about how long one takes
+            self.timed += record.get("status") == "finished"
+        elapsed = time.perf_counter() - self.start
+        left = self.total - done
+        if not self.timed:
+            print(f"[eta] {done}/{self.total} runs done; no estimate until a run trains to the end here", flush=True)
+            return
+        per_run = elapsed / self.timed
+        print(f"[eta] {done}/{self.total} runs done, {elapsed / 60:.1f} min so far; about {left * per_run / 60:.0f} "
+              f"min for the {left} left ({per_run / 60:.1f} min per run trained here)", flush=True)
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """A runner's report: the JSON its runs update, and the plot and Markdown made from that JSON alone."""
+    json: str
+    png: str
+    markdown: str
+    plot: Callable[[dict, Path], None]
+    render: Callable[[dict], str]
+    refresh: Callable[[dict], dict]  # the verdicts computed again from the runs, by today's statistics
+
+    def write(self, payload: dict, out: Path) -> None:
+        self.plot(payload, out / self.png)
+        (out / self.markdown).write_text(self.render(payload))
+
+    def rebuild(self, out: Path) -> dict:
+        """--report DIR: the verdicts, plot and Markdown again from the runs in DIR's JSON, without training."""
+        if not (out / self.json).is_file():
+            raise MissingFileError(f"--report {out}: no {self.json} there (the output folder of a runner's runs)")
+        payload = self.refresh(json.loads((out / self.json).read_text()))
+        write_json(out / self.json, payload)
+        self.write(payload, out)
+        print(f"wrote {out / self.png}, {out / self.markdown} from {out / self.json}", flush=True)
+        return payload
+
+
+def load_runner_file(path, kind: str, own_keys: set[str], args: RunnerArguments, default_seeds: list[int],
+                     output_prefix: str) -> tuple[dict, dict]:
+    """An experiment file -> (its raw mapping, the settings every runner shares), validated before any run.
+
+    Shared settings: path, description, base (with --set applied), seeds, launcher,
+    accelerate_config and output_dir, each from the command line first, then the file.
+    """
+    spec = load_mapping(path, f"{kind} file")
+    allowed = RUNNER_KEYS | own_keys
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise UserError(f"{kind} {path} has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    output_dir = args.output_dir or spec.get("output_dir") or f"outputs/{output_prefix}_{Path(path).stem}"
+    return spec, {
+        "path": str(path), "description": spec.get("description", ""),
+        "base": {**check_arguments(spec.get("base"), f"{kind} {path}: base"), **parse_overrides(args.set)},
+        "seeds": check_seeds(args.seeds or spec.get("seeds", default_seeds)),
+        "launcher": check_launcher(args.launcher or spec.get("launcher", "in_process")),
+        "accelerate_config": args.accelerate_config or spec.get("accelerate_config"),
+        "output_dir": Path(output_dir)}
+
+
+def model_argument_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(ModelArguments)}
+
+
+def check_arguments(values, where: str, allowed: set[str] | None = None) -> dict:
+    """Refuse unknown trainer arguments (a typo would otherwise be a silent no-op variant)."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"{where} must be a mapping of trainer arguments to values, got {values!r}")
+    allowed = argument_names() if allowed is None else allowed
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise UserError(f"{where} has unknown argument(s) {unknown}")
+    return dict(values)
+
+
+PROCESS_SETTINGS = ("mixed_precision", "deepspeed")  # one Accelerate process state holds these for all its runs
+
+
+def check_launch(launcher: str, runs: list[dict], where: str) -> None:
+    """In-process runs share one process and its Accelerate state: refuse runs that need another (DeepSpeed, a
+    precision differing between runs) before any of them starts."""
+    if launcher != "in_process":
+        return
+    for name in PROCESS_SETTINGS:
+        found = {str(values.get(name)) for values in runs}
+        if name == "deepspeed" and found != {"None"}:
+            raise UserError(f"{where}: {name} needs launcher: accelerate (in_process runs one plain process)")
+        if len(found) > 1:
+            raise UserError(f"{where}: the runs differ in {name} ({sorted(found)}), which one process cannot change "
+                            "between runs: use launcher: accelerate (each run its own process)")
+
+
+def check_seeds(seeds) -> list[int]:
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise UserError(f"seeds={seeds!r} is invalid: must be a non-empty list of distinct integers")
+    return seeds
+
+
+def check_launcher(launcher: str) -> str:
+    if launcher not in LAUNCHERS:
+        raise UserError(f"launcher={launcher!r} is invalid: must be one of {LAUNCHERS}")
+    return launcher
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """["max_steps=20", "learning_rate=3e-4"] -> {"max_steps": 20, "learning_rate": 0.0003} (YAML scalars)."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UserError(f"override {pair!r} is invalid: must be NAME=VALUE")
+        name, value = pair.split("=", 1)
+        out[name.strip()] = yaml.safe_load(value)
+    return check_arguments(out, "--set")
+
+
+def safe_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", str(name)):
+        raise UserError(f"run name {name!r} is invalid: use letters, digits, _ . + - (it names a folder)")
+    return str(name)
+
+
+# ----------------------------------------------------------------------------
+# Running one training run
+
+
+def run_training(name: str, values: dict, run_dir: Path, launcher: str = "in_process",
+                 accelerate_config: str | None = None) -> dict:
+    """Train once (or skip/resume) and return the run's record; never raises for a failed run."""
+    run_dir = Path(run_dir)
+    values = {**values, "output_dir": str(run_dir)}
+    spec = {"values": values, "launcher": launcher, "accelerate_config": accelerate_config}
+    same_spec = _spec_of(run_dir) == spec
+    checkpoints = complete_checkpoints(run_dir) if same_spec else []
+    finished = same_spec and (run_dir / RESULTS).is_file()
+    resume = not finished and bool(checkpoints)
+    if finished or resume:  # a run made by earlier code: does today's code build the same model from its arguments?
+        saved = run_dir / FINAL if finished else checkpoints[-1]
+        drift = model_drift(saved, values)
+        if drift:
+            state = "finished earlier" if finished else f"interrupted earlier (at {saved.name})"
+            error = (f"{state}, but its arguments now build a different model ({describe_drift(drift)}): a "
+                     "default changed since. Pin the old value(s) in the experiment file to keep this run, or "
+                     f"delete {run_dir} to train it again with the new one(s)")
+            print(f"[FAILED] {name}: {error}", flush=True)
+            return {"name": name, "status": "failed", "error": error, "output_dir": str(run_dir), "wall_seconds": 0.0,
+                    "skipped": True}  # nothing trained: the ETA must not count it
+    if finished:
+        if values.get("task") and not scored(run_dir, values):
+            score_task_run(run_dir, values)  # trained, but stopped before its scoring (or scored by older code)
+        record = collect_run(run_dir)
+        print(f"[skip] {name}: finished earlier, val loss {record['final_val_loss']:.4f}", flush=True)
+        return {**record, "name": name, "status": "finished", "skipped": True}
+
+    start = {"resume_from_checkpoint": "latest"} if resume else {"overwrite_output_dir": True}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_SPEC).write_text(json.dumps(spec, indent=2))
+    print(f"[start] {name}{' (resuming)' if resume else ''} -> {run_dir}", flush=True)
+    started = time.perf_counter()
+    error = (_train_in_process if launcher == "in_process" else _train_with_accelerate)(
+        {**values, **start}, run_dir / "train.log", accelerate_config)
+    wall = time.perf_counter() - started
+    if error is None and not (run_dir / RESULTS).is_file():
+        error = f"the run ended without {RESULTS} (stopped by a signal?)"
+    if error is not None:
+        print(f"[FAILED] {name} after {wall:.0f} s: {error.splitlines()[-1][:300]} (log: {run_dir / 'train.log'})",
+              flush=True)
+        return {"name": name, "status": "failed", "error": error, "output_dir": str(run_dir), "wall_seconds": wall}
+    if values.get("task"):
+        score_task_run(run_dir, values)
+    record = collect_run(run_dir)
+    print(f"[done] {name}: val loss {record['final_val_loss']:.4f}, ppl {record['perplexity']:.1f}, "
+          f"acc {record['accuracy']:.3f}, {record['tokens_per_s']:,.0f} tok/s, {wall:.0f} s"
+          f"{', NON-FINITE values seen' if record['nan'] else ''}", flush=True)
+    return {**record, "name": name, "status": "finished", "skipped": False}
+
+
+def earlier_runs(path: Path, key: Callable[[dict], tuple | None]) -> dict:
+    """{key(record): record} of the finished runs a runner's earlier report JSON holds (its `runs` and
+    `other_runs`), leaving out those `key` maps to None (a variant no longer in the file)."""
+    if not path.is_file():
+        return {}
+    try:
+        payload = json.loads(path.read_text())
+        runs = payload["runs"] + payload.get("other_runs", [])
+        keyed = {key(r): r for r in runs if r["status"] == "finished"}
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UserError(f"{path} is not a report written by this runner ({error!r}); move it aside to start "
+                        "the record afresh") from error
+    keyed.pop(None, None)
+    return keyed
+
+
+def train_or_keep(name: str, values: dict, run_dir: Path, launcher: str, accelerate_config: str | None,
+                  kept: dict | None) -> dict:
+    """run_training, unless the run's folder is gone and its earlier record `kept` has the same arguments."""
+    if kept and kept["config"] == values and not Path(run_dir).exists():
+        print(f"[kept] {name}: its folder is gone; kept from the report (val loss {kept['final_val_loss']:.4f}; "
+              "a model default changed since could not be checked)", flush=True)
+        return {**kept, "name": name, "skipped": True}
+    return run_training(name, values, run_dir, launcher, accelerate_config)
+
+
+TRANSFER_EVAL = "eval_transfer.json"  # a task run's scores on other puzzles (a comparison's `transfer:`)
+
+
+def task_argument_names() -> set[str]:
+    """The trainer arguments that decide a task's puzzles."""
+    return {f.name for f in dataclasses.fields(TaskArguments)} | {"data_seed"}
+
+
+def score_task_run(run_dir: Path, values: dict, transfer: dict | None = None) -> None:
+    """A task run's export scored on the held-out puzzles of its training -> final/eval_task.json, or with
+    `transfer` (task arguments) on the puzzles its training's task arguments so changed generate ->
+    final/eval_transfer.json."""
+    scoring = EvaluateArguments(model_path=str(run_dir / FINAL), batch_size=256, curve_puzzles=CURVE_PUZZLES,
+                                output_file=str(run_dir / FINAL / TRANSFER_EVAL) if transfer else None)
+    data = {k: v for k, v in values.items() if k == "data_cache_dir"}
+    if transfer:
+        data |= {k: v for k, v in values.items() if k in task_argument_names()} | transfer
+    with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        evaluate(scoring, DataArguments(**data))
+
+
+def scored(run_dir: Path, values: dict) -> bool:
+    """Whether a task run's scores exist with every figure today's scoring gives (a recursive run's
+    test-time depth curves with and without the Q-head; older scoring lacked the second)."""
+    figures = task_figures(run_dir)
+    return bool(figures) and (values.get("model_type") != "recursive" or "q_head_by_steps" in figures)
+
+
+def model_drift(saved: Path, values: dict) -> dict:
+    """{field: (saved, built now)} for the model fields where the config a run saved (its final/ export or a
+    checkpoint) differs from the config its arguments build with today's code; empty when they agree."""
+    then = saved_config(saved)
+    if then is None:
+        return {}
+    now = build_config(arguments_from(values)[0], vocab_size=then.vocab_size, task=getattr(then, "task", None))
+    for name in TOKENIZER_FIELDS:  # the run's tokenizer sets them, not its arguments
+        setattr(now, name, getattr(then, name))
+    return config_drift(then, now)
+
+
+def _spec_of(run_dir: Path):
+    try:
+        return json.loads((run_dir / RUN_SPEC).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _train_in_process(values: dict, log_file: Path, _accelerate_config) -> str | None:
+    """The trainer in this process: each run builds its own Accelerator on the one process state, which is why
+    an in-process study's runs must share their precision and DeepSpeed settings (`check_launch`)."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with open(log_file, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            result = train(*arguments_from(values))
+        except Exception:  # noqa: BLE001  (any failure of one run is recorded; the grid goes on)
+            text = traceback.format_exc()
+            log.write(text)
+            return text.strip()
+        finally:
+            for sig, handler in handlers.items():  # the trainer's Ctrl-C handler goes with it
+                signal.signal(sig, handler)
+    if "stopped_at" in result:  # Ctrl-C / SIGTERM: the trainer saved a checkpoint; stop the whole experiment
+        raise KeyboardInterrupt(f"stopped at step {result['stopped_at']}; rerun the same command to resume")
+    return None
+
+
+def _train_with_accelerate(values: dict, log_file: Path, accelerate_config: str | None) -> str | None:
+    """`accelerate launch` of the trainer on the run's arguments, written as its config file (RUN_CONFIG)."""
+    config = log_file.parent / RUN_CONFIG
+    config.write_text(yaml.safe_dump(values, sort_keys=False))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd += ["--config_file", accelerate_config] if accelerate_config else \
+        ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["-m", "moe_reason.training.trainer", str(config)]
+    with open(log_file, "a") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code == 0:
+        return None
+    tail = log_file.read_text().strip().splitlines()[-20:]
+    return f"accelerate launch exited with {code}:\n" + "\n".join(tail)
+
+
+# ----------------------------------------------------------------------------
+# Reading a finished run back
+
+
+def collect_run(run_dir) -> dict:
+    """The figures a report needs, from the run's results and metrics files."""
+    run_dir = Path(run_dir)
+    results = json.loads((run_dir / RESULTS).read_text())
+    records = [json.loads(line) for line in open(run_dir / METRICS)]
+    train = [r for r in records if "train/loss" in r]
+    evals = [r for r in records if "eval/loss" in r]
+    final = results["final_eval"]
+    losses = [r["train/lm_loss"] for r in train]
+    nan = (any(not math.isfinite(x) for x in losses + [final["loss"]])
+           or any(r.get("train/skipped_step") for r in records)
+           or any(r.get("train/skipped_micro_batches", 0) > 0 for r in train))
+    return {
+        "output_dir": str(run_dir), "steps": results["step"],
+        "final_val_loss": final["loss"], "best_val_loss": results["best_val_loss"],
+        "perplexity": final["perplexity"], "accuracy": final["accuracy"], "ln_vocab": final["ln_vocab"],
+        "eval_tokens": final["tokens"], "recursion_steps": final.get("recursion_steps"),
+        "tokens_per_s": results["tokens_per_s"], "wall_seconds": results["wall_seconds"],
+        "flops_per_token": results["flops_per_token"], "tokens_per_step": results["tokens_per_step"],
+        "sequences_per_step": results.get("sequences_per_step"),
+        "parameters": results["parameters"],
+        # the language-model cross-entropy, comparable across variants that change the auxiliary losses
+        "train_loss_curve": [[r["step"], r["train/lm_loss"]] for r in train],
+        "grad_norm_curve": [[r["step"], r["train/grad_norm"]] for r in train],
+        # [step, loss, token accuracy, exact match]: a task run's learning curve is its fourth column
+        "eval_curve": [[r["step"], r["eval/loss"], r["eval/accuracy"], r.get("eval/exact_match")] for r in evals],
+        "stopped_by": results.get("stopped_by", "max_steps"), "stopped_at": results["step"],
+        "nan": nan,
+        **task_figures(run_dir),
+    }
+
+
+def task_figures(run_dir: Path, scores: str = TASK_EVAL) -> dict:
+    """exact_accuracy, cell_accuracy, exact_accuracy_by_steps and q_head of a scored task run ({} otherwise)."""
+    scored = Path(run_dir) / FINAL / scores
+    if not scored.is_file():
+        return {}
+    result = json.loads(scored.read_text())
+    return {k: result[k] for k in ("exact_accuracy", "cell_accuracy", "exact_accuracy_by_steps", "q_head_by_steps",
+                                   "q_head", "by_difficulty", "puzzles", "curve_puzzles") if k in result}
+
+
+# ----------------------------------------------------------------------------
+# Curves and throughput across seeds
+
+
+THROUGHPUT_NOTE = ("tokens/s and wall time are each run's training loop over all its starts (its checkpoints carry the "
+                   "time; a run resumed from a checkpoint older than that counts from its resume): they compare only "
+                   "between runs that had the machine alike")
+def mean_curve(curves: list[list[list[float]]], column: int = 1) -> tuple[list[float], list[float], list[float]]:
+    """Steps, mean and std over runs of [[step, value, ...], ...] curves, at the steps all runs share."""
+    shared = sorted(set.intersection(*(set(p[0] for p in c) for c in curves))) if curves else []
+    by_run = [{p[0]: p[column] for p in c} for c in curves]
+    stats = [mean_std([run[s] for run in by_run]) for s in shared]
+    return shared, [m for m, _ in stats], [s for _, s in stats]
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write atomically: a crash mid-write never leaves a truncated results file."""
+    write_text(path, json.dumps(payload, indent=2, default=str))
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: reports are files, and no display is needed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    pyplot().close(fig)
