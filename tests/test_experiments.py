@@ -442,6 +442,7 @@ def test_a_task_comparison_scores_every_run_on_the_transfer_puzzles_too(tmp_path
     # the trained 2 steps, then 2, 3 and 4 times as many: with every step, and with the Q-head free to halt
     assert set(transfer["exact_accuracy_by_steps"]) == set(transfer["q_head_by_steps"]) == {"1", "2", "4", "6", "8"}
     assert transfer["by_difficulty"]["measure"] == "free cells" and transfer["q_head"]["share_of_steps"] <= 1.0
+    assert set(transfer["q_head_thresholds"]) == {"0.5", "0.9", "0.99"}
     report = (out / "COMPARISON.md").read_text()
     assert "## Transfer: the same models on other puzzles (task_size 5, maze_min_path 6" in report
     assert "Transfer, equal steps, direct vs recursive:" in report and "### Transfer: exact accuracy by" in report

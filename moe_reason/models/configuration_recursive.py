@@ -50,6 +50,9 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
             collapses towards one vector (the unigram plateau).
         eval_halting (`str`): at evaluation, `"max_steps"` runs every example to `halt_max_steps`;
             `"q_head"` lets the Q-head halt them.
+        eval_halt_threshold (`float`): with `"q_head"` at evaluation, halt an example when the Q-head gives
+            "halt" at least this probability, in (0, 1). 0.5 is training's rule (logit > 0, TRM's); a higher
+            one spends more steps to halt fewer examples that are not yet right.
     """
 
     model_type = "moe_reason_recursive"
@@ -66,6 +69,7 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
     halt_target_accuracy: float = 1.0
     input_norm: bool = True
     eval_halting: str = "max_steps"
+    eval_halt_threshold: float = 0.5
     use_cache: bool = False  # generation recomputes the recursion over the whole prefix (no KV cache)
 
     @classmethod
@@ -85,6 +89,7 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
         require(self, "halt_quantile", 0.0 < self.halt_quantile < 1.0, "a share in (0, 1)")
         require(self, "halt_target_accuracy", 0.0 < self.halt_target_accuracy <= 1.0, "a share in (0, 1]")
         require(self, "eval_halting", self.eval_halting in EVAL_HALTING, f"one of {EVAL_HALTING}")
+        require(self, "eval_halt_threshold", 0.0 < self.eval_halt_threshold < 1.0, "a probability in (0, 1)")
         require(self, "use_cache", not self.use_cache, "False: the recursive model has no KV cache")
 
     def passes_per_step(self) -> int:

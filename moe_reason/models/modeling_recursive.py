@@ -243,9 +243,9 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
                 logits_to_keep: int = 0, halt_max_steps: int | None = None, eval_halting: str | None = None,
-                **kwargs) -> RecursiveCausalLMOutput:
-        """`halt_max_steps` and `eval_halting` override the config's for this call only: evaluation at another
-        depth than the trained one (test-time compute) or with the Q-head halting."""
+                eval_halt_threshold: float | None = None, **kwargs) -> RecursiveCausalLMOutput:
+        """`halt_max_steps`, `eval_halting` and `eval_halt_threshold` override the config's for this call only:
+        evaluation at another depth than the trained one (test-time compute) or with the Q-head halting."""
         cfg = self.config
         max_steps = cfg.halt_max_steps if halt_max_steps is None else halt_max_steps
         eval_halting = cfg.eval_halting if eval_halting is None else eval_halting
@@ -257,6 +257,8 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         # training halts by the Q-head only towards "accuracy": a relative target is set by the whole batch at every
         # step ("loss_gain"'s also needs the next step; a halted example's would stay unknown)
         halt_by_q = cfg.use_act and (cfg.halt_target == "accuracy" if self.training else eval_halting == "q_head")
+        threshold = cfg.eval_halt_threshold if eval_halt_threshold is None else eval_halt_threshold
+        halt_logit = 0.0 if self.training else math.log(threshold / (1 - threshold))  # training halts at q > 0
         min_steps = self.minimum_steps(B, max_steps, device)
         carry = RecursionCarry.initial(self.z_init.weight.to(inputs.x.dtype), B, inputs.x.shape[1])
         passes, finished, steps = [], [], torch.zeros(B, device=device)
@@ -284,7 +286,7 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
                 if q is not None:
                     halting.observe(q, stats)
             if halt_by_q:
-                halt = halt | ((q.detach() > 0) & (step >= min_steps[carry.rows]))
+                halt = halt | ((q.detach() > halt_logit) & (step >= min_steps[carry.rows]))
             finished.append(Finished(carry.rows[halt], None if logits is None else logits[halt],
                                      None if stats is None else stats[halt]))
             halting.carry(~halt)

@@ -428,6 +428,7 @@ def halting_section(p: dict) -> list[str]:
         lines.append(f"| {label} | {len(q)} | {mean_std(every)[0]:.4f} | {mean_std(halted)[0]:.4f} | "
                      f"{welch(halted, every).interval_text()} | {mean_std([x['mean_steps'] for x in q])[0]:.2f} "
                      f"of {q[0]['halt_max_steps']} | {mean_std([x['share_of_steps'] for x in q])[0]:.0%} |")
+    lines += threshold_table(runs)
     reference = [r["by_difficulty"] for r in runs if r["label"] == p["reference"] and r.get("by_difficulty")]
     if reference:
         measure = reference[0]["measure"]
@@ -442,6 +443,23 @@ def halting_section(p: dict) -> list[str]:
             lines.append(f"| {value} | {rows[0]['puzzles']} | "
                          + " | ".join(f"{mean_std([row[k] for row in rows])[0]:.3f}" for k in
                                       ("exact_accuracy", "q_head_exact_accuracy", "q_head_mean_steps")) + " |")
+    return lines
+
+
+def threshold_table(runs: list[dict]) -> list[str]:
+    """The Q-head's trade-off: exact accuracy and steps when it must give "halt" 0.5 (training's rule), 0.9, 0.99."""
+    scored = [r for r in runs if r.get("q_head_thresholds")]
+    if not scored:
+        return []
+    thresholds = list(scored[0]["q_head_thresholds"])
+    lines = ["", "The Q-head's operating points: it halts an example when it gives \"halt\" at least this probability "
+             "(0.5 is the rule it trained with); exact accuracy (share of the steps), mean over seeds:", "",
+             "| run | " + " | ".join(thresholds) + " |", "|---|" + "---:|" * len(thresholds)]
+    for label in dict.fromkeys(r["label"] for r in scored):
+        mine = [r["q_head_thresholds"] for r in scored if r["label"] == label]
+        cells = [f"{mean_std([m[t]['exact_accuracy'] for m in mine])[0]:.4f} "
+                 f"({mean_std([m[t]['share_of_steps'] for m in mine])[0]:.0%})" for t in thresholds]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -354,9 +354,10 @@ def score_task_run(run_dir: Path, values: dict, transfer: dict | None = None) ->
 
 def scored(run_dir: Path, values: dict) -> bool:
     """Whether a task run's scores exist with every figure today's scoring gives (a recursive run's
-    test-time depth curves with and without the Q-head; older scoring lacked the second)."""
+    test-time depth curves with and without the Q-head, and the Q-head's thresholds; older scoring lacked
+    them, and its runs are scored again)."""
     figures = task_figures(run_dir)
-    return bool(figures) and (values.get("model_type") != "recursive" or "q_head_by_steps" in figures)
+    return bool(figures) and (values.get("model_type") != "recursive" or "q_head_thresholds" in figures)
 
 
 def model_drift(saved: Path, values: dict) -> dict:
@@ -456,7 +457,8 @@ def task_figures(run_dir: Path, scores: str = TASK_EVAL) -> dict:
         return {}
     result = json.loads(scored.read_text())
     return {k: result[k] for k in ("exact_accuracy", "cell_accuracy", "exact_accuracy_by_steps", "q_head_by_steps",
-                                   "q_head", "by_difficulty", "puzzles", "curve_puzzles") if k in result}
+                                   "q_head", "by_difficulty", "q_head_thresholds", "puzzles", "curve_puzzles")
+            if k in result}
 
 
 # ----------------------------------------------------------------------------

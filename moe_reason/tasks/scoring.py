@@ -4,7 +4,8 @@ accuracy on the cells the puzzle leaves open, and for recursive models:
 - test-time depth: exact accuracy after 1 .. halt_max_steps supervision steps and at 2, 3 and 4 times
   the trained number, every puzzle running every step (`exact_accuracy_by_steps`), and the same depths
   with the Q-head free to stop a puzzle early (`q_head_by_steps`: a halted puzzle keeps its answer);
-- Q-head halting at the trained depth: exact accuracy, mean steps and their share of the maximum;
+- Q-head halting at the trained depth: exact accuracy, mean steps and their share of the maximum, at the
+  trained rule (halt when the Q-head gives it 0.5) and at stricter thresholds (`q_head_thresholds`);
 - by difficulty (Sudoku blanks, maze path length): how many steps the Q-head spends and what it solves.
 """
 
@@ -15,6 +16,7 @@ from .files import given
 from .puzzles import MazeTask, PromptFormulation
 
 TEST_TIME_MULTIPLES = (2, 3, 4)  # depths past the trained one, as multiples of halt_max_steps
+HALT_THRESHOLDS = (0.5, 0.9, 0.99)  # the Q-head's operating points reported: probability of "halt" it must give
 
 
 @torch.no_grad()
@@ -119,4 +121,11 @@ def evaluate_puzzles(model, task, puzzles, references=None, batch_size: int = 64
                         "share_of_steps": float(steps.mean() / trained), "halt_max_steps": trained,
                         "all_steps_exact_accuracy": float(solved_all.mean())}
     result["by_difficulty"] = by_difficulty(task, puzzles, solved_all, solved_q, steps)
+    result["q_head_thresholds"] = {}
+    for threshold in HALT_THRESHOLDS:  # more steps for fewer wrong halts: the trade-off, not one chosen point
+        answers, steps = predict_answers(model, task, puzzles, batch_size, eval_halting="q_head",
+                                         eval_halt_threshold=threshold)
+        result["q_head_thresholds"][str(threshold)] = {
+            "exact_accuracy": score(task, puzzles, answers, None)["exact_accuracy"], "mean_steps": float(steps.mean()),
+            "share_of_steps": float(steps.mean() / trained)}
     return result

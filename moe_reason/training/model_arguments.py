@@ -100,6 +100,7 @@ class ModelArguments:
     halt_target_accuracy: float | None = model_field("halt_target_accuracy")
     input_norm: bool | None = model_field("input_norm")
     eval_halting: str | None = model_field("eval_halting")
+    eval_halt_threshold: float | None = model_field("eval_halt_threshold")
 
     def __post_init__(self):
         if self.model_preset not in PRESETS:
