@@ -344,3 +344,25 @@ def test_bad_setups_fail_before_training_with_a_clear_message(tmp_path, corpus):
         assert error is not None and expected in error, (case, error)
         assert not (tmp_path / case / "final").exists(), case
     assert not (tmp_path / "untouched").exists()  # no data work before the refusal
+
+
+@pytest.mark.slow
+def test_report_to_logs_through_accelerates_trackers_and_refuses_an_absent_one(tmp_path, corpus):
+    """--report_to mlflow logs to MLflow's local file store (and not to TensorBoard); none logs to metrics.jsonl
+    only; a tracker that is not installed is refused before any work, with the pip command."""
+    env = {**clean_env(), "MLFLOW_TRACKING_URI": f"file:{tmp_path / 'mlruns'}", "MLFLOW_ALLOW_FILE_STORE": "true"}
+    mlflow_run = subprocess.run([sys.executable, str(REPO / "train.py"), *train_args(
+        tmp_path, corpus, output_dir=tmp_path / "mlflow", max_steps=3, report_to="mlflow")], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=300)
+    assert mlflow_run.returncode == 0, mlflow_run.stderr[-3000:]
+    logged = sorted((tmp_path / "mlruns").rglob("metrics/train/lm_loss"))
+    assert logged and len(logged[0].read_text().splitlines()) == 3  # one line per logged step
+    assert not (tmp_path / "mlflow" / "tensorboard").exists()
+    errors = main_cases([train_args(tmp_path, corpus, output_dir=tmp_path / "none", max_steps=2, report_to="none"),
+                         train_args(tmp_path, corpus, output_dir=tmp_path / "absent", report_to="tensorboard,wandb"),
+                         train_args(tmp_path, corpus, output_dir=tmp_path / "typo", report_to="tensorbord")])
+    assert errors[0] is None and not (tmp_path / "none" / "tensorboard").exists()
+    assert (tmp_path / "none" / "metrics.jsonl").is_file()
+    assert errors[1] == ("UserError: --report_to wandb: the wandb package is not installed; pip install wandb (or "
+                         "leave wandb out of --report_to)") and not (tmp_path / "absent" / "run_args.json").exists()
+    assert "TrainingArguments.report_to='tensorbord' is invalid" in errors[2]

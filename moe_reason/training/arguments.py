@@ -27,6 +27,8 @@ from .model_arguments import ModelArguments
 from .optim import LR_SCHEDULERS
 
 DYNAMO_BACKENDS = {b.value for b in DynamoBackend}
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio", "all", "none")
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny", "trackio": "trackio"}
 
 
 @dataclass
@@ -82,6 +84,11 @@ class TrainingArguments:
         "Size of the fixed validation set in batches of per_device_eval_batch_size blocks, the same "
         "blocks at every evaluation whatever the number of processes (0 = the whole split).")})
     log_interval: int = field(default=10, metadata={"help": "Log training metrics every this many steps."})
+    report_to: str = field(default="tensorboard", metadata={"help": (
+        f"Where metrics go beside metrics.jsonl, named as transformers' report_to: one or more of {REPORT_TO} "
+        "(comma-separated; all: every one installed; none: metrics.jsonl only), through Accelerate's trackers. "
+        "TensorBoard writes OUTPUT_DIR/tensorboard; the others log where their own settings point (e.g. "
+        "MLFLOW_TRACKING_URI, WANDB_MODE=offline).")})
     save_interval: int = field(default=200, metadata={"help": "Save a resumable checkpoint every this many steps."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep only the newest this many checkpoints."})
     max_nonfinite_steps: int = field(default=5, metadata={"help": (
@@ -122,6 +129,8 @@ class TrainingArguments:
             ("warmup_ratio", self.warmup_ratio is None or 0.0 <= self.warmup_ratio < 1.0, "None or in [0, 1)"),
             ("eval_batches", self.eval_batches >= 0, ">= 0"),
             ("plateau_min_evals", self.plateau_min_evals >= 2, ">= 2"),
+            ("report_to", set(self.trackers()) <= set(REPORT_TO) and bool(self.trackers()),
+             f"one or more of {REPORT_TO}, comma-separated"),
             ("plateau_delta", 0.0 < self.plateau_delta < 1.0, "a share in (0, 1)"),
             ("lr_scheduler", self.lr_scheduler in LR_SCHEDULERS, f"one of {LR_SCHEDULERS}"),
             ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "in [0, 1]"),
@@ -136,6 +145,10 @@ class TrainingArguments:
             require(self, name, ok, allowed)
         if self.deepspeed:
             load_mapping(self.deepspeed, "DeepSpeed config")  # a syntax error is named here, with the file
+
+    def trackers(self) -> list[str]:
+        """--report_to as a list of names."""
+        return [name.strip() for name in self.report_to.split(",") if name.strip()]
 
     def warmup(self) -> int:
         """The warm-up in steps: --warmup_ratio of max_steps when given, else --warmup_steps."""

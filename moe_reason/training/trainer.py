@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin
+from accelerate.tracking import get_available_trackers
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from filelock import FileLock
 from safetensors.torch import load_file
@@ -47,12 +48,12 @@ from ..models.modeling_recursive import RecursiveMoEReasonForCausalLM
 from ..parallel.expert_parallel import make_expert_parallel
 from ..tasks.puzzles import make_task, render
 from ..tasks.scoring import answer_one
-from .arguments import ARGUMENT_CLASSES, build_config, parse_args, resolve_global_batch
+from .arguments import TRACKER_PACKAGES, ARGUMENT_CLASSES, build_config, parse_args, resolve_global_batch
 from .checkpointing import (export_model, load_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint,
                             unfinished_checkpoints_after)
 from .ema import WeightEMA
 from ..layout import (BEST, DATA_SOURCE, EMA_WEIGHTS, FINAL, METRICS, RESULTS, RUN_ARGS, RUN_LOCK, STREAM_STATE,
-                     complete_checkpoints, run_outputs, stream_state_name)
+                      TENSORBOARD, complete_checkpoints, run_outputs, stream_state_name)
 from .lora import add_lora, is_lora, lora_config, merged
 from .metrics import LogWindow, any_nonfinite, measure_peak_flops, training_flops_per_token
 from .optim import make_optimizer_and_scheduler
@@ -194,9 +195,25 @@ def make_accelerator(args) -> Accelerator:
     # but cpu=True also switches DeepSpeed off, which runs on the CPU by itself
     cpu = not torch.cuda.is_available() and not use_deepspeed
     return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                       mixed_precision=args.mixed_precision, log_with="tensorboard", cpu=cpu,
+                       mixed_precision=args.mixed_precision, log_with=trackers(args), cpu=cpu,
                        project_dir=args.output_dir, deepspeed_plugin=plugin, kwargs_handlers=handlers,
                        dynamo_backend=args.torch_compile_backend if args.torch_compile else "no")
+
+
+def trackers(args) -> list[str] | None:
+    """--report_to as Accelerate's log_with: a tracker asked for by name must be installed (Accelerate would
+    silently leave it out), so a missing one is refused before any work, with the command that installs it."""
+    names = args.trackers()
+    if names == ["none"]:
+        return None
+    if "all" in names:
+        return ["all"]
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in available:
+            raise UserError(f"--report_to {name}: the {name} package is not installed; pip install "
+                            f"{TRACKER_PACKAGES[name]} (or leave {name} out of --report_to)")
+    return names
 
 
 def reconcile_deepspeed_config(accelerator, args) -> None:
@@ -453,6 +470,7 @@ class Trainer:
         """Validate the arguments against the output folder and the model config -> (the checkpoint to resume
         from or None, the config). Changes nothing; fails here, before any data, model or process-group work."""
         args = self.args
+        trackers(args)  # a tracker asked for and not installed fails here
         check_output_dir(args, self.run_args)
         checkpoint = resolve_checkpoint(self.out, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
         task = self.data_args.task_settings() if self.data_args.task else None
@@ -571,7 +589,7 @@ class Trainer:
             (self.out / RUN_ARGS).write_text(json.dumps(self.run_args, indent=2, default=str))
         hparams = {k: v for group in self.run_args.values() for k, v in group.items()
                    if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("tensorboard", config=hparams)
+        accelerator.init_trackers(TENSORBOARD, config=hparams)  # TensorBoard's folder in OUTPUT_DIR; others' run
         self.window = LogWindow(self.expert_parallel.rows_per_layer)
 
     def end(self) -> None:
