@@ -72,7 +72,8 @@ def test_loss_decreases_over_a_short_run(tmp_path, corpus):
 
 
 def test_resume_is_exact(tmp_path, corpus):
-    noisy = dict(hidden_dropout=0.1, router_jitter_noise=0.1)  # resume must restore the RNG, not just weights
+    # resume must restore the RNG, not just weights, and the aux-free balancing bias beside the aux loss
+    noisy = dict(hidden_dropout=0.1, router_jitter_noise=0.1, load_balancing="both", router_bias_update_rate=1e-3)
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     assert main_cases([train_args(tmp_path, corpus, output_dir=straight, **noisy),  # one process, two runs
                        train_args(tmp_path, corpus, output_dir=halves, max_steps=3, **noisy)]) == [None, None]
@@ -98,9 +99,11 @@ def test_resume_is_exact(tmp_path, corpus):
 
 
 def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path, corpus):
-    # the aux loss is a product of per-rank statistics, so it is switched off to compare exactly
-    # and both sides use one thread per process, so the arithmetic is the same
-    settings = dict(router_aux_loss_coef=0.0, max_steps=5, eval_interval=5, cpu_threads=1)
+    # the aux loss is a product of per-rank statistics, so the balancing is the aux-free bias here, whose update
+    # reads the step's expert counts summed over the ranks; both sides use one thread per process, so the
+    # arithmetic is the same
+    settings = dict(load_balancing="aux_free", router_bias_update_rate=1e-3, max_steps=5, eval_interval=5,
+                    cpu_threads=1)
     launch(train_args(tmp_path, corpus, output_dir=tmp_path / "one", per_device_train_batch_size=4, **settings))
     result = launch(train_args(tmp_path, corpus, output_dir=tmp_path / "two", per_device_train_batch_size=2,
                                **settings), config_file="accelerate_configs/cpu_ddp.yaml")
@@ -117,6 +120,13 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path, 
     assert eval_records(tmp_path / "two")[-1]["eval/loss"] == pytest.approx(
         eval_records(tmp_path / "one")[-1]["eval/loss"], abs=5e-3)
     assert_export_cli_matches_final(tmp_path / "two")
+    # the balancing biases: the same global counts on both sides, so the same sign steps (a token flipped by
+    # rounding at step 5, as above, can move one expert's last step: 2e-3 at most)
+    biases = [{k: v for k, v in load_file(tmp_path / side / "final" / "model.safetensors").items()
+               if k.endswith("expert_bias")} for side in ("one", "two")]
+    assert len(biases[0]) == 2 and all(v.abs().max() > 0 for v in biases[0].values())
+    for name, bias in biases[0].items():
+        assert (biases[1][name] - bias).abs().max() <= 2e-3 + 1e-9, name
 
 
 # ZeRO-3 itself: test_reliability.py's ZeRO-3 test makes the same checks on its run, and resumes it

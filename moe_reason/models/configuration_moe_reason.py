@@ -34,6 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 EXPERT_ACTIVATIONS = ("silu", "swiglu")
 TOKEN_MIXERS = ("attention", "mlp")
+LOAD_BALANCING = ("aux_loss", "aux_free", "both")
 
 
 class MoEReasonConfig(PretrainedConfig):
@@ -57,7 +58,15 @@ class MoEReasonConfig(PretrainedConfig):
             fused into one MLP of width `num_shared_experts * intermediate_size`; 0 disables them.
         norm_topk_prob (`bool`): renormalise the chosen top-k router probabilities to sum to 1.
         router_aux_loss_coef (`float`): weight of the load-balancing loss added to the LM loss;
-            the loss is computed whenever this is > 0.
+            the loss is computed whenever this is > 0 and `load_balancing` is `"aux_loss"` or `"both"`.
+        load_balancing (`str`): how the experts' load is balanced: `"aux_loss"` (the Switch/Mixtral
+            auxiliary loss, weighted by `router_aux_loss_coef`), `"aux_free"` (DeepSeek-V3's bias, no
+            auxiliary loss: each expert's bias is added to its router probability for the top-k *choice* only,
+            never to the gate weights, and after each optimizer step moves by `router_bias_update_rate` up
+            for an expert that got fewer tokens than the mean over the whole step and every rank, down for one
+            that got more), or `"both"`.
+        router_bias_update_rate (`float`): the bias's step with `"aux_free"` or `"both"` (DeepSeek-V3,
+            torchtitan and Megatron-Core use 1e-3); 0 means no bias, which `"aux_loss"` requires.
         router_z_loss_coef (`float`): weight of the router z-loss (mean squared logsumexp of the
             router logits, ST-MoE); computed whenever this is > 0.
         router_jitter_noise (`float`): in training, router inputs are multiplied by noise drawn
@@ -103,6 +112,8 @@ class MoEReasonConfig(PretrainedConfig):
     num_shared_experts: int = 0
     norm_topk_prob: bool = True
     router_aux_loss_coef: float = 0.01
+    load_balancing: str = "aux_loss"
+    router_bias_update_rate: float = 0.0
     router_z_loss_coef: float = 0.0
     router_jitter_noise: float = 0.0
     hidden_dropout: float = 0.0
@@ -127,6 +138,13 @@ class MoEReasonConfig(PretrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         super().__post_init__(**kwargs)
         self.check()
+
+    def uses_router_bias(self) -> bool:
+        """Whether the routers keep DeepSeek-V3's load-balancing bias."""
+        return self.load_balancing in ("aux_free", "both")
+
+    def uses_aux_loss(self) -> bool:
+        return self.load_balancing in ("aux_loss", "both") and self.router_aux_loss_coef > 0
 
     @property
     def head_dim(self) -> int:
@@ -156,6 +174,11 @@ class MoEReasonConfig(PretrainedConfig):
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise"):
             require(self, name, getattr(self, name) >= 0.0, "a number >= 0")
         require(self, "router_jitter_noise", self.router_jitter_noise < 1.0, "a number in [0, 1)")
+        require(self, "load_balancing", self.load_balancing in LOAD_BALANCING, f"one of {LOAD_BALANCING}")
+        require(self, "router_bias_update_rate", self.router_bias_update_rate >= 0.0, "a number >= 0")
+        require(self, "router_bias_update_rate", (self.router_bias_update_rate > 0) == self.uses_router_bias(),
+                f"> 0 with load_balancing={self.load_balancing!r}" if self.uses_router_bias() else
+                "0 with load_balancing='aux_loss' (the bias is aux_free's and both's)")
         for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
             require(self, name, getattr(self, name) > 0.0, "a number > 0")
         require(self, "token_mixer", self.token_mixer in TOKEN_MIXERS, f"one of {TOKEN_MIXERS}")

@@ -26,6 +26,7 @@ _MIXTRAL_FUNCTION = {
     "hidden_dropout": 0.0,
     "norm_topk_prob": True,
     "router_jitter_noise": 0.0,
+    "load_balancing": "aux_loss",  # Mixtral has no balancing bias
 }
 
 

@@ -153,18 +153,32 @@ class MoEReasonRouter(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.jitter_noise = config.router_jitter_noise
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        if config.uses_router_bias():  # DeepSeek-V3's balancing bias: state, not a parameter (no gradient)
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts), persistent=True)
 
     def forward(self, x: torch.Tensor):
-        """x [T, H] -> router logits [T, E] (fp32), top-k weights [T, k] (fp32), top-k experts [T, k]."""
+        """x [T, H] -> router logits [T, E] (fp32), top-k weights [T, k] (fp32), top-k experts [T, k].
+
+        With the balancing bias, the experts are the top k of probability + bias, and their weights the
+        probabilities alone: the bias steers the choice, never the mixture."""
         if self.training and self.jitter_noise > 0:
             # multiplicative noise on the router input only: the experts see the clean tokens
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         logits = F.linear(x, self.weight).float()
         probs = logits.softmax(dim=-1)
-        weights, experts = probs.topk(self.top_k, dim=-1)
+        if hasattr(self, "expert_bias"):
+            experts = (probs + self.expert_bias).topk(self.top_k, dim=-1).indices  # [T, k]
+            weights = probs.gather(-1, experts)
+        else:
+            weights, experts = probs.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights, experts
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor, rate: float) -> None:
+        """counts [E]: tokens each expert got. Under-loaded experts' biases go up by `rate`, over-loaded ones' down."""
+        self.expert_bias += rate * torch.sign(counts.float().mean() - counts.float()).to(self.expert_bias.device)
 
 
 class MoEReasonExperts(nn.Module):
@@ -594,11 +608,23 @@ class MoEReasonForCausalLM(MoEReasonPreTrainedModel, GenerationMixin):
             seq = router_logits[0].shape[0] // attention_mask.shape[0]
             token_mask = attention_mask[:, -seq:].reshape(-1)  # this forward's tokens, not the cached ones
         aux = z = None
-        if self.config.router_aux_loss_coef > 0:
+        if self.config.uses_aux_loss():
             aux = load_balancing_loss(router_logits, selected_experts, self.config.num_experts, token_mask)
         if self.config.router_z_loss_coef > 0:
             z = router_z_loss(router_logits, token_mask)
         return aux, z
+
+    @torch.no_grad()
+    def update_router_biases(self, load: torch.Tensor) -> None:
+        """DeepSeek-V3's rule, once per optimizer step: load [L, E] is the tokens each expert got in the step, over
+        every micro-batch and every rank (the same on every rank, so the biases stay equal); each expert's bias
+        moves by router_bias_update_rate towards balance (up below the layer's mean load, down above it)."""
+        for router, counts in zip(self.routers(), load):
+            router.update_bias(counts, self.config.router_bias_update_rate)
+
+    def routers(self) -> list["MoEReasonRouter"]:
+        """Each layer's router, in layer order."""
+        return [m for m in self.modules() if isinstance(m, MoEReasonRouter)]
 
     def combine_losses(self, lm_loss, aux, z):
         """Total training loss from its parts (None parts are skipped)."""

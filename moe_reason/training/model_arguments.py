@@ -69,6 +69,8 @@ class ModelArguments:
     num_shared_experts: int | None = model_field("num_shared_experts")
     norm_topk_prob: bool | None = model_field("norm_topk_prob")
     router_aux_loss_coef: float | None = model_field("router_aux_loss_coef")
+    load_balancing: str | None = model_field("load_balancing")
+    router_bias_update_rate: float | None = model_field("router_bias_update_rate")
     router_z_loss_coef: float | None = model_field("router_z_loss_coef")
     router_jitter_noise: float | None = model_field("router_jitter_noise")
     hidden_dropout: float | None = model_field("hidden_dropout")

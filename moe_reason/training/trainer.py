@@ -683,10 +683,13 @@ class Trainer:
         non-finite gradient norm, makes no update. -> the step's record: {"grad_norm": float}.
         """
         accelerator, args = self.accelerator, self.args
-        ok, grad_norm = True, math.nan
+        ok, grad_norm, step_load = True, math.nan, None
         for batch in micro_batches:
             with accelerator.accumulate(self.model):
                 output = self.model(**batch, use_cache=False)
+                if output.expert_load is not None:  # [L, E] tokens per expert: the balancing bias's evidence
+                    load = output.expert_load.detach().float()
+                    step_load = load if step_load is None else step_load + load
                 nonfinite = any_nonfinite(accelerator, output.loss)
                 if nonfinite and self.is_deepspeed:
                     raise RuntimeError(f"non-finite loss at step {self.state.step} under DeepSpeed, whose engine "
@@ -704,13 +707,25 @@ class Trainer:
                         self.optimizer.step()
                         if self.ema is not None:
                             self.ema.update()
+                        if self.config.uses_router_bias():  # the whole step's load, every rank's: equal biases
+                            load = accelerator.reduce(step_load.to(accelerator.device), "sum")
+                            accelerator.unwrap_model(self.model).update_router_biases(load)
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scheduler.step()
             if accelerator.sync_gradients:
                 break
         self.state.step += 1
         self.count_nonfinite(ok)
-        return {"grad_norm": grad_norm}
+        return {"grad_norm": grad_norm, **self.router_bias_summary()}
+
+    def router_bias_summary(self) -> dict:
+        """Each layer's balancing-bias spread (largest minus smallest expert's), logged as
+        train/router_bias_spread/layer_L: how hard the aux-free rule is steering the choice."""
+        if not self.config.uses_router_bias():
+            return {}
+        routers = self.accelerator.unwrap_model(self.model).routers()
+        return {f"router_bias_spread/layer_{i}": float(r.expert_bias.max() - r.expert_bias.min())
+                for i, r in enumerate(routers)}
 
     def count_nonfinite(self, ok: bool) -> None:
         """Track the streak of skipped steps; too long a streak stops the run."""
