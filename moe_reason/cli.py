@@ -7,6 +7,7 @@ one `error: ...` line with exit status 2 (`errors.run_cli`), and a runner exits 
     moe-reason-generate   --model_path outputs/run/final           evaluation/generate.py
     moe-reason-export     CHECKPOINT OUTPUT                        training/export.py
     moe-reason-prepare-data [config.yaml] [--flag value ...]       data/prepare_data.py
+    moe-reason-upcycle    DENSE OUTPUT --num_experts E --top_k K    models/upcycle.py
 
 Training itself is `accelerate launch train.py` (or `python train.py`), the way Accelerate and DeepSpeed launch a
 script on every process. `python -m moe_reason.<package>.<module>` runs the same commands.
@@ -39,6 +40,11 @@ def generate() -> None:
 
 def export() -> None:
     from .training.export import main
+    run_cli(main)
+
+
+def upcycle() -> None:
+    from .models.upcycle import main
     run_cli(main)
 
 
