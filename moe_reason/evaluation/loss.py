@@ -20,6 +20,15 @@ def summarise_eval(stats: torch.Tensor, vocab_size: int) -> dict[str, float]:
             "exact_match": exact, "tokens": int(tokens), "ln_vocab": math.log(vocab_size)}
 
 
+def load_summary(load: torch.Tensor) -> dict[str, float]:
+    """Tokens per expert per layer [L, E] (this process's share of the batches) -> the mean over layers of the
+    busiest expert's load over the mean (1 = balanced) and of the load's entropy over ln(E) (1 = uniform)."""
+    share = load / load.sum(-1, keepdim=True).clamp(min=1)  # [L, E]
+    entropy = -(share * share.clamp(min=1e-12).log()).sum(-1) / math.log(load.shape[-1])  # [L]
+    return {"load_max_over_mean": float((load.max(-1).values / load.mean(-1).clamp(min=1e-9)).mean()),
+            "load_entropy": float(entropy.mean())}
+
+
 @torch.no_grad()
 def evaluate_model(model, batches, config, gather=lambda t: t, progress: bool = False) -> dict:
     """Loss, perplexity, accuracy, exact match (and recursion steps) over `batches`; `gather` joins ranks' tensors.
@@ -29,15 +38,19 @@ def evaluate_model(model, batches, config, gather=lambda t: t, progress: bool = 
     """
     was_training = model.training
     model.eval()
-    stats, recursion_steps = [], []
+    stats, recursion_steps, load = [], [], None
     for batch in tqdm(batches, desc="evaluating", disable=not progress, dynamic_ncols=True):
         out = model(input_ids=batch["input_ids"], use_cache=False)
         stats.append(gather(next_token_statistics(out.logits, batch["labels"], not config.bidirectional,
                                                   config.stablemax_loss)))
         if getattr(out, "recursion_steps", None) is not None:
             recursion_steps.append(gather(out.recursion_steps.float().reshape(-1)))
+        if getattr(out, "expert_load", None) is not None:
+            load = out.expert_load.float() if load is None else load + out.expert_load.float()
     model.train(was_training)
     result = summarise_eval(torch.cat(stats), config.vocab_size)
+    if load is not None and config.num_experts > 1:
+        result.update(load_summary(load))
     if recursion_steps:
         steps = torch.cat(recursion_steps)
         result.update(recursion_steps=float(steps.mean()),

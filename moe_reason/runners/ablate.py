@@ -120,6 +120,7 @@ def results_payload(grid: dict, runs: list[dict], earlier: dict | None = None) -
             "perplexity_mean": mean_std([r["perplexity"] for r in done])[0],
             "accuracy_mean": mean_std([r["accuracy"] for r in done])[0],
             "tokens_per_s_mean": mean_std([r["tokens_per_s"] for r in done])[0],
+            **load_figures(done),
             "wall_seconds_mean": mean_std([r["wall_seconds"] for r in done])[0],
             "delta_vs_reference": mean - mean_std(reference)[0] if reference else None,
             "interval": None if d is None else [d.low, d.high], "p_value": None if d is None else d.p_value,
@@ -135,6 +136,16 @@ def results_payload(grid: dict, runs: list[dict], earlier: dict | None = None) -
             "seeds": grid["seeds"], "base": grid["base"], "ln_vocab": ln_vocab, "ranking": ranking,
             "variants": variants, "not_in_report": not_in_report, "runs": runs,
             "spread_rule": f"{STATISTICS_RULE}; {HOLM_RULE}", "other_runs": list((earlier or {}).values())}
+
+
+def load_figures(done: list[dict]) -> dict:
+    """The experts' balance on the validation set (mean ± std over seeds), where the runs measured it."""
+    figures = {}
+    for name in ("load_max_over_mean", "load_entropy"):
+        values = [r[name] for r in done if r.get(name) is not None]
+        if len(values) == len(done):
+            figures[f"{name}_mean"], figures[f"{name}_std"] = mean_std(values)
+    return figures
 
 
 def refreshed(payload: dict) -> dict:
@@ -163,8 +174,11 @@ def summary_markdown(payload: dict) -> str:
                   f"Losses are mean cross-entropy in nats per token. A model guessing uniformly over the "
                   f"vocabulary scores ln(vocab) = {payload['ln_vocab']:.3f}; a loss L means the model is as unsure "
                   f"as a uniform choice among e^L tokens (its perplexity).", ""]
+    balance = all("load_entropy_mean" in v for v in variants.values()) and variants
     lines += ["| rank | variant | val loss (mean ± std) | Δ vs " + ref + " | 95% interval of Δ | real (Holm)? | "
-              "perplexity | accuracy | tokens/s | wall (s) |", "|---:|---|---|---:|---|---|---:|---:|---:|---:|"]
+              + ("max/mean expert load | load entropy / ln E | " if balance else "")
+              + "perplexity | accuracy | tokens/s | wall (s) |",
+              "|---:|---|---|---:|---|---|" + ("---:|---:|" if balance else "") + "---:|---:|---:|---:|"]
     for rank, name in enumerate(payload["ranking"], 1):
         v = variants[name]
         real = {True: "**yes**", False: "no", None: "n/a" if name == ref else "can't tell (1 seed)"}[
@@ -173,8 +187,10 @@ def summary_markdown(payload: dict) -> str:
         low, high = v.get("interval") or (None, None)
         interval = "—" if low is None else f"[{low:+.4f}, {high:+.4f}]"
         nan = " (non-finite seen)" if v["any_nan"] else ""
+        load = (f"{v['load_max_over_mean_mean']:.3f} ± {v['load_max_over_mean_std']:.3f} | "
+                f"{v['load_entropy_mean']:.4f} ± {v['load_entropy_std']:.4f} | ") if balance else ""
         lines.append(f"| {rank} | {name}{nan} | {v['val_loss_mean']:.4f} ± {v['val_loss_std']:.4f} | {delta} | "
-                     f"{interval} | {real} | {v['perplexity_mean']:.2f} | {v['accuracy_mean']:.3f} | "
+                     f"{interval} | {real} | {load}{v['perplexity_mean']:.2f} | {v['accuracy_mean']:.3f} | "
                      f"{v['tokens_per_s_mean']:,.0f} | {v['wall_seconds_mean']:.0f} |")
     lines += ["", f"Rule: {payload['spread_rule']}.", "", f"Throughput: {THROUGHPUT_NOTE}."]
     failed = [r for r in runs if r["status"] == "failed"]

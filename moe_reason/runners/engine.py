@@ -435,6 +435,7 @@ def collect_run(run_dir) -> dict:
         "final_val_loss": final["loss"], "best_val_loss": results["best_val_loss"],
         "perplexity": final["perplexity"], "accuracy": final["accuracy"], "ln_vocab": final["ln_vocab"],
         "eval_tokens": final["tokens"], "recursion_steps": final.get("recursion_steps"),
+        "load_max_over_mean": final.get("load_max_over_mean"), "load_entropy": final.get("load_entropy"),
         "tokens_per_s": results["tokens_per_s"], "wall_seconds": results["wall_seconds"],
         "flops_per_token": results["flops_per_token"], "tokens_per_step": results["tokens_per_step"],
         "sequences_per_step": results.get("sequences_per_step"),
