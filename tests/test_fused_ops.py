@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_reason import chunked_loss
+from moe_reason.models import chunked_loss
 from moe_reason.models.chunked_loss import linear_cross_entropy
 from moe_reason.models.expert_kernels import expert_activation
 

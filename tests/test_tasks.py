@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
-from moe_reason import maze, sudoku
+from moe_reason.tasks import maze, sudoku
 from moe_reason.data.prepare import DataArguments, DrawSampler
 from moe_reason.tasks.scoring import evaluate_puzzles, score
 from moe_reason.tasks.files import read_sudoku_file
