@@ -7,9 +7,11 @@ import warnings
 import pytest
 import yaml
 
-from moe_reason.runners.ablate import AblateArguments, load_grid, main as ablate_main, plot as ablate_plot
+from moe_reason.runners.ablate import AblateArguments, load_grid, main as ablate_main
+from moe_reason.runners.grid_report import plot as ablate_plot
 from moe_reason.training.arguments import arguments_from, build_config, parse_args
-from moe_reason.runners.compare import budget_trend, load_comparison, main as compare_main, plan_runs, trend_verdict
+from moe_reason.runners.compare import budget_trend, load_comparison, main as compare_main, plan_runs
+from moe_reason.runners.comparison_report import trend_verdict
 from moe_reason.models.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.evaluation.evaluate import main as evaluate_main
 from moe_reason.runners.engine import STUDY_IN_USE, RunBudget, RunnerArguments, exit_status, parse_runner_cli
