@@ -127,3 +127,24 @@ def test_equal_flops_reference_gives_each_cheaper_arm_the_reference_arms_flops(t
     with pytest.raises(ValueError, match="equal_flops='cheapest' is invalid"):
         spec.write_text(spec.read_text().replace('"reference", "base"', '"cheapest", "base"'))
         load_comparison(spec)
+
+
+def test_a_grid_reports_each_variants_expert_load_against_the_references_with_its_interval():
+    from moe_reason.runners.ablate import results_payload
+    from moe_reason.runners.grid_report import summary_markdown
+
+    def run(variant, seed, loss, load):
+        return {"variant": variant, "seed": seed, "status": "finished", "final_val_loss": loss, "best_val_loss": loss,
+                "perplexity": 1.0, "accuracy": 0.5, "tokens_per_s": 1.0, "wall_seconds": 1.0, "nan": False,
+                "load_max_over_mean": load, "load_entropy": 0.9, "ln_vocab": 5.0, "steps": 10, "eval_tokens": 100}
+    loads = {"aux_loss": [2.5, 2.3, 2.7], "aux_free": [2.0, 2.1, 1.9]}
+    runs = [run(v, s, 6.0 + 0.01 * s, x) for v, xs in loads.items() for s, x in enumerate(xs)]
+    grid = {"path": "g.yaml", "description": "", "reference": "aux_loss", "seeds": [0, 1, 2], "base": {},
+            "variants": {"aux_loss": {}, "aux_free": {}}}
+    v = results_payload(grid, runs)["variants"]
+    expected = welch(loads["aux_free"], loads["aux_loss"])
+    assert v["aux_free"]["load_max_over_mean_delta"] == pytest.approx(-0.5)
+    assert v["aux_free"]["load_max_over_mean_interval"] == pytest.approx([expected.low, expected.high])
+    assert "load_max_over_mean_delta" not in v["aux_loss"]
+    table = summary_markdown(results_payload(grid, runs))
+    assert f"| -0.500 [{expected.low:+.3f}, {expected.high:+.3f}] |" in table

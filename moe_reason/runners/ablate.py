@@ -120,7 +120,8 @@ def results_payload(grid: dict, runs: list[dict], earlier: dict | None = None) -
             "perplexity_mean": mean_std([r["perplexity"] for r in done])[0],
             "accuracy_mean": mean_std([r["accuracy"] for r in done])[0],
             "tokens_per_s_mean": mean_std([r["tokens_per_s"] for r in done])[0],
-            **load_figures(done),
+            **load_figures(done, [r for r in runs if r["variant"] == grid["reference"] and r["status"] == "finished"]
+                           if name != grid["reference"] else []),
             "wall_seconds_mean": mean_std([r["wall_seconds"] for r in done])[0],
             "delta_vs_reference": mean - mean_std(reference)[0] if reference else None,
             "interval": None if d is None else [d.low, d.high], "p_value": None if d is None else d.p_value,
@@ -138,13 +139,19 @@ def results_payload(grid: dict, runs: list[dict], earlier: dict | None = None) -
             "spread_rule": f"{STATISTICS_RULE}; {HOLM_RULE}", "other_runs": list((earlier or {}).values())}
 
 
-def load_figures(done: list[dict]) -> dict:
-    """The experts' balance on the validation set (mean ± std over seeds), where the runs measured it."""
+def load_figures(done: list[dict], reference: list[dict]) -> dict:
+    """The experts' balance on the validation set (mean ± std over seeds), where the runs measured it, and the
+    busiest expert's load against the reference variant's (difference of means, 95% Welch interval)."""
     figures = {}
     for name in ("load_max_over_mean", "load_entropy"):
         values = [r[name] for r in done if r.get(name) is not None]
         if len(values) == len(done):
             figures[f"{name}_mean"], figures[f"{name}_std"] = mean_std(values)
+    theirs = [r["load_max_over_mean"] for r in reference if r.get("load_max_over_mean") is not None]
+    if "load_max_over_mean_mean" in figures and theirs and len(theirs) == len(reference):
+        d = welch([r["load_max_over_mean"] for r in done], theirs)
+        figures["load_max_over_mean_delta"] = figures["load_max_over_mean_mean"] - mean_std(theirs)[0]
+        figures["load_max_over_mean_interval"] = None if d.low is None else [d.low, d.high]
     return figures
 
 

@@ -25,9 +25,9 @@ def summary_markdown(payload: dict) -> str:
                   f"as a uniform choice among e^L tokens (its perplexity).", ""]
     balance = all("load_entropy_mean" in v for v in variants.values()) and variants
     lines += ["| rank | variant | val loss (mean ± std) | Δ vs " + ref + " | 95% interval of Δ | real (Holm)? | "
-              + ("max/mean expert load | load entropy / ln E | " if balance else "")
+              + (f"max/mean expert load | Δ load vs {ref} (95% interval) | load entropy / ln E | " if balance else "")
               + "perplexity | accuracy | tokens/s | wall (s) |",
-              "|---:|---|---|---:|---|---|" + ("---:|---:|" if balance else "") + "---:|---:|---:|---:|"]
+              "|---:|---|---|---:|---|---|" + ("---:|---|---:|" if balance else "") + "---:|---:|---:|---:|"]
     for rank, name in enumerate(payload["ranking"], 1):
         v = variants[name]
         real = {True: "**yes**", False: "no", None: "n/a" if name == ref else "can't tell (1 seed)"}[
@@ -36,7 +36,7 @@ def summary_markdown(payload: dict) -> str:
         low, high = v.get("interval") or (None, None)
         interval = "—" if low is None else f"[{low:+.4f}, {high:+.4f}]"
         nan = " (non-finite seen)" if v["any_nan"] else ""
-        load = (f"{v['load_max_over_mean_mean']:.3f} ± {v['load_max_over_mean_std']:.3f} | "
+        load = (f"{v['load_max_over_mean_mean']:.3f} ± {v['load_max_over_mean_std']:.3f} | {load_delta(v)} | "
                 f"{v['load_entropy_mean']:.4f} ± {v['load_entropy_std']:.4f} | ") if balance else ""
         lines.append(f"| {rank} | {name}{nan} | {v['val_loss_mean']:.4f} ± {v['val_loss_std']:.4f} | {delta} | "
                      f"{interval} | {real} | {load}{v['perplexity_mean']:.2f} | {v['accuracy_mean']:.3f} | "
@@ -48,6 +48,15 @@ def summary_markdown(payload: dict) -> str:
         lines += [f"- `{r['variant']}` seed {r['seed']}: {r['error'].splitlines()[-1][:300]} "
                   f"(log: `{r['output_dir']}/train.log`)" for r in failed]
     return "\n".join(lines) + "\n"
+
+
+def load_delta(v: dict) -> str:
+    """'+0.149 [-0.203, +0.501]': a variant's max/mean load minus the reference's, with its Welch interval."""
+    if "load_max_over_mean_delta" not in v:
+        return "—"
+    low, high = v["load_max_over_mean_interval"] or (None, None)
+    span = "(interval unknown: 1 seed)" if low is None else f"[{low:+.3f}, {high:+.3f}]"
+    return f"{v['load_max_over_mean_delta']:+.3f} {span}"
 
 
 def plot(payload: dict, path: Path) -> None:
