@@ -19,6 +19,16 @@ PUZZLE_ROW = re.compile(r"^\| `([^`]+)` \| [^|]+ \| (\d+) \| (\S+) \| ([\d,]+) \
                         r"(\d+\.\d) ± (\d+\.\d) \|$")
 
 
+TRM_STUDIES = sorted(path.name for path in RESULTS.glob("trm_*") if (path / "comparison.json").is_file())
+BALANCING = ("moe_balancing_offline", "moe_balancing_fine_offline")
+
+
+def block(page: str, name: str) -> str | None:
+    """The text between a page's <!-- NAME: ... --> and <!-- /NAME --> markers."""
+    found = re.search(rf"<!-- {name}[^>]*-->\n(.*?)<!-- /{name} -->", text(page), re.S)
+    return found and found.group(1)
+
+
 def text(name: str) -> str:
     return (REPO / name).read_text()
 
@@ -86,3 +96,108 @@ def test_the_first_puzzle_studys_table_is_its_reports():
         assert (exact, exact_std) == (f"{mean(figures[0]):.1f}", f"{spread(figures[0]):.1f}"), (name, label)
         assert (cells, cells_std) == (f"{mean(figures[1]):.1f}", f"{spread(figures[1]):.1f}"), (name, label)
         assert int(steps) == done[0]["steps"] and parameters == f"{done[0]['parameters']:,}", (name, label)
+
+
+def points(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def difference_cell(verdict: dict) -> str:
+    """recursive − run in points of exact accuracy, with its 95% interval."""
+    low, high = verdict["interval"]
+    span = "interval unknown: 1 seed" if low is None else f"[{100 * low:+.1f}, {100 * high:+.1f}]"
+    return f"{100 * verdict['difference']:+.1f} {span}"
+
+
+def puzzle_rows(name: str) -> list[str]:
+    """A committed puzzle comparison, one row per run kind: depth, how each seed stopped, exact accuracy, and
+    the reference (recursive) arm minus it at the same budget."""
+    p = report(name)
+    done = [r for r in p["runs"] if r["status"] == "finished"]
+    rows = []
+    for label in dict.fromkeys(r["label"] for r in done):
+        runs = sorted((r for r in done if r["label"] == label), key=lambda r: r["seed"])
+        arm, kind, depth = runs[0]["arm"], runs[0]["kind"], p["accounting"]["depth"][runs[0]["arm"]]
+        exact = [r["exact_accuracy"] for r in runs]
+        spread = stdev(exact) if len(exact) > 1 else 0.0
+        stops = ", ".join(f"{'plateau' if r['stopped_by'] == 'plateau' else 'cap'} {r['stopped_at']}" for r in runs)
+        versus = "—" if arm == p["reference"] else difference_cell(p[kind][arm])
+        rows.append(f"| `{name}` | {label} | {depth['effective_depth']} × {depth['supervision_steps']} | {len(runs)}: "
+                    f"{stops} | {points(mean(exact))} ± {points(spread)} | {versus} |")
+    return rows
+
+
+def halting_rows(name: str) -> list[str]:
+    """The reference arm's halting: every step, the Q-head at each threshold (share of the steps), on every
+    held-out puzzle; and the trained, 2x and 4x supervision steps on the first N (the depth curve's puzzles)."""
+    p = report(name)
+    runs = [r for r in p["runs"] if r["status"] == "finished" and r["label"] == p["reference"]
+            and r.get("q_head_thresholds")]
+    if not runs:
+        return []
+    trained = runs[0]["q_head"]["halt_max_steps"]
+    cells = [points(mean(r["q_head"]["all_steps_exact_accuracy"] for r in runs))]
+    for threshold in runs[0]["q_head_thresholds"]:
+        at = [r["q_head_thresholds"][threshold] for r in runs]
+        cells.append(f"{points(mean(x['exact_accuracy'] for x in at))} "
+                     f"({mean(x['share_of_steps'] for x in at):.0%})")
+    depths = [points(mean(r["exact_accuracy_by_steps"][str(k * trained)] for r in runs)) for k in (1, 2, 4)]
+    return [f"| `{name}` | {len(runs)} | {trained} | " + " | ".join(cells) + f" | {' / '.join(depths)} "
+            f"({runs[0]['curve_puzzles']}) |"]
+
+
+def puzzle_block() -> str:
+    """The README's and docs/tasks.md's puzzle tables, made from the committed reports."""
+    lines = ["| study | run | layers per step × supervision steps | seeds: stopped at step | exact % (mean ± std) "
+             "| recursive − run, points (95% interval) |", "|---|---|---|---|---|---|"]
+    lines += [row for name in TRM_STUDIES for row in puzzle_rows(name)]
+    halting = [row for name in TRM_STUDIES for row in halting_rows(name)]
+    if halting:
+        lines += ["", "Halting and test-time depth, recursive arm, exact % (share of the supervision steps used):", "",
+                  "| study | seeds | trained steps | every step | Q-head ≥ 0.5 | Q-head ≥ 0.9 | Q-head ≥ 0.99 | "
+                  "trained, 2×, 4× steps (on the first N held-out) |", "|---|---:|---:|---:|---:|---:|---:|---|"] + halting
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("page", ("README.md", "docs/tasks.md"))
+def test_the_puzzle_tables_are_made_from_the_committed_reports(page):
+    assert TRM_STUDIES, "no committed trm_* puzzle study"
+    found = block(page, "puzzle-table")
+    assert found is not None, f"{page} has no <!-- puzzle-table --> block"
+    assert found == puzzle_block(), f"{page}'s puzzle tables differ from the reports; they are:\n" \
+                                    f"{puzzle_block()}(python tests/test_committed_results.py prints them)"
+
+
+def moe_block() -> str:
+    """The README's MoE tables: each balancing variant's loss and expert load against the aux loss's, and the
+    upcycling comparison, made from the committed reports."""
+    lines = ["| grid (`experiments/results/`) | balancing | val loss (mean ± std) | Δ vs aux_loss (95% interval) "
+             "| max/mean expert load | Δ load (95% interval) |", "|---|---|---|---|---:|---|"]
+    for name in BALANCING:
+        found = report(name)
+        for variant in found["variants"]:
+            v = found["variants"][variant]
+            delta = "—" if variant == found["reference"] else \
+                f"{v['delta_vs_reference']:+.4f} {interval(*v['interval'])}"
+            load = "—" if "load_max_over_mean_delta" not in v else \
+                f"{v['load_max_over_mean_delta']:+.3f} [{v['load_max_over_mean_interval'][0]:+.3f}, " \
+                f"{v['load_max_over_mean_interval'][1]:+.3f}]"
+            lines.append(f"| `{name}` | {variant} | {v['val_loss_mean']:.4f} ± {v['val_loss_std']:.4f} | {delta} | "
+                         f"{v['load_max_over_mean_mean']:.3f} ± {v['load_max_over_mean_std']:.3f} | {load} |")
+    up = report("moe_upcycle_offline")["equal_steps"]["scratch"]
+    lines += ["", "| comparison (`experiments/results/moe_upcycle_offline`) | upcycled | scratch | "
+              "upcycled − scratch (95% interval) |", "|---|---|---|---|",
+              f"| 100 steps each, 3 seeds | {up['upcycled']['mean']:.4f} ± {up['upcycled']['std']:.4f} | "
+              f"{up['scratch']['mean']:.4f} ± {up['scratch']['std']:.4f} | "
+              f"{up['difference']:+.4f} {interval(*up['interval'])} |"]
+    return "\n".join(lines) + "\n"
+
+
+def test_the_moe_tables_are_made_from_the_committed_reports():
+    found = block("README.md", "moe-table")
+    assert found is not None, "README.md has no <!-- moe-table --> block"
+    assert found == moe_block(), f"README.md's MoE tables differ from the reports; they are:\n{moe_block()}"
+
+
+if __name__ == "__main__":
+    print(puzzle_block() + "\n" + moe_block(), end="")
