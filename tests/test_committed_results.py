@@ -155,7 +155,8 @@ def puzzle_block() -> str:
     if halting:
         lines += ["", "Halting and test-time depth, recursive arm, exact % (share of the supervision steps used):", "",
                   "| study | seeds | trained steps | every step | Q-head ≥ 0.5 | Q-head ≥ 0.9 | Q-head ≥ 0.99 | "
-                  "trained, 2×, 4× steps (on the first N held-out) |", "|---|---:|---:|---:|---:|---:|---:|---|"] + halting
+                  "trained, 2×, 4× steps (on the first N held-out) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        lines += halting
     return "\n".join(lines) + "\n"
 
 
