@@ -109,6 +109,16 @@ def main_cases(argv_lists: list[list[str]], timeout: int = 300) -> list[str | No
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def cli_cases(cases: list[tuple[str, list[str]]], timeout: int = 300) -> list[tuple[int, str]]:
+    """Each (MODULE, ARGV) command run as `python -m MODULE ARGV` would run it, all forked from one fresh process
+    (tests/main_cases_check.py --cli) -> per case (exit status, stderr)."""
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "main_cases_check.py"), "--cli",
+                             json.dumps([[module, [str(a) for a in argv]] for module, argv in cases])],
+                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return [tuple(outcome) for outcome in json.loads(result.stdout.strip().splitlines()[-1])]
+
+
 def clean_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                       "MASTER_"))}

@@ -21,12 +21,15 @@ from moe_reason import MoEReasonConfig, MoEReasonForCausalLM
 from moe_reason.training.arguments import TrainingArguments
 from moe_reason.data.corpus import MAX_PIECE
 from moe_reason.data.prepare import DataArguments, prepare_data
+from moe_reason.errors import run_cli
 from moe_reason.evaluation.evaluate import main as evaluate_main
 from moe_reason.layout import RUN_LOCK_OWNER, complete_checkpoints
 from moe_reason.safe_loading import damaged_files, deepspeed_globals, deepspeed_weights_only
+from moe_reason.training.export import main as export_main
 from moe_reason.tasks.puzzles import GridFormulation
 
-from conftest import REPO, clean_env, launch, main_cases, read_metrics, train_args, train_losses, write_corpus
+from conftest import (REPO, clean_env, cli_cases, launch, main_cases, read_metrics, train_args, train_losses,
+                      write_corpus)
 from test_generate import save_tiny
 from test_train import assert_zero_run_learned_and_exported_its_gathered_weights
 
@@ -254,9 +257,16 @@ def test_a_megabyte_line_without_white_space_trains_the_tokenizer_in_bounded_pie
 # export never deletes what it did not write
 
 
-def export_cli(*argv) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moe_reason.training.export", *map(str, argv)], cwd=REPO,
-                          env=clean_env(), capture_output=True, text=True, timeout=180)
+def export_cli(capsys, *argv) -> subprocess.CompletedProcess:
+    """The export command in this process, as `python -m moe_reason.training.export ARGV` runs it (its main under
+    run_cli; export keeps no state between calls), -> its exit status and stderr."""
+    capsys.readouterr()
+    try:
+        run_cli(export_main, [str(a) for a in argv])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    return subprocess.CompletedProcess(argv, code, *capsys.readouterr())
 
 
 def listing(folder) -> dict:
@@ -265,7 +275,7 @@ def listing(folder) -> dict:
 
 
 @pytest.mark.slow
-def test_export_refuses_every_destination_that_holds_what_it_did_not_write(tmp_path):
+def test_export_refuses_every_destination_that_holds_what_it_did_not_write(tmp_path, capsys):
     corpus, out = write_corpus(tmp_path, n=80), tmp_path / "run"
     assert main_cases([train_args(tmp_path, corpus, output_dir=out, max_steps=2, save_interval=2)]) == [None]
     r = tmp_path / "r"
@@ -281,7 +291,7 @@ def test_export_refuses_every_destination_that_holds_what_it_did_not_write(tmp_p
         tmp_path / "run": "is not empty: name a new folder, or pass --overwrite",
     }
     for destination, refusal in cases.items():
-        result = export_cli(r / "checkpoint-2", destination)
+        result = export_cli(capsys, r / "checkpoint-2", destination)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert result.stderr.startswith("error: ") and refusal in result.stderr, result.stderr
     assert listing(tmp_path) == before  # nothing deleted, nothing written
@@ -289,15 +299,15 @@ def test_export_refuses_every_destination_that_holds_what_it_did_not_write(tmp_p
     # a new folder, then replaced with --overwrite; files of the user's beside it (NAME.tmp, NAME.old) stay
     for name in ("export.tmp", "export.old"):
         (tmp_path / name).write_text("the user's")
-    assert export_cli(r / "checkpoint-2", tmp_path / "export").returncode == 0
+    assert export_cli(capsys, r / "checkpoint-2", tmp_path / "export").returncode == 0
     assert listing(tmp_path / "export") == listing(out / "final") | {}  # what the trainer exported at that step
     (tmp_path / "export" / "eval_task.json").write_text("{}")  # what evaluate adds is part of an export
-    replaced = export_cli(r / "checkpoint-2", tmp_path / "export", "--overwrite")
+    replaced = export_cli(capsys, r / "checkpoint-2", tmp_path / "export", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr[-2000:]
     assert not (tmp_path / "export" / "eval_task.json").exists()
     assert (tmp_path / "export.tmp").read_text() == (tmp_path / "export.old").read_text() == "the user's"
     (tmp_path / "export" / "notes.txt").write_text("mine")  # an export with a file of the user's: refused
-    refused = export_cli(r / "checkpoint-2", tmp_path / "export", "--overwrite")
+    refused = export_cli(capsys, r / "checkpoint-2", tmp_path / "export", "--overwrite")
     assert refused.returncode == 2 and "holds ['notes.txt'], which an export does not write" in refused.stderr
     assert (tmp_path / "export" / "notes.txt").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
@@ -323,27 +333,29 @@ def test_every_command_tells_a_user_error_in_one_line_without_a_traceback(tmp_pa
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     (tmp_path / "huge.csv").write_text("question,answer\n4..31.4224..3...," + "1" * 5_000_000 + "\n")
-    train = ["train.py", "--output_dir", str(tmp_path / "x"), "--max_steps", "1"]
-    cases = [
-        (train + ["--learning_rate", "-1"], "TrainingArguments.learning_rate=-1.0 is invalid: must be > 0"),
-        (train + ["--num_experts", "0"], "MoEReasonConfig.num_experts=0 is invalid"),
-        (train + ["--block_size", "0"], "DataArguments.block_size=0 is invalid"),
-        (train + ["--block_size", "100000"], "block_size=100000 is larger than the model's max_position_embeddings"),
-        (["-m", "moe_reason.evaluation.generate", "--model_path", str(tmp_path / "nowhere"), "--prompt", "x"],
+    train = ["--output_dir", str(tmp_path / "x"), "--max_steps", "1"]
+    trainer = "moe_reason.training.trainer"  # train.py's main
+    cases = [  # each as `python -m MODULE ARGV` runs it, forked from one process (one start-up for all)
+        ((trainer, train + ["--num_experts", "0"]), "MoEReasonConfig.num_experts=0 is invalid"),
+        ((trainer, train + ["--block_size", "0"]), "DataArguments.block_size=0 is invalid"),
+        ((trainer, train + ["--block_size", "100000"]),
+         "block_size=100000 is larger than the model's max_position_embeddings"),
+        (("moe_reason.evaluation.generate", ["--model_path", tmp_path / "nowhere", "--prompt", "x"]),
          f"--model_path {tmp_path / 'nowhere'}: no config.json there"),
-        (["-m", "moe_reason.training.export", str(truncated), str(tmp_path / "e")],
-         "model.safetensors is damaged or truncated"),
-        (["-m", "moe_reason.evaluation.evaluate", "--model_path", str(save_tiny(tmp_path / "grid", GridFormulation(), {
-            "task": "sudoku", "task_size": 4, "sudoku_blanks": 8})), "--task_file", str(tmp_path / "huge.csv")],
+        (("moe_reason.training.export", [truncated, tmp_path / "e"]), "model.safetensors is damaged or truncated"),
+        (("moe_reason.evaluation.evaluate", ["--model_path", save_tiny(tmp_path / "grid", GridFormulation(), {
+            "task": "sudoku", "task_size": 4, "sudoku_blanks": 8}), "--task_file", tmp_path / "huge.csv"]),
          "huge.csv line 2: field larger than field limit"),
-        (["-m", "moe_reason.runners.compare", str(tmp_path / "missing.yaml")], "comparison file not found"),
-        (["-m", "moe_reason.runners.ablate", str(tmp_path / "missing.yaml")], "grid file not found"),
+        (("moe_reason.runners.compare", [tmp_path / "missing.yaml"]), "comparison file not found"),
+        (("moe_reason.runners.ablate", [tmp_path / "missing.yaml"]), "grid file not found"),
     ]
-    for args, message in cases:
-        result = cli(args)
-        assert result.returncode == 2, (args, result.returncode, result.stderr[-2000:])
-        assert "Traceback" not in result.stderr and message in result.stderr, (args, result.stderr[-2000:])
-        assert [line for line in result.stderr.splitlines() if line.startswith("error: ")], result.stderr[-500:]
+    script = cli(["train.py"] + train + ["--learning_rate", "-1"])  # and one as the script itself
+    outcomes = [(script.returncode, script.stderr)] + cli_cases([case for case, _ in cases])
+    messages = ["TrainingArguments.learning_rate=-1.0 is invalid: must be > 0"] + [message for _, message in cases]
+    for (code, stderr), message in zip(outcomes, messages):
+        assert code == 2, (message, code, stderr[-2000:])
+        assert "Traceback" not in stderr and message in stderr, (message, stderr[-2000:])
+        assert [line for line in stderr.splitlines() if line.startswith("error: ")], stderr[-500:]
     closed = cli(["-m", "moe_reason.evaluation.generate", "--model_path", str(out / "final")], close_stdin=True)
     assert closed.returncode == 2 and "Traceback" not in closed.stderr
     assert "error: no prompt: give --prompt TEXT (standard input, where a prompt is read otherwise, is closed)" \
