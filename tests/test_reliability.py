@@ -33,6 +33,7 @@ from conftest import (REPO, clean_env, cli_cases, launch, main_cases, read_metri
 from test_generate import save_tiny
 from test_train import assert_zero_run_learned_and_exported_its_gathered_weights
 
+
 def run_train(argv, timeout=180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, env=clean_env(),
                           capture_output=True, text=True, timeout=timeout)

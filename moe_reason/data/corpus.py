@@ -29,6 +29,7 @@ MAX_TEXT_FILE = 2**30  # bytes: a text file is one string in memory before it is
 LOADERS = {".txt": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SKIPPED_STDLIB_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
 
+
 @dataclass
 class PreparedData:
     """What the trainer trains and evaluates on (`data.prepare_data`)."""

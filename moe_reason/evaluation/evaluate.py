@@ -78,7 +78,6 @@ class EvaluateArguments:
                                    "model folder such as outputs/run/final)")
 
 
-
 def main(argv: list[str] | None = None) -> dict:
     """The command line -> `evaluate`."""
     return evaluate(*HfArgumentParser((EvaluateArguments, DataArguments)).parse_args_into_dataclasses(

@@ -56,4 +56,3 @@ def evaluate_model(model, batches, config, gather=lambda t: t, progress: bool = 
         result.update(recursion_steps=float(steps.mean()),
                       halt_rate=float((steps < config.halt_max_steps).float().mean()))
     return result
-

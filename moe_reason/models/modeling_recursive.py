@@ -428,4 +428,3 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         if attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-

@@ -469,6 +469,8 @@ def task_figures(run_dir: Path, scores: str = TASK_EVAL) -> dict:
 THROUGHPUT_NOTE = ("tokens/s and wall time are each run's training loop over all its starts (its checkpoints carry the "
                    "time; a run resumed from a checkpoint older than that counts from its resume): they compare only "
                    "between runs that had the machine alike")
+
+
 def mean_curve(curves: list[list[list[float]]], column: int = 1) -> tuple[list[float], list[float], list[float]]:
     """Steps, mean and std over runs of [[step, value, ...], ...] curves, at the steps all runs share."""
     shared = sorted(set.intersection(*(set(p[0] for p in c) for c in curves))) if curves else []

@@ -106,7 +106,6 @@ class ExpertLoadMeter:
         return out
 
 
-
 def rank_load_summary(accelerator, rank_rows: torch.Tensor | None) -> dict:
     """Rows each rank's experts processed per layer (EP), gathered: imbalance across ranks in TensorBoard."""
     if rank_rows is None:
@@ -190,4 +189,3 @@ class LogWindow:
                        **self.load.summary(), **rank_load_summary(accelerator, self.rank_rows)})
         self.restart()
         return record
-
