@@ -39,6 +39,11 @@ def report(name: str) -> dict:
                        else (path / "comparison.json")).read_text())
 
 
+def spread(values: list[float]) -> float:
+    """The standard deviation over seeds a report prints (0 for one seed)."""
+    return stdev(values) if len(values) > 1 else 0.0
+
+
 def interval(low: float, high: float) -> str:
     return f"[{low:+.4f}, {high:+.4f}]"
 
@@ -91,7 +96,6 @@ def test_the_first_puzzle_studys_table_is_its_reports():
     for name, steps, label, parameters, exact, exact_std, cells, cells_std in rows:
         done = [r for r in report(name)["runs"] if r["label"] == label and r["status"] == "finished"]
         assert done, (name, label)
-        spread = (lambda v: stdev(v) if len(v) > 1 else 0.0)
         figures = [100 * r["exact_accuracy"] for r in done], [100 * r["cell_accuracy"] for r in done]
         assert (exact, exact_std) == (f"{mean(figures[0]):.1f}", f"{spread(figures[0]):.1f}"), (name, label)
         assert (cells, cells_std) == (f"{mean(figures[1]):.1f}", f"{spread(figures[1]):.1f}"), (name, label)
@@ -119,11 +123,10 @@ def puzzle_rows(name: str) -> list[str]:
         runs = sorted((r for r in done if r["label"] == label), key=lambda r: r["seed"])
         arm, kind, depth = runs[0]["arm"], runs[0]["kind"], p["accounting"]["depth"][runs[0]["arm"]]
         exact = [r["exact_accuracy"] for r in runs]
-        spread = stdev(exact) if len(exact) > 1 else 0.0
         stops = ", ".join(f"{'plateau' if r['stopped_by'] == 'plateau' else 'cap'} {r['stopped_at']}" for r in runs)
         versus = "—" if arm == p["reference"] else difference_cell(p[kind][arm])
         rows.append(f"| `{name}` | {label} | {depth['effective_depth']} × {depth['supervision_steps']} | {len(runs)}: "
-                    f"{stops} | {points(mean(exact))} ± {points(spread)} | {versus} |")
+                    f"{stops} | {points(mean(exact))} ± {points(spread(exact))} | {versus} |")
     return rows
 
 

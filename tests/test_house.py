@@ -34,7 +34,7 @@ def package_imports() -> dict[str, set[str]]:
     """{module: the package modules it imports anywhere in its file (top level or inside functions)}."""
     graph = {}
     for name, tree in modules().items():
-        package = name.split(".")[:-1] if not name.endswith("__init__") else name.split(".")[:-1]
+        package = name.split(".")[:-1]  # a module's package; an __init__'s is its own
         found = set()
         for node in ast.walk(tree):
             if not isinstance(node, ast.ImportFrom):

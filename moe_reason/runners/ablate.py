@@ -106,7 +106,8 @@ def results_payload(grid: dict, runs: list[dict], earlier: dict | None = None) -
     difference from the reference with its 95% Welch interval and Holm's verdict over the variants; `other_runs`
     keeps the earlier finished runs this command did not plan or reach (a narrowed or budgeted command)."""
     variants = {}
-    reference = [r["final_val_loss"] for r in runs if r["variant"] == grid["reference"] and r["status"] == "finished"]
+    reference_runs = [r for r in runs if r["variant"] == grid["reference"] and r["status"] == "finished"]
+    reference = [r["final_val_loss"] for r in reference_runs]
     for name in grid["variants"]:
         done = [r for r in runs if r["variant"] == name and r["status"] == "finished"]
         if not done:
@@ -120,8 +121,7 @@ def results_payload(grid: dict, runs: list[dict], earlier: dict | None = None) -
             "perplexity_mean": mean_std([r["perplexity"] for r in done])[0],
             "accuracy_mean": mean_std([r["accuracy"] for r in done])[0],
             "tokens_per_s_mean": mean_std([r["tokens_per_s"] for r in done])[0],
-            **load_figures(done, [r for r in runs if r["variant"] == grid["reference"] and r["status"] == "finished"]
-                           if name != grid["reference"] else []),
+            **load_figures(done, reference_runs if name != grid["reference"] else []),
             "wall_seconds_mean": mean_std([r["wall_seconds"] for r in done])[0],
             "delta_vs_reference": mean - mean_std(reference)[0] if reference else None,
             "interval": None if d is None else [d.low, d.high], "p_value": None if d is None else d.p_value,

@@ -33,7 +33,7 @@ the reference also runs for the steps that spend the reference's FLOPs, so the c
 with `stop_on_plateau` in the base those steps are a cap, and each run says whether it plateaued or hit it.
 `equal_steps: false` keeps only the budget arm's `max_steps` run and the equal-FLOPs runs: the
 costlier arms' full-length runs are what makes a long study long. With a task base each
-finished run's export is scored on the held-out puzzles (`task_eval`). Writes `comparison.json`,
+finished run's export is scored on the held-out puzzles (`tasks.scoring`). Writes `comparison.json`,
 `comparison.png` and `COMPARISON.md`; a winner is named only where the 95% interval of the difference
 over seeds excludes 0 (moe_reason.runners.statistics).
 `--max_hours H` starts no run after H hours; `--report DIR` rebuilds the report from DIR/comparison.json.
@@ -273,10 +273,10 @@ def comparison_payload(cmp: dict, accounting: dict, runs: list[dict], earlier: d
     def values(label):
         return [r[key] for r in runs if r["label"] == label and r["status"] == "finished" and r.get(key) is not None]
 
-    reference, cheapest = cmp["reference"], budget_arm(accounting)
+    reference, budget = cmp["reference"], budget_arm(accounting)
     equal_steps = {arm: verdict(reference, values(reference), arm, values(arm), higher)
                    for arm in cmp["arms"] if arm != reference} if cmp.get("equal_steps", True) else {}
-    equal_flops = {arm: verdict(cheapest, values(cheapest), f"{arm}_equal_flops", values(f"{arm}_equal_flops"), higher)
+    equal_flops = {arm: verdict(budget, values(budget), f"{arm}_equal_flops", values(f"{arm}_equal_flops"), higher)
                    for arm in accounting["equal_flops_steps"]}
     transfer = {}
     if cmp.get("transfer"):
@@ -289,7 +289,7 @@ def comparison_payload(cmp: dict, accounting: dict, runs: list[dict], earlier: d
             "arms": cmp["arms"], "reference": reference, "metric": cmp["metric"], "accounting": accounting,
             "equal_steps_runs": cmp.get("equal_steps", True),
             "equal_steps": equal_steps, "equal_flops": equal_flops, "transfer": transfer,
-            "equal_flops_trend": {arm: budget_trend(runs, cheapest, f"{arm}_equal_flops")
+            "equal_flops_trend": {arm: budget_trend(runs, budget, f"{arm}_equal_flops")
                                   for arm in accounting["equal_flops_steps"]},
             "ln_vocab": next((r["ln_vocab"] for r in runs if r["status"] == "finished"), None),
             "runs": runs, "spread_rule": STATISTICS_RULE, "other_runs": list((earlier or {}).values())}

@@ -198,7 +198,8 @@ def run_table(p: dict, key: str, metric_label: str, higher: bool) -> list[str]:
 
 def steps_curve_table(runs: list[dict],
                       title: str = "## Exact accuracy by supervision steps at evaluation") -> list[str]:
-    """Exact accuracy after 1 .. 2 x halt_max_steps supervision steps (recursive task runs): test-time compute."""
+    """Exact accuracy after each number of supervision steps scored, from 1 to 4 x halt_max_steps (recursive task
+    runs), with and without the Q-head: test-time compute."""
     curves = {}
     for r in runs:
         for key, how in (("exact_accuracy_by_steps", ""), ("q_head_by_steps", ", Q-head may halt")):

@@ -42,7 +42,7 @@ from ..evaluation.evaluate import EvaluateArguments, evaluate
 from ..layout import FINAL, METRICS, RESULTS, STUDY_LOCK, TASK_EVAL
 from ..locks import hold_folder
 from ..tasks.puzzles import TaskArguments
-from ..training.arguments import ModelArguments, argument_names, arguments_from, build_config, load_mapping
+from ..training.arguments import ModelArguments, arguments_from, build_config, load_mapping, refuse_unknown
 from ..training.checkpointing import complete_checkpoints
 from ..training.trainer import TOKENIZER_FIELDS, config_drift, describe_drift, saved_config, train
 from .statistics import mean_std
@@ -196,10 +196,7 @@ def check_arguments(values, where: str, allowed: set[str] | None = None) -> dict
         return {}
     if not isinstance(values, dict):
         raise UserError(f"{where} must be a mapping of trainer arguments to values, got {values!r}")
-    allowed = argument_names() if allowed is None else allowed
-    unknown = sorted(set(values) - allowed)
-    if unknown:
-        raise UserError(f"{where} has unknown argument(s) {unknown}")
+    refuse_unknown(values, where, allowed)
     return dict(values)
 
 

@@ -185,12 +185,18 @@ def argument_names() -> set[str]:
     return {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
 
 
+def refuse_unknown(values: dict, where: str, allowed: set[str] | None = None) -> None:
+    """A UserError naming the names in `values` that are not in `allowed` (default: every trainer argument): a typo
+    must not pass as a silent no-op."""
+    unknown = sorted(set(values) - (argument_names() if allowed is None else allowed))
+    if unknown:
+        raise UserError(f"{where} has unknown argument(s) {unknown}")
+
+
 def checked_names(values: dict, where: str) -> dict:
     """`values` with every name an argument's (else a UserError), and a lone value of a list argument (one
     data file) made a list, as the command line would."""
-    unknown = sorted(set(values) - argument_names())
-    if unknown:
-        raise UserError(f"{where} has unknown argument(s) {unknown}")
+    refuse_unknown(values, where)
     lists = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if "list" in str(f.type)}
     return {k: [v] if k in lists and not isinstance(v, list) and v is not None else v for k, v in values.items()}
 

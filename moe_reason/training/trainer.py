@@ -687,7 +687,7 @@ class Trainer:
         for batch in micro_batches:
             with accelerator.accumulate(self.model):
                 output = self.model(**batch, use_cache=False)
-                if output.expert_load is not None:  # [L, E] tokens per expert: the balancing bias's evidence
+                if self.config.uses_router_bias():  # [L, E] tokens per expert: the balancing bias's evidence
                     load = output.expert_load.detach().float()
                     step_load = load if step_load is None else step_load + load
                 nonfinite = any_nonfinite(accelerator, output.loss)
