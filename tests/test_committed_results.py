@@ -106,6 +106,11 @@ def points(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def spread_cell(values: list[float]) -> str:
+    """± the standard deviation over seeds in points; one seed has none."""
+    return f"± {points(spread(values))}" if len(values) > 1 else "(1 seed)"
+
+
 def difference_cell(verdict: dict) -> str:
     """recursive − run in points of exact accuracy, with its 95% interval."""
     low, high = verdict["interval"]
@@ -126,7 +131,7 @@ def puzzle_rows(name: str) -> list[str]:
         stops = ", ".join(f"{'plateau' if r['stopped_by'] == 'plateau' else 'cap'} {r['stopped_at']}" for r in runs)
         versus = "—" if arm == p["reference"] else difference_cell(p[kind][arm])
         rows.append(f"| `{name}` | {label} | {depth['effective_depth']} × {depth['supervision_steps']} | {len(runs)}: "
-                    f"{stops} | {points(mean(exact))} ± {points(spread(exact))} | {versus} |")
+                    f"{stops} | {points(mean(exact))} {spread_cell(exact)} | {versus} |")
     return rows
 
 

@@ -11,7 +11,7 @@ from scipy import stats as scipy_stats
 from moe_reason.runners.compare import load_comparison, plan_runs
 from moe_reason.data.prepare import DataArguments
 from moe_reason.training.plateau import plateaued
-from moe_reason.runners.statistics import holm, welch
+from moe_reason.runners.statistics import holm, mean_std_text, welch
 from moe_reason.tasks.puzzles import SudokuTask, TaskArguments, generate_splits
 
 from conftest import main_cases, train_args, write_corpus
@@ -77,6 +77,7 @@ def test_welch_interval_and_p_value_match_scipy():
     assert d.excludes_zero and d.diff == pytest.approx(np.mean(a) - np.mean(b))
     assert not welch([0.5, 0.6, 0.4], [0.45, 0.55, 0.5]).excludes_zero
     assert welch([0.5], [0.4, 0.3]).excludes_zero is None  # one seed: no interval
+    assert (mean_std_text([0.5]), mean_std_text([0.5, 0.7])) == ("0.5000 (1 seed)", "0.6000 ± 0.1414")  # and no spread
     exact = welch([0.0, 0.0, 0.0], [0.0, 0.0, 0.0])  # no spread at all on either side
     assert (exact.low, exact.high, exact.excludes_zero) == (0.0, 0.0, False)
 

@@ -4,7 +4,7 @@ writes it), so `--report DIR` rebuilds them without training."""
 from pathlib import Path
 
 from .engine import THROUGHPUT_NOTE, mean_curve, pyplot, save_figure
-from .statistics import mean_std, welch
+from .statistics import mean_std, mean_std_text, welch
 
 METRICS = {"loss": ("final_val_loss", "validation loss", False),  # name -> (record key, label, higher is better)
            "exact_accuracy": ("exact_accuracy", "exact accuracy on held-out puzzles", True)}
@@ -184,10 +184,9 @@ def run_table(p: dict, key: str, metric_label: str, higher: bool) -> list[str]:
         if not done:
             lines.append(f"| {label} | 0 | failed |" + (" |" if task else "") + " | | | |" + (" |" if stops else ""))
             continue
-        m, s = mean_std([r[key] for r in done])
         cells = f" {mean_std([r['cell_accuracy'] for r in done])[0]:.3f} |" if task else ""
         steps = [r["recursion_steps"] for r in done if r.get("recursion_steps") is not None]
-        lines.append(f"| {label} | {len(done)} | {m:.4f} ± {s:.4f} |{cells} "
+        lines.append(f"| {label} | {len(done)} | {mean_std_text([r[key] for r in done])} |{cells} "
                      f"{mean_std([r['final_val_loss'] for r in done])[0]:.4f} | "
                      f"{mean_std([r['accuracy'] for r in done])[0]:.3f} | "
                      f"{mean_std([r['tokens_per_s'] for r in done])[0]:,.0f} | "
@@ -233,8 +232,7 @@ def transfer_section(p: dict) -> list[str]:
     for label in dict.fromkeys(r["label"] for r in p["runs"]):
         done = [r["transfer"] for r in p["runs"] if r["label"] == label and r.get("transfer")]
         if done:
-            m, s = mean_std([t["exact_accuracy"] for t in done])
-            lines.append(f"| {label} | {len(done)} | {m:.4f} ± {s:.4f} | "
+            lines.append(f"| {label} | {len(done)} | {mean_std_text([t['exact_accuracy'] for t in done])} | "
                          f"{mean_std([t['cell_accuracy'] for t in done])[0]:.3f} |")
     lines += [""] + [f"**Transfer, equal steps, {arm} vs {p['reference']}:** {v['verdict']}."
                      for arm, v in p["transfer"]["equal_steps"].items()]

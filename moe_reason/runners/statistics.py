@@ -27,6 +27,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def mean_std_text(values: list[float]) -> str:
+    """The "mean ± std" over seeds a report prints; one seed has no spread, so it says so rather than "± 0"."""
+    mean, std = mean_std(values)
+    return f"{mean:.4f} ± {std:.4f}" if len(values) > 1 else f"{mean:.4f} (1 seed)"
+
+
 @dataclass(frozen=True)
 class Difference:
     """mean(a) - mean(b) with its Welch interval and two-sided p-value; `low`/`high` are None below 2 seeds
