@@ -94,7 +94,7 @@ def test_the_first_puzzle_studys_table_is_its_reports():
     rows = [m.groups() for m in map(PUZZLE_ROW.match, text("docs/tasks.md").splitlines()) if m]
     assert len(rows) >= 16
     for name, steps, label, parameters, exact, exact_std, cells, cells_std in rows:
-        done = [r for r in report(name)["runs"] if r["label"] == label and r["status"] == "finished"]
+        done = [r for r in report(name)["runs"] if r["run"] == label and r["status"] == "finished"]
         assert done, (name, label)
         figures = [100 * r["exact_accuracy"] for r in done], [100 * r["cell_accuracy"] for r in done]
         assert (exact, exact_std) == (f"{mean(figures[0]):.1f}", f"{spread(figures[0]):.1f}"), (name, label)
@@ -124,8 +124,8 @@ def puzzle_rows(name: str) -> list[str]:
     p = report(name)
     done = [r for r in p["runs"] if r["status"] == "finished"]
     rows = []
-    for label in dict.fromkeys(r["label"] for r in done):
-        runs = sorted((r for r in done if r["label"] == label), key=lambda r: r["seed"])
+    for label in dict.fromkeys(r["run"] for r in done):
+        runs = sorted((r for r in done if r["run"] == label), key=lambda r: r["seed"])
         arm, kind, depth = runs[0]["arm"], runs[0]["kind"], p["accounting"]["depth"][runs[0]["arm"]]
         exact = [r["exact_accuracy"] for r in runs]
         stops = ", ".join(f"{'plateau' if r['stopped_by'] == 'plateau' else 'cap'} {r['stopped_at']}" for r in runs)
@@ -139,7 +139,7 @@ def halting_rows(name: str) -> list[str]:
     """The reference arm's halting: every step, the Q-head at each threshold (share of the steps), on every
     held-out puzzle; and the trained, 2x and 4x supervision steps on the first N (the depth curve's puzzles)."""
     p = report(name)
-    runs = [r for r in p["runs"] if r["status"] == "finished" and r["label"] == p["reference"]
+    runs = [r for r in p["runs"] if r["status"] == "finished" and r["run"] == p["reference"]
             and r.get("q_head_thresholds")]
     if not runs:
         return []

@@ -15,6 +15,7 @@ from moe_reason.runners.comparison_report import trend_verdict
 from moe_reason.models.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.evaluation.evaluate import main as evaluate_main
 from moe_reason.runners.engine import STUDY_IN_USE, RunBudget, RunnerArguments, exit_status, parse_runner_cli
+from moe_reason.runners.records import GridReport, RunRecord
 from moe_reason.layout import RESULTS, complete_checkpoints
 from moe_reason.training.metrics import training_flops_per_token
 
@@ -129,7 +130,7 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     results = json.loads((out / "results.json").read_text())
     assert results["ranking"] and set(results["ranking"]) == {"baseline", "no_aux"}
     runs = results["runs"]
-    assert [(r["variant"], r["seed"], r["status"]) for r in runs] == [
+    assert [(r["run"], r["seed"], r["status"]) for r in runs] == [
         ("baseline", 0, "finished"), ("baseline", 1, "finished"), ("no_aux", 0, "finished"),
         ("no_aux", 1, "finished"), ("broken", 0, "failed"), ("broken", 1, "failed")]
     for run in runs[:4]:
@@ -145,7 +146,7 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     summary = (out / "SUMMARY.md").read_text()
     assert "ln(vocab) = 5.768" in summary and "± " in summary and "broken" in summary
     assert "Throughput: tokens/s and wall time are each run's training loop over all its starts" in summary
-    assert payload["ranking"] == results["ranking"]
+    assert payload.ranking == results["ranking"]
     assert exit_status(payload) == 1  # the command exits 1: a script or CI notices the failed runs
 
     capsys.readouterr()
@@ -190,7 +191,7 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     saved.write_text(json.dumps({**json.loads(saved.read_text()), "rms_norm_eps": 1e-3}))
     ablate_main([str(tmp_path / "grid.yaml"), "--output_dir", str(out), "--variants", "baseline"])
     printed = capsys.readouterr().out
-    assert f"[FAILED] baseline/seed_0 (1/2): interrupted earlier (at {checkpoint.name}), but its arguments now " \
+    assert f"[FAILED] baseline/seed_0: interrupted earlier (at {checkpoint.name}), but its arguments now " \
         "build a different model (rms_norm_eps: 0.001 there, 1e-06 now)" in printed and "[start]" not in printed
     assert json.loads(saved.read_text())["rms_norm_eps"] == 1e-3
     assert not (out / "baseline" / "seed_0" / RESULTS).exists()
@@ -206,13 +207,13 @@ def test_a_run_whose_folder_is_gone_is_kept_from_results_json_while_its_argument
     capsys.readouterr()
     again = ablate_main(command)
     printed = capsys.readouterr().out
-    assert "[kept] b/seed_0 (2/2): its folder is gone; kept from the report (val loss" in printed
+    assert "[kept] b/seed_0: its folder is gone; kept from the report (val loss" in printed
     assert printed.count("[skip]") == 1 and "[start]" not in printed and not (out / "b").exists()
-    assert again["variants"] == first["variants"]
+    assert again.variants == first.variants
 
     ablate_main(command + ["--variants", "a"])  # a narrowed command keeps b in the grid's record
-    assert [r["variant"] for r in json.loads((out / "results.json").read_text())["other_runs"]] == ["b"]
-    assert ablate_main(command)["variants"]["b"] == first["variants"]["b"]
+    assert [r["run"] for r in json.loads((out / "results.json").read_text())["other_runs"]] == ["b"]
+    assert ablate_main(command).variants["b"] == first.variants["b"]
     assert "[kept] b/seed_0" in capsys.readouterr().out
 
     grid["variants"]["b"] = {"learning_rate": 2e-3}  # its arguments changed: trained again, not kept
@@ -221,7 +222,7 @@ def test_a_run_whose_folder_is_gone_is_kept_from_results_json_while_its_argument
     changed = ablate_main(command)
     printed = capsys.readouterr().out
     assert "[kept]" not in printed and "[start] b/seed_0" in printed and (out / "b" / "seed_0" / RESULTS).is_file()
-    assert changed["variants"]["b"]["val_loss_mean"] != first["variants"]["b"]["val_loss_mean"]
+    assert changed.variants["b"]["val_loss_mean"] != first.variants["b"]["val_loss_mean"]
 
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "results.json").write_text("{\"runs\": ")  # cut short: refused before any run
@@ -233,16 +234,18 @@ def test_a_run_whose_folder_is_gone_is_kept_from_results_json_while_its_argument
 def test_a_spent_budget_still_trains_one_run_and_a_report_with_no_finished_run_plots(tmp_path, capsys):
     budget = RunBudget(total=3, max_hours=1e-12)  # spent before the first run starts
     assert not budget.exhausted(0, "again")
-    budget.after(1, {"status": "failed"})  # refused at once: spends the budget, times nothing
+    failed = RunRecord("a", 0, "failed", str(tmp_path / "a"), error="refused")
+    budget.after(1, failed)  # refused at once: spends the budget, times nothing
     assert budget.exhausted(1, "again")
-    budget.after(2, {"status": "finished"})
+    budget.after(2, RunRecord("a", 1, "finished", str(tmp_path / "b")))
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "[eta] 1/3 runs done; no estimate until a run trains to the end here"
     assert printed[-1].startswith("[eta] 2/3 runs done") and "min for the 1 left" in printed[-1]
-    failed = {"variant": "a", "seed": 0, "status": "failed"}
+    report = GridReport(grid="g.yaml", description="", reference="a", seeds=[0], base={}, ln_vocab=None, ranking=[],
+                        variants={}, not_in_report=["a"], runs=[failed], spread_rule="", other_runs=[])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to label: no legend, so no matplotlib warning either
-        ablate_plot({"ranking": [], "variants": {}, "runs": [failed], "ln_vocab": None}, tmp_path / "p.png")
+        ablate_plot(report, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
 
 
@@ -251,7 +254,7 @@ def test_ablation_runs_through_accelerate_launch_too(tmp_path, corpus):
     grid = {"seeds": [3], "launcher": "accelerate", "base": tiny_base(tmp_path, corpus), "variants": {"only": {}}}
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     payload = ablate_main([str(tmp_path / "grid.yaml"), "--output_dir", str(tmp_path / "out")])
-    assert payload["runs"][0]["status"] == "finished" and payload["runs"][0]["config"]["seed"] == 3
+    assert payload.runs[0].finished and payload.runs[0].config["seed"] == 3
     assert "[done]" not in (tmp_path / "out" / "only" / "seed_3" / "train.log").read_text()  # the run's own log
 
 
@@ -292,7 +295,7 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
     payload = compare_main([str(tmp_path / "cmp.yaml"), "--output_dir", str(out)])
     for name in ("comparison.json", "comparison.png", "COMPARISON.md"):
         assert (out / name).stat().st_size > 0, name
-    acc = payload["accounting"]
+    acc = payload.accounting
     # recursive h=1, l=1, 2 supervision steps: 4 decoder passes, all with gradient; the LM head twice
     recursive = RecursiveMoEReasonConfig.from_preset("debug", vocab_size=320, h_cycles=1, l_cycles=1,
                                                      halt_max_steps=2)
@@ -300,17 +303,17 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
     assert acc["cheapest_arm"] == "baseline"
     equal_flops = int(6 * acc["flops_per_token"]["baseline"] / acc["flops_per_token"]["recursive"])
     assert acc["equal_flops_steps"] == {"recursive": equal_flops}
-    runs = payload["runs"]
-    assert sorted({(r["label"], r["steps"]) for r in runs}) == [
+    runs = payload.runs
+    assert sorted({(r.run, r.steps) for r in runs}) == [
         ("baseline", 6), ("recursive", 6), ("recursive_equal_flops", equal_flops)]
-    assert all(r["status"] == "finished" for r in runs) and len(runs) == 6
+    assert all(r.finished for r in runs) and len(runs) == 6
     # identical data order and settings: a run's config differs from its counterpart only in model fields
-    base0 = next(r for r in runs if r["label"] == "baseline" and r["seed"] == 0)["config"]
-    rec0 = next(r for r in runs if r["label"] == "recursive" and r["seed"] == 0)["config"]
+    base0 = next(r for r in runs if r.run == "baseline" and r.seed == 0).config
+    rec0 = next(r for r in runs if r.run == "recursive" and r.seed == 0).config
     assert {k for k in base0.keys() | rec0.keys() if base0.get(k) != rec0.get(k)} == \
         {"model_type", "h_cycles", "l_cycles", "halt_max_steps"}
     for side in ("equal_steps", "equal_flops"):
-        verdict = payload[side]["recursive"]
+        verdict = getattr(payload, side)["recursive"]
         assert verdict["verdict"] and verdict["winner"] in ("baseline", "recursive", f"recursive_{side}", None)
         low, high = verdict["interval"]
         assert low < verdict["difference"] < high and ("excludes 0" in verdict["verdict"]) == (low > 0 or high < 0)
@@ -318,7 +321,7 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
     assert "Equal steps, recursive vs baseline:" in report and "Equal FLOPs, recursive vs baseline:" in report
     assert "ln(vocab)" in report
     assert "Throughput: tokens/s and wall time are each run's training loop over all its starts" in report
-    trend = payload["equal_flops_trend"]["recursive"]  # both ends of the budget meet at the runs' final evaluations
+    trend = payload.equal_flops_trend["recursive"]  # both ends of the budget meet at the runs' final evaluations
     assert trend[-1]["share"] == 1.0 and trend[-1]["arm_step"] == equal_flops and trend[-1]["reference_step"] == 6
     assert "## The equal-FLOPs gap along the budget: recursive vs baseline" in report
     (out / "COMPARISON.md").unlink()
@@ -331,12 +334,12 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
     again = compare_main([str(tmp_path / "cmp.yaml"), "--output_dir", str(out), "--seeds", "1"])
     printed = capsys.readouterr().out
     assert "[kept] recursive_equal_flops/seed_1" in printed and "[start]" not in printed
-    kept = next(r for r in runs if r["label"] == "recursive_equal_flops" and r["seed"] == 1)
-    assert again["equal_flops"]["recursive"]["recursive_equal_flops"]["values"] == [kept["final_val_loss"]]
+    kept = next(r for r in runs if r.run == "recursive_equal_flops" and r.seed == 1)
+    assert again.equal_flops["recursive"]["recursive_equal_flops"]["values"] == [kept.final_val_loss]
     # seed 0's runs, left out by --seeds 1, stay in the record; its equal-FLOPs run comes back from it
-    assert {(r["label"], r["seed"]) for r in again["other_runs"]} == {
+    assert {(r.run, r.seed) for r in again.other_runs} == {
         ("baseline", 0), ("recursive", 0), ("recursive_equal_flops", 0)}
-    assert compare_main([str(tmp_path / "cmp.yaml"), "--output_dir", str(out)])["equal_flops"] == payload["equal_flops"]
+    assert compare_main([str(tmp_path / "cmp.yaml"), "--output_dir", str(out)]).equal_flops == payload.equal_flops
     assert not (out / "recursive_equal_flops").exists()
 
 
@@ -365,8 +368,8 @@ def test_equal_flops_budget_gives_the_costlier_arm_fewer_steps(tmp_path, corpus)
 
 
 def test_the_equal_flops_gap_along_the_budget_pairs_seeds_at_the_same_share_of_the_flops():
-    def run(label, seed, steps, curve):
-        return {"label": label, "seed": seed, "status": "finished", "steps": steps, "eval_curve": curve}
+    def run(name, seed, steps, curve):
+        return RunRecord(name, seed, "finished", f"out/{name}/seed_{seed}", steps=steps, eval_curve=curve)
 
     runs = [run("baseline", 0, 40, [[10, 4.0, 0], [20, 3.0, 0], [30, 2.0, 0], [40, 1.0, 0]]),
             run("baseline", 1, 40, [[10, 5.0, 0], [20, 4.0, 0], [30, 3.0, 0], [40, 2.0, 0]]),
@@ -381,7 +384,7 @@ def test_the_equal_flops_gap_along_the_budget_pairs_seeds_at_the_same_share_of_t
     assert [r["gap"][0] for r in rows] == pytest.approx([0.5, 0.1, 0.0])  # seed 0: 0.5, 0, 0; seed 1: 0.5, 0.2, 0
     assert trend_verdict(rows).startswith("the gap shrinks: from +0.5000 ± 0.0000 at 50% of the budget to +0.0000")
     # a baseline evaluated between the recursive run's evaluations is interpolated
-    runs[0]["eval_curve"] = runs[1]["eval_curve"] = [[10, 4.0, 0], [40, 1.0, 0]]
+    runs[0].eval_curve = runs[1].eval_curve = [[10, 4.0, 0], [40, 1.0, 0]]
     assert budget_trend(runs, "baseline", "recursive_equal_flops")[0]["reference_loss"][0] == pytest.approx(3.0)
     assert trend_verdict(rows[:1]) == "too few shared evaluations to tell"
 
@@ -436,11 +439,11 @@ def test_a_task_comparison_scores_every_run_on_the_transfer_puzzles_too(tmp_path
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     out = tmp_path / "t"
     payload = compare_main([str(tmp_path / "t.yaml"), "--output_dir", str(out)])
-    for run in payload["runs"]:
-        assert run["puzzles"] == 8 and run["transfer"]["puzzles"] == 8
-        scored = json.loads((out / run["label"] / "seed_0" / "final" / "eval_transfer.json").read_text())
+    for run in payload.runs:
+        assert run.puzzles == 8 and run.transfer["puzzles"] == 8
+        scored = json.loads((out / run.run / "seed_0" / "final" / "eval_transfer.json").read_text())
         assert scored["task"]["task_size"] == 5 and scored["trained_task"]["task_size"] == 4
-    transfer = next(r for r in payload["runs"] if r["label"] == "recursive")["transfer"]
+    transfer = next(r for r in payload.runs if r.run == "recursive").transfer
     # the trained 2 steps, then 2, 3 and 4 times as many: with every step, and with the Q-head free to halt
     assert set(transfer["exact_accuracy_by_steps"]) == set(transfer["q_head_by_steps"]) == {"1", "2", "4", "6", "8"}
     assert transfer["by_difficulty"]["measure"] == "free cells" and transfer["q_head"]["share_of_steps"] <= 1.0

@@ -14,7 +14,7 @@ from moe_reason.training.plateau import plateaued
 from moe_reason.runners.statistics import holm, mean_std_text, welch
 from moe_reason.tasks.puzzles import SudokuTask, TaskArguments, generate_splits
 
-from conftest import main_cases, train_args, write_corpus
+from conftest import REPO, main_cases, train_args, write_corpus
 
 
 # ----------------------------------------------------------------------------
@@ -131,21 +131,44 @@ def test_equal_flops_reference_gives_each_cheaper_arm_the_reference_arms_flops(t
 
 
 def test_a_grid_reports_each_variants_expert_load_against_the_references_with_its_interval():
-    from moe_reason.runners.ablate import results_payload
+    from moe_reason.runners.ablate import grid_report
     from moe_reason.runners.grid_report import summary_markdown
+    from moe_reason.runners.records import RunRecord
 
     def run(variant, seed, loss, load):
-        return {"variant": variant, "seed": seed, "status": "finished", "final_val_loss": loss, "best_val_loss": loss,
-                "perplexity": 1.0, "accuracy": 0.5, "tokens_per_s": 1.0, "wall_seconds": 1.0, "nan": False,
-                "load_max_over_mean": load, "load_entropy": 0.9, "ln_vocab": 5.0, "steps": 10, "eval_tokens": 100}
+        return RunRecord(variant, seed, "finished", f"out/{variant}/seed_{seed}", final_val_loss=loss,
+                         best_val_loss=loss, perplexity=1.0, accuracy=0.5, tokens_per_s=1.0, wall_seconds=1.0,
+                         nan=False, load_max_over_mean=load, load_entropy=0.9, ln_vocab=5.0, steps=10, eval_tokens=100)
     loads = {"aux_loss": [2.5, 2.3, 2.7], "aux_free": [2.0, 2.1, 1.9]}
     runs = [run(v, s, 6.0 + 0.01 * s, x) for v, xs in loads.items() for s, x in enumerate(xs)]
     grid = {"path": "g.yaml", "description": "", "reference": "aux_loss", "seeds": [0, 1, 2], "base": {},
             "variants": {"aux_loss": {}, "aux_free": {}}}
-    v = results_payload(grid, runs)["variants"]
+    v = grid_report(grid, runs).variants
     expected = welch(loads["aux_free"], loads["aux_loss"])
     assert v["aux_free"]["load_max_over_mean_delta"] == pytest.approx(-0.5)
     assert v["aux_free"]["load_max_over_mean_interval"] == pytest.approx([expected.low, expected.high])
     assert "load_max_over_mean_delta" not in v["aux_loss"]
-    table = summary_markdown(results_payload(grid, runs))
+    table = summary_markdown(grid_report(grid, runs))
     assert f"| -0.500 [{expected.low:+.3f}, {expected.high:+.3f}] |" in table
+
+
+def test_run_records_written_before_one_name_for_a_run_still_read_and_rebuild_the_same_report():
+    from moe_reason.runners.records import ComparisonReport, GridReport, RunRecord
+
+    new = json.loads((REPO / "experiments/results/trm_sudoku_4x4/comparison.json").read_text())
+    # as the comparison runner wrote it before: `label` and `name` ("RUN/seed_N") for the run's name
+    old = {**new, "runs": [{"name": f"{r['run']}/seed_{r['seed']}", "label": r["run"],
+                            **{k: v for k, v in r.items() if k != "run"}} for r in new["runs"]]}
+    assert ComparisonReport.from_json(old, "old") == ComparisonReport.from_json(new, "new")
+    record = ComparisonReport.from_json(old, "old").runs[0]
+    assert (record.run, record.title) == ("recursive", "recursive/seed_0") and "label" not in record.to_json()
+    grid = json.loads((REPO / "experiments/results/moe_balancing_offline/results.json").read_text())
+    old = {**grid, "runs": [{"variant": r["run"], **{k: v for k, v in r.items() if k != "run"}}
+                            for r in grid["runs"]]}  # and a grid `variant`
+    assert GridReport.from_json(old, "old") == GridReport.from_json(grid, "new")
+    with pytest.raises(ValueError, match=r"x.json holds a run record this version cannot read "
+                                         r"\(unknown keys \['arms'\]"):
+        RunRecord.from_json({"run": "a", "seed": 0, "status": "finished", "output_dir": "o", "arms": {}}, "x.json")
+    with pytest.raises(ValueError, match=r"y.json is not a ComparisonReport written by this runner \(keys missing: "
+                                         r"\['accounting'"):
+        ComparisonReport.from_json({k: v for k, v in new.items() if k != "accounting"}, "y.json")

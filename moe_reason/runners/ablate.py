@@ -26,13 +26,14 @@ results.json is the grid's record (moe_reason.runners.engine): a narrowed comman
 runs in it, and a finished run whose folder is gone is kept from it while its arguments are unchanged.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ..errors import UserError, run_cli
-from .engine import (ReportFiles, RunBudget, RunnerArguments, check_arguments, check_launch,
-                     earlier_runs, exit_status, load_runner_file, run_runner, safe_name,
-                     train_or_keep, write_json)
+from .engine import (ReportFiles, RunBudget, RunnerArguments, check_arguments, check_launch, exit_status,
+                     load_runner_file, run_runner, safe_name, train_or_keep, write_json)
 from .grid_report import plot, summary_markdown
+from .records import GridReport, RunRecord
 from .statistics import HOLM_RULE, holm, mean_std, welch
 from .statistics import RULE as STATISTICS_RULE
 
@@ -71,7 +72,7 @@ def load_grid(path, args: AblateArguments | None = None) -> dict:
     return {**settings, "variants": variants, "in_file": in_file, "reference": reference, "max_hours": args.max_hours}
 
 
-def run_grid(grid: dict) -> dict:
+def run_grid(grid: dict) -> GridReport:
     out = grid["output_dir"]
     out.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -79,95 +80,93 @@ def run_grid(grid: dict) -> dict:
     print(f"ablation {grid['path']}: {len(grid['variants'])} variants x {len(grid['seeds'])} seeds = {total} runs "
           f"-> {out}", flush=True)
     budget = RunBudget(total, grid.get("max_hours"))
-    earlier = earlier_runs(out / REPORT.json, lambda r: (r["variant"], r["seed"]) if r["variant"] in grid["in_file"]
-                           else None)
+    earlier = REPORT.earlier_runs(out, lambda r: r.run in grid["in_file"])
     plan = [(variant, overrides, seed) for variant, overrides in grid["variants"].items() for seed in grid["seeds"]]
     for variant, overrides, seed in plan:
         if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
             break
         values = {**grid["base"], **overrides, "seed": seed}
-        name, run_dir = f"{variant}/seed_{seed} ({len(runs) + 1}/{total})", out / variant / f"seed_{seed}"
-        record = train_or_keep(name, values, run_dir, grid["launcher"], grid["accelerate_config"],
-                               earlier.pop((variant, seed), None))
-        runs.append({**record, "variant": variant, "seed": seed, "overrides": overrides, "config": values})
-        write_json(out / REPORT.json, results_payload(grid, runs, earlier))
+        record = train_or_keep(variant, seed, values, out / variant / f"seed_{seed}", grid["launcher"],
+                               grid["accelerate_config"], earlier.pop((variant, seed), None))
+        runs.append(dataclasses.replace(record, overrides=overrides))
+        write_json(out / REPORT.json, grid_report(grid, runs, earlier).to_json())
         budget.after(len(runs), record)
-    payload = results_payload(grid, runs, earlier)
-    write_json(out / REPORT.json, payload)
-    REPORT.write(payload, out)
-    failed = [r["name"] for r in runs if r["status"] == "failed"]
+    report = grid_report(grid, runs, earlier)
+    REPORT.write(report, out)
+    failed = [r.title for r in runs if not r.finished]
     print(f"wrote {out / REPORT.json}, {out / REPORT.png}, {out / REPORT.markdown}"
           f"{f'; {len(failed)} run(s) failed: {failed}' if failed else ''}", flush=True)
-    return payload
+    return report
 
 
-def results_payload(grid: dict, runs: list[dict], earlier: dict | None = None) -> dict:
+def grid_report(grid: dict, runs: list[RunRecord], earlier: dict | None = None) -> GridReport:
     """Runs plus per-variant statistics across seeds, ranked by mean final validation loss, each variant's
     difference from the reference with its 95% Welch interval and Holm's verdict over the variants; `other_runs`
     keeps the earlier finished runs this command did not plan or reach (a narrowed or budgeted command)."""
     variants = {}
-    reference_runs = [r for r in runs if r["variant"] == grid["reference"] and r["status"] == "finished"]
-    reference = [r["final_val_loss"] for r in reference_runs]
+    reference_runs = [r for r in runs if r.run == grid["reference"] and r.finished]
+    reference = [r.final_val_loss for r in reference_runs]
     for name in grid["variants"]:
-        done = [r for r in runs if r["variant"] == name and r["status"] == "finished"]
+        done = [r for r in runs if r.run == name and r.finished]
         if not done:
             continue
-        losses = [r["final_val_loss"] for r in done]
+        losses = [r.final_val_loss for r in done]
         mean, std = mean_std(losses)
         d = welch(losses, reference) if reference and name != grid["reference"] else None
         variants[name] = {
-            "seeds": [r["seed"] for r in done], "val_loss_mean": mean, "val_loss_std": std,
-            "best_val_loss_mean": mean_std([r["best_val_loss"] for r in done])[0],
-            "perplexity_mean": mean_std([r["perplexity"] for r in done])[0],
-            "accuracy_mean": mean_std([r["accuracy"] for r in done])[0],
-            "tokens_per_s_mean": mean_std([r["tokens_per_s"] for r in done])[0],
+            "seeds": [r.seed for r in done], "val_loss_mean": mean, "val_loss_std": std,
+            "best_val_loss_mean": mean_std([r.best_val_loss for r in done])[0],
+            "perplexity_mean": mean_std([r.perplexity for r in done])[0],
+            "accuracy_mean": mean_std([r.accuracy for r in done])[0],
+            "tokens_per_s_mean": mean_std([r.tokens_per_s for r in done])[0],
             **load_figures(done, reference_runs if name != grid["reference"] else []),
-            "wall_seconds_mean": mean_std([r["wall_seconds"] for r in done])[0],
+            "wall_seconds_mean": mean_std([r.wall_seconds for r in done])[0],
             "delta_vs_reference": mean - mean_std(reference)[0] if reference else None,
             "interval": None if d is None else [d.low, d.high], "p_value": None if d is None else d.p_value,
-            "any_nan": any(r["nan"] for r in done),
+            "any_nan": any(r.nan for r in done),
         }
     others = {name: v["p_value"] for name, v in variants.items() if name != grid["reference"] and reference}
     for name, real in holm(others).items():
         variants[name]["real_by_holm"] = real
     ranking = sorted(variants, key=lambda n: variants[n]["val_loss_mean"])
-    ln_vocab = next((r["ln_vocab"] for r in runs if r["status"] == "finished"), None)
-    not_in_report = [name for name in grid.get("in_file", grid["variants"]) if name not in variants]
-    return {"grid": grid["path"], "description": grid["description"], "reference": grid["reference"],
-            "seeds": grid["seeds"], "base": grid["base"], "ln_vocab": ln_vocab, "ranking": ranking,
-            "variants": variants, "not_in_report": not_in_report, "runs": runs,
-            "spread_rule": f"{STATISTICS_RULE}; {HOLM_RULE}", "other_runs": list((earlier or {}).values())}
+    return GridReport(
+        grid=grid["path"], description=grid["description"], reference=grid["reference"], seeds=grid["seeds"],
+        base=grid["base"], ln_vocab=next((r.ln_vocab for r in runs if r.finished), None), ranking=ranking,
+        variants=variants,
+        not_in_report=[name for name in grid.get("in_file", grid["variants"]) if name not in variants],
+        runs=runs, spread_rule=f"{STATISTICS_RULE}; {HOLM_RULE}", other_runs=list((earlier or {}).values()))
 
 
-def load_figures(done: list[dict], reference: list[dict]) -> dict:
+def load_figures(done: list[RunRecord], reference: list[RunRecord]) -> dict:
     """The experts' balance on the validation set (mean ± std over seeds), where the runs measured it, and the
     busiest expert's load against the reference variant's (difference of means, 95% Welch interval)."""
     figures = {}
     for name in ("load_max_over_mean", "load_entropy"):
-        values = [r[name] for r in done if r.get(name) is not None]
+        values = [getattr(r, name) for r in done if getattr(r, name) is not None]
         if len(values) == len(done):
             figures[f"{name}_mean"], figures[f"{name}_std"] = mean_std(values)
-    theirs = [r["load_max_over_mean"] for r in reference if r.get("load_max_over_mean") is not None]
+    theirs = [r.load_max_over_mean for r in reference if r.load_max_over_mean is not None]
     if "load_max_over_mean_mean" in figures and theirs and len(theirs) == len(reference):
-        d = welch([r["load_max_over_mean"] for r in done], theirs)
+        d = welch([r.load_max_over_mean for r in done], theirs)
         figures["load_max_over_mean_delta"] = figures["load_max_over_mean_mean"] - mean_std(theirs)[0]
         figures["load_max_over_mean_interval"] = None if d.low is None else [d.low, d.high]
     return figures
 
 
-def refreshed(payload: dict) -> dict:
-    """A results.json's statistics computed again from its runs by today's rules (`--report`)."""
-    overrides = {r["variant"]: r["overrides"] for r in payload["runs"]}
-    grid = {"path": payload["grid"], "description": payload["description"], "reference": payload["reference"],
-            "seeds": payload["seeds"], "base": payload["base"], "variants": overrides,
-            "in_file": list(overrides) + [n for n in payload.get("not_in_report", []) if n not in overrides]}
-    return results_payload(grid, payload["runs"], dict(enumerate(payload.get("other_runs", []))))
+def refreshed(report: GridReport) -> GridReport:
+    """A grid's statistics computed again from its runs by today's rules (`--report`)."""
+    overrides = {r.run: r.overrides for r in report.runs}
+    grid = {"path": report.grid, "description": report.description, "reference": report.reference,
+            "seeds": report.seeds, "base": report.base, "variants": overrides,
+            "in_file": list(overrides) + [n for n in report.not_in_report if n not in overrides]}
+    return grid_report(grid, report.runs, dict(enumerate(report.other_runs)))
 
 
-REPORT = ReportFiles("results.json", "ablation_comparison.png", "SUMMARY.md", plot, summary_markdown, refreshed)
+REPORT = ReportFiles("results.json", "ablation_comparison.png", "SUMMARY.md", GridReport, plot, summary_markdown,
+                     refreshed)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> GridReport:
     return run_runner(argv, AblateArguments, load_grid, run_grid, USAGE, REPORT.rebuild)
 
 

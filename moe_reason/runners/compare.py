@@ -41,6 +41,7 @@ comparison.json is the comparison's record (moe_reason.runners.engine): a comman
 other finished runs in it, and a finished run whose folder is gone is kept from it while its arguments are unchanged.
 """
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -50,8 +51,9 @@ from ..training.arguments import arguments_from, build_config
 from ..training.metrics import training_flops_per_token
 from .comparison_report import ARM_TRAINING_FIELDS, METRICS, budget_arm, comparison_markdown, plot
 from .engine import (TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments, check_arguments, check_launch,
-                     earlier_runs, exit_status, load_runner_file, model_argument_names, run_runner, safe_name,
-                     score_task_run, task_argument_names, task_figures, train_or_keep, write_json)
+                     exit_status, load_runner_file, model_argument_names, run_runner, safe_name, score_task_run,
+                     task_argument_names, task_figures, train_or_keep, write_json)
+from .records import ComparisonReport, RunRecord
 from .statistics import RULE as STATISTICS_RULE
 from .statistics import mean_std, welch
 
@@ -153,7 +155,7 @@ def plan_runs(cmp: dict) -> tuple[list[dict], dict]:
     return plan, accounting
 
 
-def run_comparison(cmp: dict) -> dict:
+def run_comparison(cmp: dict) -> ComparisonReport:
     out = cmp["output_dir"]
     out.mkdir(parents=True, exist_ok=True)
     plan, accounting = plan_runs(cmp)
@@ -167,33 +169,33 @@ def run_comparison(cmp: dict) -> dict:
     # comparison has every arm
     todo = [(seed, item) for kind in ("equal_steps", "equal_flops") for seed in cmp["seeds"]
             for item in plan if item["kind"] == kind]
-    labels = {run_label(item) for item in plan}
-    earlier = earlier_runs(out / REPORT.json, lambda r: (r["label"], r["seed"]) if r["label"] in labels else None)
+    names = {run_name(item) for item in plan}
+    earlier = REPORT.earlier_runs(out, lambda r: r.run in names)
     budget = RunBudget(len(todo), cmp.get("max_hours"))
     for seed, item in todo:
         if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
             break
-        label = run_label(item)
+        name = run_name(item)
         values = {**cmp["base"], **cmp["arms"][item["arm"]], "seed": seed, "max_steps": item["steps"]}
-        record = train_or_keep(f"{label}/seed_{seed}", values, out / label / f"seed_{seed}",
-                               cmp["launcher"], cmp["accelerate_config"], earlier.pop((label, seed), None))
-        if cmp.get("transfer") and record["status"] == "finished" and "transfer" not in record:
-            record["transfer"] = transfer_figures(out / label / f"seed_{seed}", values, cmp["transfer"])
-        runs.append({**record, **item, "label": label, "seed": seed, "config": values})
-        write_json(out / REPORT.json, comparison_payload(cmp, accounting, runs, earlier))
+        record = train_or_keep(name, seed, values, out / name / f"seed_{seed}", cmp["launcher"],
+                               cmp["accelerate_config"], earlier.pop((name, seed), None))
+        record = dataclasses.replace(record, arm=item["arm"], kind=item["kind"], steps=item["steps"])
+        if cmp.get("transfer") and record.finished and record.transfer is None:
+            record.transfer = transfer_figures(out / name / f"seed_{seed}", values, cmp["transfer"])
+        runs.append(record)
+        write_json(out / REPORT.json, comparison_report(cmp, accounting, runs, earlier).to_json())
         budget.after(len(runs), record)
-    payload = comparison_payload(cmp, accounting, runs, earlier)
-    write_json(out / REPORT.json, payload)
-    REPORT.write(payload, out)
-    for kind in ("equal_steps", "equal_flops"):
-        for arm, v in payload[kind].items():
-            print(f"{kind.replace('_', ' ')}, {arm}: {v['verdict']}", flush=True)
+    report = comparison_report(cmp, accounting, runs, earlier)
+    REPORT.write(report, out)
+    for kind, verdicts in (("equal steps", report.equal_steps), ("equal FLOPs", report.equal_flops)):
+        for arm, v in verdicts.items():
+            print(f"{kind}, {arm}: {v['verdict']}", flush=True)
     print(f"wrote {out / REPORT.json}, {out / REPORT.png}, {out / REPORT.markdown}", flush=True)
-    return payload
+    return report
 
 
-def run_label(item: dict) -> str:
-    """A planned run's folder and report label: the arm, or ARM_equal_flops for its equal-FLOPs run."""
+def run_name(item: dict) -> str:
+    """A planned run's name (and folder): the arm, or ARM_equal_flops for its equal-FLOPs run."""
     return item["arm"] if item["kind"] == "equal_steps" else f"{item['arm']}_equal_flops"
 
 
@@ -226,30 +228,30 @@ def verdict(label_a: str, a: list[float], label_b: str, b: list[float], higher_i
             "winner": winner, "verdict": text}
 
 
-def budget_trend(runs: list[dict], reference: str, label: str) -> list[dict]:
+def budget_trend(runs: list[RunRecord], reference: str, name: str) -> list[dict]:
     """The equal-FLOPs gap along the shared budget, for a long study's "does the gap shrink with training?".
 
-    At each evaluation of the `label` runs (a share of their own schedule, and so of the FLOPs both
+    At each evaluation of the `name` runs (a share of their own schedule, and so of the FLOPs both
     sides spend in all), their val loss minus the `reference` run's of the same seed at the same share
     of its schedule (interpolated between its evaluations); mean ± std over the seeds both finished.
     """
-    def by_seed(name):
-        return {r["seed"]: r for r in runs if r["label"] == name and r["status"] == "finished"}
+    def by_seed(run):
+        return {r.seed: r for r in runs if r.run == run and r.finished}
 
-    ref, arm = by_seed(reference), by_seed(label)
+    ref, arm = by_seed(reference), by_seed(name)
     seeds = sorted(set(ref) & set(arm))
     if not seeds:
         return []
-    steps = sorted(set.intersection(*({point[0] for point in arm[seed]["eval_curve"]} for seed in seeds)))
+    steps = sorted(set.intersection(*({point[0] for point in arm[seed].eval_curve} for seed in seeds)))
     rows = []
     for step in steps:
-        share = step / arm[seeds[0]]["steps"]
-        ref_losses = [interpolate(ref[seed]["eval_curve"], share * ref[seed]["steps"]) for seed in seeds]
+        share = step / arm[seeds[0]].steps
+        ref_losses = [interpolate(ref[seed].eval_curve, share * ref[seed].steps) for seed in seeds]
         if None in ref_losses:  # before the reference's first evaluation
             continue
-        arm_losses = [next(loss for s, loss, *_ in arm[seed]["eval_curve"] if s == step) for seed in seeds]
+        arm_losses = [next(loss for s, loss, *_ in arm[seed].eval_curve if s == step) for seed in seeds]
         gap = mean_std([a - r for a, r in zip(arm_losses, ref_losses)])
-        rows.append({"share": share, "arm_step": step, "reference_step": share * ref[seeds[0]]["steps"],
+        rows.append({"share": share, "arm_step": step, "reference_step": share * ref[seeds[0]].steps,
                      "reference_loss": mean_std(ref_losses), "arm_loss": mean_std(arm_losses),
                      "gap": gap, "seeds": seeds})
     return rows
@@ -266,12 +268,13 @@ def interpolate(curve: list[list[float]], step: float) -> float | None:
     return None
 
 
-def comparison_payload(cmp: dict, accounting: dict, runs: list[dict], earlier: dict | None = None) -> dict:
+def comparison_report(cmp: dict, accounting: dict, runs: list[RunRecord], earlier: dict | None = None) \
+        -> ComparisonReport:
     """The verdicts from `runs`; `other_runs` keeps the earlier finished runs this command did not plan or reach."""
     key, _, higher = METRICS[cmp["metric"]]
 
-    def values(label):
-        return [r[key] for r in runs if r["label"] == label and r["status"] == "finished" and r.get(key) is not None]
+    def values(name):
+        return [getattr(r, key) for r in runs if r.run == name and r.finished and getattr(r, key) is not None]
 
     reference, budget = cmp["reference"], budget_arm(accounting)
     equal_steps = {arm: verdict(reference, values(reference), arm, values(arm), higher)
@@ -280,33 +283,34 @@ def comparison_payload(cmp: dict, accounting: dict, runs: list[dict], earlier: d
                    for arm in accounting["equal_flops_steps"]}
     transfer = {}
     if cmp.get("transfer"):
-        def transferred(label):
-            return [r["transfer"]["exact_accuracy"] for r in runs if r["label"] == label and r.get("transfer")]
+        def transferred(name):
+            return [r.transfer["exact_accuracy"] for r in runs if r.run == name and r.transfer]
         transfer = {"settings": cmp["transfer"],
                     "equal_steps": {arm: verdict(reference, transferred(reference), arm, transferred(arm), True)
                                     for arm in cmp["arms"] if arm != reference} if cmp.get("equal_steps", True) else {}}
-    return {"config": cmp["path"], "description": cmp["description"], "seeds": cmp["seeds"], "base": cmp["base"],
-            "arms": cmp["arms"], "reference": reference, "metric": cmp["metric"], "accounting": accounting,
-            "equal_steps_runs": cmp.get("equal_steps", True),
-            "equal_steps": equal_steps, "equal_flops": equal_flops, "transfer": transfer,
-            "equal_flops_trend": {arm: budget_trend(runs, budget, f"{arm}_equal_flops")
-                                  for arm in accounting["equal_flops_steps"]},
-            "ln_vocab": next((r["ln_vocab"] for r in runs if r["status"] == "finished"), None),
-            "runs": runs, "spread_rule": STATISTICS_RULE, "other_runs": list((earlier or {}).values())}
+    return ComparisonReport(
+        config=cmp["path"], description=cmp["description"], seeds=cmp["seeds"], base=cmp["base"], arms=cmp["arms"],
+        reference=reference, metric=cmp["metric"], accounting=accounting, equal_steps_runs=cmp.get("equal_steps", True),
+        equal_steps=equal_steps, equal_flops=equal_flops, transfer=transfer,
+        equal_flops_trend={arm: budget_trend(runs, budget, f"{arm}_equal_flops")
+                           for arm in accounting["equal_flops_steps"]},
+        ln_vocab=next((r.ln_vocab for r in runs if r.finished), None), runs=runs, spread_rule=STATISTICS_RULE,
+        other_runs=list((earlier or {}).values()))
 
 
-def refreshed(p: dict) -> dict:
-    """A comparison.json's verdicts and trends computed again from its runs by today's rules (`--report`)."""
-    cmp = {"path": p["config"], "description": p["description"], "seeds": p["seeds"], "base": p["base"],
-           "arms": p["arms"], "reference": p["reference"], "metric": p["metric"],
-           "equal_steps": p.get("equal_steps_runs", True), "transfer": (p.get("transfer") or {}).get("settings")}
-    return comparison_payload(cmp, p["accounting"], p["runs"], dict(enumerate(p.get("other_runs", []))))
+def refreshed(p: ComparisonReport) -> ComparisonReport:
+    """A comparison's verdicts and trends computed again from its runs by today's rules (`--report`)."""
+    cmp = {"path": p.config, "description": p.description, "seeds": p.seeds, "base": p.base, "arms": p.arms,
+           "reference": p.reference, "metric": p.metric, "equal_steps": p.equal_steps_runs,
+           "transfer": (p.transfer or {}).get("settings")}
+    return comparison_report(cmp, p.accounting, p.runs, dict(enumerate(p.other_runs)))
 
 
-REPORT = ReportFiles("comparison.json", "comparison.png", "COMPARISON.md", plot, comparison_markdown, refreshed)
+REPORT = ReportFiles("comparison.json", "comparison.png", "COMPARISON.md", ComparisonReport, plot,
+                     comparison_markdown, refreshed)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> ComparisonReport:
     return run_runner(argv, RunnerArguments, load_comparison, run_comparison, USAGE, REPORT.rebuild)
 
 

@@ -1,13 +1,16 @@
 """The comparison report: COMPARISON.md and comparison.png, made from comparison.json alone (`runners/compare.py`
 writes it), so `--report DIR` rebuilds them without training."""
 
+import dataclasses
 from pathlib import Path
 
 from .engine import THROUGHPUT_NOTE, mean_curve, pyplot, save_figure
+from .records import ComparisonReport, RunRecord
 from .statistics import mean_std, mean_std_text, welch
 
-METRICS = {"loss": ("final_val_loss", "validation loss", False),  # name -> (record key, label, higher is better)
+METRICS = {"loss": ("final_val_loss", "validation loss", False),  # metric -> (record field, label, higher is better)
            "exact_accuracy": ("exact_accuracy", "exact accuracy on held-out puzzles", True)}
+TRANSFER_CURVES = ("exact_accuracy_by_steps", "q_head_by_steps", "q_head")  # a transfer score's steps curve
 ARM_TRAINING_FIELDS = {"learning_rate"}  # the one training setting an arm may set: its own best learning rate
 
 
@@ -36,23 +39,23 @@ def trend_verdict(rows: list[dict]) -> str:
     return f"the gap {'shrinks' if abs(last) < abs(first) else 'grows'}: {span}"
 
 
-def comparison_markdown(p: dict) -> str:
-    acc, runs = p["accounting"], p["runs"]
-    key, metric_label, higher = METRICS[p["metric"]]
-    lines = [f"# Comparison: {p['config']}", ""]
-    if p["description"]:
-        lines += [p["description"].strip(), ""]
-    own_lr = any("learning_rate" in fields for fields in p["arms"].values())
+def comparison_markdown(p: ComparisonReport) -> str:
+    acc, runs = p.accounting, p.runs
+    key, metric_label, higher = METRICS[p.metric]
+    lines = [f"# Comparison: {p.config}", ""]
+    if p.description:
+        lines += [p.description.strip(), ""]
+    own_lr = any("learning_rate" in fields for fields in p.arms.values())
     shared = "batch, schedule, data, data order" + ("" if own_lr else ", learning rate")
-    lines += [f"Every arm shares every training setting ({shared}) and the seeds {p['seeds']}; they differ "
+    lines += [f"Every arm shares every training setting ({shared}) and the seeds {p.seeds}; they differ "
               f"only in model fields{' and learning rate' if own_lr else ''}. The reference arm is "
-              f"`{p['reference']}`.", "",
+              f"`{p.reference}`.", "",
               "| arm | model fields | learning rate | parameters | training FLOPs / token | steps (equal steps) | "
               "steps (equal FLOPs) |", "|---|---|---:|---:|---:|---:|---:|"]
-    for arm, fields in p["arms"].items():
-        params = next((r["parameters"] for r in runs if r["arm"] == arm and r["status"] == "finished"), None)
+    for arm, fields in p.arms.items():
+        params = next((r.parameters for r in runs if r.arm == arm and r.finished), None)
         model_fields = {k: v for k, v in fields.items() if k not in ARM_TRAINING_FIELDS}
-        lr = fields.get("learning_rate", p["base"].get("learning_rate", "default"))
+        lr = fields.get("learning_rate", p.base.get("learning_rate", "default"))
         lines.append(f"| {arm} | `{model_fields}` | {lr} | {f'{params:,}' if params else '—'} | "
                      f"{acc['flops_per_token'][arm]:.4g} | {full_steps(p, arm)} | "
                      f"{acc['equal_flops_steps'].get(arm, '—')} |")
@@ -60,29 +63,29 @@ def comparison_markdown(p: dict) -> str:
     lines += ["", "Recursive FLOPs count every supervision step (halting can only make it cheaper) and the backward "
               f"of the passes that carry gradient only. An equal-FLOPs run spends the {budget_words(acc)} "
               f"(`{budget_arm(acc)}`) training FLOPs with its own full learning-rate schedule.", ""]
-    if p["ln_vocab"] and p["metric"] == "loss":
+    if p.ln_vocab and p.metric == "loss":
         lines += [f"Losses are validation cross-entropy in nats per token; chance (uniform guessing) is "
-                  f"ln(vocab) = {p['ln_vocab']:.3f}.", ""]
+                  f"ln(vocab) = {p.ln_vocab:.3f}.", ""]
     lines += run_table(p, key, metric_label, higher) + [""]
-    lines += [f"**Equal steps, {arm} vs {p['reference']}:** {v['verdict']}." for arm, v in p["equal_steps"].items()]
+    lines += [f"**Equal steps, {arm} vs {p.reference}:** {v['verdict']}." for arm, v in p.equal_steps.items()]
     lines += [f"**Equal FLOPs, {arm} vs {budget_arm(acc)}:** {v['verdict']}."
-              for arm, v in p["equal_flops"].items()]
-    lines += ["", f"Rule: {p['spread_rule']}.", "", f"Throughput: {THROUGHPUT_NOTE}."]
+              for arm, v in p.equal_flops.items()]
+    lines += ["", f"Rule: {p.spread_rule}.", "", f"Throughput: {THROUGHPUT_NOTE}."]
     lines += trend_section(p)
     lines += steps_curve_table(runs)
     lines += halting_section(p)
     lines += transfer_section(p)
-    failed = [r for r in runs if r["status"] == "failed"]
+    failed = [r for r in runs if not r.finished]
     if failed:
-        lines += ["", "## Failed runs", ""] + [f"- `{r['label']}` seed {r['seed']}: {r['error'].splitlines()[-1][:300]}"
+        lines += ["", "## Failed runs", ""] + [f"- `{r.run}` seed {r.seed}: {r.error.splitlines()[-1][:300]}"
                                                for r in failed]
     return "\n".join(lines) + "\n"
 
 
-def trend_section(p: dict) -> list[str]:
+def trend_section(p: ComparisonReport) -> list[str]:
     """The equal-FLOPs gap at each shared evaluation along the budget (`budget_trend`), one table per arm."""
-    lines, reference = [], budget_arm(p["accounting"])
-    for arm, rows in p.get("equal_flops_trend", {}).items():
+    lines, reference = [], budget_arm(p.accounting)
+    for arm, rows in p.equal_flops_trend.items():
         if not rows:
             continue
         lines += ["", f"## The equal-FLOPs gap along the budget: {arm} vs {reference}", "",
@@ -98,9 +101,9 @@ def trend_section(p: dict) -> list[str]:
     return lines
 
 
-def depth_table(p: dict) -> list[str]:
+def depth_table(p: ComparisonReport) -> list[str]:
     """Each arm's depth: layers per supervision step, decoder passes (with gradient), supervision steps."""
-    depth = p["accounting"].get("depth")
+    depth = p.accounting.get("depth")
     if not depth:  # a report written before the depth was recorded
         return []
     lines = ["", "| arm | effective depth (layers per supervision step) | decoder passes per supervision step | "
@@ -111,33 +114,33 @@ def depth_table(p: dict) -> list[str]:
     return lines
 
 
-def stops_text(done: list[dict]) -> str:
+def stops_text(done: list[RunRecord]) -> str:
     """How the runs ended: plateau at step S, or the step cap (runs written before the rule: the cap)."""
-    return ", ".join(f"{'plateau' if r.get('stopped_by') == 'plateau' else 'cap'} {r.get('stopped_at', r['steps'])}"
-                     for r in sorted(done, key=lambda r: r["seed"]))
+    return ", ".join(f"{'plateau' if r.stopped_by == 'plateau' else 'cap'} "
+                     f"{r.steps if r.stopped_at is None else r.stopped_at}" for r in sorted(done, key=lambda r: r.seed))
 
 
-def halting_section(p: dict) -> list[str]:
+def halting_section(p: ComparisonReport) -> list[str]:
     """Q-head halting at the trained depth per run kind (accuracy, steps, share of the maximum) and, for the
     reference arm, by difficulty."""
-    runs = [r for r in p["runs"] if r["status"] == "finished" and (r.get("q_head") or {}).get("share_of_steps")]
+    runs = [r for r in p.runs if r.finished and (r.q_head or {}).get("share_of_steps")]
     if not runs:
         return []
     lines = ["", "## Halting: the Q-head against every supervision step (all held-out puzzles)", "",
              "| run | seeds | exact accuracy, every step | exact accuracy, Q-head halting | difference "
              "(95% interval) | mean steps | share of the steps |", "|---|---:|---:|---:|---|---:|---:|"]
-    for label in dict.fromkeys(r["label"] for r in runs):
-        q = [r["q_head"] for r in runs if r["label"] == label]
+    for name in dict.fromkeys(r.run for r in runs):
+        q = [r.q_head for r in runs if r.run == name]
         every, halted = [x["all_steps_exact_accuracy"] for x in q], [x["exact_accuracy"] for x in q]
-        lines.append(f"| {label} | {len(q)} | {mean_std(every)[0]:.4f} | {mean_std(halted)[0]:.4f} | "
+        lines.append(f"| {name} | {len(q)} | {mean_std(every)[0]:.4f} | {mean_std(halted)[0]:.4f} | "
                      f"{welch(halted, every).interval_text()} | {mean_std([x['mean_steps'] for x in q])[0]:.2f} "
                      f"of {q[0]['halt_max_steps']} | {mean_std([x['share_of_steps'] for x in q])[0]:.0%} |")
     lines += threshold_table(runs)
-    reference = [r["by_difficulty"] for r in runs if r["label"] == p["reference"] and r.get("by_difficulty")]
+    reference = [r.by_difficulty for r in runs if r.run == p.reference and r.by_difficulty]
     if reference:
         measure = reference[0]["measure"]
         values = sorted({int(v) for table in reference for v in table["rows"]})
-        lines += ["", f"By difficulty ({measure}), `{p['reference']}`, mean over seeds: do harder puzzles take more "
+        lines += ["", f"By difficulty ({measure}), `{p.reference}`, mean over seeds: do harder puzzles take more "
                   "steps?", "", f"| {measure} | puzzles | exact accuracy, every step | exact accuracy, Q-head | "
                   "Q-head mean steps |", "|---:|---:|---:|---:|---:|"]
         for value in values:
@@ -150,134 +153,134 @@ def halting_section(p: dict) -> list[str]:
     return lines
 
 
-def threshold_table(runs: list[dict]) -> list[str]:
+def threshold_table(runs: list[RunRecord]) -> list[str]:
     """The Q-head's trade-off: exact accuracy and steps when it must give "halt" 0.5 (training's rule), 0.9, 0.99."""
-    scored = [r for r in runs if r.get("q_head_thresholds")]
+    scored = [r for r in runs if r.q_head_thresholds]
     if not scored:
         return []
-    thresholds = list(scored[0]["q_head_thresholds"])
+    thresholds = list(scored[0].q_head_thresholds)
     lines = ["", "The Q-head's operating points: it halts an example when it gives \"halt\" at least this probability "
              "(0.5 is the rule it trained with); exact accuracy (share of the steps), mean over seeds:", "",
              "| run | " + " | ".join(thresholds) + " |", "|---|" + "---:|" * len(thresholds)]
-    for label in dict.fromkeys(r["label"] for r in scored):
-        mine = [r["q_head_thresholds"] for r in scored if r["label"] == label]
+    for name in dict.fromkeys(r.run for r in scored):
+        mine = [r.q_head_thresholds for r in scored if r.run == name]
         cells = [f"{mean_std([m[t]['exact_accuracy'] for m in mine])[0]:.4f} "
                  f"({mean_std([m[t]['share_of_steps'] for m in mine])[0]:.0%})" for t in thresholds]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
-def full_steps(p: dict, arm: str):
+def full_steps(p: ComparisonReport, arm: str):
     """The arm's equal-steps run length, or — where `equal_steps: false` left it out."""
-    ran = p.get("equal_steps_runs", True) or arm == budget_arm(p["accounting"])
-    return p["accounting"]["steps"] if ran else "—"
+    ran = p.equal_steps_runs or arm == budget_arm(p.accounting)
+    return p.accounting["steps"] if ran else "—"
 
 
-def run_table(p: dict, key: str, metric_label: str, higher: bool) -> list[str]:
-    task = p["metric"] == "exact_accuracy"
-    stops = any("stopped_by" in r for r in p["runs"])  # runs made before the plateau rule have no such field
+def run_table(p: ComparisonReport, key: str, metric_label: str, higher: bool) -> list[str]:
+    task = p.metric == "exact_accuracy"
+    stops = any(r.stopped_by is not None for r in p.runs)  # runs made before the plateau rule have no such field
     lines = [f"| run | seeds | {metric_label} (mean ± std) | " + ("cell accuracy | " if task else "")
              + "val loss | token accuracy | tokens/s | recursion steps |" + (" stopped, per seed |" if stops else ""),
              "|---|---:|---|" + ("---:|" if task else "") + "---:|---:|---:|---:|" + ("---|" if stops else "")]
-    for label in dict.fromkeys(r["label"] for r in p["runs"]):
-        done = [r for r in p["runs"] if r["label"] == label and r["status"] == "finished"]
+    for name in dict.fromkeys(r.run for r in p.runs):
+        done = [r for r in p.runs if r.run == name and r.finished]
         if not done:
-            lines.append(f"| {label} | 0 | failed |" + (" |" if task else "") + " | | | |" + (" |" if stops else ""))
+            lines.append(f"| {name} | 0 | failed |" + (" |" if task else "") + " | | | |" + (" |" if stops else ""))
             continue
-        cells = f" {mean_std([r['cell_accuracy'] for r in done])[0]:.3f} |" if task else ""
-        steps = [r["recursion_steps"] for r in done if r.get("recursion_steps") is not None]
-        lines.append(f"| {label} | {len(done)} | {mean_std_text([r[key] for r in done])} |{cells} "
-                     f"{mean_std([r['final_val_loss'] for r in done])[0]:.4f} | "
-                     f"{mean_std([r['accuracy'] for r in done])[0]:.3f} | "
-                     f"{mean_std([r['tokens_per_s'] for r in done])[0]:,.0f} | "
+        cells = f" {mean_std([r.cell_accuracy for r in done])[0]:.3f} |" if task else ""
+        steps = [r.recursion_steps for r in done if r.recursion_steps is not None]
+        lines.append(f"| {name} | {len(done)} | {mean_std_text([getattr(r, key) for r in done])} |{cells} "
+                     f"{mean_std([r.final_val_loss for r in done])[0]:.4f} | "
+                     f"{mean_std([r.accuracy for r in done])[0]:.3f} | "
+                     f"{mean_std([r.tokens_per_s for r in done])[0]:,.0f} | "
                      f"{f'{sum(steps) / len(steps):.2f}' if steps else '—'} |"
                      + (f" {stops_text(done)} |" if stops else ""))
     return lines
 
 
-def steps_curve_table(runs: list[dict],
+def steps_curve_table(runs: list[RunRecord],
                       title: str = "## Exact accuracy by supervision steps at evaluation") -> list[str]:
     """Exact accuracy after each number of supervision steps scored, from 1 to 4 x halt_max_steps (recursive task
     runs), with and without the Q-head: test-time compute."""
     curves = {}
     for r in runs:
         for key, how in (("exact_accuracy_by_steps", ""), ("q_head_by_steps", ", Q-head may halt")):
-            if r["status"] == "finished" and r.get(key):
-                curves.setdefault(r["label"] + how, []).append({str(k): v for k, v in r[key].items()})
+            if r.finished and getattr(r, key):
+                curves.setdefault(r.run + how, []).append({str(k): v for k, v in getattr(r, key).items()})
     if not curves:
         return []
     depths = sorted({int(k) for found in curves.values() for c in found for k in c})
     lines = ["", f"{title} (mean over seeds)", "",
              "| run | " + " | ".join(str(k) for k in depths) + " | Q-head halting (steps) |",
              "|---|" + "---:|" * (len(depths) + 1)]
-    for label, found in curves.items():
+    for name, found in curves.items():
         row = [[c[str(k)] for c in found if str(k) in c] for k in depths]
-        q = [r for r in runs if r["label"] == label and r.get("q_head")]
-        q_text = (f"{mean_std([r['q_head']['exact_accuracy'] for r in q])[0]:.3f} "
-                  f"({mean_std([r['q_head']['mean_steps'] for r in q])[0]:.2f})") if q else "—"
+        q = [r for r in runs if r.run == name and r.q_head]
+        q_text = (f"{mean_std([r.q_head['exact_accuracy'] for r in q])[0]:.3f} "
+                  f"({mean_std([r.q_head['mean_steps'] for r in q])[0]:.2f})") if q else "—"
         cells = " | ".join(f"{mean_std(v)[0]:.3f}" if v else "—" for v in row)
-        lines.append(f"| {label} | {cells} | {q_text} |")
+        lines.append(f"| {name} | {cells} | {q_text} |")
     return lines
 
 
-def transfer_section(p: dict) -> list[str]:
+def transfer_section(p: ComparisonReport) -> list[str]:
     """Every run scored on the transfer puzzles: exact accuracy, cell accuracy and the steps curve."""
-    if not p.get("transfer"):
+    if not p.transfer:
         return []
-    settings = ", ".join(f"{k} {v}" for k, v in p["transfer"]["settings"].items())
+    settings = ", ".join(f"{k} {v}" for k, v in p.transfer["settings"].items())
     lines = ["", f"## Transfer: the same models on other puzzles ({settings})", "",
              "Each run's export scored on the held-out puzzles that its task arguments, so changed, generate: "
              "puzzles of a kind it never trained on.", "",
              "| run | seeds | exact accuracy (mean ± std) | cell accuracy |", "|---|---:|---|---:|"]
-    for label in dict.fromkeys(r["label"] for r in p["runs"]):
-        done = [r["transfer"] for r in p["runs"] if r["label"] == label and r.get("transfer")]
+    for name in dict.fromkeys(r.run for r in p.runs):
+        done = [r.transfer for r in p.runs if r.run == name and r.transfer]
         if done:
-            lines.append(f"| {label} | {len(done)} | {mean_std_text([t['exact_accuracy'] for t in done])} | "
+            lines.append(f"| {name} | {len(done)} | {mean_std_text([t['exact_accuracy'] for t in done])} | "
                          f"{mean_std([t['cell_accuracy'] for t in done])[0]:.3f} |")
-    lines += [""] + [f"**Transfer, equal steps, {arm} vs {p['reference']}:** {v['verdict']}."
-                     for arm, v in p["transfer"]["equal_steps"].items()]
-    return lines + steps_curve_table([{**r["transfer"], "label": r["label"], "status": r["status"]}
-                                      for r in p["runs"] if r.get("transfer")],
+    lines += [""] + [f"**Transfer, equal steps, {arm} vs {p.reference}:** {v['verdict']}."
+                     for arm, v in p.transfer["equal_steps"].items()]
+    return lines + steps_curve_table([dataclasses.replace(r, **{k: r.transfer.get(k) for k in TRANSFER_CURVES})
+                                      for r in p.runs if r.transfer],
                                      "### Transfer: exact accuracy by supervision steps")
 
 
-def plot(p: dict, path: Path) -> None:
+def plot(p: ComparisonReport, path: Path) -> None:
     """Val loss vs steps and vs training FLOPs, the final metric per run, and the steps curve (task runs)
     or the throughput."""
     plt = pyplot()
-    key, metric_label, _ = METRICS[p["metric"]]
-    done = [r for r in p["runs"] if r["status"] == "finished"]
-    labels = list(dict.fromkeys(r["label"] for r in done))
-    colors = dict(zip(labels, plt.get_cmap("tab10").colors))
+    key, metric_label, _ = METRICS[p.metric]
+    done = [r for r in p.runs if r.finished]
+    names = list(dict.fromkeys(r.run for r in done))
+    colors = dict(zip(names, plt.get_cmap("tab10").colors))
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     (by_step, by_flops), (final, last) = axes
-    learning_curves(by_step, by_flops, done, labels, colors) if p["metric"] == "exact_accuracy" else \
-        loss_curves(by_step, by_flops, done, labels, colors)
-    stats = [mean_std([r[key] for r in done if r["label"] == label]) for label in labels]
-    final.bar(labels, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=5,
-              color=[colors[label] for label in labels])
+    learning_curves(by_step, by_flops, done, names, colors) if p.metric == "exact_accuracy" else \
+        loss_curves(by_step, by_flops, done, names, colors)
+    stats = [mean_std([getattr(r, key) for r in done if r.run == name]) for name in names]
+    final.bar(names, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=5,
+              color=[colors[name] for name in names])
     final.set_ylabel(metric_label + ", mean ± std")
     final.set_title(metric_label.capitalize())
     final.tick_params(axis="x", labelrotation=20, labelsize=8)
     final.grid(axis="y", alpha=0.3)
-    plot_steps_curve(last, done, labels, colors)
-    fig.suptitle(f"{p['config']} ({len(p['seeds'])} seeds)", fontsize=10)
+    plot_steps_curve(last, done, names, colors)
+    fig.suptitle(f"{p.config} ({len(p.seeds)} seeds)", fontsize=10)
     save_figure(fig, path)
 
 
-def learning_curves(by_seen, by_flops, done: list[dict], labels: list[str], colors: dict) -> None:
+def learning_curves(by_seen, by_flops, done: list[RunRecord], names: list[str], colors: dict) -> None:
     """Held-out exact accuracy at every evaluation against puzzles seen and training FLOPs: one line per run
     (arm and seed), so a run that plateaued early and one that hit its cap are both visible."""
-    for label in labels:
-        for i, r in enumerate(r for r in done if r["label"] == label):
-            points = [(s, e) for s, _, _, e, *_ in (c + [None] for c in r["eval_curve"]) if e is not None]
-            if not points or not r.get("sequences_per_step"):  # a run made before its curve had exact accuracy
+    for name in names:
+        for i, r in enumerate(r for r in done if r.run == name):
+            points = [(s, e) for s, _, _, e, *_ in (c + [None] for c in r.eval_curve) if e is not None]
+            if not points or not r.sequences_per_step:  # a run made before its curve had exact accuracy
                 continue
-            seen = [s * r["sequences_per_step"] for s, _ in points]
-            flops = [s * r["tokens_per_step"] * r["flops_per_token"] for s, _ in points]
+            seen = [s * r.sequences_per_step for s, _ in points]
+            flops = [s * r.tokens_per_step * r.flops_per_token for s, _ in points]
             for ax, x in ((by_seen, seen), (by_flops, flops)):
-                ax.plot(x, [e for _, e in points], color=colors[label], linewidth=1, alpha=0.8,
-                        label=label if i == 0 else None)
+                ax.plot(x, [e for _, e in points], color=colors[name], linewidth=1, alpha=0.8,
+                        label=name if i == 0 else None)
     by_seen.set_xlabel("training puzzles seen")
     by_flops.set_xlabel("training FLOPs")
     for ax in (by_seen, by_flops):
@@ -290,18 +293,18 @@ def learning_curves(by_seen, by_flops, done: list[dict], labels: list[str], colo
     by_flops.set_title("Learning curves by training compute")
 
 
-def loss_curves(by_step, by_flops, done: list[dict], labels: list[str], colors: dict) -> None:
+def loss_curves(by_step, by_flops, done: list[RunRecord], names: list[str], colors: dict) -> None:
     """Validation loss, mean ± std over seeds, against steps and training FLOPs."""
-    for label in labels:
-        runs = [r for r in done if r["label"] == label]
-        steps, mean, std = mean_curve([r["eval_curve"] for r in runs])
-        flops = [s * runs[0]["tokens_per_step"] * runs[0]["flops_per_token"] for s in steps]
+    for name in names:
+        runs = [r for r in done if r.run == name]
+        steps, mean, std = mean_curve([r.eval_curve for r in runs])
+        flops = [s * runs[0].tokens_per_step * runs[0].flops_per_token for s in steps]
         # an equal-FLOPs run has its own shorter schedule: it belongs on the compute axis only
-        axes_here = ((by_flops, flops),) if label.endswith("_equal_flops") else ((by_step, steps), (by_flops, flops))
+        axes_here = ((by_flops, flops),) if name.endswith("_equal_flops") else ((by_step, steps), (by_flops, flops))
         for ax, x in axes_here:
-            ax.plot(x, mean, marker="o", markersize=3, color=colors[label], label=label)
+            ax.plot(x, mean, marker="o", markersize=3, color=colors[name], label=name)
             ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=colors[label], alpha=0.2)
+                            color=colors[name], alpha=0.2)
     by_step.set_xlabel("optimizer step")
     by_flops.set_xlabel("training FLOPs")
     by_flops.set_xscale("log")
@@ -313,23 +316,24 @@ def loss_curves(by_step, by_flops, done: list[dict], labels: list[str], colors: 
             ax.legend(fontsize=8)
 
 
-def plot_steps_curve(ax, done: list[dict], labels: list[str], colors: dict) -> None:
-    curved = [label for label in labels if any(r["label"] == label and r.get("exact_accuracy_by_steps") for r in done)]
+def plot_steps_curve(ax, done: list[RunRecord], names: list[str], colors: dict) -> None:
+    curved = [name for name in names if any(r.run == name and r.exact_accuracy_by_steps for r in done)]
     if not curved:  # no recursive task run: the throughput instead
-        stats = [mean_std([r["tokens_per_s"] for r in done if r["label"] == label]) for label in labels]
-        ax.bar(labels, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=5,
-               color=[colors[label] for label in labels])
+        stats = [mean_std([r.tokens_per_s for r in done if r.run == name]) for name in names]
+        ax.bar(names, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=5,
+               color=[colors[name] for name in names])
         ax.set_ylabel("training throughput (tokens/s), mean ± std")
         ax.set_title("Throughput")
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         return
-    for label in curved:
+    for name in curved:
         for key, style, how in (("exact_accuracy_by_steps", "-", ""), ("q_head_by_steps", "--", ", Q-head may halt")):
-            found = [{str(k): v for k, v in r[key].items()} for r in done if r["label"] == label and r.get(key)]
+            found = [{str(k): v for k, v in getattr(r, key).items()} for r in done
+                     if r.run == name and getattr(r, key)]
             ks = sorted({int(k) for c in found for k in c})
             if ks:
                 ax.plot(ks, [mean_std([c[str(k)] for c in found if str(k) in c])[0] for k in ks], marker="o",
-                        linestyle=style, color=colors[label], label=label + how)
+                        linestyle=style, color=colors[name], label=name + how)
     ax.set_xlabel("supervision steps at evaluation")
     ax.set_ylabel("exact accuracy, mean over seeds")
     ax.set_title("Test-time compute: accuracy by supervision steps")

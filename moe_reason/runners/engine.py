@@ -45,6 +45,7 @@ from ..tasks.puzzles import TaskArguments
 from ..training.arguments import ModelArguments, arguments_from, build_config, load_mapping, refuse_unknown
 from ..training.checkpointing import complete_checkpoints
 from ..training.trainer import TOKENIZER_FIELDS, config_drift, describe_drift, saved_config, train
+from .records import RunRecord
 from .statistics import mean_std
 
 LAUNCHERS = ("in_process", "accelerate")
@@ -103,9 +104,9 @@ STUDY_IN_USE = ("study folder {folder} is in use by another runner ({who}): wait
                 "resume), or give this one another --output_dir")
 
 
-def exit_status(payload: dict) -> int:
+def exit_status(report) -> int:
     """A runner command's exit status: 1 when any of its runs failed (scripts and CI must notice), else 0."""
-    return int(any(r["status"] == "failed" for r in payload.get("runs", [])))
+    return int(any(not r.finished for r in report.runs))
 
 
 class RunBudget:
@@ -124,11 +125,11 @@ class RunBudget:
               f"reporting the runs done; continue with:\n  {command}", flush=True)
         return True
 
-    def after(self, done: int, record: dict) -> None:
-        if not record.get("skipped"):
+    def after(self, done: int, record: RunRecord) -> None:
+        if not record.skipped:
             self.trained += 1
             # a run refused at once (its folder in use, a bad argument) says nothing about how long one takes
-            self.timed += record.get("status") == "finished"
+            self.timed += record.finished
         elapsed = time.perf_counter() - self.start
         left = self.total - done
         if not self.timed:
@@ -141,27 +142,49 @@ class RunBudget:
 
 @dataclass(frozen=True)
 class ReportFiles:
-    """A runner's report: the JSON its runs update, and the plot and Markdown made from that JSON alone."""
+    """A runner's report: the JSON its runs update (its report record), and the plot and Markdown made from that
+    record alone."""
     json: str
     png: str
     markdown: str
-    plot: Callable[[dict, Path], None]
-    render: Callable[[dict], str]
-    refresh: Callable[[dict], dict]  # the verdicts computed again from the runs, by today's statistics
+    record: type  # records.GridReport or records.ComparisonReport
+    plot: Callable[[object, Path], None]
+    render: Callable[[object], str]
+    refresh: Callable[[object], object]  # the verdicts computed again from the runs, by today's statistics
 
-    def write(self, payload: dict, out: Path) -> None:
-        self.plot(payload, out / self.png)
-        (out / self.markdown).write_text(self.render(payload))
+    def write(self, report, out: Path) -> None:
+        """The report's JSON, plot and Markdown into `out`."""
+        write_json(out / self.json, report.to_json())
+        self.plot(report, out / self.png)
+        (out / self.markdown).write_text(self.render(report))
 
-    def rebuild(self, out: Path) -> dict:
+    def read(self, path: Path):
+        """A report JSON as its record (a report written before today's records reads too)."""
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path} is not a report written by this runner (not JSON: {error}); move it aside to "
+                            "start the record afresh") from error
+        if not isinstance(values, dict):
+            raise UserError(f"{path} is not a report written by this runner; move it aside to start afresh")
+        return self.record.from_json(values, str(path))
+
+    def rebuild(self, out: Path):
         """--report DIR: the verdicts, plot and Markdown again from the runs in DIR's JSON, without training."""
         if not (out / self.json).is_file():
             raise MissingFileError(f"--report {out}: no {self.json} there (the output folder of a runner's runs)")
-        payload = self.refresh(json.loads((out / self.json).read_text()))
-        write_json(out / self.json, payload)
-        self.write(payload, out)
+        report = self.refresh(self.read(out / self.json))
+        self.write(report, out)
         print(f"wrote {out / self.png}, {out / self.markdown} from {out / self.json}", flush=True)
-        return payload
+        return report
+
+    def earlier_runs(self, out: Path, planned: Callable[[RunRecord], bool]) -> dict[tuple[str, int], RunRecord]:
+        """{(run, seed): record} of the finished runs the study's earlier report holds (its `runs` and
+        `other_runs`) that `planned` keeps (a variant no longer in the file is dropped)."""
+        if not (out / self.json).is_file():
+            return {}
+        earlier = self.read(out / self.json)
+        return {(r.run, r.seed): r for r in earlier.runs + earlier.other_runs if r.finished and planned(r)}
 
 
 def load_runner_file(path, kind: str, own_keys: set[str], args: RunnerArguments, default_seeds: list[int],
@@ -251,10 +274,18 @@ def safe_name(name: str) -> str:
 # Running one training run
 
 
-def run_training(name: str, values: dict, run_dir: Path, launcher: str = "in_process",
-                 accelerate_config: str | None = None) -> dict:
-    """Train once (or skip/resume) and return the run's record; never raises for a failed run."""
-    run_dir = Path(run_dir)
+def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str = "in_process",
+                 accelerate_config: str | None = None) -> RunRecord:
+    """Train run `run` of seed `seed` once (or skip/resume) and return its record; never raises for a failed run."""
+    run_dir, config = Path(run_dir), values
+    name = f"{run}/seed_{seed}"
+
+    def failed_record(error: str, wall: float, skipped: bool = False) -> RunRecord:
+        return RunRecord(run, seed, "failed", str(run_dir), config, skipped=skipped, error=error, wall_seconds=wall)
+
+    def finished_record(skipped: bool) -> RunRecord:
+        return RunRecord(run, seed, "finished", config=config, skipped=skipped, **collect_run(run_dir))
+
     values = {**values, "output_dir": str(run_dir)}
     spec = {"values": values, "launcher": launcher, "accelerate_config": accelerate_config}
     same_spec = _spec_of(run_dir) == spec
@@ -270,14 +301,13 @@ def run_training(name: str, values: dict, run_dir: Path, launcher: str = "in_pro
                      "default changed since. Pin the old value(s) in the experiment file to keep this run, or "
                      f"delete {run_dir} to train it again with the new one(s)")
             print(f"[FAILED] {name}: {error}", flush=True)
-            return {"name": name, "status": "failed", "error": error, "output_dir": str(run_dir), "wall_seconds": 0.0,
-                    "skipped": True}  # nothing trained: the ETA must not count it
+            return failed_record(error, 0.0, skipped=True)  # nothing trained: the ETA must not count it
     if finished:
         if values.get("task") and not scored(run_dir, values):
             score_task_run(run_dir, values)  # trained, but stopped before its scoring (or scored by older code)
-        record = collect_run(run_dir)
-        print(f"[skip] {name}: finished earlier, val loss {record['final_val_loss']:.4f}", flush=True)
-        return {**record, "name": name, "status": "finished", "skipped": True}
+        record = finished_record(skipped=True)
+        print(f"[skip] {name}: finished earlier, val loss {record.final_val_loss:.4f}", flush=True)
+        return record
 
     start = {"resume_from_checkpoint": "latest"} if resume else {"overwrite_output_dir": True}
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -292,40 +322,24 @@ def run_training(name: str, values: dict, run_dir: Path, launcher: str = "in_pro
     if error is not None:
         print(f"[FAILED] {name} after {wall:.0f} s: {error.splitlines()[-1][:300]} (log: {run_dir / 'train.log'})",
               flush=True)
-        return {"name": name, "status": "failed", "error": error, "output_dir": str(run_dir), "wall_seconds": wall}
+        return failed_record(error, wall)
     if values.get("task"):
         score_task_run(run_dir, values)
-    record = collect_run(run_dir)
-    print(f"[done] {name}: val loss {record['final_val_loss']:.4f}, ppl {record['perplexity']:.1f}, "
-          f"acc {record['accuracy']:.3f}, {record['tokens_per_s']:,.0f} tok/s, {wall:.0f} s"
-          f"{', NON-FINITE values seen' if record['nan'] else ''}", flush=True)
-    return {**record, "name": name, "status": "finished", "skipped": False}
+    record = finished_record(skipped=False)
+    print(f"[done] {name}: val loss {record.final_val_loss:.4f}, ppl {record.perplexity:.1f}, "
+          f"acc {record.accuracy:.3f}, {record.tokens_per_s:,.0f} tok/s, {wall:.0f} s"
+          f"{', NON-FINITE values seen' if record.nan else ''}", flush=True)
+    return record
 
 
-def earlier_runs(path: Path, key: Callable[[dict], tuple | None]) -> dict:
-    """{key(record): record} of the finished runs a runner's earlier report JSON holds (its `runs` and
-    `other_runs`), leaving out those `key` maps to None (a variant no longer in the file)."""
-    if not path.is_file():
-        return {}
-    try:
-        payload = json.loads(path.read_text())
-        runs = payload["runs"] + payload.get("other_runs", [])
-        keyed = {key(r): r for r in runs if r["status"] == "finished"}
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise UserError(f"{path} is not a report written by this runner ({error!r}); move it aside to start "
-                        "the record afresh") from error
-    keyed.pop(None, None)
-    return keyed
-
-
-def train_or_keep(name: str, values: dict, run_dir: Path, launcher: str, accelerate_config: str | None,
-                  kept: dict | None) -> dict:
+def train_or_keep(run: str, seed: int, values: dict, run_dir: Path, launcher: str, accelerate_config: str | None,
+                  kept: RunRecord | None) -> RunRecord:
     """run_training, unless the run's folder is gone and its earlier record `kept` has the same arguments."""
-    if kept and kept["config"] == values and not Path(run_dir).exists():
-        print(f"[kept] {name}: its folder is gone; kept from the report (val loss {kept['final_val_loss']:.4f}; "
+    if kept and kept.config == values and not Path(run_dir).exists():
+        print(f"[kept] {kept.title}: its folder is gone; kept from the report (val loss {kept.final_val_loss:.4f}; "
               "a model default changed since could not be checked)", flush=True)
-        return {**kept, "name": name, "skipped": True}
-    return run_training(name, values, run_dir, launcher, accelerate_config)
+        return dataclasses.replace(kept, skipped=True)
+    return run_training(run, seed, values, run_dir, launcher, accelerate_config)
 
 
 TRANSFER_EVAL = "eval_transfer.json"  # a task run's scores on other puzzles (a comparison's `transfer:`)
@@ -416,7 +430,7 @@ def _train_with_accelerate(values: dict, log_file: Path, accelerate_config: str 
 
 
 def collect_run(run_dir) -> dict:
-    """The figures a report needs, from the run's results and metrics files."""
+    """A finished run's figures, from its results and metrics files: RunRecord fields by name."""
     run_dir = Path(run_dir)
     results = json.loads((run_dir / RESULTS).read_text())
     records = [json.loads(line) for line in open(run_dir / METRICS)]

@@ -4,31 +4,32 @@
 from pathlib import Path
 
 from .engine import THROUGHPUT_NOTE, mean_curve, pyplot, save_figure
+from .records import GridReport
 
 
-def summary_markdown(payload: dict) -> str:
-    runs, variants, ref = payload["runs"], payload["variants"], payload["reference"]
-    done = [r for r in runs if r["status"] == "finished"]
-    lines = [f"# Ablation summary: {payload['grid']}", ""]
-    if payload["description"]:
-        lines += [payload["description"].strip(), ""]
-    lines += [f"{len(payload['variants'])} variants finished, {len(payload['seeds'])} seed(s) each "
-              f"({payload['seeds']}); {len(runs) - len(done)} run(s) failed."]
-    if payload.get("not_in_report"):  # a grid still running, stopped by --max_hours, or narrowed by --variants
+def summary_markdown(report: GridReport) -> str:
+    runs, variants, ref = report.runs, report.variants, report.reference
+    done = [r for r in runs if r.finished]
+    lines = [f"# Ablation summary: {report.grid}", ""]
+    if report.description:
+        lines += [report.description.strip(), ""]
+    lines += [f"{len(report.variants)} variants finished, {len(report.seeds)} seed(s) each "
+              f"({report.seeds}); {len(runs) - len(done)} run(s) failed."]
+    if report.not_in_report:  # a grid still running, stopped by --max_hours, or narrowed by --variants
         lines += ["", f"Not in this report (no finished run yet, or left out by --variants): "
-                  f"{', '.join(payload['not_in_report'])}. The grid's command runs them and rebuilds the report."]
+                  f"{', '.join(report.not_in_report)}. The grid's command runs them and rebuilds the report."]
     if done:
         r0 = done[0]
-        lines += ["", f"Each run: {r0['steps']} optimizer steps; validation on {r0['eval_tokens']:,} tokens. "
+        lines += ["", f"Each run: {r0.steps} optimizer steps; validation on {r0.eval_tokens:,} tokens. "
                   f"Losses are mean cross-entropy in nats per token. A model guessing uniformly over the "
-                  f"vocabulary scores ln(vocab) = {payload['ln_vocab']:.3f}; a loss L means the model is as unsure "
+                  f"vocabulary scores ln(vocab) = {report.ln_vocab:.3f}; a loss L means the model is as unsure "
                   f"as a uniform choice among e^L tokens (its perplexity).", ""]
     balance = all("load_entropy_mean" in v for v in variants.values()) and variants
     lines += ["| rank | variant | val loss (mean ± std) | Δ vs " + ref + " | 95% interval of Δ | real (Holm)? | "
               + (f"max/mean expert load | Δ load vs {ref} (95% interval) | load entropy / ln E | " if balance else "")
               + "perplexity | accuracy | tokens/s | wall (s) |",
               "|---:|---|---|---:|---|---|" + ("---:|---|---:|" if balance else "") + "---:|---:|---:|---:|"]
-    for rank, name in enumerate(payload["ranking"], 1):
+    for rank, name in enumerate(report.ranking, 1):
         v = variants[name]
         real = {True: "**yes**", False: "no", None: "n/a" if name == ref else "can't tell (1 seed)"}[
             v.get("real_by_holm")]
@@ -41,12 +42,12 @@ def summary_markdown(payload: dict) -> str:
         lines.append(f"| {rank} | {name}{nan} | {v['val_loss_mean']:.4f} ± {v['val_loss_std']:.4f} | {delta} | "
                      f"{interval} | {real} | {load}{v['perplexity_mean']:.2f} | {v['accuracy_mean']:.3f} | "
                      f"{v['tokens_per_s_mean']:,.0f} | {v['wall_seconds_mean']:.0f} |")
-    lines += ["", f"Rule: {payload['spread_rule']}.", "", f"Throughput: {THROUGHPUT_NOTE}."]
-    failed = [r for r in runs if r["status"] == "failed"]
+    lines += ["", f"Rule: {report.spread_rule}.", "", f"Throughput: {THROUGHPUT_NOTE}."]
+    failed = [r for r in runs if not r.finished]
     if failed:
         lines += ["", "## Failed runs", ""]
-        lines += [f"- `{r['variant']}` seed {r['seed']}: {r['error'].splitlines()[-1][:300]} "
-                  f"(log: `{r['output_dir']}/train.log`)" for r in failed]
+        lines += [f"- `{r.run}` seed {r.seed}: {r.error.splitlines()[-1][:300]} "
+                  f"(log: `{r.output_dir}/train.log`)" for r in failed]
     return "\n".join(lines) + "\n"
 
 
@@ -59,26 +60,25 @@ def load_delta(v: dict) -> str:
     return f"{v['load_max_over_mean_delta']:+.3f} {span}"
 
 
-def plot(payload: dict, path: Path) -> None:
+def plot(report: GridReport, path: Path) -> None:
     """Left: final validation loss per variant (mean ± std, seeds as dots). Right: mean training curves."""
     plt = pyplot()
-    names = payload["ranking"]
+    names = report.ranking
     fig, (left, right) = plt.subplots(1, 2, figsize=(15, max(4.5, 0.42 * len(names) + 1.5)))
     colors = plt.cm.tab20.colors
     for i, name in enumerate(names):
-        v = payload["variants"][name]
-        seeds = [r["final_val_loss"] for r in payload["runs"] if r["variant"] == name and r["status"] == "finished"]
+        v = report.variants[name]
+        seeds = [r.final_val_loss for r in report.runs if r.run == name and r.finished]
         left.errorbar(v["val_loss_mean"], i, xerr=v["val_loss_std"], fmt="o", color=colors[i % 20], capsize=4)
         left.scatter(seeds, [i] * len(seeds), color=colors[i % 20], alpha=0.4, s=14)
     left.set_yticks(range(len(names)), names)
     left.invert_yaxis()
     left.set_xlabel("final validation loss (nats/token), mean ± std over seeds; dots: single seeds")
-    chance = "" if payload["ln_vocab"] is None else f" (ln vocab = {payload['ln_vocab']:.2f} is chance)"
+    chance = "" if report.ln_vocab is None else f" (ln vocab = {report.ln_vocab:.2f} is chance)"
     left.set_title(f"Variants ranked{chance}")
     left.grid(axis="x", alpha=0.3)
     for i, name in enumerate(names):
-        curves = [r["train_loss_curve"] for r in payload["runs"]
-                  if r["variant"] == name and r["status"] == "finished" and r["train_loss_curve"]]
+        curves = [r.train_loss_curve for r in report.runs if r.run == name and r.finished and r.train_loss_curve]
         steps, mean, _ = mean_curve(curves)
         right.plot(steps, mean, color=colors[i % 20], label=name, linewidth=1.3)
     right.set_xlabel("optimizer step")

@@ -1,0 +1,178 @@
+"""The records a study keeps: one `RunRecord` per training run, and the report records (`GridReport`,
+`ComparisonReport`) that hold a study's runs with the statistics made from them.
+
+Both runners name a run the same way: `run` is its name in its study (a grid's variant; a comparison's
+arm, or ARM_equal_flops for the arm's run at the reference's training FLOPs) and its folder there, and
+`seed` its seed; `title` ("RUN/seed_N") is how the runners print it. The report JSON files are these
+records as JSON. Records written before the runs had one name for both runners (`variant` in a grid,
+`label` and `name` in a comparison) read as today's (`RunRecord.from_json`); the next write stores them
+in today's form, so no run trains again because of the schema.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+
+STATUSES = ("finished", "failed")
+OLD_NAMES = ("variant", "label")  # a run's name before `run`: a grid's key, then a comparison's
+DROPPED = ("name",)  # "RUN/seed_N" as older records stored it: `title` now
+
+
+@dataclass
+class RunRecord:
+    """One training run: which run of its study it is, how it ended, and (finished) what it measured.
+
+    A field the run did not measure is None: a failed run has no figures, a language-model run no puzzle
+    scores, a dense model no expert load, a direct model no recursion steps.
+    """
+    run: str  # its name in its study, and its folder there
+    seed: int
+    status: str  # one of STATUSES
+    output_dir: str
+    config: dict = field(default_factory=dict)  # the trainer arguments it ran with
+    skipped: bool = False  # not trained by this command (finished earlier, kept, refused): the ETA leaves it out
+    error: str | None = None  # a failed run: why
+    wall_seconds: float = 0.0  # its training loop over all its starts
+    # what its runner planned: a comparison's arm (model fields) and budget; a grid variant's overrides
+    arm: str | None = None
+    kind: str | None = None  # "equal_steps" or "equal_flops"
+    overrides: dict | None = None
+    # what a finished run measured: its results and metrics files (engine.collect_run)
+    steps: int | None = None  # its step budget where the runner planned one (a comparison), else its last step
+    final_val_loss: float | None = None
+    best_val_loss: float | None = None
+    perplexity: float | None = None
+    accuracy: float | None = None  # token accuracy on the validation set
+    ln_vocab: float | None = None
+    eval_tokens: int | None = None
+    recursion_steps: float | None = None
+    load_max_over_mean: float | None = None
+    load_entropy: float | None = None
+    tokens_per_s: float | None = None
+    flops_per_token: int | None = None
+    tokens_per_step: int | None = None
+    sequences_per_step: int | None = None
+    parameters: int | None = None
+    train_loss_curve: list | None = None  # [[step, language-model loss], ...]
+    grad_norm_curve: list | None = None  # [[step, gradient norm], ...]
+    eval_curve: list | None = None  # [[step, loss, token accuracy, exact match or None], ...]
+    stopped_by: str | None = None  # "plateau" or "max_steps"
+    stopped_at: int | None = None  # the step it ended at
+    nan: bool | None = None  # a non-finite loss or a skipped step was seen
+    # a task run's scores on its held-out puzzles (engine.task_figures)
+    exact_accuracy: float | None = None
+    cell_accuracy: float | None = None
+    exact_accuracy_by_steps: dict | None = None  # supervision steps -> exact accuracy, on the first curve_puzzles
+    q_head_by_steps: dict | None = None
+    q_head: dict | None = None
+    by_difficulty: dict | None = None
+    q_head_thresholds: dict | None = None
+    puzzles: int | None = None
+    curve_puzzles: int | None = None
+    transfer: dict | None = None  # a comparison's `transfer:` scores (task_figures of the other puzzles)
+
+    @property
+    def title(self) -> str:
+        return f"{self.run}/seed_{self.seed}"
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    def to_json(self) -> dict:
+        """The record as JSON, leaving out what the run did not measure."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, values: dict, where: str) -> RunRecord:
+        """A record as a report JSON holds it, today's or older (OLD_NAMES, DROPPED); `where` names the file."""
+        values = dict(values)
+        for old in OLD_NAMES:
+            if old in values and "run" not in values:
+                values["run"] = values.pop(old)
+        for old in DROPPED:
+            values.pop(old, None)
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown or "run" not in values or values.get("status") not in STATUSES:
+            raise UserError(f"{where} holds a run record this version cannot read (unknown keys {unknown}, or no "
+                            "run name or status); move it aside to start the record afresh")
+        return cls(**values)
+
+
+def records_from_json(values: list, where: str) -> list[RunRecord]:
+    return [RunRecord.from_json(v, where) for v in values]
+
+
+@dataclass
+class GridReport:
+    """An ablation grid's report: its runs, and per variant the loss (and expert load) over seeds with the
+    difference from the reference variant; `ranking` orders the variants by mean validation loss."""
+    grid: str  # the grid file
+    description: str
+    reference: str
+    seeds: list[int]
+    base: dict
+    ln_vocab: float | None
+    ranking: list[str]
+    variants: dict  # variant -> its figures over seeds (ablate.grid_report)
+    not_in_report: list[str]  # the file's variants without a finished run
+    runs: list[RunRecord]
+    spread_rule: str
+    other_runs: list[RunRecord]  # earlier finished runs this command did not plan or reach
+
+    def to_json(self) -> dict:
+        return report_json(self)
+
+    @classmethod
+    def from_json(cls, values: dict, where: str) -> GridReport:
+        return report_from_json(cls, values, where)
+
+
+@dataclass
+class ComparisonReport:
+    """An N-arm comparison's report: its runs, and the reference arm against each other arm at equal steps, at
+    equal training FLOPs and (optionally) on transfer puzzles, with the FLOP accounting behind the budgets."""
+    config: str  # the comparison file
+    description: str
+    seeds: list[int]
+    base: dict
+    arms: dict  # arm -> its model fields
+    reference: str
+    metric: str  # "loss" or "exact_accuracy"
+    accounting: dict  # FLOPs per token, steps and depth per arm (compare.plan_runs)
+    equal_steps_runs: bool
+    equal_steps: dict  # arm -> verdict (compare.verdict)
+    equal_flops: dict
+    transfer: dict
+    equal_flops_trend: dict  # arm -> the equal-FLOPs gap along the budget (compare.budget_trend)
+    ln_vocab: float | None
+    runs: list[RunRecord]
+    spread_rule: str
+    other_runs: list[RunRecord]
+
+    def to_json(self) -> dict:
+        return report_json(self)
+
+    @classmethod
+    def from_json(cls, values: dict, where: str) -> ComparisonReport:
+        return report_from_json(cls, values, where)
+
+
+def report_json(report) -> dict:
+    values = {f.name: getattr(report, f.name) for f in dataclasses.fields(report)}
+    return {**values, "runs": [r.to_json() for r in report.runs],
+            "other_runs": [r.to_json() for r in report.other_runs]}
+
+
+def report_from_json(cls, values: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    optional = {"other_runs": [], "equal_steps_runs": True, "not_in_report": []}  # keys older reports lack
+    values = {**{k: v for k, v in optional.items() if k in names}, **values}
+    if set(values) != names:
+        raise UserError(f"{where} is not a {cls.__name__} written by this runner (keys missing: "
+                        f"{sorted(names - set(values))}, unknown: {sorted(set(values) - names)}); move it aside to "
+                        "start the record afresh")
+    return cls(**{**values, "runs": records_from_json(values["runs"], where),
+                  "other_runs": records_from_json(values["other_runs"], where)})
