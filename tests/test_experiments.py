@@ -153,7 +153,13 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     ablate_main([str(tmp_path / "grid.yaml"), "--output_dir", str(out)])  # restarted: finished runs are skipped
     printed = capsys.readouterr().out
     assert printed.count("[skip]") == 4 and printed.count("[FAILED]") == 2 and printed.count("[eta]") == 6
-    assert printed.count("no estimate until a run trains to the end here") == 6  # skipped or failed: nothing timed
+    # the runs left priced at their caps by their variant's finished runs (earlier ones too); a failed variant not
+    eta = [line for line in printed.splitlines() if line.startswith("[eta]")]
+    per_step = runs[2]["wall_seconds"] / runs[2]["stopped_at"]  # no_aux's seed 0, for its seed 1's 4 steps
+    assert eta[2].startswith("[eta] 3/6 runs done") and eta[2].endswith(
+        f"; the 3 left: at most {per_step * 4 / 3600:.1f} h for 1 at their step caps; no estimate yet for broken "
+        "(no finished run)")
+    assert eta[-1].startswith("[eta] 6/6 runs done") and "left" not in eta[-1]
     assert json.loads((out / "results.json").read_text())["variants"]["baseline"]["val_loss_mean"] == \
         results["variants"]["baseline"]["val_loss_mean"]
 
@@ -178,7 +184,6 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     ablate_main([str(tmp_path / "grid.yaml"), "--output_dir", str(out), "--variants", "baseline"])
     printed = capsys.readouterr().out
     assert printed.count("[skip]") == 1 and "[FAILED] baseline/seed_0" in printed
-    assert printed.count("no estimate until a run trains to the end here") == 2  # nothing trained: no ETA from it
     assert "rms_norm_eps: 0.001 there, 1e-06 now" in printed and "a default changed since" in printed
     assert json.loads(exported.read_text())["rms_norm_eps"] == 1e-3
     assert (exported.parent / "model.safetensors").is_file()
@@ -232,15 +237,18 @@ def test_a_run_whose_folder_is_gone_is_kept_from_results_json_while_its_argument
 
 
 def test_a_spent_budget_still_trains_one_run_and_a_report_with_no_finished_run_plots(tmp_path, capsys):
-    budget = RunBudget(total=3, max_hours=1e-12)  # spent before the first run starts
+    budget = RunBudget([("a", 100), ("a", 100), ("a", 50)], max_hours=1e-12)  # spent before the first run starts
     assert not budget.exhausted(0, "again")
     failed = RunRecord("a", 0, "failed", str(tmp_path / "a"), error="refused")
-    budget.after(1, failed)  # refused at once: spends the budget, times nothing
+    runs = [failed]
+    budget.after(runs)  # refused at once: spends the budget, prices nothing
     assert budget.exhausted(1, "again")
-    budget.after(2, RunRecord("a", 1, "finished", str(tmp_path / "b")))
+    runs.append(RunRecord("a", 1, "finished", str(tmp_path / "b"), wall_seconds=720.0, stopped_at=80, steps=100))
+    budget.after(runs)  # stopped at step 80 in 12 min: 9 s per step, so the 50-step run left takes 7.5 min
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == "[eta] 1/3 runs done; no estimate until a run trains to the end here"
-    assert printed[-1].startswith("[eta] 2/3 runs done") and "min for the 1 left" in printed[-1]
+    assert printed[0].startswith("[eta] 1/3 runs done") and printed[0].endswith(
+        "; the 2 left: no estimate yet for a (no finished run)")
+    assert printed[-1].endswith("; the 1 left: at most 0.1 h for 1 at their step caps")
     report = GridReport(grid="g.yaml", description="", reference="a", seeds=[0], base={}, ln_vocab=None, ranking=[],
                         variants={}, not_in_report=["a"], runs=[failed], spread_rule="", other_runs=[])
     with warnings.catch_warnings():

@@ -30,6 +30,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..errors import UserError, run_cli
+from ..training.arguments import arguments_from
 from .engine import (ReportFiles, RunBudget, RunnerArguments, check_arguments, check_launch, exit_status,
                      load_runner_file, run_runner, safe_name, train_or_keep, write_json)
 from .grid_report import plot, summary_markdown
@@ -79,9 +80,10 @@ def run_grid(grid: dict) -> GridReport:
     total = len(grid["variants"]) * len(grid["seeds"])
     print(f"ablation {grid['path']}: {len(grid['variants'])} variants x {len(grid['seeds'])} seeds = {total} runs "
           f"-> {out}", flush=True)
-    budget = RunBudget(total, grid.get("max_hours"))
     earlier = REPORT.earlier_runs(out, lambda r: r.run in grid["in_file"])
     plan = [(variant, overrides, seed) for variant, overrides in grid["variants"].items() for seed in grid["seeds"]]
+    budget = RunBudget([(variant, arguments_from({**grid["base"], **overrides})[2].max_steps)  # the step caps
+                        for variant, overrides, _ in plan], grid.get("max_hours"))
     for variant, overrides, seed in plan:
         if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
             break
@@ -90,7 +92,7 @@ def run_grid(grid: dict) -> GridReport:
                                grid["accelerate_config"], earlier.pop((variant, seed), None))
         runs.append(dataclasses.replace(record, overrides=overrides))
         write_json(out / REPORT.json, grid_report(grid, runs, earlier).to_json())
-        budget.after(len(runs), record)
+        budget.after(runs)
     report = grid_report(grid, runs, earlier)
     REPORT.write(report, out)
     failed = [r.title for r in runs if not r.finished]

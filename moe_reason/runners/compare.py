@@ -171,7 +171,7 @@ def run_comparison(cmp: dict) -> ComparisonReport:
             for item in plan if item["kind"] == kind]
     names = {run_name(item) for item in plan}
     earlier = REPORT.earlier_runs(out, lambda r: r.run in names)
-    budget = RunBudget(len(todo), cmp.get("max_hours"))
+    budget = RunBudget([(item["arm"], item["steps"]) for _, item in todo], cmp.get("max_hours"))
     for seed, item in todo:
         if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
             break
@@ -184,7 +184,7 @@ def run_comparison(cmp: dict) -> ComparisonReport:
             record.transfer = transfer_figures(out / name / f"seed_{seed}", values, cmp["transfer"])
         runs.append(record)
         write_json(out / REPORT.json, comparison_report(cmp, accounting, runs, earlier).to_json())
-        budget.after(len(runs), record)
+        budget.after(runs)
     report = comparison_report(cmp, accounting, runs, earlier)
     REPORT.write(report, out)
     for kind, verdicts in (("equal steps", report.equal_steps), ("equal FLOPs", report.equal_flops)):

@@ -110,34 +110,40 @@ def exit_status(report) -> int:
 
 
 class RunBudget:
-    """Between runs: whether --max_hours leaves time to start another, and a one-line ETA after each run."""
+    """Between runs: whether --max_hours leaves time to start another, and a one-line ETA after each run.
 
-    def __init__(self, total: int, max_hours: float | None):
-        self.total, self.max_hours, self.start = total, max_hours, time.perf_counter()
-        self.trained = self.timed = 0  # runs started here (the budget); of those, runs that finished (the ETA)
+    The ETA prices each run still to come at its step cap times the seconds per step its model's finished runs
+    took (a comparison's arm, a grid's variant; this command's runs or earlier ones, on whatever machine ran
+    them): an upper bound where the plateau rule stops runs before their caps.
+    """
+
+    def __init__(self, plan: list[tuple[str, int]], max_hours: float | None):
+        self.plan, self.max_hours, self.start = plan, max_hours, time.perf_counter()  # plan: (model, step cap)
+        self.trained = 0  # runs started by this command: the budget spends on them
 
     def exhausted(self, done: int, command: str) -> bool:
         # one run always trains, so a budget spent by a slow start (or a tiny --max_hours) still makes progress
         hours = (time.perf_counter() - self.start) / 3600
-        if self.max_hours is None or hours < self.max_hours or done == self.total or not self.trained:
+        if self.max_hours is None or hours < self.max_hours or done == len(self.plan) or not self.trained:
             return False
-        print(f"[budget] --max_hours {self.max_hours} spent after {done}/{self.total} runs ({hours:.2f} h): "
+        print(f"[budget] --max_hours {self.max_hours} spent after {done}/{len(self.plan)} runs ({hours:.2f} h): "
               f"reporting the runs done; continue with:\n  {command}", flush=True)
         return True
 
-    def after(self, done: int, record: RunRecord) -> None:
-        if not record.skipped:
-            self.trained += 1
-            # a run refused at once (its folder in use, a bad argument) says nothing about how long one takes
-            self.timed += record.finished
-        elapsed = time.perf_counter() - self.start
-        left = self.total - done
-        if not self.timed:
-            print(f"[eta] {done}/{self.total} runs done; no estimate until a run trains to the end here", flush=True)
-            return
-        per_run = elapsed / self.timed
-        print(f"[eta] {done}/{self.total} runs done, {elapsed / 60:.1f} min so far; about {left * per_run / 60:.0f} "
-              f"min for the {left} left ({per_run / 60:.1f} min per run trained here)", flush=True)
+    def after(self, runs: list[RunRecord]) -> None:
+        self.trained += not runs[-1].skipped
+        per_step = {}  # model -> seconds per step of each of its finished runs
+        for r in runs:
+            steps = r.stopped_at or r.steps
+            if r.finished and steps and r.wall_seconds:
+                per_step.setdefault(r.arm or r.run, []).append(r.wall_seconds / steps)
+        left = self.plan[len(runs):]
+        priced = [sum(per_step[model]) / len(per_step[model]) * cap for model, cap in left if model in per_step]
+        unpriced = sorted({model for model, _ in left if model not in per_step})
+        parts = [f"at most {sum(priced) / 3600:.1f} h for {len(priced)} at their step caps"] if priced else []
+        parts += [f"no estimate yet for {', '.join(unpriced)} (no finished run)"] if unpriced else []
+        print(f"[eta] {len(runs)}/{len(self.plan)} runs done, {(time.perf_counter() - self.start) / 60:.1f} min in "
+              f"this command" + (f"; the {len(left)} left: {'; '.join(parts)}" if left else ""), flush=True)
 
 
 @dataclass(frozen=True)
