@@ -127,6 +127,12 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path, 
     assert len(biases[0]) == 2 and all(v.abs().max() > 0 for v in biases[0].values())
     for name, bias in biases[0].items():
         assert (biases[1][name] - bias).abs().max() <= 2e-3 + 1e-9, name
+    # and the last step's log says how far each layer's bias spread (largest minus smallest expert's)
+    logged = [r for r in read_metrics(tmp_path / "one") if "train/router_bias_spread/layer_0" in r][-1]
+    assert logged["step"] == 5
+    for layer, (name, bias) in enumerate(sorted(biases[0].items())):
+        assert logged[f"train/router_bias_spread/layer_{layer}"] == pytest.approx(float(bias.max() - bias.min()),
+                                                                                  abs=1e-6), name
 
 
 # ZeRO-3 itself: test_reliability.py's ZeRO-3 test makes the same checks on its run, and resumes it

@@ -196,8 +196,7 @@ class MoEReasonConfig(PretrainedConfig):
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "MoEReasonConfig":
         """Build a named preset (`debug`, `small`, `exp8`) with field overrides."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        check_preset(name)
         # PretrainedConfig keeps unknown kwargs as attributes; a typo must not pass silently
         unknown = sorted(set(overrides) - cls.field_names())
         if unknown:
@@ -217,6 +216,11 @@ def _is_int(value: Any) -> bool:
 
 class ConfigError(ValueError):
     """An invalid setting (a config field or an argument): a user error, not a bug (`moe_reason.errors`)."""
+
+
+def check_preset(name: str) -> None:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
 
 
 def require(obj, field: str, ok: bool, allowed: str) -> None:

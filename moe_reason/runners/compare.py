@@ -138,14 +138,12 @@ def plan_runs(cmp: dict) -> tuple[list[dict], dict]:
         config, block, steps = arm_config({**cmp["base"], **fields})
         flops[arm], depth[arm] = training_flops_per_token(config, block), depth_of(config)
     cheapest = min(flops, key=flops.get)
-    if cmp["equal_flops"] == EQUAL_FLOPS_REFERENCE:  # the cheaper arms get the reference's FLOPs
-        budget_arm = cmp["reference"]
-        equal_flops_steps = {arm: max(1, math.floor(steps * flops[budget_arm] / f)) for arm, f in flops.items()
-                             if f < flops[budget_arm]}
-    else:  # the costlier arms get the cheapest arm's FLOPs
-        budget_arm = cheapest
-        equal_flops_steps = {arm: max(1, math.floor(steps * flops[cheapest] / f)) for arm, f in flops.items()
-                             if f > flops[cheapest] and cmp["equal_flops"]}
+    # equal_flops: reference gives the cheaper arms the reference's FLOPs; true, the costlier arms the cheapest's
+    toward_reference = cmp["equal_flops"] == EQUAL_FLOPS_REFERENCE
+    budget_arm = cmp["reference"] if toward_reference else cheapest
+    budgeted = [arm for arm, f in flops.items() if (f < flops[budget_arm] if toward_reference else
+                                                     f > flops[budget_arm] and cmp["equal_flops"])]
+    equal_flops_steps = {arm: max(1, math.floor(steps * flops[budget_arm] / flops[arm])) for arm in budgeted}
     plan = [{"kind": "equal_steps", "arm": arm, "steps": steps} for arm in cmp["arms"]
             if cmp.get("equal_steps", True) or arm == budget_arm]
     plan += [{"kind": "equal_flops", "arm": arm, "steps": n} for arm, n in equal_flops_steps.items()]

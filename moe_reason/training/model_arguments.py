@@ -10,8 +10,7 @@ import functools
 import re
 from dataclasses import dataclass, field
 
-from ..errors import UserError
-from ..models.configuration_moe_reason import PRESETS, MoEReasonConfig, require
+from ..models.configuration_moe_reason import PRESETS, MoEReasonConfig, check_preset, require
 from ..models.configuration_recursive import RecursiveMoEReasonConfig
 
 MODEL_TYPES = ("base", "recursive")
@@ -105,8 +104,7 @@ class ModelArguments:
     eval_halt_threshold: float | None = model_field("eval_halt_threshold")
 
     def __post_init__(self):
-        if self.model_preset not in PRESETS:
-            raise UserError(f"unknown model preset {self.model_preset!r}; known presets: {', '.join(sorted(PRESETS))}")
+        check_preset(self.model_preset)
         require(self, "model_type", self.model_type in MODEL_TYPES, f"one of {MODEL_TYPES}")
         require(self, "lora_rank", self.lora_rank >= 0, "0 (no LoRA) or a positive rank")
         require(self, "lora_rank", self.lora_rank == 0 or self.init_from is not None,

@@ -724,8 +724,8 @@ class Trainer:
         if not self.config.uses_router_bias():
             return {}
         routers = self.accelerator.unwrap_model(self.model).routers()
-        return {f"router_bias_spread/layer_{i}": float(r.expert_bias.max() - r.expert_bias.min())
-                for i, r in enumerate(routers)}
+        spreads = torch.stack([r.expert_bias.max() - r.expert_bias.min() for r in routers]).tolist()  # one sync
+        return {f"router_bias_spread/layer_{i}": spread for i, spread in enumerate(spreads)}
 
     def count_nonfinite(self, ok: bool) -> None:
         """Track the streak of skipped steps; too long a streak stops the run."""
