@@ -72,9 +72,8 @@ def test_every_arm_of_a_committed_comparison_is_quoted_as_the_report_has_it(name
     quoted = text("docs/exp8.md") + text("README.md")
     for kind in ("equal_steps", "equal_flops"):
         for verdict in found[kind].values():
-            for label, side in verdict.items():
-                if isinstance(side, dict):
-                    assert f"{side['mean']:.4f} ± {side['std']:.4f}" in quoted, f"{name}: {label}"
+            for run, side in verdict["sides"].items():
+                assert f"{side['mean']:.4f} ± {side['std']:.4f}" in quoted, f"{name}: {run}"
             assert f"{verdict['difference']:+.4f} {interval(*verdict['interval'])}" in quoted, f"{name}: {kind}"
 
 
@@ -194,10 +193,11 @@ def moe_block() -> str:
             lines.append(f"| `{name}` | {variant} | {v['val_loss_mean']:.4f} ± {v['val_loss_std']:.4f} | {delta} | "
                          f"{v['load_max_over_mean_mean']:.3f} ± {v['load_max_over_mean_std']:.3f} | {load} |")
     up = report("moe_upcycle_offline")["equal_steps"]["scratch"]
+    upcycled, scratch = up["sides"]["upcycled"], up["sides"]["scratch"]
     lines += ["", "| comparison (`experiments/results/moe_upcycle_offline`) | upcycled | scratch | "
               "upcycled − scratch (95% interval) |", "|---|---|---|---|",
-              f"| 100 steps each, 3 seeds | {up['upcycled']['mean']:.4f} ± {up['upcycled']['std']:.4f} | "
-              f"{up['scratch']['mean']:.4f} ± {up['scratch']['std']:.4f} | "
+              f"| 100 steps each, 3 seeds | {upcycled['mean']:.4f} ± {upcycled['std']:.4f} | "
+              f"{scratch['mean']:.4f} ± {scratch['std']:.4f} | "
               f"{up['difference']:+.4f} {interval(*up['interval'])} |"]
     return "\n".join(lines) + "\n"
 

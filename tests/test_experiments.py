@@ -227,7 +227,7 @@ def test_a_run_whose_folder_is_gone_is_kept_from_results_json_while_its_argument
     changed = ablate_main(command)
     printed = capsys.readouterr().out
     assert "[kept]" not in printed and "[start] b/seed_0" in printed and (out / "b" / "seed_0" / RESULTS).is_file()
-    assert changed.variants["b"]["val_loss_mean"] != first.variants["b"]["val_loss_mean"]
+    assert changed.variants["b"].val_loss_mean != first.variants["b"].val_loss_mean
 
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "results.json").write_text("{\"runs\": ")  # cut short: refused before any run
@@ -322,9 +322,9 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
         {"model_type", "h_cycles", "l_cycles", "halt_max_steps"}
     for side in ("equal_steps", "equal_flops"):
         verdict = getattr(payload, side)["recursive"]
-        assert verdict["verdict"] and verdict["winner"] in ("baseline", "recursive", f"recursive_{side}", None)
-        low, high = verdict["interval"]
-        assert low < verdict["difference"] < high and ("excludes 0" in verdict["verdict"]) == (low > 0 or high < 0)
+        assert verdict.verdict and verdict.winner in ("baseline", "recursive", f"recursive_{side}", None)
+        low, high = verdict.interval
+        assert low < verdict.difference < high and ("excludes 0" in verdict.verdict) == (low > 0 or high < 0)
     report = (out / "COMPARISON.md").read_text()
     assert "Equal steps, recursive vs baseline:" in report and "Equal FLOPs, recursive vs baseline:" in report
     assert "ln(vocab)" in report
@@ -343,7 +343,7 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
     printed = capsys.readouterr().out
     assert "[kept] recursive_equal_flops/seed_1" in printed and "[start]" not in printed
     kept = next(r for r in runs if r.run == "recursive_equal_flops" and r.seed == 1)
-    assert again.equal_flops["recursive"]["recursive_equal_flops"]["values"] == [kept.final_val_loss]
+    assert again.equal_flops["recursive"].sides["recursive_equal_flops"].values == [kept.final_val_loss]
     # seed 0's runs, left out by --seeds 1, stay in the record; its equal-FLOPs run comes back from it
     assert {(r.run, r.seed) for r in again.other_runs} == {
         ("baseline", 0), ("recursive", 0), ("recursive_equal_flops", 0)}

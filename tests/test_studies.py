@@ -145,9 +145,9 @@ def test_a_grid_reports_each_variants_expert_load_against_the_references_with_it
             "variants": {"aux_loss": {}, "aux_free": {}}}
     v = grid_report(grid, runs).variants
     expected = welch(loads["aux_free"], loads["aux_loss"])
-    assert v["aux_free"]["load_max_over_mean_delta"] == pytest.approx(-0.5)
-    assert v["aux_free"]["load_max_over_mean_interval"] == pytest.approx([expected.low, expected.high])
-    assert "load_max_over_mean_delta" not in v["aux_loss"]
+    assert v["aux_free"].load_max_over_mean_delta == pytest.approx(-0.5)
+    assert v["aux_free"].load_max_over_mean_interval == pytest.approx([expected.low, expected.high])
+    assert v["aux_loss"].load_max_over_mean_delta is None
     table = summary_markdown(grid_report(grid, runs))
     assert f"| -0.500 [{expected.low:+.3f}, {expected.high:+.3f}] |" in table
 
@@ -156,9 +156,16 @@ def test_run_records_written_before_one_name_for_a_run_still_read_and_rebuild_th
     from moe_reason.runners.records import ComparisonReport, GridReport, RunRecord
 
     new = json.loads((REPO / "experiments/results/trm_sudoku_4x4/comparison.json").read_text())
-    # as the comparison runner wrote it before: `label` and `name` ("RUN/seed_N") for the run's name
+    # as the comparison runner wrote it before: `label` and `name` ("RUN/seed_N") for the run's name, and each
+    # verdict's sides inline, keyed by their run names
+    def inline(verdicts):
+        return {arm: {**{k: x for k, x in v.items() if k != "sides"}, **v.get("sides", {})}
+                for arm, v in verdicts.items()}
+
     old = {**new, "runs": [{"name": f"{r['run']}/seed_{r['seed']}", "label": r["run"],
-                            **{k: v for k, v in r.items() if k != "run"}} for r in new["runs"]]}
+                            **{k: v for k, v in r.items() if k != "run"}} for r in new["runs"]],
+           "equal_steps": inline(new["equal_steps"]), "equal_flops": inline(new["equal_flops"])}
+    assert "recursive" in old["equal_steps"]["direct_same_params"]
     assert ComparisonReport.from_json(old, "old") == ComparisonReport.from_json(new, "new")
     record = ComparisonReport.from_json(old, "old").runs[0]
     assert (record.run, record.title) == ("recursive", "recursive/seed_0") and "label" not in record.to_json()

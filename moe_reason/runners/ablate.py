@@ -34,7 +34,7 @@ from ..training.arguments import arguments_from
 from .engine import (ReportFiles, RunBudget, RunnerArguments, check_arguments, check_launch, exit_status,
                      load_runner_file, run_runner, safe_name, train_or_keep, write_json)
 from .grid_report import plot, summary_markdown
-from .records import GridReport, RunRecord
+from .records import GridReport, RunRecord, VariantSummary
 from .statistics import HOLM_RULE, holm, mean_std, welch
 from .statistics import RULE as STATISTICS_RULE
 
@@ -115,22 +115,20 @@ def grid_report(grid: dict, runs: list[RunRecord], earlier: dict | None = None) 
         losses = [r.final_val_loss for r in done]
         mean, std = mean_std(losses)
         d = welch(losses, reference) if reference and name != grid["reference"] else None
-        variants[name] = {
-            "seeds": [r.seed for r in done], "val_loss_mean": mean, "val_loss_std": std,
-            "best_val_loss_mean": mean_std([r.best_val_loss for r in done])[0],
-            "perplexity_mean": mean_std([r.perplexity for r in done])[0],
-            "accuracy_mean": mean_std([r.accuracy for r in done])[0],
-            "tokens_per_s_mean": mean_std([r.tokens_per_s for r in done])[0],
-            **load_figures(done, reference_runs if name != grid["reference"] else []),
-            "wall_seconds_mean": mean_std([r.wall_seconds for r in done])[0],
-            "delta_vs_reference": mean - mean_std(reference)[0] if reference else None,
-            "interval": None if d is None else [d.low, d.high], "p_value": None if d is None else d.p_value,
-            "any_nan": any(r.nan for r in done),
-        }
-    others = {name: v["p_value"] for name, v in variants.items() if name != grid["reference"] and reference}
+        variants[name] = VariantSummary(
+            seeds=[r.seed for r in done], val_loss_mean=mean, val_loss_std=std,
+            best_val_loss_mean=mean_std([r.best_val_loss for r in done])[0],
+            perplexity_mean=mean_std([r.perplexity for r in done])[0],
+            accuracy_mean=mean_std([r.accuracy for r in done])[0],
+            tokens_per_s_mean=mean_std([r.tokens_per_s for r in done])[0],
+            wall_seconds_mean=mean_std([r.wall_seconds for r in done])[0], any_nan=any(r.nan for r in done),
+            delta_vs_reference=mean - mean_std(reference)[0] if reference else None,
+            interval=None if d is None else [d.low, d.high], p_value=None if d is None else d.p_value,
+            **load_figures(done, reference_runs if name != grid["reference"] else []))
+    others = {name: v.p_value for name, v in variants.items() if name != grid["reference"] and reference}
     for name, real in holm(others).items():
-        variants[name]["real_by_holm"] = real
-    ranking = sorted(variants, key=lambda n: variants[n]["val_loss_mean"])
+        variants[name].real_by_holm = real
+    ranking = sorted(variants, key=lambda n: variants[n].val_loss_mean)
     return GridReport(
         grid=grid["path"], description=grid["description"], reference=grid["reference"], seeds=grid["seeds"],
         base=grid["base"], ln_vocab=next((r.ln_vocab for r in runs if r.finished), None), ranking=ranking,
@@ -141,7 +139,8 @@ def grid_report(grid: dict, runs: list[RunRecord], earlier: dict | None = None) 
 
 def load_figures(done: list[RunRecord], reference: list[RunRecord]) -> dict:
     """The experts' balance on the validation set (mean ± std over seeds), where the runs measured it, and the
-    busiest expert's load against the reference variant's (difference of means, 95% Welch interval)."""
+    busiest expert's load against the reference variant's (difference of means, 95% Welch interval): the
+    VariantSummary fields they fill."""
     figures = {}
     for name in ("load_max_over_mean", "load_entropy"):
         values = [getattr(r, name) for r in done if getattr(r, name) is not None]

@@ -53,7 +53,7 @@ from .comparison_report import ARM_TRAINING_FIELDS, METRICS, budget_arm, compari
 from .engine import (TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments, check_arguments, check_launch,
                      exit_status, load_runner_file, model_argument_names, run_runner, safe_name, score_task_run,
                      task_argument_names, task_figures, train_or_keep, write_json)
-from .records import ComparisonReport, RunRecord
+from .records import ComparisonReport, RunRecord, Side, Transfer, Verdict
 from .statistics import RULE as STATISTICS_RULE
 from .statistics import mean_std, welch
 
@@ -187,7 +187,7 @@ def run_comparison(cmp: dict) -> ComparisonReport:
     REPORT.write(report, out)
     for kind, verdicts in (("equal steps", report.equal_steps), ("equal FLOPs", report.equal_flops)):
         for arm, v in verdicts.items():
-            print(f"{kind}, {arm}: {v['verdict']}", flush=True)
+            print(f"{kind}, {arm}: {v.verdict}", flush=True)
     print(f"wrote {out / REPORT.json}, {out / REPORT.png}, {out / REPORT.markdown}", flush=True)
     return report
 
@@ -204,16 +204,16 @@ def transfer_figures(run_dir: Path, values: dict, transfer: dict) -> dict:
     return task_figures(run_dir, TRANSFER_EVAL)
 
 
-def verdict(label_a: str, a: list[float], label_b: str, b: list[float], higher_is_better: bool = False) -> dict:
+def verdict(name_a: str, a: list[float], name_b: str, b: list[float], higher_is_better: bool = False) -> Verdict:
     """Mean ± std per side, the difference a - b with its 95% Welch interval over seeds, and a winner only
     where the interval excludes 0 (statistics.RULE)."""
     if not a or not b:
-        return {"verdict": "incomplete: a side has no finished run", "winner": None}
+        return Verdict("incomplete: a side has no finished run")
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
     d = welch(a, b)
     a_better = ma > mb if higher_is_better else ma < mb
-    winner = (label_a if a_better else label_b) if d.excludes_zero else None
-    difference = f"{label_a} - {label_b} = {d.interval_text()}"
+    winner = (name_a if a_better else name_b) if d.excludes_zero else None
+    difference = f"{name_a} - {name_b} = {d.interval_text()}"
     if d.low is None:
         text = f"no winner: {difference}"
     elif winner:
@@ -221,9 +221,8 @@ def verdict(label_a: str, a: list[float], label_b: str, b: list[float], higher_i
         text = f"{winner} wins: {best:.4f} vs {other:.4f}; {difference} excludes 0"
     else:
         text = f"no winner: {difference} includes 0"
-    return {label_a: {"mean": ma, "std": sa, "values": a}, label_b: {"mean": mb, "std": sb, "values": b},
-            "gap": abs(ma - mb), "difference": d.diff, "interval": [d.low, d.high], "p_value": d.p_value,
-            "winner": winner, "verdict": text}
+    return Verdict(text, winner, {name_a: Side(ma, sa, a), name_b: Side(mb, sb, b)}, gap=abs(ma - mb),
+                   difference=d.diff, interval=[d.low, d.high], p_value=d.p_value)
 
 
 def budget_trend(runs: list[RunRecord], reference: str, name: str) -> list[dict]:
@@ -279,13 +278,13 @@ def comparison_report(cmp: dict, accounting: dict, runs: list[RunRecord], earlie
                    for arm in cmp["arms"] if arm != reference} if cmp.get("equal_steps", True) else {}
     equal_flops = {arm: verdict(budget, values(budget), f"{arm}_equal_flops", values(f"{arm}_equal_flops"), higher)
                    for arm in accounting["equal_flops_steps"]}
-    transfer = {}
+    transfer = None
     if cmp.get("transfer"):
         def transferred(name):
             return [r.transfer["exact_accuracy"] for r in runs if r.run == name and r.transfer]
-        transfer = {"settings": cmp["transfer"],
-                    "equal_steps": {arm: verdict(reference, transferred(reference), arm, transferred(arm), True)
-                                    for arm in cmp["arms"] if arm != reference} if cmp.get("equal_steps", True) else {}}
+        transfer = Transfer(cmp["transfer"], {arm: verdict(reference, transferred(reference), arm, transferred(arm),
+                                                           True) for arm in cmp["arms"] if arm != reference}
+                            if cmp.get("equal_steps", True) else {})
     return ComparisonReport(
         config=cmp["path"], description=cmp["description"], seeds=cmp["seeds"], base=cmp["base"], arms=cmp["arms"],
         reference=reference, metric=cmp["metric"], accounting=accounting, equal_steps_runs=cmp.get("equal_steps", True),
@@ -300,7 +299,7 @@ def refreshed(p: ComparisonReport) -> ComparisonReport:
     """A comparison's verdicts and trends computed again from its runs by today's rules (`--report`)."""
     cmp = {"path": p.config, "description": p.description, "seeds": p.seeds, "base": p.base, "arms": p.arms,
            "reference": p.reference, "metric": p.metric, "equal_steps": p.equal_steps_runs,
-           "transfer": (p.transfer or {}).get("settings")}
+           "transfer": p.transfer and p.transfer.settings}
     return comparison_report(cmp, p.accounting, p.runs, dict(enumerate(p.other_runs)))
 
 

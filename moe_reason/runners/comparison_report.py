@@ -67,8 +67,8 @@ def comparison_markdown(p: ComparisonReport) -> str:
         lines += [f"Losses are validation cross-entropy in nats per token; chance (uniform guessing) is "
                   f"ln(vocab) = {p.ln_vocab:.3f}.", ""]
     lines += run_table(p, key, metric_label, higher) + [""]
-    lines += [f"**Equal steps, {arm} vs {p.reference}:** {v['verdict']}." for arm, v in p.equal_steps.items()]
-    lines += [f"**Equal FLOPs, {arm} vs {budget_arm(acc)}:** {v['verdict']}."
+    lines += [f"**Equal steps, {arm} vs {p.reference}:** {v.verdict}." for arm, v in p.equal_steps.items()]
+    lines += [f"**Equal FLOPs, {arm} vs {budget_arm(acc)}:** {v.verdict}."
               for arm, v in p.equal_flops.items()]
     lines += ["", f"Rule: {p.spread_rule}.", "", f"Throughput: {THROUGHPUT_NOTE}."]
     lines += trend_section(p)
@@ -227,7 +227,7 @@ def transfer_section(p: ComparisonReport) -> list[str]:
     """Every run scored on the transfer puzzles: exact accuracy, cell accuracy and the steps curve."""
     if not p.transfer:
         return []
-    settings = ", ".join(f"{k} {v}" for k, v in p.transfer["settings"].items())
+    settings = ", ".join(f"{k} {v}" for k, v in p.transfer.settings.items())
     lines = ["", f"## Transfer: the same models on other puzzles ({settings})", "",
              "Each run's export scored on the held-out puzzles that its task arguments, so changed, generate: "
              "puzzles of a kind it never trained on.", "",
@@ -237,8 +237,8 @@ def transfer_section(p: ComparisonReport) -> list[str]:
         if done:
             lines.append(f"| {name} | {len(done)} | {mean_std_text([t['exact_accuracy'] for t in done])} | "
                          f"{mean_std([t['cell_accuracy'] for t in done])[0]:.3f} |")
-    lines += [""] + [f"**Transfer, equal steps, {arm} vs {p.reference}:** {v['verdict']}."
-                     for arm, v in p.transfer["equal_steps"].items()]
+    lines += [""] + [f"**Transfer, equal steps, {arm} vs {p.reference}:** {v.verdict}."
+                     for arm, v in p.transfer.equal_steps.items()]
     return lines + steps_curve_table([dataclasses.replace(r, **{k: r.transfer.get(k) for k in TRANSFER_CURVES})
                                       for r in p.runs if r.transfer],
                                      "### Transfer: exact accuracy by supervision steps")

@@ -4,7 +4,7 @@
 from pathlib import Path
 
 from .engine import THROUGHPUT_NOTE, mean_curve, pyplot, save_figure
-from .records import GridReport
+from .records import GridReport, VariantSummary
 
 
 def summary_markdown(report: GridReport) -> str:
@@ -24,7 +24,7 @@ def summary_markdown(report: GridReport) -> str:
                   f"Losses are mean cross-entropy in nats per token. A model guessing uniformly over the "
                   f"vocabulary scores ln(vocab) = {report.ln_vocab:.3f}; a loss L means the model is as unsure "
                   f"as a uniform choice among e^L tokens (its perplexity).", ""]
-    balance = all("load_entropy_mean" in v for v in variants.values()) and variants
+    balance = all(v.load_entropy_mean is not None for v in variants.values()) and variants
     lines += ["| rank | variant | val loss (mean ± std) | Δ vs " + ref + " | 95% interval of Δ | real (Holm)? | "
               + (f"max/mean expert load | Δ load vs {ref} (95% interval) | load entropy / ln E | " if balance else "")
               + "perplexity | accuracy | tokens/s | wall (s) |",
@@ -32,16 +32,16 @@ def summary_markdown(report: GridReport) -> str:
     for rank, name in enumerate(report.ranking, 1):
         v = variants[name]
         real = {True: "**yes**", False: "no", None: "n/a" if name == ref else "can't tell (1 seed)"}[
-            v.get("real_by_holm")]
-        delta = "—" if name == ref or v["delta_vs_reference"] is None else f"{v['delta_vs_reference']:+.4f}"
-        low, high = v.get("interval") or (None, None)
+            v.real_by_holm]
+        delta = "—" if name == ref or v.delta_vs_reference is None else f"{v.delta_vs_reference:+.4f}"
+        low, high = v.interval or (None, None)
         interval = "—" if low is None else f"[{low:+.4f}, {high:+.4f}]"
-        nan = " (non-finite seen)" if v["any_nan"] else ""
-        load = (f"{v['load_max_over_mean_mean']:.3f} ± {v['load_max_over_mean_std']:.3f} | {load_delta(v)} | "
-                f"{v['load_entropy_mean']:.4f} ± {v['load_entropy_std']:.4f} | ") if balance else ""
-        lines.append(f"| {rank} | {name}{nan} | {v['val_loss_mean']:.4f} ± {v['val_loss_std']:.4f} | {delta} | "
-                     f"{interval} | {real} | {load}{v['perplexity_mean']:.2f} | {v['accuracy_mean']:.3f} | "
-                     f"{v['tokens_per_s_mean']:,.0f} | {v['wall_seconds_mean']:.0f} |")
+        nan = " (non-finite seen)" if v.any_nan else ""
+        load = (f"{v.load_max_over_mean_mean:.3f} ± {v.load_max_over_mean_std:.3f} | {load_delta(v)} | "
+                f"{v.load_entropy_mean:.4f} ± {v.load_entropy_std:.4f} | ") if balance else ""
+        lines.append(f"| {rank} | {name}{nan} | {v.val_loss_mean:.4f} ± {v.val_loss_std:.4f} | {delta} | "
+                     f"{interval} | {real} | {load}{v.perplexity_mean:.2f} | {v.accuracy_mean:.3f} | "
+                     f"{v.tokens_per_s_mean:,.0f} | {v.wall_seconds_mean:.0f} |")
     lines += ["", f"Rule: {report.spread_rule}.", "", f"Throughput: {THROUGHPUT_NOTE}."]
     failed = [r for r in runs if not r.finished]
     if failed:
@@ -51,13 +51,13 @@ def summary_markdown(report: GridReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_delta(v: dict) -> str:
+def load_delta(v: VariantSummary) -> str:
     """'+0.149 [-0.203, +0.501]': a variant's max/mean load minus the reference's, with its Welch interval."""
-    if "load_max_over_mean_delta" not in v:
+    if v.load_max_over_mean_delta is None:
         return "—"
-    low, high = v["load_max_over_mean_interval"] or (None, None)
+    low, high = v.load_max_over_mean_interval or (None, None)
     span = "(interval unknown: 1 seed)" if low is None else f"[{low:+.3f}, {high:+.3f}]"
-    return f"{v['load_max_over_mean_delta']:+.3f} {span}"
+    return f"{v.load_max_over_mean_delta:+.3f} {span}"
 
 
 def plot(report: GridReport, path: Path) -> None:
@@ -69,7 +69,7 @@ def plot(report: GridReport, path: Path) -> None:
     for i, name in enumerate(names):
         v = report.variants[name]
         seeds = [r.final_val_loss for r in report.runs if r.run == name and r.finished]
-        left.errorbar(v["val_loss_mean"], i, xerr=v["val_loss_std"], fmt="o", color=colors[i % 20], capsize=4)
+        left.errorbar(v.val_loss_mean, i, xerr=v.val_loss_std, fmt="o", color=colors[i % 20], capsize=4)
         left.scatter(seeds, [i] * len(seeds), color=colors[i % 20], alpha=0.4, s=14)
     left.set_yticks(range(len(names)), names)
     left.invert_yaxis()

@@ -1,12 +1,13 @@
 """The records a study keeps: one `RunRecord` per training run, and the report records (`GridReport`,
-`ComparisonReport`) that hold a study's runs with the statistics made from them.
+`ComparisonReport`) that hold a study's runs with the statistics made from them (a grid's `VariantSummary`
+per variant, a comparison's `Verdict` per pair of runs compared).
 
 Both runners name a run the same way: `run` is its name in its study (a grid's variant; a comparison's
 arm, or ARM_equal_flops for the arm's run at the reference's training FLOPs) and its folder there, and
 `seed` its seed; `title` ("RUN/seed_N") is how the runners print it. The report JSON files are these
 records as JSON. Records written before the runs had one name for both runners (`variant` in a grid,
-`label` and `name` in a comparison) read as today's (`RunRecord.from_json`); the next write stores them
-in today's form, so no run trains again because of the schema.
+`label` and `name` in a comparison, a verdict's sides inline) read as today's (`from_json`); the next
+write stores them in today's form, so no run trains again because of the schema.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ class RunRecord:
 
     def to_json(self) -> dict:
         """The record as JSON, leaving out what the run did not measure."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return without_none(dataclasses.asdict(self))
 
     @classmethod
     def from_json(cls, values: dict, where: str) -> RunRecord:
@@ -106,6 +107,69 @@ def records_from_json(values: list, where: str) -> list[RunRecord]:
 
 
 @dataclass
+class Side:
+    """One side of a verdict: its runs' metric over seeds."""
+    mean: float
+    std: float
+    values: list[float]
+
+
+@dataclass
+class Verdict:
+    """One run name against another over seeds (a - b): the difference with its 95% Welch interval, and a
+    winner only where the interval excludes 0 (statistics.RULE); `sides` is empty when a side has no run."""
+    verdict: str  # the sentence a report prints
+    winner: str | None = None
+    sides: dict[str, Side] = field(default_factory=dict)  # run name -> its metric over seeds, a first
+    gap: float | None = None  # |mean a - mean b|
+    difference: float | None = None  # mean a - mean b
+    interval: list | None = None  # [low, high]; [None, None] below 2 seeds a side
+    p_value: float | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and v != {}}
+
+    @classmethod
+    def from_json(cls, values: dict) -> Verdict:
+        names = {f.name for f in dataclasses.fields(cls)}
+        sides = values.get("sides") or {k: v for k, v in values.items() if k not in names}  # older: sides inline
+        return cls(**{k: v for k, v in values.items() if k in names and k != "sides"},
+                   sides={name: Side(**side) for name, side in sides.items()})
+
+
+@dataclass
+class Transfer:
+    """A comparison's `transfer:`: the task arguments of the other puzzles, and the equal-steps verdicts on them."""
+    settings: dict
+    equal_steps: dict[str, Verdict]
+
+
+@dataclass
+class VariantSummary:
+    """A grid variant's finished runs over seeds, and its difference from the reference variant."""
+    seeds: list[int]
+    val_loss_mean: float
+    val_loss_std: float
+    best_val_loss_mean: float
+    perplexity_mean: float
+    accuracy_mean: float
+    tokens_per_s_mean: float
+    wall_seconds_mean: float
+    any_nan: bool
+    delta_vs_reference: float | None = None  # mean val loss minus the reference's
+    interval: list | None = None  # its 95% Welch interval (None: the reference, or 1 seed a side)
+    p_value: float | None = None
+    real_by_holm: bool | None = None  # Holm's verdict over the variants (None: the reference, or no interval)
+    # the experts' balance on the validation set, where every run measured it
+    load_max_over_mean_mean: float | None = None
+    load_max_over_mean_std: float | None = None
+    load_entropy_mean: float | None = None
+    load_entropy_std: float | None = None
+    load_max_over_mean_delta: float | None = None  # minus the reference's, with its interval
+    load_max_over_mean_interval: list | None = None
+
+
+@dataclass
 class GridReport:
     """An ablation grid's report: its runs, and per variant the loss (and expert load) over seeds with the
     difference from the reference variant; `ranking` orders the variants by mean validation loss."""
@@ -116,18 +180,22 @@ class GridReport:
     base: dict
     ln_vocab: float | None
     ranking: list[str]
-    variants: dict  # variant -> its figures over seeds (ablate.grid_report)
+    variants: dict[str, VariantSummary]
     not_in_report: list[str]  # the file's variants without a finished run
     runs: list[RunRecord]
     spread_rule: str
     other_runs: list[RunRecord]  # earlier finished runs this command did not plan or reach
 
     def to_json(self) -> dict:
-        return report_json(self)
+        return {**fields_of(self), "variants": {name: without_none(dataclasses.asdict(v))
+                                               for name, v in self.variants.items()},
+                "runs": [r.to_json() for r in self.runs], "other_runs": [r.to_json() for r in self.other_runs]}
 
     @classmethod
     def from_json(cls, values: dict, where: str) -> GridReport:
-        return report_from_json(cls, values, where)
+        values = checked(cls, {"other_runs": [], "not_in_report": [], **values}, where)
+        return cls(**{**values, "variants": {name: VariantSummary(**v) for name, v in values["variants"].items()},
+                      **runs_from_json(values, where)})
 
 
 @dataclass
@@ -141,11 +209,11 @@ class ComparisonReport:
     arms: dict  # arm -> its model fields
     reference: str
     metric: str  # "loss" or "exact_accuracy"
-    accounting: dict  # FLOPs per token, steps and depth per arm (compare.plan_runs)
+    accounting: dict  # per arm: training FLOPs per token, steps, depth (compare.plan_runs)
     equal_steps_runs: bool
-    equal_steps: dict  # arm -> verdict (compare.verdict)
-    equal_flops: dict
-    transfer: dict
+    equal_steps: dict[str, Verdict]  # arm -> the reference against it at equal steps
+    equal_flops: dict[str, Verdict]  # arm -> the budget arm against its equal-FLOPs run
+    transfer: Transfer | None
     equal_flops_trend: dict  # arm -> the equal-FLOPs gap along the budget (compare.budget_trend)
     ln_vocab: float | None
     runs: list[RunRecord]
@@ -153,26 +221,49 @@ class ComparisonReport:
     other_runs: list[RunRecord]
 
     def to_json(self) -> dict:
-        return report_json(self)
+        transfer = self.transfer and {"settings": self.transfer.settings, "equal_steps": verdicts_json(
+            self.transfer.equal_steps)}
+        return {**fields_of(self), "equal_steps": verdicts_json(self.equal_steps),
+                "equal_flops": verdicts_json(self.equal_flops), "transfer": transfer or {},
+                "runs": [r.to_json() for r in self.runs], "other_runs": [r.to_json() for r in self.other_runs]}
 
     @classmethod
     def from_json(cls, values: dict, where: str) -> ComparisonReport:
-        return report_from_json(cls, values, where)
+        values = checked(cls, {"other_runs": [], "equal_steps_runs": True, **values}, where)
+        transfer = values["transfer"]
+        return cls(**{**values, "equal_steps": verdicts_from_json(values["equal_steps"]),
+                      "equal_flops": verdicts_from_json(values["equal_flops"]),
+                      "transfer": Transfer(transfer["settings"], verdicts_from_json(transfer["equal_steps"]))
+                      if transfer else None, **runs_from_json(values, where)})
 
 
-def report_json(report) -> dict:
-    values = {f.name: getattr(report, f.name) for f in dataclasses.fields(report)}
-    return {**values, "runs": [r.to_json() for r in report.runs],
-            "other_runs": [r.to_json() for r in report.other_runs]}
+def fields_of(report) -> dict:
+    return {f.name: getattr(report, f.name) for f in dataclasses.fields(report)}
 
 
-def report_from_json(cls, values: dict, where: str):
+def without_none(values: dict) -> dict:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def verdicts_json(verdicts: dict[str, Verdict]) -> dict:
+    return {name: v.to_json() for name, v in verdicts.items()}
+
+
+def verdicts_from_json(values: dict) -> dict[str, Verdict]:
+    return {name: Verdict.from_json(v) for name, v in values.items()}
+
+
+def runs_from_json(values: dict, where: str) -> dict:
+    return {"runs": records_from_json(values["runs"], where), "other_runs": records_from_json(values["other_runs"],
+                                                                                              where)}
+
+
+def checked(cls, values: dict, where: str) -> dict:
+    """A report JSON's keys, refused unless they are exactly `cls`'s fields (keys older reports lack are filled in
+    by the caller)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    optional = {"other_runs": [], "equal_steps_runs": True, "not_in_report": []}  # keys older reports lack
-    values = {**{k: v for k, v in optional.items() if k in names}, **values}
     if set(values) != names:
         raise UserError(f"{where} is not a {cls.__name__} written by this runner (keys missing: "
                         f"{sorted(names - set(values))}, unknown: {sorted(set(values) - names)}); move it aside to "
                         "start the record afresh")
-    return cls(**{**values, "runs": records_from_json(values["runs"], where),
-                  "other_runs": records_from_json(values["other_runs"], where)})
+    return values
