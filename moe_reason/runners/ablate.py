@@ -92,7 +92,7 @@ def run_grid(grid: dict) -> GridReport:
                                grid["accelerate_config"], earlier.pop((variant, seed), None))
         runs.append(dataclasses.replace(record, overrides=overrides))
         write_json(out / REPORT.json, grid_report(grid, runs, earlier).to_json())
-        budget.after(runs)
+        budget.after(runs, earlier.values())
     report = grid_report(grid, runs, earlier)
     REPORT.write(report, out)
     failed = [r.title for r in runs if not r.finished]

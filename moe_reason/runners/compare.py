@@ -182,7 +182,7 @@ def run_comparison(cmp: dict) -> ComparisonReport:
             record.transfer = transfer_figures(out / name / f"seed_{seed}", values, cmp["transfer"])
         runs.append(record)
         write_json(out / REPORT.json, comparison_report(cmp, accounting, runs, earlier).to_json())
-        budget.after(runs)
+        budget.after(runs, earlier.values())
     report = comparison_report(cmp, accounting, runs, earlier)
     REPORT.write(report, out)
     for kind, verdicts in (("equal steps", report.equal_steps), ("equal FLOPs", report.equal_flops)):

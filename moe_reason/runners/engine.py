@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,10 +130,11 @@ class RunBudget:
               f"reporting the runs done; continue with:\n  {command}", flush=True)
         return True
 
-    def after(self, runs: list[RunRecord]) -> None:
+    def after(self, runs: list[RunRecord], earlier: Iterable[RunRecord] = ()) -> None:
+        """The ETA once `runs` are done; `earlier`: the report's finished runs this command has yet to reach."""
         self.trained += not runs[-1].skipped
         per_step = {}  # model -> seconds per step of each of its finished runs
-        for r in runs:
+        for r in [*runs, *earlier]:
             steps = r.stopped_at or r.steps
             if r.finished and steps and r.wall_seconds:
                 per_step.setdefault(r.arm or r.run, []).append(r.wall_seconds / steps)
