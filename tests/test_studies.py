@@ -152,7 +152,7 @@ def test_a_grid_reports_each_variants_expert_load_against_the_references_with_it
     assert f"| -0.500 [{expected.low:+.3f}, {expected.high:+.3f}] |" in table
 
 
-def test_run_records_written_before_one_name_for_a_run_still_read_and_rebuild_the_same_report():
+def test_run_records_written_before_one_name_for_a_run_still_read_and_rebuild_the_same_report(tmp_path):
     from moe_reason.runners.records import ComparisonReport, GridReport, RunRecord
 
     new = json.loads((REPO / "experiments/results/trm_sudoku_4x4/comparison.json").read_text())
@@ -179,3 +179,7 @@ def test_run_records_written_before_one_name_for_a_run_still_read_and_rebuild_th
     with pytest.raises(ValueError, match=r"y.json is not a ComparisonReport written by this runner \(keys missing: "
                                          r"\['accounting'"):
         ComparisonReport.from_json({k: v for k, v in new.items() if k != "accounting"}, "y.json")
+    from moe_reason.runners.compare import REPORT
+    (tmp_path / "comparison.json").write_text(json.dumps({**new, "runs": [{"run": "a", "status": "finished"}]}))
+    with pytest.raises(ValueError, match=r"comparison.json is not a report written by this runner \(TypeError"):
+        REPORT.read(tmp_path / "comparison.json")  # a record without its seed: refused in one line, not a traceback

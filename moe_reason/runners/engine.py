@@ -172,9 +172,11 @@ class ReportFiles:
         except json.JSONDecodeError as error:
             raise UserError(f"{path} is not a report written by this runner (not JSON: {error}); move it aside to "
                             "start the record afresh") from error
-        if not isinstance(values, dict):
-            raise UserError(f"{path} is not a report written by this runner; move it aside to start afresh")
-        return self.record.from_json(values, str(path))
+        try:
+            return self.record.from_json(values, str(path))
+        except (AttributeError, KeyError, TypeError) as error:  # not a mapping, or a record missing a field
+            raise UserError(f"{path} is not a report written by this runner ({error!r}); move it aside to start the "
+                            "record afresh") from error
 
     def rebuild(self, out: Path):
         """--report DIR: the verdicts, plot and Markdown again from the runs in DIR's JSON, without training."""
