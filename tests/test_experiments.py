@@ -307,10 +307,10 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
     # recursive h=1, l=1, 2 supervision steps: 4 decoder passes, all with gradient; the LM head twice
     recursive = RecursiveMoEReasonConfig.from_preset("debug", vocab_size=320, h_cycles=1, l_cycles=1,
                                                      halt_max_steps=2)
-    assert acc["flops_per_token"]["recursive"] == training_flops_per_token(recursive, 32)
-    assert acc["cheapest_arm"] == "baseline"
-    equal_flops = int(6 * acc["flops_per_token"]["baseline"] / acc["flops_per_token"]["recursive"])
-    assert acc["equal_flops_steps"] == {"recursive": equal_flops}
+    assert acc.flops_per_token["recursive"] == training_flops_per_token(recursive, 32)
+    assert acc.cheapest_arm == "baseline"
+    equal_flops = int(6 * acc.flops_per_token["baseline"] / acc.flops_per_token["recursive"])
+    assert acc.equal_flops_steps == {"recursive": equal_flops}
     runs = payload.runs
     assert sorted({(r.run, r.steps) for r in runs}) == [
         ("baseline", 6), ("recursive", 6), ("recursive_equal_flops", equal_flops)]
@@ -330,7 +330,7 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
     assert "ln(vocab)" in report
     assert "Throughput: tokens/s and wall time are each run's training loop over all its starts" in report
     trend = payload.equal_flops_trend["recursive"]  # both ends of the budget meet at the runs' final evaluations
-    assert trend[-1]["share"] == 1.0 and trend[-1]["arm_step"] == equal_flops and trend[-1]["reference_step"] == 6
+    assert trend[-1].share == 1.0 and trend[-1].arm_step == equal_flops and trend[-1].reference_step == 6
     assert "## The equal-FLOPs gap along the budget: recursive vs baseline" in report
     (out / "COMPARISON.md").unlink()
     compare_main(["--report", str(out)])  # rebuilt from comparison.json, without training
@@ -364,8 +364,8 @@ def test_compare_refuses_training_settings_in_an_arm_except_its_own_learning_rat
 def test_equal_flops_budget_gives_the_costlier_arm_fewer_steps(tmp_path, corpus):
     cmp = load_comparison_for(tmp_path, corpus, recursive={"h_cycles": 2, "l_cycles": 2, "halt_max_steps": 2})
     plan, acc = plan_runs(cmp)
-    ratio = acc["flop_ratio"]["recursive"]
-    assert ratio > 4 and acc["equal_flops_steps"] == {"recursive": int(acc["steps"] / ratio)}
+    ratio = acc.flop_ratio["recursive"]
+    assert ratio > 4 and acc.equal_flops_steps == {"recursive": int(acc.steps / ratio)}
     assert [p["kind"] for p in plan] == ["equal_steps", "equal_steps", "equal_flops"]
     cmp = load_comparison_for(tmp_path, corpus, recursive={"h_cycles": 2, "l_cycles": 2, "halt_max_steps": 2},
                               equal_steps=False)  # a long study: the costlier arm at equal FLOPs only
@@ -386,14 +386,14 @@ def test_the_equal_flops_gap_along_the_budget_pairs_seeds_at_the_same_share_of_t
             run("recursive_equal_flops", 1, 8, [[1, 9.0, 0], [4, 4.5, 0], [6, 3.2, 0], [8, 2.0, 0]]),
             run("recursive_equal_flops", 2, 8, [[4, 0.0, 0]])]  # no baseline run of seed 2: left out
     rows = budget_trend(runs, "baseline", "recursive_equal_flops")
-    assert [(r["share"], r["arm_step"], r["reference_step"]) for r in rows] == \
+    assert [(r.share, r.arm_step, r.reference_step) for r in rows] == \
         [(0.5, 4, 20), (0.75, 6, 30), (1.0, 8, 40)]
-    assert rows[0]["seeds"] == [0, 1] and rows[0]["reference_loss"] == (3.5, pytest.approx(0.5 ** 0.5))
-    assert [r["gap"][0] for r in rows] == pytest.approx([0.5, 0.1, 0.0])  # seed 0: 0.5, 0, 0; seed 1: 0.5, 0.2, 0
+    assert rows[0].seeds == [0, 1] and rows[0].reference_loss == [3.5, pytest.approx(0.5 ** 0.5)]
+    assert [r.gap[0] for r in rows] == pytest.approx([0.5, 0.1, 0.0])  # seed 0: 0.5, 0, 0; seed 1: 0.5, 0.2, 0
     assert trend_verdict(rows).startswith("the gap shrinks: from +0.5000 ± 0.0000 at 50% of the budget to +0.0000")
     # a baseline evaluated between the recursive run's evaluations is interpolated
     runs[0].eval_curve = runs[1].eval_curve = [[10, 4.0, 0], [40, 1.0, 0]]
-    assert budget_trend(runs, "baseline", "recursive_equal_flops")[0]["reference_loss"][0] == pytest.approx(3.0)
+    assert budget_trend(runs, "baseline", "recursive_equal_flops")[0].reference_loss[0] == pytest.approx(3.0)
     assert trend_verdict(rows[:1]) == "too few shared evaluations to tell"
 
 
@@ -411,8 +411,8 @@ def test_compare_takes_any_number_of_named_arms_and_refuses_a_reference_that_nam
     cmp = load_comparison(tmp_path / "c.yaml")
     assert list(cmp["arms"]) == ["recursive", "direct", "direct_deep"] and cmp["reference"] == "recursive"
     plan, acc = plan_runs(cmp)
-    assert acc["cheapest_arm"] == "direct" and set(acc["equal_flops_steps"]) == {"recursive", "direct_deep"}
-    assert acc["equal_flops_steps"]["direct_deep"] == int(100 / acc["flop_ratio"]["direct_deep"])
+    assert acc.cheapest_arm == "direct" and set(acc.equal_flops_steps) == {"recursive", "direct_deep"}
+    assert acc.equal_flops_steps["direct_deep"] == int(100 / acc.flop_ratio["direct_deep"])
     assert [(p["kind"], p["arm"]) for p in plan][3:] == [("equal_flops", "recursive"), ("equal_flops", "direct_deep")]
     for change, error in [({"reference": "baseline"}, "reference='baseline' names no arm"),
                           ({"metric": "exact_accuracy"}, "metric exact_accuracy needs a task in base"),

@@ -9,6 +9,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from moe_reason.runners.compare import load_comparison, plan_runs
+from moe_reason.runners.records import Depth
 from moe_reason.data.prepare import DataArguments
 from moe_reason.training.plateau import plateaued
 from moe_reason.runners.statistics import holm, mean_std_text, welch
@@ -115,16 +116,16 @@ def test_equal_flops_reference_gives_each_cheaper_arm_the_reference_arms_flops(t
         "arms": {"recursive": {"model_type": "recursive", "h_cycles": 2, "l_cycles": 3, "halt_max_steps": 8},
                  "direct": {"model_type": "base"}, "deep": {"model_type": "base", "num_hidden_layers": 16}}}))
     plan, accounting = plan_runs(load_comparison(spec))
-    flops = accounting["flops_per_token"]
-    assert accounting["budget_arm"] == "recursive" and accounting["cheapest_arm"] == "direct"
+    flops = accounting.flops_per_token
+    assert accounting.budget_arm == "recursive" and accounting.cheapest_arm == "direct"
     for arm in ("direct", "deep"):
-        steps = accounting["equal_flops_steps"][arm]
+        steps = accounting.equal_flops_steps[arm]
         assert steps * flops[arm] <= 100 * flops["recursive"] < (steps + 1) * flops[arm]
     assert [(r["kind"], r["arm"]) for r in plan] == [("equal_steps", "recursive"), ("equal_steps", "direct"),
                                                      ("equal_steps", "deep"), ("equal_flops", "direct"),
                                                      ("equal_flops", "deep")]
-    assert accounting["depth"]["recursive"] == {"effective_depth": 16, "passes": 8, "gradient_passes": 4,
-                                                "supervision_steps": 8}
+    assert accounting.depth["recursive"] == Depth(effective_depth=16, passes=8, gradient_passes=4,
+                                                  supervision_steps=8)
     with pytest.raises(ValueError, match="equal_flops='cheapest' is invalid"):
         spec.write_text(spec.read_text().replace('"reference", "base"', '"cheapest", "base"'))
         load_comparison(spec)

@@ -49,11 +49,11 @@ from ..data.prepare import prepare_data
 from ..errors import UserError, run_cli
 from ..training.arguments import arguments_from, build_config
 from ..training.metrics import training_flops_per_token
-from .comparison_report import ARM_TRAINING_FIELDS, METRICS, budget_arm, comparison_markdown, plot
+from .comparison_report import ARM_TRAINING_FIELDS, METRICS, comparison_markdown, plot
 from .engine import (TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments, check_arguments, check_launch,
                      exit_status, load_runner_file, model_argument_names, run_runner, safe_name, score_task_run,
                      task_argument_names, task_figures, train_or_keep, write_json)
-from .records import ComparisonReport, RunRecord, Side, Transfer, Verdict
+from .records import Accounting, ComparisonReport, Depth, RunRecord, Side, Transfer, TrendPoint, Verdict
 from .statistics import RULE as STATISTICS_RULE
 from .statistics import mean_std, welch
 
@@ -119,19 +119,17 @@ def arm_config(values: dict):
     return config, data.summary["block_size"], train_args.max_steps
 
 
-def depth_of(config) -> dict:
-    """Layers per supervision step (the effective depth), decoder passes and passes with gradient per
-    supervision step, and supervision steps: the recursion's shape for a report's arm table."""
+def depth_of(config) -> Depth:
+    """The recursion's shape for a report's arm table (a direct model: its layers, one pass, one step)."""
     layers = config.num_hidden_layers
     if not hasattr(config, "h_cycles"):
-        return {"effective_depth": layers, "passes": 1, "gradient_passes": 1, "supervision_steps": 1}
+        return Depth(effective_depth=layers, passes=1, gradient_passes=1, supervision_steps=1)
     passes = config.h_cycles * (config.l_cycles + 1)
-    return {"effective_depth": passes * layers, "passes": passes,
-            "gradient_passes": config.grad_passes_per_supervision_step(),
-            "supervision_steps": config.halt_max_steps}
+    return Depth(effective_depth=passes * layers, passes=passes,
+                 gradient_passes=config.grad_passes_per_supervision_step(), supervision_steps=config.halt_max_steps)
 
 
-def plan_runs(cmp: dict) -> tuple[list[dict], dict]:
+def plan_runs(cmp: dict) -> tuple[list[dict], Accounting]:
     """The runs (kind, arm, steps) per seed and the FLOP accounting behind the equal-FLOPs budgets."""
     flops, depth = {}, {}
     for arm, fields in cmp["arms"].items():
@@ -147,20 +145,18 @@ def plan_runs(cmp: dict) -> tuple[list[dict], dict]:
     plan = [{"kind": "equal_steps", "arm": arm, "steps": steps} for arm in cmp["arms"]
             if cmp.get("equal_steps", True) or arm == budget_arm]
     plan += [{"kind": "equal_flops", "arm": arm, "steps": n} for arm, n in equal_flops_steps.items()]
-    accounting = {"flops_per_token": flops, "steps": steps, "cheapest_arm": cheapest, "budget_arm": budget_arm,
-                  "flop_ratio": {arm: f / flops[cheapest] for arm, f in flops.items()},
-                  "equal_flops_steps": equal_flops_steps, "depth": depth}
-    return plan, accounting
+    return plan, Accounting(flops, steps, cheapest, budget_arm, {arm: f / flops[cheapest] for arm, f in flops.items()},
+                            equal_flops_steps, depth)
 
 
 def run_comparison(cmp: dict) -> ComparisonReport:
     out = cmp["output_dir"]
     out.mkdir(parents=True, exist_ok=True)
     plan, accounting = plan_runs(cmp)
-    costs = ", ".join(f"{arm} {f:.3e} (x{accounting['flop_ratio'][arm]:.2f})"
-                      for arm, f in accounting["flops_per_token"].items())
-    print(f"comparison {cmp['path']}: training FLOPs/token {costs}; equal steps: {accounting['steps']}; equal FLOPs: "
-          f"{accounting['equal_flops_steps'] or 'none'}; seeds {cmp['seeds']} -> {out}", flush=True)
+    costs = ", ".join(f"{arm} {f:.3e} (x{accounting.flop_ratio[arm]:.2f})"
+                      for arm, f in accounting.flops_per_token.items())
+    print(f"comparison {cmp['path']}: training FLOPs/token {costs}; equal steps: {accounting.steps}; equal FLOPs: "
+          f"{accounting.equal_flops_steps or 'none'}; seeds {cmp['seeds']} -> {out}", flush=True)
     runs = []
     # the equal-steps runs of every seed first, then the equal-FLOPs ones (a long study's cheap arms run for the
     # costly arm's FLOPs: its first verdict should not wait for them); seeds outermost within each, so a partial
@@ -225,7 +221,7 @@ def verdict(name_a: str, a: list[float], name_b: str, b: list[float], higher_is_
                    difference=d.diff, interval=[d.low, d.high], p_value=d.p_value)
 
 
-def budget_trend(runs: list[RunRecord], reference: str, name: str) -> list[dict]:
+def budget_trend(runs: list[RunRecord], reference: str, name: str) -> list[TrendPoint]:
     """The equal-FLOPs gap along the shared budget, for a long study's "does the gap shrink with training?".
 
     At each evaluation of the `name` runs (a share of their own schedule, and so of the FLOPs both
@@ -247,10 +243,9 @@ def budget_trend(runs: list[RunRecord], reference: str, name: str) -> list[dict]
         if None in ref_losses:  # before the reference's first evaluation
             continue
         arm_losses = [next(loss for s, loss, *_ in arm[seed].eval_curve if s == step) for seed in seeds]
-        gap = mean_std([a - r for a, r in zip(arm_losses, ref_losses)])
-        rows.append({"share": share, "arm_step": step, "reference_step": share * ref[seeds[0]].steps,
-                     "reference_loss": mean_std(ref_losses), "arm_loss": mean_std(arm_losses),
-                     "gap": gap, "seeds": seeds})
+        gap = [a - r for a, r in zip(arm_losses, ref_losses)]
+        rows.append(TrendPoint(share, step, share * ref[seeds[0]].steps, list(mean_std(ref_losses)),
+                               list(mean_std(arm_losses)), list(mean_std(gap)), seeds))
     return rows
 
 
@@ -265,7 +260,7 @@ def interpolate(curve: list[list[float]], step: float) -> float | None:
     return None
 
 
-def comparison_report(cmp: dict, accounting: dict, runs: list[RunRecord], earlier: dict | None = None) \
+def comparison_report(cmp: dict, accounting: Accounting, runs: list[RunRecord], earlier: dict | None = None) \
         -> ComparisonReport:
     """The verdicts from `runs`; `other_runs` keeps the earlier finished runs this command did not plan or reach."""
     key, _, higher = METRICS[cmp["metric"]]
@@ -273,11 +268,11 @@ def comparison_report(cmp: dict, accounting: dict, runs: list[RunRecord], earlie
     def values(name):
         return [getattr(r, key) for r in runs if r.run == name and r.finished and getattr(r, key) is not None]
 
-    reference, budget = cmp["reference"], budget_arm(accounting)
+    reference, budget = cmp["reference"], accounting.budget_arm
     equal_steps = {arm: verdict(reference, values(reference), arm, values(arm), higher)
                    for arm in cmp["arms"] if arm != reference} if cmp.get("equal_steps", True) else {}
     equal_flops = {arm: verdict(budget, values(budget), f"{arm}_equal_flops", values(f"{arm}_equal_flops"), higher)
-                   for arm in accounting["equal_flops_steps"]}
+                   for arm in accounting.equal_flops_steps}
     transfer = None
     if cmp.get("transfer"):
         def transferred(name):
@@ -290,7 +285,7 @@ def comparison_report(cmp: dict, accounting: dict, runs: list[RunRecord], earlie
         reference=reference, metric=cmp["metric"], accounting=accounting, equal_steps_runs=cmp.get("equal_steps", True),
         equal_steps=equal_steps, equal_flops=equal_flops, transfer=transfer,
         equal_flops_trend={arm: budget_trend(runs, budget, f"{arm}_equal_flops")
-                           for arm in accounting["equal_flops_steps"]},
+                           for arm in accounting.equal_flops_steps},
         ln_vocab=next((r.ln_vocab for r in runs if r.finished), None), runs=runs, spread_rule=STATISTICS_RULE,
         other_runs=list((earlier or {}).values()))
 

@@ -5,7 +5,7 @@ import dataclasses
 from pathlib import Path
 
 from .engine import THROUGHPUT_NOTE, mean_curve, pyplot, save_figure
-from .records import ComparisonReport, RunRecord
+from .records import Accounting, ComparisonReport, RunRecord, TrendPoint
 from .statistics import mean_std, mean_std_text, welch
 
 METRICS = {"loss": ("final_val_loss", "validation loss", False),  # metric -> (record field, label, higher is better)
@@ -14,23 +14,18 @@ TRANSFER_CURVES = ("exact_accuracy_by_steps", "q_head_by_steps", "q_head")  # a 
 ARM_TRAINING_FIELDS = {"learning_rate"}  # the one training setting an arm may set: its own best learning rate
 
 
-def budget_arm(accounting: dict) -> str:
-    """The arm whose training FLOPs the equal-FLOPs runs spend (the cheapest, unless `equal_flops: reference`)."""
-    return accounting.get("budget_arm", accounting["cheapest_arm"])
+def budget_words(accounting: Accounting) -> str:
+    return "cheapest arm's" if accounting.budget_arm == accounting.cheapest_arm else "reference arm's"
 
 
-def budget_words(accounting: dict) -> str:
-    return "cheapest arm's" if budget_arm(accounting) == accounting["cheapest_arm"] else "reference arm's"
-
-
-def trend_verdict(rows: list[dict]) -> str:
+def trend_verdict(rows: list[TrendPoint]) -> str:
     """Whether the gap shrank, held or grew (or changed sign) from the first row to the last, by the spread rule."""
     if len(rows) < 2:
         return "too few shared evaluations to tell"
-    (first, first_std), (last, last_std) = rows[0]["gap"], rows[-1]["gap"]
-    span = (f"from {first:+.4f} ± {first_std:.4f} at {rows[0]['share']:.0%} of the budget "
+    (first, first_std), (last, last_std) = rows[0].gap, rows[-1].gap
+    span = (f"from {first:+.4f} ± {first_std:.4f} at {rows[0].share:.0%} of the budget "
             f"to {last:+.4f} ± {last_std:.4f}")
-    if len(rows[0]["seeds"]) < 2:
+    if len(rows[0].seeds) < 2:
         return f"the gap goes {span} (one seed: the spread is unknown)"
     if abs(first - last) <= first_std + last_std:
         return f"the gap holds within the seed spread: {span}"
@@ -57,18 +52,18 @@ def comparison_markdown(p: ComparisonReport) -> str:
         model_fields = {k: v for k, v in fields.items() if k not in ARM_TRAINING_FIELDS}
         lr = fields.get("learning_rate", p.base.get("learning_rate", "default"))
         lines.append(f"| {arm} | `{model_fields}` | {lr} | {f'{params:,}' if params else '—'} | "
-                     f"{acc['flops_per_token'][arm]:.4g} | {full_steps(p, arm)} | "
-                     f"{acc['equal_flops_steps'].get(arm, '—')} |")
+                     f"{acc.flops_per_token[arm]:.4g} | {full_steps(p, arm)} | "
+                     f"{acc.equal_flops_steps.get(arm, '—')} |")
     lines += depth_table(p)
     lines += ["", "Recursive FLOPs count every supervision step (halting can only make it cheaper) and the backward "
               f"of the passes that carry gradient only. An equal-FLOPs run spends the {budget_words(acc)} "
-              f"(`{budget_arm(acc)}`) training FLOPs with its own full learning-rate schedule.", ""]
+              f"(`{acc.budget_arm}`) training FLOPs with its own full learning-rate schedule.", ""]
     if p.ln_vocab and p.metric == "loss":
         lines += [f"Losses are validation cross-entropy in nats per token; chance (uniform guessing) is "
                   f"ln(vocab) = {p.ln_vocab:.3f}.", ""]
     lines += run_table(p, key, metric_label, higher) + [""]
     lines += [f"**Equal steps, {arm} vs {p.reference}:** {v.verdict}." for arm, v in p.equal_steps.items()]
-    lines += [f"**Equal FLOPs, {arm} vs {budget_arm(acc)}:** {v.verdict}."
+    lines += [f"**Equal FLOPs, {arm} vs {acc.budget_arm}:** {v.verdict}."
               for arm, v in p.equal_flops.items()]
     lines += ["", f"Rule: {p.spread_rule}.", "", f"Throughput: {THROUGHPUT_NOTE}."]
     lines += trend_section(p)
@@ -84,7 +79,7 @@ def comparison_markdown(p: ComparisonReport) -> str:
 
 def trend_section(p: ComparisonReport) -> list[str]:
     """The equal-FLOPs gap at each shared evaluation along the budget (`budget_trend`), one table per arm."""
-    lines, reference = [], budget_arm(p.accounting)
+    lines, reference = [], p.accounting.budget_arm
     for arm, rows in p.equal_flops_trend.items():
         if not rows:
             continue
@@ -95,22 +90,21 @@ def trend_section(p: ComparisonReport) -> list[str]:
                   f"| share of the budget | {arm} step | {reference} step | {reference} val loss | {arm} val loss | "
                   "gap (mean ± std) |", "|---:|---:|---:|---:|---:|---:|"]
         for row in rows:
-            lines.append(f"| {row['share']:.0%} | {row['arm_step']} | {row['reference_step']:.0f} | "
-                         f"{row['reference_loss'][0]:.4f} | {row['arm_loss'][0]:.4f} | "
-                         f"{row['gap'][0]:+.4f} ± {row['gap'][1]:.4f} |")
+            lines.append(f"| {row.share:.0%} | {row.arm_step} | {row.reference_step:.0f} | "
+                         f"{row.reference_loss[0]:.4f} | {row.arm_loss[0]:.4f} | "
+                         f"{row.gap[0]:+.4f} ± {row.gap[1]:.4f} |")
     return lines
 
 
 def depth_table(p: ComparisonReport) -> list[str]:
     """Each arm's depth: layers per supervision step, decoder passes (with gradient), supervision steps."""
-    depth = p.accounting.get("depth")
+    depth = p.accounting.depth
     if not depth:  # a report written before the depth was recorded
         return []
     lines = ["", "| arm | effective depth (layers per supervision step) | decoder passes per supervision step | "
              "passes with gradient | supervision steps (most) |", "|---|---:|---:|---:|---:|"]
     for arm, d in depth.items():
-        lines.append(f"| {arm} | {d['effective_depth']} | {d['passes']} | {d['gradient_passes']} | "
-                     f"{d['supervision_steps']} |")
+        lines.append(f"| {arm} | {d.effective_depth} | {d.passes} | {d.gradient_passes} | {d.supervision_steps} |")
     return lines
 
 
@@ -172,8 +166,8 @@ def threshold_table(runs: list[RunRecord]) -> list[str]:
 
 def full_steps(p: ComparisonReport, arm: str):
     """The arm's equal-steps run length, or — where `equal_steps: false` left it out."""
-    ran = p.equal_steps_runs or arm == budget_arm(p.accounting)
-    return p.accounting["steps"] if ran else "—"
+    ran = p.equal_steps_runs or arm == p.accounting.budget_arm
+    return p.accounting.steps if ran else "—"
 
 
 def run_table(p: ComparisonReport, key: str, metric_label: str, higher: bool) -> list[str]:

@@ -1,6 +1,7 @@
 """The records a study keeps: one `RunRecord` per training run, and the report records (`GridReport`,
 `ComparisonReport`) that hold a study's runs with the statistics made from them (a grid's `VariantSummary`
-per variant, a comparison's `Verdict` per pair of runs compared).
+per variant; a comparison's `Accounting` of FLOPs, a `Verdict` per pair of runs compared and the
+equal-FLOPs gap's `TrendPoint`s).
 
 Both runners name a run the same way: `run` is its name in its study (a grid's variant; a comparison's
 arm, or ARM_equal_flops for the arm's run at the reference's training FLOPs) and its folder there, and
@@ -138,6 +139,47 @@ class Verdict:
 
 
 @dataclass
+class Depth:
+    """An arm's shape: layers per supervision step (its effective depth), decoder passes and passes with
+    gradient per supervision step, and supervision steps (1 for a direct model)."""
+    effective_depth: int
+    passes: int
+    gradient_passes: int
+    supervision_steps: int
+
+
+@dataclass
+class Accounting:
+    """A comparison's FLOP accounting: each arm's training FLOPs per token, and the budgets made from them."""
+    flops_per_token: dict[str, int]
+    steps: int  # the equal-steps runs' steps
+    cheapest_arm: str
+    budget_arm: str  # whose training FLOPs the equal-FLOPs runs spend: the cheapest arm's, or the reference's
+    flop_ratio: dict[str, float]  # arm -> its FLOPs per token over the cheapest arm's
+    equal_flops_steps: dict[str, int]  # arm -> the steps of its equal-FLOPs run
+    depth: dict[str, Depth] | None = None  # None in reports written before the depth was recorded
+
+    @classmethod
+    def from_json(cls, values: dict) -> Accounting:
+        values = {"budget_arm": values["cheapest_arm"], **values}  # older reports: the cheapest arm's, always
+        depth = values.get("depth")
+        return cls(**{**values, "depth": depth and {arm: Depth(**d) for arm, d in depth.items()}})
+
+
+@dataclass
+class TrendPoint:
+    """The equal-FLOPs gap at one shared evaluation: a share of the budget both sides spend, each side's step
+    there, and val losses as [mean, std] over the seeds both finished."""
+    share: float
+    arm_step: int
+    reference_step: float
+    reference_loss: list[float]
+    arm_loss: list[float]
+    gap: list[float]  # the arm's loss minus the reference's
+    seeds: list[int]
+
+
+@dataclass
 class Transfer:
     """A comparison's `transfer:`: the task arguments of the other puzzles, and the equal-steps verdicts on them."""
     settings: dict
@@ -209,12 +251,12 @@ class ComparisonReport:
     arms: dict  # arm -> its model fields
     reference: str
     metric: str  # "loss" or "exact_accuracy"
-    accounting: dict  # per arm: training FLOPs per token, steps, depth (compare.plan_runs)
+    accounting: Accounting
     equal_steps_runs: bool
     equal_steps: dict[str, Verdict]  # arm -> the reference against it at equal steps
     equal_flops: dict[str, Verdict]  # arm -> the budget arm against its equal-FLOPs run
     transfer: Transfer | None
-    equal_flops_trend: dict  # arm -> the equal-FLOPs gap along the budget (compare.budget_trend)
+    equal_flops_trend: dict[str, list[TrendPoint]]  # arm -> the equal-FLOPs gap along the budget
     ln_vocab: float | None
     runs: list[RunRecord]
     spread_rule: str
@@ -223,7 +265,10 @@ class ComparisonReport:
     def to_json(self) -> dict:
         transfer = self.transfer and {"settings": self.transfer.settings, "equal_steps": verdicts_json(
             self.transfer.equal_steps)}
-        return {**fields_of(self), "equal_steps": verdicts_json(self.equal_steps),
+        return {**fields_of(self), "accounting": without_none(dataclasses.asdict(self.accounting)),
+                "equal_flops_trend": {arm: [dataclasses.asdict(point) for point in points]
+                                      for arm, points in self.equal_flops_trend.items()},
+                "equal_steps": verdicts_json(self.equal_steps),
                 "equal_flops": verdicts_json(self.equal_flops), "transfer": transfer or {},
                 "runs": [r.to_json() for r in self.runs], "other_runs": [r.to_json() for r in self.other_runs]}
 
@@ -231,7 +276,10 @@ class ComparisonReport:
     def from_json(cls, values: dict, where: str) -> ComparisonReport:
         values = checked(cls, {"other_runs": [], "equal_steps_runs": True, **values}, where)
         transfer = values["transfer"]
-        return cls(**{**values, "equal_steps": verdicts_from_json(values["equal_steps"]),
+        return cls(**{**values, "accounting": Accounting.from_json(values["accounting"]),
+                      "equal_flops_trend": {arm: [TrendPoint(**point) for point in points]
+                                            for arm, points in values["equal_flops_trend"].items()},
+                      "equal_steps": verdicts_from_json(values["equal_steps"]),
                       "equal_flops": verdicts_from_json(values["equal_flops"]),
                       "transfer": Transfer(transfer["settings"], verdicts_from_json(transfer["equal_steps"]))
                       if transfer else None, **runs_from_json(values, where)})
