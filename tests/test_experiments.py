@@ -137,6 +137,7 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
         for field in RUN_FIELDS:
             assert field in run, field
         assert run["train_loss_curve"][-1][0] == 4 and run["nan"] is False
+        assert run["steps"] == run["stopped_at"] == 4  # its cap, and where it ended
     assert "num_experts_per_tok=9 is invalid" in runs[4]["error"]
     assert runs[0]["final_val_loss"] != runs[1]["final_val_loss"]  # the seeds differ
     stats = results["variants"]["no_aux"]

@@ -81,16 +81,17 @@ def run_grid(grid: dict) -> GridReport:
     print(f"ablation {grid['path']}: {len(grid['variants'])} variants x {len(grid['seeds'])} seeds = {total} runs "
           f"-> {out}", flush=True)
     earlier = REPORT.earlier_runs(out, lambda r: r.run in grid["in_file"])
+    caps = {variant: arguments_from({**grid["base"], **overrides})[2].max_steps
+            for variant, overrides in grid["variants"].items()}
     plan = [(variant, overrides, seed) for variant, overrides in grid["variants"].items() for seed in grid["seeds"]]
-    budget = RunBudget([(variant, arguments_from({**grid["base"], **overrides})[2].max_steps)  # the step caps
-                        for variant, overrides, _ in plan], grid.get("max_hours"))
+    budget = RunBudget([(variant, caps[variant]) for variant, _, _ in plan], grid.get("max_hours"))
     for variant, overrides, seed in plan:
         if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
             break
         values = {**grid["base"], **overrides, "seed": seed}
         record = train_or_keep(variant, seed, values, out / variant / f"seed_{seed}", grid["launcher"],
                                grid["accelerate_config"], earlier.pop((variant, seed), None))
-        runs.append(dataclasses.replace(record, overrides=overrides))
+        runs.append(dataclasses.replace(record, overrides=overrides, steps=caps[variant]))
         write_json(out / REPORT.json, grid_report(grid, runs, earlier).to_json())
         budget.after(runs, earlier.values())
     report = grid_report(grid, runs, earlier)

@@ -451,7 +451,7 @@ def collect_run(run_dir) -> dict:
            or any(r.get("train/skipped_step") for r in records)
            or any(r.get("train/skipped_micro_batches", 0) > 0 for r in train))
     return {
-        "output_dir": str(run_dir), "steps": results["step"],
+        "output_dir": str(run_dir),
         "final_val_loss": final["loss"], "best_val_loss": results["best_val_loss"],
         "perplexity": final["perplexity"], "accuracy": final["accuracy"], "ln_vocab": final["ln_vocab"],
         "eval_tokens": final["tokens"], "recursion_steps": final.get("recursion_steps"),

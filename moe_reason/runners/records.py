@@ -42,7 +42,7 @@ class RunRecord:
     kind: str | None = None  # "equal_steps" or "equal_flops"
     overrides: dict | None = None
     # what a finished run measured: its results and metrics files (engine.collect_run)
-    steps: int | None = None  # its step budget where the runner planned one (a comparison), else its last step
+    steps: int | None = None  # the step cap it trained under (max_steps); stopped_at: where it ended
     final_val_loss: float | None = None
     best_val_loss: float | None = None
     perplexity: float | None = None
