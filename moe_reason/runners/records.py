@@ -96,7 +96,7 @@ class RunRecord:
                 values["run"] = values.pop(old)
         for old in DROPPED:
             values.pop(old, None)
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        unknown = sorted(set(values) - field_names(cls))
         if unknown or "run" not in values or values.get("status") not in STATUSES:
             raise UserError(f"{where} holds a run record this version cannot read (unknown keys {unknown}, or no "
                             "run name or status); move it aside to start the record afresh")
@@ -128,11 +128,11 @@ class Verdict:
     p_value: float | None = None
 
     def to_json(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and v != {}}
+        return {k: v for k, v in without_none(dataclasses.asdict(self)).items() if v != {}}  # no sides: no key
 
     @classmethod
     def from_json(cls, values: dict) -> Verdict:
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = field_names(cls)
         sides = values.get("sides") or {k: v for k, v in values.items() if k not in names}  # older: sides inline
         return cls(**{k: v for k, v in values.items() if k in names and k != "sides"},
                    sides={name: Side(**side) for name, side in sides.items()})
@@ -230,8 +230,7 @@ class GridReport:
 
     def to_json(self) -> dict:
         return {**fields_of(self), "variants": {name: without_none(dataclasses.asdict(v))
-                                               for name, v in self.variants.items()},
-                "runs": [r.to_json() for r in self.runs], "other_runs": [r.to_json() for r in self.other_runs]}
+                                               for name, v in self.variants.items()}, **runs_json(self)}
 
     @classmethod
     def from_json(cls, values: dict, where: str) -> GridReport:
@@ -269,8 +268,7 @@ class ComparisonReport:
                 "equal_flops_trend": {arm: [dataclasses.asdict(point) for point in points]
                                       for arm, points in self.equal_flops_trend.items()},
                 "equal_steps": verdicts_json(self.equal_steps),
-                "equal_flops": verdicts_json(self.equal_flops), "transfer": transfer or {},
-                "runs": [r.to_json() for r in self.runs], "other_runs": [r.to_json() for r in self.other_runs]}
+                "equal_flops": verdicts_json(self.equal_flops), "transfer": transfer or {}, **runs_json(self)}
 
     @classmethod
     def from_json(cls, values: dict, where: str) -> ComparisonReport:
@@ -283,6 +281,10 @@ class ComparisonReport:
                       "equal_flops": verdicts_from_json(values["equal_flops"]),
                       "transfer": Transfer(transfer["settings"], verdicts_from_json(transfer["equal_steps"]))
                       if transfer else None, **runs_from_json(values, where)})
+
+
+def field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def fields_of(report) -> dict:
@@ -301,6 +303,10 @@ def verdicts_from_json(values: dict) -> dict[str, Verdict]:
     return {name: Verdict.from_json(v) for name, v in values.items()}
 
 
+def runs_json(report) -> dict:
+    return {"runs": [r.to_json() for r in report.runs], "other_runs": [r.to_json() for r in report.other_runs]}
+
+
 def runs_from_json(values: dict, where: str) -> dict:
     return {"runs": records_from_json(values["runs"], where), "other_runs": records_from_json(values["other_runs"],
                                                                                               where)}
@@ -309,7 +315,7 @@ def runs_from_json(values: dict, where: str) -> dict:
 def checked(cls, values: dict, where: str) -> dict:
     """A report JSON's keys, refused unless they are exactly `cls`'s fields (keys older reports lack are filled in
     by the caller)."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = field_names(cls)
     if set(values) != names:
         raise UserError(f"{where} is not a {cls.__name__} written by this runner (keys missing: "
                         f"{sorted(names - set(values))}, unknown: {sorted(set(values) - names)}); move it aside to "
