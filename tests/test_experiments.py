@@ -11,11 +11,11 @@ from moe_reason.runners.ablate import AblateArguments, load_grid, main as ablate
 from moe_reason.runners.grid_report import plot as ablate_plot
 from moe_reason.training.arguments import arguments_from, build_config, parse_args
 from moe_reason.runners.compare import budget_trend, load_comparison, main as compare_main, plan_runs
-from moe_reason.runners.comparison_report import trend_verdict
+from moe_reason.runners.comparison_report import evenly, trend_verdict
 from moe_reason.models.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.evaluation.evaluate import main as evaluate_main
 from moe_reason.runners.engine import STUDY_IN_USE, RunBudget, RunnerArguments, exit_status, parse_runner_cli
-from moe_reason.runners.records import GridReport, RunRecord
+from moe_reason.runners.records import CURVE_POINTS, GridReport, RunRecord
 from moe_reason.layout import RESULTS, complete_checkpoints
 from moe_reason.training.metrics import training_flops_per_token
 
@@ -396,6 +396,26 @@ def test_the_equal_flops_gap_along_the_budget_pairs_seeds_at_the_same_share_of_t
     runs[0].eval_curve = runs[1].eval_curve = [[10, 4.0, 0], [40, 1.0, 0]]
     assert budget_trend(runs, "baseline", "recursive_equal_flops")[0].reference_loss[0] == pytest.approx(3.0)
     assert trend_verdict(rows[:1]) == "too few shared evaluations to tell"
+
+
+def test_a_long_runs_training_curves_are_thinned_so_that_seeds_still_share_their_steps():
+    def run(seed, last):  # logged every 10 steps to `last`
+        curve = [[step, step / 10] for step in range(10, last + 1, 10)]
+        return RunRecord("arm", seed, "finished", "out", train_loss_curve=curve, grad_norm_curve=curve)
+
+    short = run(0, 10 * CURVE_POINTS)  # fits: kept whole
+    assert len(short.train_loss_curve) == CURVE_POINTS
+    long, longer = run(1, 30 * CURVE_POINTS + 70), run(2, 90 * CURVE_POINTS)
+    for r in (long, longer):
+        assert len(r.train_loss_curve) <= CURVE_POINTS and r.grad_norm_curve == r.train_loss_curve
+    assert long.train_loss_curve[-1] == [30 * CURVE_POINTS + 70, 3 * CURVE_POINTS + 7]  # the last point stays
+    assert {s for s, _ in long.train_loss_curve[:-1]} == set(range(40, 30 * CURVE_POINTS + 70, 40))
+    shared = {s for s, _ in long.train_loss_curve} & {s for s, _ in longer.train_loss_curve}
+    assert shared == set(range(160, 30 * CURVE_POINTS + 70, 160))  # the strides nest: 40 and 160
+    # thinning is idempotent: a report read back and written again keeps the same curves
+    again = RunRecord.from_json(long.to_json(), "report.json")
+    assert again.train_loss_curve == long.train_loss_curve
+    assert evenly(list(range(101)), 21) == list(range(0, 101, 5)) and evenly([1, 2], 21) == [1, 2]
 
 
 def load_comparison_for(tmp_path, corpus, recursive, **options):

@@ -11,6 +11,7 @@ from .statistics import mean_std, mean_std_text, welch
 METRICS = {"loss": ("final_val_loss", "validation loss", False),  # metric -> (record field, label, higher is better)
            "exact_accuracy": ("exact_accuracy", "exact accuracy on held-out puzzles", True)}
 TRANSFER_CURVES = ("exact_accuracy_by_steps", "q_head_by_steps", "q_head")  # a transfer score's steps curve
+TREND_ROWS = 21  # most rows of an equal-FLOPs trend table: 5% of the budget apart when it has more
 ARM_TRAINING_FIELDS = {"learning_rate"}  # the one training setting an arm may set: its own best learning rate
 
 
@@ -86,14 +87,25 @@ def trend_section(p: ComparisonReport) -> list[str]:
         lines += ["", f"## The equal-FLOPs gap along the budget: {arm} vs {reference}", "",
                   f"At each evaluation of `{arm}_equal_flops`, against `{reference}` at the same share of the "
                   "FLOPs both spend (its loss interpolated between its evaluations), per seed: "
-                  f"**{trend_verdict(rows)}**.", "",
-                  f"| share of the budget | {arm} step | {reference} step | {reference} val loss | {arm} val loss | "
+                  f"**{trend_verdict(rows)}**.", ""]
+        shown = evenly(rows, TREND_ROWS)
+        if len(shown) < len(rows):
+            lines += [f"{len(shown)} of the {len(rows)} shared evaluations, evenly spaced, the first and the last "
+                      "among them (comparison.json keeps them all).", ""]
+        lines += [f"| share of the budget | {arm} step | {reference} step | {reference} val loss | {arm} val loss | "
                   "gap (mean ± std) |", "|---:|---:|---:|---:|---:|---:|"]
-        for row in rows:
+        for row in shown:
             lines.append(f"| {row.share:.0%} | {row.arm_step} | {row.reference_step:.0f} | "
                          f"{row.reference_loss[0]:.4f} | {row.arm_loss[0]:.4f} | "
                          f"{row.gap[0]:+.4f} ± {row.gap[1]:.4f} |")
     return lines
+
+
+def evenly(rows: list, most: int) -> list:
+    """At most `most` of `rows`, evenly spaced by position, the first and the last among them."""
+    if len(rows) <= most:
+        return rows
+    return [rows[round(i * (len(rows) - 1) / (most - 1))] for i in range(most)]
 
 
 def depth_table(p: ComparisonReport) -> list[str]:

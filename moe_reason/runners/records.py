@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 
 STATUSES = ("finished", "failed")
+CURVE_POINTS = 1000  # most points a record keeps of a training curve: a plot's worth; metrics.jsonl has them all
 OLD_NAMES = ("variant", "label")  # a run's name before `run`: a grid's key, then a comparison's
 DROPPED = ("name",)  # "RUN/seed_N" as older records stored it: `title` now
 
@@ -57,8 +58,8 @@ class RunRecord:
     tokens_per_step: int | None = None
     sequences_per_step: int | None = None
     parameters: int | None = None
-    train_loss_curve: list | None = None  # [[step, language-model loss], ...]
-    grad_norm_curve: list | None = None  # [[step, gradient norm], ...]
+    train_loss_curve: list | None = None  # [[step, language-model loss], ...], at most CURVE_POINTS (thinned)
+    grad_norm_curve: list | None = None  # [[step, gradient norm], ...], as thinned
     eval_curve: list | None = None  # [[step, loss, token accuracy, exact match or None], ...]
     stopped_by: str | None = None  # "plateau" or "max_steps"
     stopped_at: int | None = None  # the step it ended at
@@ -74,6 +75,10 @@ class RunRecord:
     puzzles: int | None = None
     curve_puzzles: int | None = None
     transfer: dict | None = None  # a comparison's `transfer:` scores (task_figures of the other puzzles)
+
+    def __post_init__(self):
+        self.train_loss_curve = thinned(self.train_loss_curve)
+        self.grad_norm_curve = thinned(self.grad_norm_curve)
 
     @property
     def title(self) -> str:
@@ -101,6 +106,21 @@ class RunRecord:
             raise UserError(f"{where} holds a run record this version cannot read (unknown keys {unknown}, or no "
                             "run name or status); move it aside to start the record afresh")
         return cls(**values)
+
+
+def thinned(curve: list | None) -> list | None:
+    """A [[step, value], ...] curve cut to at most CURVE_POINTS: the points at multiples of the smallest
+    stride that fits (the logging interval times a power of two), and its last point.
+
+    A 100k-step run logs ten thousand points a curve, which made a study's JSON megabytes. Strides that
+    are powers of two of one interval nest, so seeds of one arm that stopped at different steps still
+    share their points (mean_curve averages at the shared steps)."""
+    if not curve or len(curve) <= CURVE_POINTS:
+        return curve
+    stride = max(curve[1][0] - curve[0][0], 1)
+    while curve[-1][0] / stride > CURVE_POINTS - 1:
+        stride *= 2
+    return [point for point in curve[:-1] if point[0] % stride == 0] + [curve[-1]]
 
 
 def records_from_json(values: list, where: str) -> list[RunRecord]:
