@@ -10,11 +10,13 @@ import yaml
 from moe_reason.runners.ablate import AblateArguments, load_grid, main as ablate_main
 from moe_reason.runners.grid_report import plot as ablate_plot
 from moe_reason.training.arguments import arguments_from, build_config, parse_args
-from moe_reason.runners.compare import budget_trend, load_comparison, main as compare_main, plan_runs
+from moe_reason.runners.compare import (budget_trend, load_comparison, main as compare_main, plan_runs,
+                                        same_first_steps)
 from moe_reason.runners.comparison_report import evenly, trend_verdict
 from moe_reason.models.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.evaluation.evaluate import main as evaluate_main
-from moe_reason.runners.engine import STUDY_IN_USE, RunBudget, RunnerArguments, exit_status, parse_runner_cli
+from moe_reason.runners.engine import (STUDY_IN_USE, RunBudget, RunnerArguments, exit_status, parse_runner_cli,
+                                      run_training)
 from moe_reason.runners.records import CURVE_POINTS, GridReport, RunRecord
 from moe_reason.layout import RESULTS, complete_checkpoints
 from moe_reason.training.metrics import training_flops_per_token
@@ -350,6 +352,36 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
         ("baseline", 0), ("recursive", 0), ("recursive_equal_flops", 0)}
     assert compare_main([str(tmp_path / "cmp.yaml"), "--output_dir", str(out)]).equal_flops == payload.equal_flops
     assert not (out / "recursive_equal_flops").exists()
+
+
+def test_an_equal_flops_run_goes_on_from_its_twins_last_checkpoint_and_ends_as_a_run_from_step_0(tmp_path, corpus):
+    # a constant schedule: the direct arm's run at the recursion's FLOPs repeats its 6-step twin, then goes on;
+    # the plateau rule (3 evaluations, a bar no run clears) stops both it and a run from step 0 at step 9
+    base = tiny_base(tmp_path, corpus, max_steps=6, eval_interval=3, save_interval=3, lr_scheduler="constant",
+                     stop_on_plateau=True, plateau_min_evals=3, plateau_delta=0.5)
+    spec = {"seeds": [0], "base": base, "reference": "recursive", "equal_flops": "reference",
+            "arms": {"recursive": {"model_type": "recursive", "h_cycles": 1, "l_cycles": 1, "halt_max_steps": 2},
+                     "direct": {"model_type": "base"}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+    payload = compare_main([str(tmp_path / "c.yaml"), "--output_dir", str(tmp_path / "cmp")])
+    twin, run = (next(r for r in payload.runs if r.run == name) for name in ("direct", "direct_equal_flops"))
+    assert twin.started_from is None and (twin.stopped_by, twin.stopped_at) == ("max_steps", 6)
+    assert run.started_from == f"{twin.output_dir}/checkpoint-6" and run.steps > 9
+    assert "Started from their equal-steps twin's last checkpoint" in (tmp_path / "cmp" / "COMPARISON.md").read_text()
+    fresh = run_training("fresh", 0, run.config, tmp_path / "fresh")
+    assert (run.stopped_by, run.stopped_at) == (fresh.stopped_by, fresh.stopped_at) == ("plateau", 9)
+    assert [s for s, *_ in run.eval_curve] == [s for s, *_ in fresh.eval_curve] == [3, 6, 9]
+    assert [loss for _, loss, *_ in run.eval_curve] == pytest.approx([loss for _, loss, *_ in fresh.eval_curve],
+                                                                       rel=1e-4)
+    assert [s for s, _ in run.train_loss_curve] == list(range(1, 10))  # the twin's steps 1-6 came along
+    assert run.final_val_loss == pytest.approx(fresh.final_val_loss, rel=1e-4)
+    # where the cap shapes the schedule, or the runs differ in more than the cap, nothing is shared
+    values = {**run.config}
+    assert same_first_steps(twin.config, values)
+    for change in ({"lr_scheduler": "cosine"}, {"warmup_ratio": 0.1}):  # the cap shapes the schedule
+        assert not same_first_steps({**twin.config, **change}, {**values, **change})
+    assert not same_first_steps(twin.config, {**values, "learning_rate": 1e-3})  # more than the cap differs
+    assert not same_first_steps({**twin.config, "max_steps": 5}, values)  # the twin's last step: no evaluation
 
 
 def test_compare_refuses_training_settings_in_an_arm_except_its_own_learning_rate(tmp_path):

@@ -31,6 +31,9 @@ same number of steps in every run, a base `warmup_ratio` the same share of each)
 turns this around for studies whose reference is the costly arm (a deep recursion): each arm cheaper than
 the reference also runs for the steps that spend the reference's FLOPs, so the cheap arms are not starved;
 with `stop_on_plateau` in the base those steps are a cap, and each run says whether it plateaued or hit it.
+Under a schedule the cap does not shape (`lr_scheduler: constant`, no `warmup_ratio`) an equal-FLOPs
+run's first steps are its equal-steps twin's, so it starts from the twin's last checkpoint instead of
+step 0 (a twin that plateaued there leaves it nothing to train); its record says so (`started_from`).
 `equal_steps: false` keeps only the budget arm's `max_steps` run and the equal-FLOPs runs: the
 costlier arms' full-length runs are what makes a long study long. With a task base each
 finished run's export is scored on the held-out puzzles (`tasks.scoring`). Writes `comparison.json`,
@@ -171,8 +174,11 @@ def run_comparison(cmp: dict) -> ComparisonReport:
             break
         name = run_name(item)
         values = {**cmp["base"], **cmp["arms"][item["arm"]], "seed": seed, "max_steps": item["steps"]}
+        twin = next((r for r in runs if (r.run, r.seed) == (item["arm"], seed) and r.finished), None)
         record = train_or_keep(name, seed, values, out / name / f"seed_{seed}", cmp["launcher"],
-                               cmp["accelerate_config"], earlier.pop((name, seed), None))
+                               cmp["accelerate_config"], earlier.pop((name, seed), None),
+                               start_from=Path(twin.output_dir) if twin and same_first_steps(twin.config, values)
+                               else None)
         record = dataclasses.replace(record, arm=item["arm"], kind=item["kind"], steps=item["steps"])
         if cmp.get("transfer") and record.finished and record.transfer is None:
             record.transfer = transfer_figures(out / name / f"seed_{seed}", values, cmp["transfer"])
@@ -186,6 +192,16 @@ def run_comparison(cmp: dict) -> ComparisonReport:
             print(f"{kind}, {arm}: {v.verdict}", flush=True)
     print(f"wrote {out / REPORT.json}, {out / REPORT.png}, {out / REPORT.markdown}", flush=True)
     return report
+
+
+def same_first_steps(twin: dict, values: dict) -> bool:
+    """Whether a run of trainer arguments `values` repeats its equal-steps twin's steps exactly until the
+    twin stopped: the same arguments but the step cap, under a schedule the cap does not shape, and a twin
+    cap on which both log and evaluate (a run logs and evaluates at its last step too, and the evaluations
+    are the plateau rule's history)."""
+    args = arguments_from(values)[2]
+    return {**twin, "max_steps": args.max_steps} == values and not args.cap_shapes_training() and \
+        twin["max_steps"] % args.eval_interval == 0 and twin["max_steps"] % args.log_interval == 0
 
 
 def run_name(item: dict) -> str:

@@ -201,6 +201,11 @@ def run_table(p: ComparisonReport, key: str, metric_label: str, higher: bool) ->
                      f"{mean_std([r.tokens_per_s for r in done])[0]:,.0f} | "
                      f"{f'{sum(steps) / len(steps):.2f}' if steps else '—'} |"
                      + (f" {stops_text(done)} |" if stops else ""))
+    continued = [r for r in p.runs if r.finished and r.started_from]
+    if continued:
+        lines += ["", "Started from their equal-steps twin's last checkpoint (a schedule the step cap does not shape "
+                  "repeats the twin's steps up to there; steps, curves and wall time include them): "
+                  + ", ".join(f"{r.title} from `{r.started_from}`" for r in continued) + "."]
     return lines
 
 

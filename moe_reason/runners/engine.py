@@ -9,7 +9,10 @@ is how multi-GPU and DeepSpeed runs are made. Either way its output goes to
 A run folder whose results file (`train_results.json`) exists and whose arguments are unchanged is
 finished and skipped, unless those arguments now build a different model than the one it exported (a
 default changed in the code since): then it is reported as failed, naming the fields, and left as it is.
-An interrupted run resumes from its last checkpoint.
+An interrupted run resumes from its last checkpoint. A new run may start from another finished run's
+last checkpoint (`start_from`: a comparison's equal-FLOPs run from its equal-steps twin, where the
+schedule does not depend on the step cap and their first steps are the same); its folder's
+started_from.json and its record's `started_from` name that checkpoint.
 
 A runner's report JSON is its record: a command narrowed by --seeds (or the ablation's --variants)
 keeps the other finished runs in it (`other_runs`), and a finished run whose folder is gone (deleted to
@@ -23,6 +26,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,11 +39,11 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from ..atomic import write_text
+from ..atomic import install, staged, write_text
 from ..data.prepare import DataArguments
 from ..errors import MissingFileError, UserError
 from ..evaluation.evaluate import EvaluateArguments, evaluate
-from ..layout import FINAL, METRICS, RESULTS, STUDY_LOCK, TASK_EVAL
+from ..layout import BEST, FINAL, METRICS, RESULTS, STUDY_LOCK, TASK_EVAL, checkpoint_step, run_outputs
 from ..locks import hold_folder
 from ..tasks.puzzles import TaskArguments
 from ..training.arguments import ModelArguments, arguments_from, build_config, load_mapping, refuse_unknown
@@ -50,6 +54,7 @@ from .statistics import mean_std
 
 LAUNCHERS = ("in_process", "accelerate")
 RUN_SPEC = "experiment_run.json"  # the arguments a run folder was made with
+STARTED_FROM = "started_from.json"  # the other run's checkpoint a run folder started from (`start_from`)
 RUN_CONFIG = "run_config.yaml"  # launcher accelerate: the arguments, as the trainer's config file
 CURVE_PUZZLES = 200  # a task run's accuracy-by-steps curve: its first held-out puzzles (all of them are scored)
 RUNNER_KEYS = {"output_dir", "launcher", "accelerate_config", "seeds", "base", "description"}
@@ -284,8 +289,11 @@ def safe_name(name: str) -> str:
 
 
 def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str = "in_process",
-                 accelerate_config: str | None = None) -> RunRecord:
-    """Train run `run` of seed `seed` once (or skip/resume) and return its record; never raises for a failed run."""
+                 accelerate_config: str | None = None, start_from: Path | None = None) -> RunRecord:
+    """Train run `run` of seed `seed` once (or skip/resume) and return its record; never raises for a failed run.
+
+    `start_from`: a finished run's folder whose steps this run's first ones repeat exactly; a new run starts
+    from its last checkpoint (`continue_from`) instead of step 0."""
     run_dir, config = Path(run_dir), values
     name = f"{run}/seed_{seed}"
 
@@ -318,10 +326,17 @@ def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str
         print(f"[skip] {name}: finished earlier, val loss {record.final_val_loss:.4f}", flush=True)
         return record
 
-    start = {"resume_from_checkpoint": "latest"} if resume else {"overwrite_output_dir": True}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_SPEC).write_text(json.dumps(spec, indent=2))
-    print(f"[start] {name}{' (resuming)' if resume else ''} -> {run_dir}", flush=True)
+    how = " (resuming)" if resume else ""
+    if not resume:
+        (run_dir / STARTED_FROM).unlink(missing_ok=True)  # this runner's own note of an earlier start
+        if start_from is not None and not any(path.exists() for path in run_outputs(run_dir)):
+            started = continue_from(Path(start_from), run_dir, values["max_steps"])
+            resume = started is not None
+            how = f" (from {started}: their first steps are the same)" if resume else ""
+    start = {"resume_from_checkpoint": "latest"} if resume else {"overwrite_output_dir": True}
+    print(f"[start] {name}{how} -> {run_dir}", flush=True)
     started = time.perf_counter()
     error = (_train_in_process if launcher == "in_process" else _train_with_accelerate)(
         {**values, **start}, run_dir / "train.log", accelerate_config)
@@ -342,13 +357,35 @@ def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str
 
 
 def train_or_keep(run: str, seed: int, values: dict, run_dir: Path, launcher: str, accelerate_config: str | None,
-                  kept: RunRecord | None) -> RunRecord:
+                  kept: RunRecord | None, start_from: Path | None = None) -> RunRecord:
     """run_training, unless the run's folder is gone and its earlier record `kept` has the same arguments."""
     if kept and kept.config == values and not Path(run_dir).exists():
         print(f"[kept] {kept.title}: its folder is gone; kept from the report (val loss {kept.final_val_loss:.4f}; "
               "a model default changed since could not be checked)", flush=True)
         return dataclasses.replace(kept, skipped=True)
-    return run_training(run, seed, values, run_dir, launcher, accelerate_config)
+    return run_training(run, seed, values, run_dir, launcher, accelerate_config, start_from)
+
+
+def continue_from(twin: Path, run_dir: Path, max_steps: int) -> str | None:
+    """Put finished run `twin`'s last checkpoint into the new run folder `run_dir`, with the twin's metrics and
+    best/ export (the trainer drops metrics logged after the checkpoint when it resumes), so that the run
+    resumes there; returns "TWIN_FOLDER/checkpoint-STEP", or None (nothing copied) where the twin did not
+    finish or its last checkpoint lies beyond `max_steps`.
+
+    A finished run's last checkpoint is its last step, so its best/ export comes from the steps copied."""
+    checkpoints = complete_checkpoints(twin)
+    if not (twin / RESULTS).is_file() or not checkpoints or checkpoint_step(checkpoints[-1]) > max_steps:
+        return None
+    for folder in (checkpoints[-1], twin / BEST):
+        if folder.is_dir():
+            copy = staged(run_dir / folder.name)
+            shutil.copytree(folder, copy, dirs_exist_ok=True)
+            install(copy, run_dir / folder.name)
+    if (twin / METRICS).is_file():
+        write_text(run_dir / METRICS, (twin / METRICS).read_text())
+    started = f"{twin}/{checkpoints[-1].name}"
+    write_text(run_dir / STARTED_FROM, json.dumps({"started_from": started}))
+    return started
 
 
 TRANSFER_EVAL = "eval_transfer.json"  # a task run's scores on other puzzles (a comparison's `transfer:`)
@@ -467,6 +504,8 @@ def collect_run(run_dir) -> dict:
         "eval_curve": [[r["step"], r["eval/loss"], r["eval/accuracy"], r.get("eval/exact_match")] for r in evals],
         "stopped_by": results.get("stopped_by", "max_steps"), "stopped_at": results["step"],
         "nan": nan,
+        "started_from": (json.loads((run_dir / STARTED_FROM).read_text())["started_from"]
+                         if (run_dir / STARTED_FROM).is_file() else None),
         **task_figures(run_dir),
     }
 

@@ -150,6 +150,11 @@ class TrainingArguments:
         """--report_to as a list of names."""
         return [name.strip() for name in self.report_to.split(",") if name.strip()]
 
+    def cap_shapes_training(self) -> bool:
+        """Whether max_steps changes what any step does (a decaying schedule, or a warm-up given as its share).
+        Where it does not, a run with a higher cap repeats a lower one's steps, then goes on."""
+        return self.lr_scheduler != "constant" or self.warmup_ratio is not None
+
     def warmup(self) -> int:
         """The warm-up in steps: --warmup_ratio of max_steps when given, else --warmup_steps."""
         if self.warmup_ratio is None:
