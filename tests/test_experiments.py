@@ -399,10 +399,10 @@ def test_equal_flops_budget_gives_the_costlier_arm_fewer_steps(tmp_path, corpus)
     plan, acc = plan_runs(cmp)
     ratio = acc.flop_ratio["recursive"]
     assert ratio > 4 and acc.equal_flops_steps == {"recursive": int(acc.steps / ratio)}
-    assert [p["kind"] for p in plan] == ["equal_steps", "equal_steps", "equal_flops"]
+    assert [p.kind for p in plan] == ["equal_steps", "equal_steps", "equal_flops"]
     cmp = load_comparison_for(tmp_path, corpus, recursive={"h_cycles": 2, "l_cycles": 2, "halt_max_steps": 2},
                               equal_steps=False)  # a long study: the costlier arm at equal FLOPs only
-    assert [(p["kind"], p["arm"]) for p in plan_runs(cmp)[0]] == [("equal_steps", "baseline"),
+    assert [(p.kind, p.arm) for p in plan_runs(cmp)[0]] == [("equal_steps", "baseline"),
                                                                    ("equal_flops", "recursive")]
     with pytest.raises(ValueError, match="both false: nothing to compare"):
         load_comparison_for(tmp_path, corpus, recursive={}, equal_steps=False, equal_flops=False)
@@ -466,7 +466,7 @@ def test_compare_takes_any_number_of_named_arms_and_refuses_a_reference_that_nam
     plan, acc = plan_runs(cmp)
     assert acc.cheapest_arm == "direct" and set(acc.equal_flops_steps) == {"recursive", "direct_deep"}
     assert acc.equal_flops_steps["direct_deep"] == int(100 / acc.flop_ratio["direct_deep"])
-    assert [(p["kind"], p["arm"]) for p in plan][3:] == [("equal_flops", "recursive"), ("equal_flops", "direct_deep")]
+    assert [(p.kind, p.arm) for p in plan][3:] == [("equal_flops", "recursive"), ("equal_flops", "direct_deep")]
     for change, error in [({"reference": "baseline"}, "reference='baseline' names no arm"),
                           ({"metric": "exact_accuracy"}, "metric exact_accuracy needs a task in base"),
                           ({"arms": {"only": {"model_type": "base"}}}, "two or more arm names"),

@@ -121,7 +121,7 @@ def test_equal_flops_reference_gives_each_cheaper_arm_the_reference_arms_flops(t
     for arm in ("direct", "deep"):
         steps = accounting.equal_flops_steps[arm]
         assert steps * flops[arm] <= 100 * flops["recursive"] < (steps + 1) * flops[arm]
-    assert [(r["kind"], r["arm"]) for r in plan] == [("equal_steps", "recursive"), ("equal_steps", "direct"),
+    assert [(r.kind, r.arm) for r in plan] == [("equal_steps", "recursive"), ("equal_steps", "direct"),
                                                      ("equal_steps", "deep"), ("equal_flops", "direct"),
                                                      ("equal_flops", "deep")]
     assert accounting.depth["recursive"] == Depth(effective_depth=16, passes=8, gradient_passes=4,

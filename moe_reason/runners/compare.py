@@ -132,7 +132,20 @@ def depth_of(config) -> Depth:
                  gradient_passes=config.grad_passes_per_supervision_step(), supervision_steps=config.halt_max_steps)
 
 
-def plan_runs(cmp: dict) -> tuple[list[dict], Accounting]:
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    """One run a comparison plans per seed: an arm at equal steps, or at the budget arm's FLOPs."""
+    kind: str  # "equal_steps" or "equal_flops"
+    arm: str
+    steps: int  # its step cap
+
+    @property
+    def name(self) -> str:
+        """Its name (and folder): the arm, or ARM_equal_flops for its equal-FLOPs run."""
+        return self.arm if self.kind == "equal_steps" else f"{self.arm}_equal_flops"
+
+
+def plan_runs(cmp: dict) -> tuple[list[PlannedRun], Accounting]:
     """The runs (kind, arm, steps) per seed and the FLOP accounting behind the equal-FLOPs budgets."""
     flops, depth = {}, {}
     for arm, fields in cmp["arms"].items():
@@ -145,9 +158,9 @@ def plan_runs(cmp: dict) -> tuple[list[dict], Accounting]:
     budgeted = [arm for arm, f in flops.items() if (f < flops[budget_arm] if toward_reference else
                                                      f > flops[budget_arm] and cmp["equal_flops"])]
     equal_flops_steps = {arm: max(1, math.floor(steps * flops[budget_arm] / flops[arm])) for arm in budgeted}
-    plan = [{"kind": "equal_steps", "arm": arm, "steps": steps} for arm in cmp["arms"]
-            if cmp.get("equal_steps", True) or arm == budget_arm]
-    plan += [{"kind": "equal_flops", "arm": arm, "steps": n} for arm, n in equal_flops_steps.items()]
+    plan = [PlannedRun("equal_steps", arm, steps) for arm in cmp["arms"] if cmp.get("equal_steps", True) or
+            arm == budget_arm]
+    plan += [PlannedRun("equal_flops", arm, n) for arm, n in equal_flops_steps.items()]
     return plan, Accounting(flops, steps, cheapest, budget_arm, {arm: f / flops[cheapest] for arm, f in flops.items()},
                             equal_flops_steps, depth)
 
@@ -165,21 +178,21 @@ def run_comparison(cmp: dict) -> ComparisonReport:
     # costly arm's FLOPs: its first verdict should not wait for them); seeds outermost within each, so a partial
     # comparison has every arm
     todo = [(seed, item) for kind in ("equal_steps", "equal_flops") for seed in cmp["seeds"]
-            for item in plan if item["kind"] == kind]
-    names = {run_name(item) for item in plan}
+            for item in plan if item.kind == kind]
+    names = {item.name for item in plan}
     earlier = REPORT.earlier_runs(out, lambda r: r.run in names)
-    budget = RunBudget([(item["arm"], item["steps"]) for _, item in todo], cmp.get("max_hours"))
+    budget = RunBudget([(item.arm, item.steps) for _, item in todo], cmp.get("max_hours"))
     for seed, item in todo:
         if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
             break
-        name = run_name(item)
-        values = {**cmp["base"], **cmp["arms"][item["arm"]], "seed": seed, "max_steps": item["steps"]}
-        twin = next((r for r in runs if (r.run, r.seed) == (item["arm"], seed) and r.finished), None)
+        name = item.name
+        values = {**cmp["base"], **cmp["arms"][item.arm], "seed": seed, "max_steps": item.steps}
+        twin = next((r for r in runs if (r.run, r.seed) == (item.arm, seed) and r.finished), None)
         record = train_or_keep(name, seed, values, out / name / f"seed_{seed}", cmp["launcher"],
                                cmp["accelerate_config"], earlier.pop((name, seed), None),
                                start_from=Path(twin.output_dir) if twin and same_first_steps(twin.config, values)
                                else None)
-        record = dataclasses.replace(record, arm=item["arm"], kind=item["kind"], steps=item["steps"])
+        record = dataclasses.replace(record, arm=item.arm, kind=item.kind, steps=item.steps)
         if cmp.get("transfer") and record.finished and record.transfer is None:
             record.transfer = transfer_figures(out / name / f"seed_{seed}", values, cmp["transfer"])
         runs.append(record)
@@ -202,11 +215,6 @@ def same_first_steps(twin: dict, values: dict) -> bool:
     args = arguments_from(values)[2]
     return {**twin, "max_steps": args.max_steps} == values and not args.cap_shapes_training() and \
         twin["max_steps"] % args.eval_interval == 0 and twin["max_steps"] % args.log_interval == 0
-
-
-def run_name(item: dict) -> str:
-    """A planned run's name (and folder): the arm, or ARM_equal_flops for its equal-FLOPs run."""
-    return item["arm"] if item["kind"] == "equal_steps" else f"{item['arm']}_equal_flops"
 
 
 def transfer_figures(run_dir: Path, values: dict, transfer: dict) -> dict:
