@@ -62,33 +62,33 @@ def test_shipped_experiment_parses_and_every_variant_builds_a_valid_config(path)
     spec = yaml.safe_load(path.read_text())
     if "variants" in spec:
         grid = load_grid(path)
-        runs = [{**grid["base"], **over} for over in grid["variants"].values()]
+        runs = [{**grid.base, **over} for over in grid.variants.values()]
     else:
         cmp = load_comparison(path)
-        runs = [{**cmp["base"], **arm} for arm in cmp["arms"].values()]
+        runs = [{**cmp.base, **arm} for arm in cmp.arms.values()]
     for values in runs:
         model_args, _, train_args = arguments_from(values)
         build_config(model_args, vocab_size=49152).check()  # raises on any invalid field
         assert train_args.max_steps >= 1
     if path.stem.startswith("exp8_ablations"):  # the seeds' fifteen, by their numbers, #2 and #12 recursive
-        numbered = [n for n in grid["variants"] if n[:2].isdigit()]
+        numbered = [n for n in grid.variants if n[:2].isdigit()]
         assert [int(n[:2]) for n in numbered] == list(range(1, 16))
-        seeds_02 = {k: v for k, v in grid["variants"]["02_recursive"].items() if k != "input_norm"}  # offline: pinned
+        seeds_02 = {k: v for k, v in grid.variants["02_recursive"].items() if k != "input_norm"}  # offline: pinned
         assert seeds_02 == {"model_type": "recursive", "h_cycles": 2, "l_cycles": 2, "halt_max_steps": 3,
                             "halt_target": "accuracy"}
-        assert grid["variants"]["12_recursive_low_lr"]["learning_rate"] == 1e-4
-        assert grid["variants"]["two_experts"]["num_experts"] == 2 and grid["base"]["lr_scheduler"] == "seeds_linear"
-        small = {**grid["base"], **grid["variants"]["07_small_model"]}
+        assert grid.variants["12_recursive_low_lr"]["learning_rate"] == 1e-4
+        assert grid.variants["two_experts"]["num_experts"] == 2 and grid.base["lr_scheduler"] == "seeds_linear"
+        small = {**grid.base, **grid.variants["07_small_model"]}
         config = build_config(arguments_from(small)[0])
         assert config.intermediate_size == 4 * config.hidden_size  # the original kept 2048 at width 256
     if path.stem.startswith("exp8_reasoning_ablations"):  # the seeds' 15 around their defaults, + R16 (+ R17 offline)
-        assert len(grid["variants"]) == (17 if path.stem.endswith("_offline") else 16)
-        assert grid["base"]["model_type"] == "recursive"
-        overrides = [v for v in grid["variants"].values()]
-        assert {v.get("halt_max_steps", grid["base"]["halt_max_steps"]) for v in overrides} == {1, 2, 3, 4}
+        assert len(grid.variants) == (17 if path.stem.endswith("_offline") else 16)
+        assert grid.base["model_type"] == "recursive"
+        overrides = [v for v in grid.variants.values()]
+        assert {v.get("halt_max_steps", grid.base["halt_max_steps"]) for v in overrides} == {1, 2, 3, 4}
         assert {"recursion_gradient": "one_step"} in overrides and {"use_act": False} in overrides
         assert {v.get("learning_rate") for v in overrides} >= {1e-4, 6e-4, 2e-3}  # 2e-3: the baseline grid's highest
-        assert grid["variants"]["R02_minimal"] == {"h_cycles": 1, "l_cycles": 1}
+        assert grid.variants["R02_minimal"] == {"h_cycles": 1, "l_cycles": 1}
 
 
 # ----------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def test_a_reference_left_out_by_the_variants_option_is_refused(tmp_path):
     with pytest.raises(ValueError, match="leaves out the reference 'baseline'"):
         load_grid(tmp_path / "g.yaml", AblateArguments(variants=["b", "a"]))
     grid = load_grid(tmp_path / "g.yaml", AblateArguments(variants=["b", "baseline"]))
-    assert grid["reference"] == "baseline" and list(grid["variants"]) == ["b", "baseline"]
+    assert grid.reference == "baseline" and list(grid.variants) == ["b", "baseline"]
 
 
 # ----------------------------------------------------------------------------
@@ -391,7 +391,7 @@ def test_compare_refuses_training_settings_in_an_arm_except_its_own_learning_rat
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": {"learning_rate": 3e-4}, "reference": "direct", "arms": {
         "direct": {"model_type": "base", "learning_rate": 6e-4}, "recursive": {"model_type": "recursive"}}}))
     cmp = load_comparison(tmp_path / "c.yaml")
-    assert cmp["arms"]["direct"]["learning_rate"] == 6e-4 and "learning_rate" not in cmp["arms"]["recursive"]
+    assert cmp.arms["direct"]["learning_rate"] == 6e-4 and "learning_rate" not in cmp.arms["recursive"]
 
 
 def test_equal_flops_budget_gives_the_costlier_arm_fewer_steps(tmp_path, corpus):
@@ -462,7 +462,7 @@ def test_compare_takes_any_number_of_named_arms_and_refuses_a_reference_that_nam
     spec = {"base": tiny_base(tmp_path, corpus, max_steps=100), "arms": arms, "reference": "recursive"}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))  # the file's order is the arms' order
     cmp = load_comparison(tmp_path / "c.yaml")
-    assert list(cmp["arms"]) == ["recursive", "direct", "direct_deep"] and cmp["reference"] == "recursive"
+    assert list(cmp.arms) == ["recursive", "direct", "direct_deep"] and cmp.reference == "recursive"
     plan, acc = plan_runs(cmp)
     assert acc.cheapest_arm == "direct" and set(acc.equal_flops_steps) == {"recursive", "direct_deep"}
     assert acc.equal_flops_steps["direct_deep"] == int(100 / acc.flop_ratio["direct_deep"])

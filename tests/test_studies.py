@@ -132,7 +132,7 @@ def test_equal_flops_reference_gives_each_cheaper_arm_the_reference_arms_flops(t
 
 
 def test_a_grid_reports_each_variants_expert_load_against_the_references_with_its_interval():
-    from moe_reason.runners.ablate import grid_report
+    from moe_reason.runners.ablate import Grid, grid_report
     from moe_reason.runners.grid_report import summary_markdown
     from moe_reason.runners.records import RunRecord
 
@@ -142,8 +142,8 @@ def test_a_grid_reports_each_variants_expert_load_against_the_references_with_it
                          nan=False, load_max_over_mean=load, load_entropy=0.9, ln_vocab=5.0, steps=10, eval_tokens=100)
     loads = {"aux_loss": [2.5, 2.3, 2.7], "aux_free": [2.0, 2.1, 1.9]}
     runs = [run(v, s, 6.0 + 0.01 * s, x) for v, xs in loads.items() for s, x in enumerate(xs)]
-    grid = {"path": "g.yaml", "description": "", "reference": "aux_loss", "seeds": [0, 1, 2], "base": {},
-            "variants": {"aux_loss": {}, "aux_free": {}}}
+    grid = Grid(path="g.yaml", description="", reference="aux_loss", seeds=[0, 1, 2], base={},
+                variants={"aux_loss": {}, "aux_free": {}})
     v = grid_report(grid, runs).variants
     expected = welch(loads["aux_free"], loads["aux_loss"])
     assert v["aux_free"].load_max_over_mean_delta == pytest.approx(-0.5)

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError, run_cli
 from ..training.arguments import arguments_from
-from .engine import (ReportFiles, RunBudget, RunnerArguments, check_arguments, check_launch, exit_status,
-                     load_runner_file, run_runner, safe_name, train_or_keep, write_json)
+from .engine import (ReportFiles, RunBudget, RunnerArguments, StudySettings, check_arguments, check_launch,
+                     exit_status, load_runner_file, run_runner, safe_name, train_or_keep, write_json)
 from .grid_report import plot, summary_markdown
 from .records import GridReport, RunRecord, VariantSummary
 from .statistics import HOLM_RULE, holm, mean_std, welch
@@ -47,18 +47,26 @@ class AblateArguments(RunnerArguments):
     variants: list[str] | None = field(default=None, metadata={"help": "Run only these variants."})
 
 
-def load_grid(path, args: AblateArguments | None = None) -> dict:
+@dataclass(kw_only=True)
+class Grid(StudySettings):
+    """A grid file, validated, with the command line's overrides."""
+    variants: dict[str, dict]  # name -> its trainer-argument overrides: the variants this command runs
+    reference: str  # the variant every other is compared with
+    in_file: list[str] = field(default_factory=list)  # every variant the file names (a narrowed command runs fewer)
+
+
+def load_grid(path, args: AblateArguments | None = None) -> Grid:
     """The grid file with CLI overrides applied, validated before any run starts."""
     args = args or AblateArguments()
-    grid, settings = load_runner_file(path, "grid", {"reference", "variants"}, args, default_seeds=[0],
+    spec, settings = load_runner_file(path, "grid", {"reference", "variants"}, args, default_seeds=[0],
                                       output_prefix="ablation")
-    variants = grid.get("variants")
+    variants = spec.get("variants")
     if not isinstance(variants, dict) or not variants:
         raise UserError(f"grid {path} needs a non-empty mapping 'variants: {{name: {{overrides}}}}'")
     variants = {safe_name(name): check_arguments(over, f"grid {path}: variant {name}")
                 for name, over in variants.items()}
     in_file = list(variants)
-    reference = grid.get("reference", next(iter(variants)))
+    reference = spec.get("reference", next(iter(variants)))
     if reference not in variants:
         raise UserError(f"grid {path}: reference {reference!r} is not one of its variants: {list(variants)}")
     if args.variants:
@@ -69,28 +77,28 @@ def load_grid(path, args: AblateArguments | None = None) -> dict:
             raise UserError(f"--variants {args.variants} leaves out the reference {reference!r}, which every "
                             "variant is compared with: add it to --variants")
         variants = {name: variants[name] for name in args.variants}
-    check_launch(settings["launcher"], [{**settings["base"], **over} for over in variants.values()], f"grid {path}")
-    return {**settings, "variants": variants, "in_file": in_file, "reference": reference, "max_hours": args.max_hours}
+    check_launch(settings.launcher, [{**settings.base, **over} for over in variants.values()], f"grid {path}")
+    return Grid(**vars(settings), variants=variants, in_file=in_file, reference=reference)
 
 
-def run_grid(grid: dict) -> GridReport:
-    out = grid["output_dir"]
+def run_grid(grid: Grid) -> GridReport:
+    out = grid.output_dir
     out.mkdir(parents=True, exist_ok=True)
     runs = []
-    total = len(grid["variants"]) * len(grid["seeds"])
-    print(f"ablation {grid['path']}: {len(grid['variants'])} variants x {len(grid['seeds'])} seeds = {total} runs "
+    total = len(grid.variants) * len(grid.seeds)
+    print(f"ablation {grid.path}: {len(grid.variants)} variants x {len(grid.seeds)} seeds = {total} runs "
           f"-> {out}", flush=True)
-    earlier = REPORT.earlier_runs(out, lambda r: r.run in grid["in_file"])
-    caps = {variant: arguments_from({**grid["base"], **overrides})[2].max_steps
-            for variant, overrides in grid["variants"].items()}
-    plan = [(variant, overrides, seed) for variant, overrides in grid["variants"].items() for seed in grid["seeds"]]
-    budget = RunBudget([(variant, caps[variant]) for variant, _, _ in plan], grid.get("max_hours"))
+    earlier = REPORT.earlier_runs(out, lambda r: r.run in grid.in_file)
+    caps = {variant: arguments_from({**grid.base, **overrides})[2].max_steps
+            for variant, overrides in grid.variants.items()}
+    plan = [(variant, overrides, seed) for variant, overrides in grid.variants.items() for seed in grid.seeds]
+    budget = RunBudget([(variant, caps[variant]) for variant, _, _ in plan], grid.max_hours)
     for variant, overrides, seed in plan:
         if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
             break
-        values = {**grid["base"], **overrides, "seed": seed}
-        record = train_or_keep(variant, seed, values, out / variant / f"seed_{seed}", grid["launcher"],
-                               grid["accelerate_config"], earlier.pop((variant, seed), None))
+        values = {**grid.base, **overrides, "seed": seed}
+        record = train_or_keep(variant, seed, values, out / variant / f"seed_{seed}", grid.launcher,
+                               grid.accelerate_config, earlier.pop((variant, seed), None))
         runs.append(dataclasses.replace(record, overrides=overrides, steps=caps[variant]))
         write_json(out / REPORT.json, grid_report(grid, runs, earlier).to_json())
         budget.after(runs, earlier.values())
@@ -102,20 +110,20 @@ def run_grid(grid: dict) -> GridReport:
     return report
 
 
-def grid_report(grid: dict, runs: list[RunRecord], earlier: dict | None = None) -> GridReport:
+def grid_report(grid: Grid, runs: list[RunRecord], earlier: dict | None = None) -> GridReport:
     """Runs plus per-variant statistics across seeds, ranked by mean final validation loss, each variant's
     difference from the reference with its 95% Welch interval and Holm's verdict over the variants; `other_runs`
     keeps the earlier finished runs this command did not plan or reach (a narrowed or budgeted command)."""
     variants = {}
-    reference_runs = [r for r in runs if r.run == grid["reference"] and r.finished]
+    reference_runs = [r for r in runs if r.run == grid.reference and r.finished]
     reference = [r.final_val_loss for r in reference_runs]
-    for name in grid["variants"]:
+    for name in grid.variants:
         done = [r for r in runs if r.run == name and r.finished]
         if not done:
             continue
         losses = [r.final_val_loss for r in done]
         mean, std = mean_std(losses)
-        d = welch(losses, reference) if reference and name != grid["reference"] else None
+        d = welch(losses, reference) if reference and name != grid.reference else None
         variants[name] = VariantSummary(
             seeds=[r.seed for r in done], val_loss_mean=mean, val_loss_std=std,
             best_val_loss_mean=mean_std([r.best_val_loss for r in done])[0],
@@ -125,16 +133,16 @@ def grid_report(grid: dict, runs: list[RunRecord], earlier: dict | None = None) 
             wall_seconds_mean=mean_std([r.wall_seconds for r in done])[0], any_nan=any(r.nan for r in done),
             delta_vs_reference=mean - mean_std(reference)[0] if reference else None,
             interval=None if d is None else [d.low, d.high], p_value=None if d is None else d.p_value,
-            **load_figures(done, reference_runs if name != grid["reference"] else []))
-    others = {name: v.p_value for name, v in variants.items() if name != grid["reference"] and reference}
+            **load_figures(done, reference_runs if name != grid.reference else []))
+    others = {name: v.p_value for name, v in variants.items() if name != grid.reference and reference}
     for name, real in holm(others).items():
         variants[name].real_by_holm = real
     ranking = sorted(variants, key=lambda n: variants[n].val_loss_mean)
     return GridReport(
-        grid=grid["path"], description=grid["description"], reference=grid["reference"], seeds=grid["seeds"],
-        base=grid["base"], ln_vocab=next((r.ln_vocab for r in runs if r.finished), None), ranking=ranking,
+        grid=grid.path, description=grid.description, reference=grid.reference, seeds=grid.seeds,
+        base=grid.base, ln_vocab=next((r.ln_vocab for r in runs if r.finished), None), ranking=ranking,
         variants=variants,
-        not_in_report=[name for name in grid.get("in_file", grid["variants"]) if name not in variants],
+        not_in_report=[name for name in grid.in_file or grid.variants if name not in variants],
         runs=runs, spread_rule=f"{STATISTICS_RULE}; {HOLM_RULE}", other_runs=list((earlier or {}).values()))
 
 
@@ -158,9 +166,9 @@ def load_figures(done: list[RunRecord], reference: list[RunRecord]) -> dict:
 def refreshed(report: GridReport) -> GridReport:
     """A grid's statistics computed again from its runs by today's rules (`--report`)."""
     overrides = {r.run: r.overrides for r in report.runs}
-    grid = {"path": report.grid, "description": report.description, "reference": report.reference,
-            "seeds": report.seeds, "base": report.base, "variants": overrides,
-            "in_file": list(overrides) + [n for n in report.not_in_report if n not in overrides]}
+    grid = Grid(path=report.grid, description=report.description, seeds=report.seeds, base=report.base,
+                variants=overrides, reference=report.reference,
+                in_file=list(overrides) + [n for n in report.not_in_report if n not in overrides])
     return grid_report(grid, report.runs, dict(enumerate(report.other_runs)))
 
 

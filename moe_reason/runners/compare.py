@@ -53,9 +53,9 @@ from ..errors import UserError, run_cli
 from ..training.arguments import arguments_from, build_config
 from ..training.metrics import training_flops_per_token
 from .comparison_report import ARM_TRAINING_FIELDS, METRICS, comparison_markdown, plot
-from .engine import (TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments, check_arguments, check_launch,
-                     exit_status, load_runner_file, model_argument_names, run_runner, safe_name, score_task_run,
-                     task_argument_names, task_figures, train_or_keep, write_json)
+from .engine import (TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments, StudySettings, check_arguments,
+                     check_launch, exit_status, load_runner_file, model_argument_names, run_runner, safe_name,
+                     score_task_run, task_argument_names, task_figures, train_or_keep, write_json)
 from .records import Accounting, ComparisonReport, Depth, RunRecord, Side, Transfer, TrendPoint, Verdict
 from .statistics import RULE as STATISTICS_RULE
 from .statistics import mean_std, welch
@@ -67,7 +67,18 @@ USAGE = ("moe-reason-compare CONFIG.yaml [--output_dir D] [--seeds 0 1 2] [--lau
          "[--set name=value ...]")
 
 
-def load_comparison(path, args: RunnerArguments | None = None) -> dict:
+@dataclasses.dataclass(kw_only=True)
+class Comparison(StudySettings):
+    """A comparison file, validated, with the command line's overrides."""
+    arms: dict[str, dict]  # name -> its model fields (and its own learning_rate, where it has one)
+    reference: str  # the arm the others are compared with
+    metric: str = "loss"  # a METRICS key
+    equal_flops: bool | str = True  # or EQUAL_FLOPS_REFERENCE
+    equal_steps: bool = True
+    transfer: dict = dataclasses.field(default_factory=dict)  # task arguments of the puzzles also scored
+
+
+def load_comparison(path, args: RunnerArguments | None = None) -> Comparison:
     args = args or RunnerArguments()
     spec, settings = load_runner_file(path, "comparison", OWN_KEYS, args, default_seeds=[0, 1],
                                       output_prefix="compare")
@@ -93,7 +104,7 @@ def load_comparison(path, args: RunnerArguments | None = None) -> dict:
     metric = spec.get("metric", "loss")
     if metric not in METRICS:
         raise UserError(f"comparison {path}: metric={metric!r} is invalid: must be one of {sorted(METRICS)}")
-    if metric == "exact_accuracy" and not settings["base"].get("task"):
+    if metric == "exact_accuracy" and not settings.base.get("task"):
         raise UserError(f"comparison {path}: metric exact_accuracy needs a task in base (task: sudoku or maze)")
     equal_flops, equal_steps = spec.get("equal_flops", True), bool(spec.get("equal_steps", True))
     if equal_flops not in (True, False, EQUAL_FLOPS_REFERENCE):
@@ -103,12 +114,11 @@ def load_comparison(path, args: RunnerArguments | None = None) -> dict:
         raise UserError(f"comparison {path}: equal_flops and equal_steps are both false: nothing to compare")
     transfer = check_arguments(spec.get("transfer"), f"comparison {path}: transfer (task arguments)",
                                task_argument_names())
-    if transfer and not settings["base"].get("task"):
+    if transfer and not settings.base.get("task"):
         raise UserError(f"comparison {path}: transfer scores task runs on other puzzles; base has no task")
-    check_launch(settings["launcher"], [{**settings["base"], **fields} for fields in arms.values()],
-                 f"comparison {path}")
-    return {**settings, "arms": arms, "reference": reference, "metric": metric, "equal_flops": equal_flops,
-            "equal_steps": equal_steps, "transfer": transfer, "max_hours": args.max_hours}
+    check_launch(settings.launcher, [{**settings.base, **fields} for fields in arms.values()], f"comparison {path}")
+    return Comparison(**vars(settings), arms=arms, reference=reference, metric=metric, equal_flops=equal_flops,
+                      equal_steps=equal_steps, transfer=transfer)
 
 
 def arm_config(values: dict):
@@ -145,56 +155,55 @@ class PlannedRun:
         return self.arm if self.kind == "equal_steps" else f"{self.arm}_equal_flops"
 
 
-def plan_runs(cmp: dict) -> tuple[list[PlannedRun], Accounting]:
+def plan_runs(cmp: Comparison) -> tuple[list[PlannedRun], Accounting]:
     """The runs (kind, arm, steps) per seed and the FLOP accounting behind the equal-FLOPs budgets."""
     flops, depth = {}, {}
-    for arm, fields in cmp["arms"].items():
-        config, block, steps = arm_config({**cmp["base"], **fields})
+    for arm, fields in cmp.arms.items():
+        config, block, steps = arm_config({**cmp.base, **fields})
         flops[arm], depth[arm] = training_flops_per_token(config, block), depth_of(config)
     cheapest = min(flops, key=flops.get)
     # equal_flops: reference gives the cheaper arms the reference's FLOPs; true, the costlier arms the cheapest's
-    toward_reference = cmp["equal_flops"] == EQUAL_FLOPS_REFERENCE
-    budget_arm = cmp["reference"] if toward_reference else cheapest
+    toward_reference = cmp.equal_flops == EQUAL_FLOPS_REFERENCE
+    budget_arm = cmp.reference if toward_reference else cheapest
     budgeted = [arm for arm, f in flops.items() if (f < flops[budget_arm] if toward_reference else
-                                                     f > flops[budget_arm] and cmp["equal_flops"])]
+                                                     f > flops[budget_arm] and cmp.equal_flops)]
     equal_flops_steps = {arm: max(1, math.floor(steps * flops[budget_arm] / flops[arm])) for arm in budgeted}
-    plan = [PlannedRun("equal_steps", arm, steps) for arm in cmp["arms"] if cmp.get("equal_steps", True) or
-            arm == budget_arm]
+    plan = [PlannedRun("equal_steps", arm, steps) for arm in cmp.arms if cmp.equal_steps or arm == budget_arm]
     plan += [PlannedRun("equal_flops", arm, n) for arm, n in equal_flops_steps.items()]
     return plan, Accounting(flops, steps, cheapest, budget_arm, {arm: f / flops[cheapest] for arm, f in flops.items()},
                             equal_flops_steps, depth)
 
 
-def run_comparison(cmp: dict) -> ComparisonReport:
-    out = cmp["output_dir"]
+def run_comparison(cmp: Comparison) -> ComparisonReport:
+    out = cmp.output_dir
     out.mkdir(parents=True, exist_ok=True)
     plan, accounting = plan_runs(cmp)
     costs = ", ".join(f"{arm} {f:.3e} (x{accounting.flop_ratio[arm]:.2f})"
                       for arm, f in accounting.flops_per_token.items())
-    print(f"comparison {cmp['path']}: training FLOPs/token {costs}; equal steps: {accounting.steps}; equal FLOPs: "
-          f"{accounting.equal_flops_steps or 'none'}; seeds {cmp['seeds']} -> {out}", flush=True)
+    print(f"comparison {cmp.path}: training FLOPs/token {costs}; equal steps: {accounting.steps}; equal FLOPs: "
+          f"{accounting.equal_flops_steps or 'none'}; seeds {cmp.seeds} -> {out}", flush=True)
     runs = []
     # the equal-steps runs of every seed first, then the equal-FLOPs ones (a long study's cheap arms run for the
     # costly arm's FLOPs: its first verdict should not wait for them); seeds outermost within each, so a partial
     # comparison has every arm
-    todo = [(seed, item) for kind in ("equal_steps", "equal_flops") for seed in cmp["seeds"]
+    todo = [(seed, item) for kind in ("equal_steps", "equal_flops") for seed in cmp.seeds
             for item in plan if item.kind == kind]
     names = {item.name for item in plan}
     earlier = REPORT.earlier_runs(out, lambda r: r.run in names)
-    budget = RunBudget([(item.arm, item.steps) for _, item in todo], cmp.get("max_hours"))
+    budget = RunBudget([(item.arm, item.steps) for _, item in todo], cmp.max_hours)
     for seed, item in todo:
         if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
             break
         name = item.name
-        values = {**cmp["base"], **cmp["arms"][item.arm], "seed": seed, "max_steps": item.steps}
+        values = {**cmp.base, **cmp.arms[item.arm], "seed": seed, "max_steps": item.steps}
         twin = next((r for r in runs if (r.run, r.seed) == (item.arm, seed) and r.finished), None)
-        record = train_or_keep(name, seed, values, out / name / f"seed_{seed}", cmp["launcher"],
-                               cmp["accelerate_config"], earlier.pop((name, seed), None),
+        record = train_or_keep(name, seed, values, out / name / f"seed_{seed}", cmp.launcher,
+                               cmp.accelerate_config, earlier.pop((name, seed), None),
                                start_from=Path(twin.output_dir) if twin and same_first_steps(twin.config, values)
                                else None)
         record = dataclasses.replace(record, arm=item.arm, kind=item.kind, steps=item.steps)
-        if cmp.get("transfer") and record.finished and record.transfer is None:
-            record.transfer = transfer_figures(out / name / f"seed_{seed}", values, cmp["transfer"])
+        if cmp.transfer and record.finished and record.transfer is None:
+            record.transfer = transfer_figures(out / name / f"seed_{seed}", values, cmp.transfer)
         runs.append(record)
         write_json(out / REPORT.json, comparison_report(cmp, accounting, runs, earlier).to_json())
         budget.after(runs, earlier.values())
@@ -284,29 +293,29 @@ def interpolate(curve: list[list[float]], step: float) -> float | None:
     return None
 
 
-def comparison_report(cmp: dict, accounting: Accounting, runs: list[RunRecord], earlier: dict | None = None) \
+def comparison_report(cmp: Comparison, accounting: Accounting, runs: list[RunRecord], earlier: dict | None = None) \
         -> ComparisonReport:
     """The verdicts from `runs`; `other_runs` keeps the earlier finished runs this command did not plan or reach."""
-    key, _, higher = METRICS[cmp["metric"]]
+    key, _, higher = METRICS[cmp.metric]
 
     def values(name):
         return [getattr(r, key) for r in runs if r.run == name and r.finished and getattr(r, key) is not None]
 
-    reference, budget = cmp["reference"], accounting.budget_arm
+    reference, budget = cmp.reference, accounting.budget_arm
     equal_steps = {arm: verdict(reference, values(reference), arm, values(arm), higher)
-                   for arm in cmp["arms"] if arm != reference} if cmp.get("equal_steps", True) else {}
+                   for arm in cmp.arms if arm != reference} if cmp.equal_steps else {}
     equal_flops = {arm: verdict(budget, values(budget), f"{arm}_equal_flops", values(f"{arm}_equal_flops"), higher)
                    for arm in accounting.equal_flops_steps}
     transfer = None
-    if cmp.get("transfer"):
+    if cmp.transfer:
         def transferred(name):
             return [r.transfer["exact_accuracy"] for r in runs if r.run == name and r.transfer]
-        transfer = Transfer(cmp["transfer"], {arm: verdict(reference, transferred(reference), arm, transferred(arm),
-                                                           True) for arm in cmp["arms"] if arm != reference}
-                            if cmp.get("equal_steps", True) else {})
+        transfer = Transfer(cmp.transfer, {arm: verdict(reference, transferred(reference), arm, transferred(arm),
+                                                         True) for arm in cmp.arms if arm != reference}
+                            if cmp.equal_steps else {})
     return ComparisonReport(
-        config=cmp["path"], description=cmp["description"], seeds=cmp["seeds"], base=cmp["base"], arms=cmp["arms"],
-        reference=reference, metric=cmp["metric"], accounting=accounting, equal_steps_runs=cmp.get("equal_steps", True),
+        config=cmp.path, description=cmp.description, seeds=cmp.seeds, base=cmp.base, arms=cmp.arms,
+        reference=reference, metric=cmp.metric, accounting=accounting, equal_steps_runs=cmp.equal_steps,
         equal_steps=equal_steps, equal_flops=equal_flops, transfer=transfer,
         equal_flops_trend={arm: budget_trend(runs, budget, f"{arm}_equal_flops")
                            for arm in accounting.equal_flops_steps},
@@ -316,9 +325,9 @@ def comparison_report(cmp: dict, accounting: Accounting, runs: list[RunRecord], 
 
 def refreshed(p: ComparisonReport) -> ComparisonReport:
     """A comparison's verdicts and trends computed again from its runs by today's rules (`--report`)."""
-    cmp = {"path": p.config, "description": p.description, "seeds": p.seeds, "base": p.base, "arms": p.arms,
-           "reference": p.reference, "metric": p.metric, "equal_steps": p.equal_steps_runs,
-           "transfer": p.transfer and p.transfer.settings}
+    cmp = Comparison(path=p.config, description=p.description, seeds=p.seeds, base=p.base, arms=p.arms,
+                     reference=p.reference, metric=p.metric, equal_steps=p.equal_steps_runs,
+                     transfer=p.transfer.settings if p.transfer else {})
     return comparison_report(cmp, p.accounting, p.runs, dict(enumerate(p.other_runs)))
 
 

@@ -89,7 +89,7 @@ def parse_runner_cli(argv: list[str] | None, arguments_class, usage: str) -> tup
     return path, args
 
 
-def run_runner(argv: list[str] | None, arguments_class, load, run, usage: str, report=None) -> dict:
+def run_runner(argv: list[str] | None, arguments_class, load, run, usage: str, report=None):
     """A runner's command line: FILE.yaml and its overrides -> load(file, overrides), validated, then run it
     holding its output folder (a second runner on the same study is refused, naming the first); or --report
     OUTPUT_DIR -> report(OUTPUT_DIR), which rebuilds the report from the JSON the runs left."""
@@ -100,9 +100,9 @@ def run_runner(argv: list[str] | None, arguments_class, load, run, usage: str, r
         with hold_folder(Path(argv[1]), STUDY_LOCK, STUDY_IN_USE):
             return report(Path(argv[1]))
     path, args = parse_runner_cli(argv, arguments_class, usage)
-    spec = load(path, args)
-    with hold_folder(spec["output_dir"], STUDY_LOCK, STUDY_IN_USE):
-        return run(spec)
+    study = load(path, args)
+    with hold_folder(study.output_dir, STUDY_LOCK, STUDY_IN_USE):
+        return run(study)
 
 
 STUDY_IN_USE = ("study folder {folder} is in use by another runner ({who}): wait for it to end or stop it (its runs "
@@ -201,26 +201,36 @@ class ReportFiles:
         return {(r.run, r.seed): r for r in earlier.runs + earlier.other_runs if r.finished and planned(r)}
 
 
-def load_runner_file(path, kind: str, own_keys: set[str], args: RunnerArguments, default_seeds: list[int],
-                     output_prefix: str) -> tuple[dict, dict]:
-    """An experiment file -> (its raw mapping, the settings every runner shares), validated before any run.
+@dataclass(kw_only=True)
+class StudySettings:
+    """What every experiment file sets (a grid and a comparison add their own): from the command line first,
+    then the file. A report rebuilt from its JSON (`--report`) knows the first four only."""
+    path: str
+    description: str
+    seeds: list[int]
+    base: dict  # trainer arguments every run shares: NAME -> value as a file gives it (the trainer parses them)
+    launcher: str = "in_process"
+    accelerate_config: str | None = None
+    output_dir: Path | None = None
+    max_hours: float | None = None
 
-    Shared settings: path, description, base (with --set applied), seeds, launcher,
-    accelerate_config and output_dir, each from the command line first, then the file.
-    """
+
+def load_runner_file(path, kind: str, own_keys: set[str], args: RunnerArguments, default_seeds: list[int],
+                     output_prefix: str) -> tuple[dict, StudySettings]:
+    """An experiment file -> (its raw mapping, the settings every runner shares), validated before any run."""
     spec = load_mapping(path, f"{kind} file")
     allowed = RUNNER_KEYS | own_keys
     unknown = sorted(set(spec) - allowed)
     if unknown:
         raise UserError(f"{kind} {path} has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
     output_dir = args.output_dir or spec.get("output_dir") or f"outputs/{output_prefix}_{Path(path).stem}"
-    return spec, {
-        "path": str(path), "description": spec.get("description", ""),
-        "base": {**check_arguments(spec.get("base"), f"{kind} {path}: base"), **parse_overrides(args.set)},
-        "seeds": check_seeds(args.seeds or spec.get("seeds", default_seeds)),
-        "launcher": check_launcher(args.launcher or spec.get("launcher", "in_process")),
-        "accelerate_config": args.accelerate_config or spec.get("accelerate_config"),
-        "output_dir": Path(output_dir)}
+    return spec, StudySettings(
+        path=str(path), description=spec.get("description", ""),
+        base={**check_arguments(spec.get("base"), f"{kind} {path}: base"), **parse_overrides(args.set)},
+        seeds=check_seeds(args.seeds or spec.get("seeds", default_seeds)),
+        launcher=check_launcher(args.launcher or spec.get("launcher", "in_process")),
+        accelerate_config=args.accelerate_config or spec.get("accelerate_config"),
+        output_dir=Path(output_dir), max_hours=args.max_hours)
 
 
 def model_argument_names() -> set[str]:
