@@ -90,7 +90,8 @@ class HaltingLoss:
     """
 
     def __init__(self, cfg: RecursiveMoEReasonConfig, zero: torch.Tensor):
-        self.cfg, self.sum, self.decisions, self.right, self.pending = cfg, zero, 0, 0, None
+        # `right` stays a tensor: counting it on the host would sync the device at every supervision step
+        self.cfg, self.sum, self.decisions, self.right, self.pending = cfg, zero, 0, zero, None
 
     def observe(self, q: torch.Tensor, stats: torch.Tensor) -> None:
         """This step's halt logits q [b] and per-sequence statistics [b, 3] (nll sum, count, right)."""
@@ -116,7 +117,7 @@ class HaltingLoss:
     def add(self, q: torch.Tensor, target: torch.Tensor) -> None:
         self.sum = self.sum + F.binary_cross_entropy_with_logits(q.float(), target.float(), reduction="sum")
         self.decisions += len(q)
-        self.right += int(((q > 0) == target).sum())
+        self.right = self.right + ((q > 0) == target).sum()
 
 
 @dataclass
@@ -333,7 +334,7 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         if logits_to_keep and final_logits is not None and labels is not None:
             final_logits = final_logits[:, -logits_to_keep:]
         halt_rate = (steps < max_steps).float().mean()
-        q_accuracy = torch.tensor(halting.right / halting.decisions) if halting.decisions else None
+        q_accuracy = halting.right / halting.decisions if halting.decisions else None
         metrics = {"recursion_steps": steps.mean(), "halt_rate": halt_rate}
         if act_loss is not None:
             metrics.update(act_loss=act_loss.detach(), q_accuracy=q_accuracy)
