@@ -127,18 +127,19 @@ def test_a_resume_never_runs_a_planted_pickle_and_names_the_damaged_file(tmp_pat
 
 @pytest.mark.slow
 def test_deepspeed_zero3_resumes_with_weights_only_and_refuses_a_planted_pickle(tmp_path):
-    """A ZeRO-3 resume reads DeepSpeed's files with weights_only=True (its types allow-listed) and continues
-    exactly; a payload planted in one of those files, read the way DeepSpeed reads it, does not run."""
+    """A ZeRO-3 run with its optimizer offloaded to the CPU learns and exports the gathered weights; its resume
+    reads DeepSpeed's files with weights_only=True (its types allow-listed) and continues exactly; a payload
+    planted in one of those files, read the way DeepSpeed reads it, does not run."""
     corpus, out, marker = write_corpus(tmp_path, n=80), tmp_path / "zero3", tmp_path / "PWNED"
     base = train_args(tmp_path, corpus, max_steps=12, save_interval=6, eval_interval=12, learning_rate=1e-2,
                       eval_batches=1, per_device_eval_batch_size=8)
-    result = launch(base + ["--output_dir", str(out)], config_file="accelerate_configs/deepspeed_zero3.yaml")
+    result = launch(base + ["--output_dir", str(out)], config_file="accelerate_configs/deepspeed_zero3_offload.yaml")
     assert "2 process(es) (DEEPSPEED)" in result.stdout
     assert_zero_run_learned_and_exported_its_gathered_weights(out, tmp_path, corpus, last_step=12)
     resumed = tmp_path / "resumed"
     shutil.copytree(out / "checkpoint-6", resumed / "checkpoint-6")
     launch(base + ["--output_dir", str(resumed), "--resume_from_checkpoint", "latest"],
-           config_file="accelerate_configs/deepspeed_zero3.yaml")
+           config_file="accelerate_configs/deepspeed_zero3_offload.yaml")
     straight = train_losses(out)
     assert train_losses(resumed) == pytest.approx({s: straight[s] for s in range(7, 13)}, abs=1e-6)
 
