@@ -12,6 +12,7 @@ from moe_reason.models.modeling_recursive import HaltingLoss
 
 from conftest import (assert_training_path_equals_eval_path, launch, random_ids, read_metrics, train_args, train_losses,
                       write_corpus)
+from test_train import assert_zero_run_learned_and_exported_its_gathered_weights
 
 
 def recursive(**overrides) -> RecursiveMoEReasonForCausalLM:
@@ -208,13 +209,18 @@ def test_presets_are_shared_with_the_base_model():
 @pytest.mark.slow
 @pytest.mark.parametrize("config_file", [None, "accelerate_configs/deepspeed_zero2.yaml"])
 def test_trainer_runs_the_recursive_model_and_lowers_the_loss(tmp_path, config_file):
+    """On one process, and on two under ZeRO-2, whose run must also export the gathered weights."""
     corpus = write_corpus(tmp_path, n=80)
     out = tmp_path / "recursive"
-    launch(train_args(tmp_path, corpus, output_dir=out, model_type="recursive", max_steps=12, eval_interval=12,
-                      save_interval=12, learning_rate=1e-2, log_interval=4, halt_max_steps=2, h_cycles=1,
-                      l_cycles=1), config_file=config_file)
+    result = launch(train_args(tmp_path, corpus, output_dir=out, model_type="recursive", max_steps=12,
+                               eval_interval=12, save_interval=12, learning_rate=1e-2, log_interval=4, eval_batches=1,
+                               per_device_eval_batch_size=8, halt_max_steps=2, h_cycles=1, l_cycles=1),
+                    config_file=config_file)
     losses = train_losses(out)
     assert losses[12] < losses[4], losses
+    if config_file is not None:
+        assert "2 process(es) (DEEPSPEED)" in result.stdout
+        assert_zero_run_learned_and_exported_its_gathered_weights(out, tmp_path, corpus, last_step=12)
     records = [r for r in read_metrics(out) if "train/recursion_steps" in r]
     assert records and "train/halt_rate" in records[0] and "train/act_loss" in records[0]
     assert [r for r in read_metrics(out) if "eval/halt_rate" in r]  # evaluation reports the halt rate

@@ -135,16 +135,6 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path, 
                                                                                   abs=1e-6), name
 
 
-# ZeRO-3 makes the same checks below (the recursive model) and in test_reliability.py (offloaded, and resumed)
-def test_deepspeed_zero2_runs_lower_the_loss_and_export_the_gathered_weights(tmp_path, corpus):
-    out = tmp_path / "zero2"
-    result = launch(train_args(tmp_path, corpus, output_dir=out, max_steps=12, eval_interval=12, save_interval=12,
-                               learning_rate=1e-2, eval_batches=1, per_device_eval_batch_size=8),
-                    config_file="accelerate_configs/deepspeed_zero2.yaml")
-    assert "2 process(es) (DEEPSPEED)" in result.stdout
-    assert_zero_run_learned_and_exported_its_gathered_weights(out, tmp_path, corpus, last_step=12)
-
-
 @pytest.mark.slow
 def test_the_recursive_model_trains_under_zero3_with_ranks_halting_apart(tmp_path, corpus):
     """ZeRO-3 partitions the recursive model too: its gradients equal the plain model's averaged over the ranks
@@ -167,9 +157,11 @@ def test_the_recursive_model_trains_under_zero3_with_ranks_halting_apart(tmp_pat
     assert_zero_run_learned_and_exported_its_gathered_weights(out, tmp_path, corpus, last_step=12)
 
 
+# ZeRO runs through the trainer, each checked by the function below: ZeRO-2 in test_recursive.py (the recursive
+# model), ZeRO-3 here (the recursive model, ranks halting apart) and in test_reliability.py (offloaded, and resumed)
 def assert_zero_run_learned_and_exported_its_gathered_weights(out, tmp_path, corpus, last_step: int) -> None:
     losses = train_losses(out)
-    assert losses[last_step] < losses[1], losses
+    assert losses[last_step] < losses[min(losses)], losses
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     gathered = get_fp32_state_dict_from_zero_checkpoint(str(out / f"checkpoint-{last_step}"))
     exported = load_file(out / "final" / "model.safetensors")
