@@ -128,4 +128,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
+    dist.destroy_process_group()  # ended here, not by the interpreter's exit (see distributed_zero3_recursive_check)

@@ -11,6 +11,7 @@ Prints one JSON line from rank 0.
 """
 
 import copy
+import gc
 import json
 
 import deepspeed
@@ -77,7 +78,13 @@ def main() -> None:
     result |= {"steps_per_rank": steps, "draws": draw + 1, "eval_loss_finite": bool(torch.isfinite(out.loss))}
     if rank == 0:
         print(json.dumps(result), flush=True)
+    dist.barrier()
 
 
 if __name__ == "__main__":
     main()
+    # DeepSpeed's engines (released when main returned) go before the process group, as the trainer does at its
+    # end: left to the interpreter's exit, a finished rank could abort ('terminate called without an active
+    # exception') and fail a check that had passed
+    gc.collect()
+    dist.destroy_process_group()
