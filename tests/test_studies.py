@@ -39,6 +39,19 @@ def test_a_run_plateaus_when_the_last_quarter_brings_no_point():
     assert plateaued(history(*[0.5] * 8, 0.52, 0.5, 0.5, 0.5), min_evals=8, delta=0.01)
 
 
+def test_a_minimum_window_keeps_a_slow_learner_from_being_judged_on_its_last_few_evaluations():
+    # a slow learner: token accuracy rises 1.5 points per 400 steps; 12 evaluations alone look at the last 3
+    slow = history(*[0.0] * 12, accuracy=[0.80 + 0.015 * (i // 4) for i in range(12)])
+    assert plateaued(slow, min_evals=8, delta=0.01)
+    assert not plateaued(slow, min_evals=8, delta=0.01, min_window=5)
+    # the minimum must leave evaluations before the window: none to compare with is no plateau yet
+    assert not plateaued(history(*[0.5] * 10), min_evals=8, delta=0.01, min_window=10)
+    assert plateaued(history(*[0.5] * 11), min_evals=8, delta=0.01, min_window=10)
+    # the quarter takes over once it is the longer: 48 evaluations look at the last 12
+    late_rise = history(*[0.5] * 37, 0.52, *[0.5] * 10)
+    assert not plateaued(late_rise, min_evals=8, delta=0.01, min_window=10)
+
+
 def test_exact_accuracy_flat_at_zero_is_no_plateau_while_the_cells_are_still_learned():
     learning = history(*[0.0] * 8, accuracy=[0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75])
     assert not plateaued(learning, min_evals=8, delta=0.01)

@@ -50,6 +50,9 @@ class TrainingArguments:
         "Evaluations before --stop_on_plateau may stop a run (the flat start of learning is not a plateau).")})
     plateau_delta: float = field(default=0.01, metadata={"help": (
         "Smallest rise of a share (0.01 = one point) that --stop_on_plateau counts as an improvement.")})
+    plateau_min_window: int = field(default=1, metadata={"help": (
+        "Fewest evaluations --stop_on_plateau looks back over (the last quarter otherwise), so a run evaluated "
+        "a dozen times is not judged on its last three. 1: the quarter alone.")})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per device per micro-batch."})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Sequences per device per evaluation batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
@@ -129,6 +132,7 @@ class TrainingArguments:
             ("warmup_ratio", self.warmup_ratio is None or 0.0 <= self.warmup_ratio < 1.0, "None or in [0, 1)"),
             ("eval_batches", self.eval_batches >= 0, ">= 0"),
             ("plateau_min_evals", self.plateau_min_evals >= 2, ">= 2"),
+            ("plateau_min_window", self.plateau_min_window >= 1, ">= 1"),
             ("report_to", set(self.trackers()) <= set(REPORT_TO) and bool(self.trackers()),
              f"one or more of {REPORT_TO}, comma-separated"),
             ("plateau_delta", 0.0 < self.plateau_delta < 1.0, "a share in (0, 1)"),

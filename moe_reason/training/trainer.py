@@ -761,12 +761,12 @@ class Trainer:
                                + (f", puzzles solved {result['exact_match']:.3f}" if self.data_args.task else ""))
         state.last_eval = {"step": state.step, **result}
         state.evals.append([state.step, result["exact_match"], result["accuracy"]])
-        if self.args.stop_on_plateau and plateaued(state.evals, self.args.plateau_min_evals, self.args.plateau_delta):
+        rule = (self.args.plateau_min_evals, self.args.plateau_delta, self.args.plateau_min_window)
+        if self.args.stop_on_plateau and plateaued(state.evals, *rule):
             state.plateau_step = state.step
-            rule = describe_plateau(self.args.plateau_min_evals, self.args.plateau_delta)
             cap = self.args.max_steps
             early = f": stopping before the cap of {cap} steps" if state.step < cap else ""
-            self.accelerator.print(f"step {state.step}: plateau ({rule}){early}")
+            self.accelerator.print(f"step {state.step}: plateau ({describe_plateau(*rule)}){early}")
         if state.best_val_loss is None or result["loss"] < state.best_val_loss:
             state.best_val_loss = result["loss"]
             self.export(BEST)
