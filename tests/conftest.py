@@ -1,4 +1,4 @@
-"""Shared fixtures: offline Hub, deterministic seeds, tiny configs."""
+"""Shared fixtures and helpers: offline Hub, deterministic seeds, tiny configs, launches, checks on a run."""
 
 import json
 import os
@@ -156,3 +156,70 @@ def assert_export_cli_matches_final(output_dir) -> None:
         torch.testing.assert_close(ours[name], tensor, atol=0, rtol=0, msg=name)
     assert json.loads((folder / "config.json").read_text()) == json.loads((final / "config.json").read_text())
     assert (folder / "tokenizer.json").read_text() == (final / "tokenizer.json").read_text()
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path, n=80)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def evaluate_export(folder, tmp_path, corpus, blocks=8) -> float:
+    """Validation loss of an exported folder, computed here independently of the trainer."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_reason.data.prepare import DataArguments, collate_blocks, prepare_data
+    from moe_reason.evaluation.loss import summarise_eval
+    from moe_reason.models.modeling_moe_reason import next_token_statistics
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    data = prepare_data(DataArguments(data_files=[str(corpus)], tokenizer_vocab_size=320, block_size=32,
+                                      validation_documents=6, data_cache_dir=str(tmp_path / "data_cache"),
+                                      preprocessing_num_workers=1), log=lambda _: None)
+    batch = collate_blocks([data.validation[i] for i in range(min(blocks, len(data.validation)))])
+    with torch.no_grad():
+        stats = next_token_statistics(model(batch["input_ids"]).logits, batch["labels"])
+    return summarise_eval(stats, model.config.vocab_size)["loss"]
+
+
+def assert_zero_run_learned_and_exported_its_gathered_weights(out, tmp_path, corpus, last_step: int) -> None:
+    """A DeepSpeed run's loss fell, final/ holds exactly the weights gathered from its last checkpoint, and they
+    reproduce its last validation loss. The check of every ZeRO run through the trainer: ZeRO-2 in
+    test_recursive.py (the recursive model), ZeRO-3 in test_train.py (the recursive model, ranks halting apart) and
+    in test_reliability.py (offloaded, and resumed)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    losses = train_losses(out)
+    assert losses[last_step] < losses[min(losses)], losses
+    gathered = get_fp32_state_dict_from_zero_checkpoint(str(out / f"checkpoint-{last_step}"))
+    exported = load_file(out / "final" / "model.safetensors")
+    for name, tensor in exported.items():
+        torch.testing.assert_close(tensor, gathered[name], atol=0, rtol=0, msg=name)
+    assert evaluate_export(out / "final", tmp_path, corpus) == \
+        pytest.approx(eval_records(out)[-1]["eval/loss"], abs=1e-5)
+    assert_export_cli_matches_final(out)  # DeepSpeed's module file (ZeRO-2) or its fp32 partitions (ZeRO-3)
+
+
+def save_tiny(folder, formulation, task_settings=None):
+    """An untrained debug model and its 4x4 Sudoku tokenizer saved to `folder`, as a task export is."""
+    from moe_reason.tasks.puzzles import GridFormulation, SudokuTask, task_tokenizer
+
+    tokenizer = task_tokenizer(SudokuTask(4), formulation)
+    grid = isinstance(formulation, GridFormulation)
+    config = MoEReasonConfig.from_preset("debug", vocab_size=len(tokenizer), pad_token_id=0, bidirectional=grid,
+                                         use_cache=not grid)
+    torch.manual_seed(0)
+    model = MoEReasonForCausalLM(config)
+    if task_settings:
+        model.config.task = task_settings
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

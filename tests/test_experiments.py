@@ -21,7 +21,7 @@ from moe_reason.runners.records import CURVE_POINTS, GridReport, RunRecord
 from moe_reason.layout import RESULTS, complete_checkpoints
 from moe_reason.training.metrics import training_flops_per_token
 
-from conftest import REPO, eval_records, launch, tiny_model, train_args, write_corpus
+from conftest import REPO, eval_records, launch, tiny_model, train_args
 
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 RUN_FIELDS = ("config", "final_val_loss", "best_val_loss", "perplexity", "accuracy", "train_loss_curve",
@@ -32,11 +32,6 @@ def tiny_base(tmp_path, corpus, **overrides) -> dict:
     """Trainer arguments for a seconds-long debug run, as a mapping (what experiment files hold)."""
     argv = train_args(tmp_path, corpus, **{"max_steps": 4, "eval_interval": 2, "save_interval": 4, **overrides})
     return {name[2:]: value for name, value in zip(argv[::2], argv[1::2])}
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    return write_corpus(tmp_path, n=80)
 
 
 # ----------------------------------------------------------------------------

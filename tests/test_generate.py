@@ -8,23 +8,11 @@ import torch
 
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM
 from moe_reason.evaluation.generate import main as generate_main
-from moe_reason.tasks.puzzles import GridFormulation, PromptFormulation, SudokuTask, task_tokenizer
+from moe_reason.tasks.puzzles import GridFormulation, PromptFormulation, SudokuTask
+
+from conftest import save_tiny
 
 PUZZLE = "4..31.4224..3..."
-
-
-def save_tiny(folder, formulation, task_settings=None):
-    tokenizer = task_tokenizer(SudokuTask(4), formulation)
-    grid = isinstance(formulation, GridFormulation)
-    config = MoEReasonConfig.from_preset("debug", vocab_size=len(tokenizer), pad_token_id=0, bidirectional=grid,
-                                         use_cache=not grid)
-    torch.manual_seed(0)
-    model = MoEReasonForCausalLM(config)
-    if task_settings:
-        model.config.task = task_settings
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_text_is_streamed_from_a_prompt_stdin_or_an_interactive_loop(tmp_path, capsys, monkeypatch):

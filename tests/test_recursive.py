@@ -10,9 +10,8 @@ from transformers import AutoModelForCausalLM
 from moe_reason import MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
 from moe_reason.models.modeling_recursive import HaltingLoss
 
-from conftest import (assert_training_path_equals_eval_path, launch, random_ids, read_metrics, train_args, train_losses,
-                      write_corpus)
-from test_train import assert_zero_run_learned_and_exported_its_gathered_weights
+from conftest import (assert_training_path_equals_eval_path, assert_zero_run_learned_and_exported_its_gathered_weights,
+                      launch, random_ids, read_metrics, train_args, train_losses, write_corpus)
 
 
 def recursive(**overrides) -> RecursiveMoEReasonForCausalLM:

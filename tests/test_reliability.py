@@ -28,10 +28,8 @@ from moe_reason.safe_loading import damaged_files, deepspeed_globals, deepspeed_
 from moe_reason.training.export import main as export_main
 from moe_reason.tasks.puzzles import GridFormulation
 
-from conftest import (REPO, clean_env, cli_cases, launch, main_cases, read_metrics, train_args, train_losses,
-                      write_corpus)
-from test_generate import save_tiny
-from test_train import assert_zero_run_learned_and_exported_its_gathered_weights
+from conftest import (REPO, assert_zero_run_learned_and_exported_its_gathered_weights, clean_env, cli_cases, launch,
+                      main_cases, read_metrics, save_tiny, train_args, train_losses, write_corpus)
 
 
 def run_train(argv, timeout=180) -> subprocess.CompletedProcess:

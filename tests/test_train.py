@@ -2,7 +2,6 @@
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,34 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from moe_reason.training.checkpointing import complete_checkpoints, save_checkpoint
-from moe_reason.data.prepare import DataArguments, collate_blocks, prepare_data
-from moe_reason.evaluation.loss import summarise_eval
-from moe_reason.models.modeling_moe_reason import next_token_statistics
 
-from conftest import (REPO, assert_export_cli_matches_final, clean_env, eval_records, launch, main_cases, read_metrics,
-                      train_args, train_losses, write_corpus)
+from conftest import (REPO, assert_export_cli_matches_final, assert_zero_run_learned_and_exported_its_gathered_weights,
+                      clean_env, eval_records, evaluate_export, free_port, launch, main_cases, read_metrics, train_args,
+                      train_losses)
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    return write_corpus(tmp_path, n=80)
-
-
-def evaluate_export(folder, tmp_path, corpus, blocks=8):
-    """Validation loss of an exported folder, computed here independently of the trainer."""
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    data = prepare_data(DataArguments(data_files=[str(corpus)], tokenizer_vocab_size=320, block_size=32,
-                                      validation_documents=6, data_cache_dir=str(tmp_path / "data_cache"),
-                                      preprocessing_num_workers=1), log=lambda _: None)
-    batch = collate_blocks([data.validation[i] for i in range(min(blocks, len(data.validation)))])
-    with torch.no_grad():
-        stats = next_token_statistics(model(batch["input_ids"]).logits, batch["labels"])
-    return summarise_eval(stats, model.config.vocab_size)["loss"]
 
 
 def test_single_process_run_writes_everything_and_final_reproduces_val_loss(tmp_path, corpus):
@@ -157,21 +136,6 @@ def test_the_recursive_model_trains_under_zero3_with_ranks_halting_apart(tmp_pat
     assert_zero_run_learned_and_exported_its_gathered_weights(out, tmp_path, corpus, last_step=12)
 
 
-# ZeRO runs through the trainer, each checked by the function below: ZeRO-2 in test_recursive.py (the recursive
-# model), ZeRO-3 here (the recursive model, ranks halting apart) and in test_reliability.py (offloaded, and resumed)
-def assert_zero_run_learned_and_exported_its_gathered_weights(out, tmp_path, corpus, last_step: int) -> None:
-    losses = train_losses(out)
-    assert losses[last_step] < losses[min(losses)], losses
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    gathered = get_fp32_state_dict_from_zero_checkpoint(str(out / f"checkpoint-{last_step}"))
-    exported = load_file(out / "final" / "model.safetensors")
-    for name, tensor in exported.items():
-        torch.testing.assert_close(tensor, gathered[name], atol=0, rtol=0, msg=name)
-    assert evaluate_export(out / "final", tmp_path, corpus) == \
-        pytest.approx(eval_records(out)[-1]["eval/loss"], abs=1e-5)
-    assert_export_cli_matches_final(out)  # DeepSpeed's module file (ZeRO-2) or its fp32 partitions (ZeRO-3)
-
-
 def test_log_window_averages_losses_and_recursion_metrics_over_processes():
     """The logged recursion metrics are the mean over processes, as the losses are, not rank 0's."""
     from types import SimpleNamespace
@@ -194,12 +158,6 @@ def test_log_window_averages_losses_and_recursion_metrics_over_processes():
     assert record["train/loss"] == 2.0 and record["train/lm_loss"] == 1.0
     assert record["train/recursion_steps"] == 3.0 and record["train/lr"] == 0.1
     assert record["train/skipped_micro_batches"] == 1 and window.micro == 0  # the next window is open
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # in the full run: a launcher path; the suite's ZeRO tests train through `accelerate launch` with the same DeepSpeed
