@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from moe_reason.parallel.expert_parallel import check_layout
 
-from conftest import (REPO, assert_export_cli_matches_final, clean_env, eval_records, evaluate_export, free_port, launch,
-                      read_metrics, train_args, train_losses, write_corpus)
+from conftest import (REPO, assert_export_cli_matches_final, clean_env, eval_records, evaluate_export, free_port,
+                      launch, read_metrics, train_args, train_losses, write_corpus)
 
 ZERO2 = "accelerate_configs/deepspeed_zero2.yaml"
 
