@@ -1,17 +1,22 @@
 """GPU checks: the bf16 grouped expert kernel, no host syncs in the MoE block or a whole
 training step, torch.compile without recompiles (base and recursive), exp8's memory at batch
-16 x 512, NCCL DDP.
+16 x 512, train.py on one GPU (a recursive puzzle model learns and resumes), NCCL DDP.
 
 Skipped without CUDA. Run them whenever a GPU is at hand: `python -m pytest -q tests/test_gpu.py`.
 """
 
+import shutil
 import warnings
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
+from moe_reason.data.prepare import DataArguments
 from moe_reason.models.expert_kernels import _grouped_mm_supported, grouped_mm
+from moe_reason.tasks.puzzles import load_or_generate, make_task
+from moe_reason.tasks.scoring import evaluate_puzzles
 
 from conftest import launch, train_args, train_losses, write_corpus
 
@@ -141,6 +146,40 @@ def test_exp8_training_step_at_batch_16x512_uses_under_a_quarter_of_an_80gb_gpu(
     peak = torch.cuda.max_memory_allocated() / 2**30
     print(f"exp8 16x512 bf16 training step: peak {peak:.2f} GiB allocated")
     assert torch.isfinite(loss) and peak < 20, f"{peak:.2f} GiB"
+
+
+def puzzle_argv(tmp_path, out, **extra) -> list[str]:
+    """A tiny recursive grid model on 32 4x4 Sudoku puzzles (no augmentation: memorising them is the task)."""
+    args = dict(task="sudoku", task_size=4, sudoku_blanks=8, task_train_puzzles=32, task_test_puzzles=16,
+                task_augment="false", model_type="recursive", h_cycles=1, l_cycles=1, model_preset="debug",
+                hidden_size=64, intermediate_size=128, output_dir=out, data_cache_dir=tmp_path / "cache",
+                per_device_train_batch_size=32, learning_rate=1e-2, warmup_steps=10, log_interval=1,
+                eval_interval=1000, save_interval=1000)
+    args.update(extra)
+    return [item for k, v in args.items() for item in (f"--{k}", str(v))]
+
+
+@pytest.mark.slow
+def test_train_py_on_one_gpu_memorises_puzzles_in_bf16_and_resumes_exactly(tmp_path):
+    """`accelerate launch` with the one-GPU config: the recursive model trains on CUDA under bf16 autocast until its
+    export, scored on the GPU, solves the 32 puzzles it saw; in fp32, 4 steps + a resumed 4 give the losses of 8."""
+    fit, straight, halves = tmp_path / "fit", tmp_path / "straight", tmp_path / "halves"
+    run = launch(puzzle_argv(tmp_path, fit, max_steps=300, log_interval=50, mixed_precision="bf16"),
+                 config_file="accelerate_configs/gpu_single.yaml")
+    assert "1 process(es) (NO) on cuda, mixed precision bf16" in run.stdout, run.stdout[-2000:]
+    model = AutoModelForCausalLM.from_pretrained(fit / "final").cuda()
+    settings = model.config.task
+    splits, _ = load_or_generate(DataArguments(**settings, data_cache_dir=str(tmp_path / "cache")))
+    solved = evaluate_puzzles(model, make_task(settings), *splits["train"])
+    assert solved["puzzles"] == 32 and solved["exact_accuracy"] >= 0.9, solved
+
+    one_gpu = "accelerate_configs/gpu_single.yaml"
+    launch(puzzle_argv(tmp_path, straight, max_steps=8, save_interval=4), config_file=one_gpu)
+    shutil.copytree(straight / "checkpoint-4", halves / "checkpoint-4")
+    launch(puzzle_argv(tmp_path, halves, max_steps=8, save_interval=4, resume_from_checkpoint="latest"),
+           config_file=one_gpu)
+    expected = train_losses(straight)
+    assert train_losses(halves) == pytest.approx({s: expected[s] for s in range(5, 9)}, abs=1e-4)
 
 
 @pytest.mark.slow

@@ -522,8 +522,9 @@ class Trainer:
             accelerator.print(f"LoRA rank {self.model_args.lora_rank}: {trainable / 1e6:.3f}M of "
                               f"{self.parameters / 1e6:.2f}M parameters train")
         accelerator.print(f"model: {type(model).__name__}, {self.parameters / 1e6:.2f}M parameters, "
-                          f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value}), mixed "
-                          f"precision {accelerator.mixed_precision}, {self.config.num_experts} experts "
+                          f"{accelerator.num_processes} process(es) ({accelerator.distributed_type.value}) on "
+                          f"{accelerator.device.type}, mixed precision {accelerator.mixed_precision}, "
+                          f"{self.config.num_experts} experts "
                           f"top-{self.config.num_experts_per_tok}, vocab {self.config.vocab_size}")
         optimizer, self.scheduler = make_optimizer_and_scheduler(model, args, accelerator.device)
         train_loader, eval_loader = make_loaders(self.data, args, accelerator.num_processes)
