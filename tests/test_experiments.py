@@ -10,7 +10,7 @@ import yaml
 from moe_reason.runners.ablate import AblateArguments, load_grid, main as ablate_main
 from moe_reason.runners.grid_report import plot as ablate_plot
 from moe_reason.training.arguments import arguments_from, build_config, parse_args
-from moe_reason.runners.compare import (budget_trend, load_comparison, main as compare_main, plan_runs,
+from moe_reason.runners.compare import (budget_trend, load_comparison, main as compare_main, plan_runs, run_order,
                                         same_first_steps)
 from moe_reason.runners.comparison_report import evenly, trend_verdict
 from moe_reason.models.configuration_recursive import RecursiveMoEReasonConfig
@@ -462,6 +462,14 @@ def test_compare_takes_any_number_of_named_arms_and_refuses_a_reference_that_nam
     assert acc.cheapest_arm == "direct" and set(acc.equal_flops_steps) == {"recursive", "direct_deep"}
     assert acc.equal_flops_steps["direct_deep"] == int(100 / acc.flop_ratio["direct_deep"])
     assert [(p.kind, p.arm) for p in plan][3:] == [("equal_flops", "recursive"), ("equal_flops", "direct_deep")]
+    # the order they train in: equal steps before equal FLOPs, seed by seed, the cheapest run of a seed first
+    order = [(seed, p.name) for seed, p in run_order(plan, acc, [0, 1])]
+    by_cost = ["direct", "direct_deep", "recursive"]
+    flops_runs = sorted(["recursive_equal_flops", "direct_deep_equal_flops"],
+                        key=lambda name: acc.equal_flops_steps[name[:-len("_equal_flops")]]
+                        * acc.flops_per_token[name[:-len("_equal_flops")]])
+    assert order == [(0, a) for a in by_cost] + [(1, a) for a in by_cost] + [(0, a) for a in flops_runs] + \
+        [(1, a) for a in flops_runs]
     for change, error in [({"reference": "baseline"}, "reference='baseline' names no arm"),
                           ({"metric": "exact_accuracy"}, "metric exact_accuracy needs a task in base"),
                           ({"arms": {"only": {"model_type": "base"}}}, "two or more arm names"),

@@ -174,6 +174,18 @@ def plan_runs(cmp: Comparison) -> tuple[list[PlannedRun], Accounting]:
                             equal_flops_steps, depth)
 
 
+def run_order(plan: list[PlannedRun], accounting: Accounting, seeds: list[int]) -> list[tuple[int, PlannedRun]]:
+    """(seed, run) in the order they train: the equal-steps runs of every seed first, then the equal-FLOPs ones (a
+    long study's cheap arms run for the costly arm's FLOPs: its first verdict should not wait for them); seeds
+    outermost within each, so a partial comparison has every arm; within a seed the cheapest run (step cap x
+    FLOPs per token) first, so a study whose reference takes days shows what the other arms do in hours."""
+    def cost(item: PlannedRun) -> float:
+        return item.steps * accounting.flops_per_token[item.arm]
+
+    return [(seed, item) for kind in ("equal_steps", "equal_flops") for seed in seeds
+            for item in sorted((item for item in plan if item.kind == kind), key=cost)]
+
+
 def run_comparison(cmp: Comparison) -> ComparisonReport:
     out = cmp.output_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -183,11 +195,7 @@ def run_comparison(cmp: Comparison) -> ComparisonReport:
     print(f"comparison {cmp.path}: training FLOPs/token {costs}; equal steps: {accounting.steps}; equal FLOPs: "
           f"{accounting.equal_flops_steps or 'none'}; seeds {cmp.seeds} -> {out}", flush=True)
     runs = []
-    # the equal-steps runs of every seed first, then the equal-FLOPs ones (a long study's cheap arms run for the
-    # costly arm's FLOPs: its first verdict should not wait for them); seeds outermost within each, so a partial
-    # comparison has every arm
-    todo = [(seed, item) for kind in ("equal_steps", "equal_flops") for seed in cmp.seeds
-            for item in plan if item.kind == kind]
+    todo = run_order(plan, accounting, cmp.seeds)
     names = {item.name for item in plan}
     earlier = REPORT.earlier_runs(out, lambda r: r.run in names)
     budget = RunBudget([(item.arm, item.steps) for _, item in todo], cmp.max_hours)
