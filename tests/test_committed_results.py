@@ -128,7 +128,9 @@ def puzzle_rows(name: str) -> list[str]:
         arm, kind, depth = runs[0]["arm"], runs[0]["kind"], p["accounting"]["depth"][runs[0]["arm"]]
         exact = [r["exact_accuracy"] for r in runs]
         stops = ", ".join(f"{'plateau' if r['stopped_by'] == 'plateau' else 'cap'} {r['stopped_at']}" for r in runs)
-        versus = "—" if arm == p["reference"] else difference_cell(p[kind][arm])
+        verdict = p[kind].get(arm, {})
+        versus = ("—" if arm == p["reference"] else difference_cell(verdict) if "difference" in verdict else
+                  f"— (no finished {p['reference']} run yet)")
         rows.append(f"| `{name}` | {label} | {depth['effective_depth']} × {depth['supervision_steps']} | {len(runs)}: "
                     f"{stops} | {points(mean(exact))} {spread_cell(exact)} | {versus} |")
     return rows
