@@ -10,13 +10,9 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
-from moe_reason.data.prepare import DataArguments
 from moe_reason.models.expert_kernels import _grouped_mm_supported, grouped_mm
-from moe_reason.tasks.puzzles import load_or_generate, make_task
-from moe_reason.tasks.scoring import evaluate_puzzles
 
 from conftest import launch, train_args, train_losses, write_corpus
 
@@ -163,9 +159,17 @@ def puzzle_argv(tmp_path, out, **extra) -> list[str]:
 def test_train_py_on_one_gpu_memorises_puzzles_in_bf16_and_resumes_exactly(tmp_path):
     """`accelerate launch` with the one-GPU config: the recursive model trains on CUDA under bf16 autocast until its
     export, scored on the GPU, solves the 32 puzzles it saw; in fp32, 4 steps + a resumed 4 give the losses of 8."""
+    # imported here: the trainer's packages (datasets) need not be installed for the other GPU tests
+    from transformers import AutoModelForCausalLM
+
+    from moe_reason.data.prepare import DataArguments
+    from moe_reason.tasks.puzzles import load_or_generate, make_task
+    from moe_reason.tasks.scoring import evaluate_puzzles
+
     fit, straight, halves = tmp_path / "fit", tmp_path / "straight", tmp_path / "halves"
+    one_gpu = "accelerate_configs/gpu_single.yaml"
     run = launch(puzzle_argv(tmp_path, fit, max_steps=300, log_interval=50, mixed_precision="bf16"),
-                 config_file="accelerate_configs/gpu_single.yaml")
+                 config_file=one_gpu)
     assert "1 process(es) (NO) on cuda, mixed precision bf16" in run.stdout, run.stdout[-2000:]
     model = AutoModelForCausalLM.from_pretrained(fit / "final").cuda()
     settings = model.config.task
@@ -173,7 +177,6 @@ def test_train_py_on_one_gpu_memorises_puzzles_in_bf16_and_resumes_exactly(tmp_p
     solved = evaluate_puzzles(model, make_task(settings), *splits["train"])
     assert solved["puzzles"] == 32 and solved["exact_accuracy"] >= 0.9, solved
 
-    one_gpu = "accelerate_configs/gpu_single.yaml"
     launch(puzzle_argv(tmp_path, straight, max_steps=8, save_interval=4), config_file=one_gpu)
     shutil.copytree(straight / "checkpoint-4", halves / "checkpoint-4")
     launch(puzzle_argv(tmp_path, halves, max_steps=8, save_interval=4, resume_from_checkpoint="latest"),
