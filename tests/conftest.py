@@ -223,3 +223,13 @@ def save_tiny(folder, formulation, task_settings=None):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def task_argv(tmp_path, out, **extra) -> list[str]:
+    """Trainer flags for a tiny grid model on 32 4x4 Sudoku puzzles (16 held out)."""
+    args = dict(task="sudoku", task_size=4, sudoku_blanks=8, task_train_puzzles=32, task_test_puzzles=16,
+                model_preset="debug", hidden_size=64, intermediate_size=128, output_dir=out,
+                data_cache_dir=tmp_path / "cache", per_device_train_batch_size=32, warmup_steps=10,
+                eval_interval=1000, save_interval=1000, log_interval=50, cpu_threads=1)  # beside another xdist worker
+    args.update(extra)
+    return [item for k, v in args.items() for item in (f"--{k}", str(v))]

@@ -465,9 +465,8 @@ def test_compare_takes_any_number_of_named_arms_and_refuses_a_reference_that_nam
     # the order they train in: equal steps before equal FLOPs, seed by seed, the cheapest run of a seed first
     order = [(seed, p.name) for seed, p in run_order(plan, acc, [0, 1])]
     by_cost = ["direct", "direct_deep", "recursive"]
-    flops_runs = sorted(["recursive_equal_flops", "direct_deep_equal_flops"],
-                        key=lambda name: acc.equal_flops_steps[name[:-len("_equal_flops")]]
-                        * acc.flops_per_token[name[:-len("_equal_flops")]])
+    flops_runs = [f"{arm}_equal_flops" for arm in sorted(["recursive", "direct_deep"], key=lambda arm:
+                                                         acc.equal_flops_steps[arm] * acc.flops_per_token[arm])]
     assert order == [(0, a) for a in by_cost] + [(1, a) for a in by_cost] + [(0, a) for a in flops_runs] + \
         [(1, a) for a in flops_runs]
     for change, error in [({"reference": "baseline"}, "reference='baseline' names no arm"),

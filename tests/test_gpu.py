@@ -14,7 +14,7 @@ import torch
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
 from moe_reason.models.expert_kernels import _grouped_mm_supported, grouped_mm
 
-from conftest import launch, train_args, train_losses, write_corpus
+from conftest import launch, task_argv, train_args, train_losses, write_corpus
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -145,14 +145,9 @@ def test_exp8_training_step_at_batch_16x512_uses_under_a_quarter_of_an_80gb_gpu(
 
 
 def puzzle_argv(tmp_path, out, **extra) -> list[str]:
-    """A tiny recursive grid model on 32 4x4 Sudoku puzzles (no augmentation: memorising them is the task)."""
-    args = dict(task="sudoku", task_size=4, sudoku_blanks=8, task_train_puzzles=32, task_test_puzzles=16,
-                task_augment="false", model_type="recursive", h_cycles=1, l_cycles=1, model_preset="debug",
-                hidden_size=64, intermediate_size=128, output_dir=out, data_cache_dir=tmp_path / "cache",
-                per_device_train_batch_size=32, learning_rate=1e-2, warmup_steps=10, log_interval=1,
-                eval_interval=1000, save_interval=1000)
-    args.update(extra)
-    return [item for k, v in args.items() for item in (f"--{k}", str(v))]
+    """The recursive grid model on 32 4x4 Sudoku puzzles (no augmentation: memorising them is the task)."""
+    return task_argv(tmp_path, out, **{"task_augment": "false", "model_type": "recursive", "h_cycles": 1,
+                                       "l_cycles": 1, "learning_rate": 1e-2, "log_interval": 1, **extra})
 
 
 @pytest.mark.slow

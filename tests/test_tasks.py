@@ -17,7 +17,7 @@ from moe_reason.tasks.files import read_sudoku_file
 from moe_reason.tasks.puzzles import (GridFormulation, MazeTask, PuzzleDraws, SudokuTask, generate_splits,
                                       load_or_generate, make_task)
 
-from conftest import assert_export_cli_matches_final, main_cases
+from conftest import assert_export_cli_matches_final, main_cases, task_argv
 
 
 # ---- generators and validators
@@ -198,15 +198,6 @@ def test_task_file_reads_text_and_csv_and_names_a_malformed_line(tmp_path):
 
 
 # ---- training on puzzles, and the moving average of the weights
-
-
-def task_argv(tmp_path, out, **extra) -> list[str]:
-    args = dict(task="sudoku", task_size=4, sudoku_blanks=8, task_train_puzzles=32, task_test_puzzles=16,
-                model_preset="debug", hidden_size=64, intermediate_size=128, output_dir=out,
-                data_cache_dir=tmp_path / "cache", per_device_train_batch_size=32, warmup_steps=10,
-                eval_interval=1000, save_interval=1000, log_interval=50, cpu_threads=1)  # beside another xdist worker
-    args.update(extra)
-    return [item for k, v in args.items() for item in (f"--{k}", str(v))]
 
 
 @pytest.mark.slow
