@@ -143,6 +143,7 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     assert low < stats["delta_vs_reference"] < high
     summary = (out / "SUMMARY.md").read_text()
     assert "ln(vocab) = 5.768" in summary and "± " in summary and "broken" in summary
+    assert "every run shares (the file's `base` with any `--set`): " in summary and "`max_steps=4`" in summary
     assert "Throughput: tokens/s and wall time are each run's training loop over all its starts" in summary
     assert payload.ranking == results["ranking"]
     assert exit_status(payload) == 1  # the command exits 1: a script or CI notices the failed runs
@@ -325,7 +326,7 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
         assert low < verdict.difference < high and ("excludes 0" in verdict.verdict) == (low > 0 or high < 0)
     report = (out / "COMPARISON.md").read_text()
     assert "Equal steps, recursive vs baseline:" in report and "Equal FLOPs, recursive vs baseline:" in report
-    assert "ln(vocab)" in report
+    assert "ln(vocab)" in report and "`max_steps=6`" in report and "`eval_interval=3`" in report  # shared
     assert "Throughput: tokens/s and wall time are each run's training loop over all its starts" in report
     trend = payload.equal_flops_trend["recursive"]  # both ends of the budget meet at the runs' final evaluations
     assert trend[-1].share == 1.0 and trend[-1].arm_step == equal_flops and trend[-1].reference_step == 6

@@ -4,7 +4,7 @@ writes it), so `--report DIR` rebuilds them without training."""
 import dataclasses
 from pathlib import Path
 
-from .engine import THROUGHPUT_NOTE, mean_curve, pyplot, save_figure
+from .engine import THROUGHPUT_NOTE, mean_curve, pyplot, save_figure, settings_line
 from .records import Accounting, ComparisonReport, RunRecord, TrendPoint
 from .statistics import mean_std, mean_std_text, welch
 
@@ -41,6 +41,7 @@ def comparison_markdown(p: ComparisonReport) -> str:
     lines = [f"# Comparison: {p.config}", ""]
     if p.description:
         lines += [p.description.strip(), ""]
+    lines += settings_line(p.base)
     own_lr = any("learning_rate" in fields for fields in p.arms.values())
     shared = "batch, schedule, data, data order" + ("" if own_lr else ", learning rate")
     lines += [f"Every arm shares every training setting ({shared}) and the seeds {p.seeds}; they differ "

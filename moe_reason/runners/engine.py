@@ -540,6 +540,13 @@ THROUGHPUT_NOTE = ("tokens/s and wall time are each run's training loop over all
                    "between runs that had the machine alike")
 
 
+def settings_line(base: dict) -> list[str]:
+    """A report's paragraph naming the trainer arguments every run shares: the file's `base` with any `--set`,
+    so a report made from a file with overrides says what ran."""
+    shared = ", ".join(f"`{name}={value}`" for name, value in base.items())
+    return [f"Trainer arguments every run shares (the file's `base` with any `--set`): {shared or 'none'}.", ""]
+
+
 def mean_curve(curves: list[list[list[float]]], column: int = 1) -> tuple[list[float], list[float], list[float]]:
     """Steps, mean and std over runs of [[step, value, ...], ...] curves, at the steps all runs share."""
     shared = sorted(set.intersection(*(set(p[0] for p in c) for c in curves))) if curves else []

@@ -3,7 +3,7 @@
 
 from pathlib import Path
 
-from .engine import THROUGHPUT_NOTE, mean_curve, pyplot, save_figure
+from .engine import THROUGHPUT_NOTE, mean_curve, pyplot, save_figure, settings_line
 from .records import GridReport, VariantSummary
 
 
@@ -13,6 +13,7 @@ def summary_markdown(report: GridReport) -> str:
     lines = [f"# Ablation summary: {report.grid}", ""]
     if report.description:
         lines += [report.description.strip(), ""]
+    lines += settings_line(report.base)
     lines += [f"{len(report.variants)} variants finished, {len(report.seeds)} seed(s) each "
               f"({report.seeds}); {len(runs) - len(done)} run(s) failed."]
     if report.not_in_report:  # a grid still running, stopped by --max_hours, or narrowed by --variants
