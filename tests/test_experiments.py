@@ -143,7 +143,7 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     assert low < stats["delta_vs_reference"] < high
     summary = (out / "SUMMARY.md").read_text()
     assert "ln(vocab) = 5.768" in summary and "± " in summary and "broken" in summary
-    assert "every run shares (the file's `base` with any `--set`): " in summary and "`max_steps=4`" in summary
+    assert "Base trainer arguments (the file's `base` with any `--set`;" in summary and "`max_steps=4`" in summary
     assert "Throughput: tokens/s and wall time are each run's training loop over all its starts" in summary
     assert payload.ranking == results["ranking"]
     assert exit_status(payload) == 1  # the command exits 1: a script or CI notices the failed runs

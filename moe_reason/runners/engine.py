@@ -541,10 +541,11 @@ THROUGHPUT_NOTE = ("tokens/s and wall time are each run's training loop over all
 
 
 def settings_line(base: dict) -> list[str]:
-    """A report's paragraph naming the trainer arguments every run shares: the file's `base` with any `--set`,
-    so a report made from a file with overrides says what ran."""
+    """A report's paragraph naming the trainer arguments each run starts from: the file's `base` with any
+    `--set`, so a report made from a file with overrides says what ran."""
     shared = ", ".join(f"`{name}={value}`" for name, value in base.items())
-    return [f"Trainer arguments every run shares (the file's `base` with any `--set`): {shared or 'none'}.", ""]
+    return [f"Base trainer arguments (the file's `base` with any `--set`; an arm's or variant's own fields, and "
+            f"an equal-FLOPs run's step cap, override them): {shared or 'none'}.", ""]
 
 
 def mean_curve(curves: list[list[list[float]]], column: int = 1) -> tuple[list[float], list[float], list[float]]:
