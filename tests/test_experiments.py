@@ -490,6 +490,56 @@ def test_a_second_set_adds_to_the_first():
     assert path == "g.yaml" and args.set == ["sudoku_blanks=20", "max_steps=600", "cpu_threads=1"]
 
 
+def test_a_file_that_extends_another_changes_only_what_it_names(tmp_path):
+    """extends: the other file's keys, its base updated name by name (null drops a name), its own description
+    and output folder; a loop, a missing file and a typo in either file are refused."""
+    arms = {"recursive": {"model_type": "recursive", "h_cycles": 2}, "direct": {"model_type": "base"}}
+    parent = {"description": "the 4x4 study", "output_dir": "outputs/four", "seeds": [0, 1, 2],
+              "metric": "exact_accuracy", "transfer": {"task_size": 6}, "arms": arms,
+              "base": {"task": "sudoku", "task_size": 4, "sudoku_blanks": 9, "sudoku_blanks_max": 11,
+                       "max_steps": 3000}}
+    (tmp_path / "four.yaml").write_text(yaml.safe_dump(parent))
+    (tmp_path / "more").mkdir()
+    child = {"extends": "../four.yaml", "transfer": {},
+             "base": {"task_size": 6, "sudoku_blanks": 20, "sudoku_blanks_max": None}}
+    (tmp_path / "more" / "six.yaml").write_text(yaml.safe_dump(child))
+    cmp = load_comparison(tmp_path / "more" / "six.yaml")
+    assert cmp.base == {"task": "sudoku", "task_size": 6, "sudoku_blanks": 20, "max_steps": 3000}
+    assert cmp.arms == arms and cmp.seeds == [0, 1, 2] and cmp.metric == "exact_accuracy" and cmp.transfer == {}
+    assert cmp.description == "" and str(cmp.output_dir) == "outputs/compare_six"  # the other study's: not its own
+    (tmp_path / "nine.yaml").write_text(yaml.safe_dump({"extends": "more/six.yaml", "base": {"task_size": 9}}))
+    assert load_comparison(tmp_path / "nine.yaml").base["sudoku_blanks"] == 20  # a chain: every file's changes
+    for files, error in [({"more/six.yaml": {**child, "extends": "../nine.yaml"}}, "makes a loop"),
+                         ({"more/six.yaml": {**child, "extends": "../none.yaml"}}, "extends ../none.yaml, which is not"),
+                         ({"more/six.yaml": {**child, "extends": 4}}, "extends=4 is invalid"),
+                         ({"four.yaml": {**parent, "sedes": [0]}}, r"four.yaml has unknown key\(s\) \['sedes'\]"),
+                         ({"more/six.yaml": {**child, "base": {"blanks": 20}}}, r"six.yaml: base has unknown")]:
+        for name, spec in files.items():
+            (tmp_path / name).write_text(yaml.safe_dump(spec))
+        with pytest.raises((ValueError, FileNotFoundError), match=error):
+            load_comparison(tmp_path / "nine.yaml")
+        (tmp_path / "four.yaml").write_text(yaml.safe_dump(parent))
+        (tmp_path / "more" / "six.yaml").write_text(yaml.safe_dump(child))
+
+
+def test_the_ladders_files_build_on_each_other_without_changing_a_rung():
+    """The rungs share one recipe through extends; each still trains exactly the settings its runs were made with."""
+    four, six, nine, maze, maze8 = (load_comparison(REPO / "experiments" / f"trm_{name}.yaml") for name in
+                                    ("sudoku_4x4", "sudoku_6x6", "sudoku_9x9", "maze", "maze_8x8"))
+    recipe = {name: four.base[name] for name in ("model_preset", "hidden_size", "learning_rate", "ema_decay",
+                                                  "stop_on_plateau", "eval_interval", "save_total_limit")}
+    for study in (six, nine, maze, maze8):
+        assert {name: study.base[name] for name in recipe} == recipe and study.arms == four.arms
+        assert study.seeds == [0, 1, 2] and study.equal_flops == "reference"
+    assert (six.base["task_size"], six.base["sudoku_blanks"], "sudoku_blanks_max" in six.base) == (6, 20, False)
+    assert (nine.base["task_size"], nine.base["sudoku_blanks"], nine.base["max_steps"]) == (9, 30, 6000)
+    assert "plateau_min_window" not in six.base and nine.base["plateau_min_window"] == 10
+    for mazes, size in ((maze, 6), (maze8, 8)):
+        assert mazes.base["task"] == "maze" and mazes.base["task_size"] == size and "sudoku_blanks" not in mazes.base
+    assert maze.transfer == {"task_size": 8, "maze_min_path": 16} and maze8.transfer == {}
+    assert len({str(s.output_dir) for s in (four, six, nine, maze, maze8)}) == 5
+
+
 def test_a_task_comparison_scores_every_run_on_the_transfer_puzzles_too(tmp_path):
     """Easy-to-hard: trained on 4x4 mazes on a 5x5 canvas, each export is also scored on 5x5 mazes."""
     base = {"task": "maze", "task_size": 4, "maze_min_path": 4, "maze_canvas": 5, "task_train_puzzles": 16,

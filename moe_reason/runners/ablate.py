@@ -16,7 +16,8 @@ A grid file:
       baseline: {}
       no_aux_loss: {router_aux_loss_coef: 0.0}
 
-Writes into output_dir: one folder per run (VARIANT/seed_S), `results.json` (updated after
+`extends: OTHER.yaml` builds on another grid file (`engine.load_study_mapping`): its keys, the base updated
+name by name. Writes into output_dir: one folder per run (VARIANT/seed_S), `results.json` (updated after
 every run), `ablation_comparison.png` and `SUMMARY.md`. A failed run is recorded with its
 error and the grid goes on; rerunning the command skips finished runs and resumes
 interrupted ones. `--max_hours H` starts no run after H hours (the report covers those done and

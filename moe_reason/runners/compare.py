@@ -21,7 +21,8 @@ A comparison file:
     transfer: {task_size: 8}                 # task bases: also score every run on the puzzles these task
                                              # arguments generate (easy-to-hard), in its own report section
 
-`baseline:` and `recursive:` at the top level are the two-arm form (reference: baseline).
+`baseline:` and `recursive:` at the top level are the two-arm form (reference: baseline). `extends: OTHER.yaml`
+builds on another comparison file (`engine.load_study_mapping`): its keys, the base updated name by name.
 The arms may set model fields, and `learning_rate` where each arm is to train at its own best
 one (the report names each arm's); batch, schedule, data and seed are the base's.
 Runs per seed (the equal-steps runs of every seed first, then the equal-FLOPs runs): every arm at

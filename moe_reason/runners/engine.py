@@ -57,7 +57,8 @@ RUN_SPEC = "experiment_run.json"  # the arguments a run folder was made with
 STARTED_FROM = "started_from.json"  # the other run's checkpoint a run folder started from (`start_from`)
 RUN_CONFIG = "run_config.yaml"  # launcher accelerate: the arguments, as the trainer's config file
 CURVE_PUZZLES = 200  # a task run's accuracy-by-steps curve: its first held-out puzzles (all of them are scored)
-RUNNER_KEYS = {"output_dir", "launcher", "accelerate_config", "seeds", "base", "description"}
+RUNNER_KEYS = {"output_dir", "launcher", "accelerate_config", "seeds", "base", "description", "extends"}
+OWN_WORDS = ("description", "output_dir")  # what a file that extends another never inherits: they name the other
 
 
 @dataclass
@@ -218,11 +219,7 @@ class StudySettings:
 def load_runner_file(path, kind: str, own_keys: set[str], args: RunnerArguments, default_seeds: list[int],
                      output_prefix: str) -> tuple[dict, StudySettings]:
     """An experiment file -> (its raw mapping, the settings every runner shares), validated before any run."""
-    spec = load_mapping(path, f"{kind} file")
-    allowed = RUNNER_KEYS | own_keys
-    unknown = sorted(set(spec) - allowed)
-    if unknown:
-        raise UserError(f"{kind} {path} has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    spec = load_study_mapping(path, kind, RUNNER_KEYS | own_keys)
     output_dir = args.output_dir or spec.get("output_dir") or f"outputs/{output_prefix}_{Path(path).stem}"
     return spec, StudySettings(
         path=str(path), description=spec.get("description", ""),
@@ -231,6 +228,37 @@ def load_runner_file(path, kind: str, own_keys: set[str], args: RunnerArguments,
         launcher=check_launcher(args.launcher or spec.get("launcher", "in_process")),
         accelerate_config=args.accelerate_config or spec.get("accelerate_config"),
         output_dir=Path(output_dir), max_hours=args.max_hours)
+
+
+def load_study_mapping(path, kind: str, allowed: set[str], seen: tuple[Path, ...] = ()) -> dict:
+    """An experiment file's mapping, built on the file it `extends` (a path relative to it), if any: its own
+    keys replace the other's, its `base` updates the other's base name by name (a name set to null drops the
+    other's value: the trainer's default again), and it never inherits the other's description and
+    output_dir (they describe the other study). So a study that changes a few of another's settings says
+    only those, and the recipe they share has one source."""
+    spec = load_mapping(path, f"{kind} file")
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise UserError(f"{kind} {path} has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    parent = spec.pop("extends", None)
+    if parent is None:
+        return spec
+    if not isinstance(parent, str) or not parent:
+        raise UserError(f"{kind} {path}: extends={parent!r} is invalid: must name another {kind} file, relative to "
+                        "this one")
+    under = Path(path).parent / parent
+    chain = (*seen, Path(path).resolve())
+    if under.resolve() in chain:
+        raise UserError(f"{kind} {path}: extends {parent} makes a loop ({' -> '.join(str(p) for p in chain)} -> "
+                        f"{under.resolve()})")
+    if not under.is_file():
+        raise MissingFileError(f"{kind} {path}: extends {parent}, which is not a file ({under})")
+    inherited = {name: value for name, value in load_study_mapping(under, kind, allowed, chain).items()
+                 if name not in OWN_WORDS}
+    own = check_arguments(spec.get("base"), f"{kind} {path}: base")
+    base = {name: value for name, value in {**check_arguments(inherited.get("base"), f"{kind} {under}: base"),
+                                            **own}.items() if not (value is None and name in own)}
+    return {**inherited, **spec, "base": base}
 
 
 def model_argument_names() -> set[str]:
