@@ -1,5 +1,6 @@
 """Evaluation, the ablation runner, the baseline-vs-recursive comparison and the shipped experiment files."""
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -11,7 +12,7 @@ from moe_reason.runners.ablate import AblateArguments, load_grid, main as ablate
 from moe_reason.runners.grid_report import plot as ablate_plot
 from moe_reason.training.arguments import arguments_from, build_config, parse_args
 from moe_reason.runners.compare import (budget_trend, load_comparison, main as compare_main, plan_runs, run_order,
-                                        same_first_steps)
+                                        same_first_steps, twin_starts)
 from moe_reason.runners.comparison_report import evenly, trend_verdict
 from moe_reason.models.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.evaluation.evaluate import main as evaluate_main
@@ -256,6 +257,17 @@ def test_a_spent_budget_still_trains_one_run_and_a_report_with_no_finished_run_p
     assert (tmp_path / "p.png").stat().st_size > 0
 
 
+def test_the_eta_prices_only_the_steps_a_run_trains(tmp_path, capsys):
+    """A run that goes on from its twin's checkpoint trains from there: its own seconds per step count those
+    steps only, and a run still to come that will start from a twin's step is priced from that step."""
+    budget = RunBudget([("a", 100), ("a", 100), ("a", 400)], max_hours=None)
+    went_on = RunRecord("a_equal_flops", 0, "finished", str(tmp_path / "b"), arm="a", wall_seconds=360.0,
+                        stopped_at=100, steps=100, started_from=f"{tmp_path}/a/seed_0/checkpoint-60")
+    budget.after([went_on], starts={2: 300})  # 9 s for each of steps 61-100; the last run trains 100 steps
+    assert capsys.readouterr().out.strip().endswith(
+        "; the 2 left: at most 0.5 h for 2 at their step caps (1 of them from their twin's last step)")
+
+
 @pytest.mark.slow
 def test_ablation_runs_through_accelerate_launch_too(tmp_path, corpus):
     grid = {"seeds": [3], "launcher": "accelerate", "base": tiny_base(tmp_path, corpus), "variants": {"only": {}}}
@@ -378,6 +390,14 @@ def test_an_equal_flops_run_goes_on_from_its_twins_last_checkpoint_and_ends_as_a
         assert not same_first_steps({**twin.config, **change}, {**values, **change})
     assert not same_first_steps(twin.config, {**values, "learning_rate": 1e-3})  # more than the cap differs
     assert not same_first_steps({**twin.config, "max_steps": 5}, values)  # the twin's last step: no evaluation
+    # the ETA's view of it: the run will start at the twin's last step; at its cap where the twin plateaued
+    cmp = load_comparison(tmp_path / "c.yaml")
+    todo = run_order(*plan_runs(cmp), [0])
+    at = next(i for i, (_, item) in enumerate(todo) if item.name == "direct_equal_flops")
+    assert twin_starts(cmp, todo, payload.runs) == {at: 6}
+    plateaued = dataclasses.replace(twin, stopped_by="plateau", stopped_at=3)
+    assert twin_starts(cmp, todo, [plateaued]) == {at: run.steps}
+    assert twin_starts(cmp, todo, [dataclasses.replace(twin, config={**twin.config, "learning_rate": 1.0})]) == {}
 
 
 def test_compare_refuses_training_settings_in_an_arm_except_its_own_learning_rate(tmp_path):

@@ -204,18 +204,17 @@ def run_comparison(cmp: Comparison) -> ComparisonReport:
         if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
             break
         name = item.name
-        values = {**cmp.base, **cmp.arms[item.arm], "seed": seed, "max_steps": item.steps}
-        twin = next((r for r in runs if (r.run, r.seed) == (item.arm, seed) and r.finished), None)
+        values = run_values(cmp, seed, item)
+        twin = twin_of(seed, item, runs, values)
         record = train_or_keep(name, seed, values, out / name / f"seed_{seed}", cmp.launcher,
                                cmp.accelerate_config, earlier.pop((name, seed), None),
-                               start_from=Path(twin.output_dir) if twin and same_first_steps(twin.config, values)
-                               else None)
+                               start_from=Path(twin.output_dir) if twin else None)
         record = dataclasses.replace(record, arm=item.arm, kind=item.kind, steps=item.steps)
         if cmp.transfer and record.finished and record.transfer is None:
             record.transfer = transfer_figures(out / name / f"seed_{seed}", values, cmp.transfer)
         runs.append(record)
         write_json(out / REPORT.json, comparison_report(cmp, accounting, runs, earlier).to_json())
-        budget.after(runs, earlier.values())
+        budget.after(runs, earlier.values(), twin_starts(cmp, todo, [*runs, *earlier.values()]))
     report = comparison_report(cmp, accounting, runs, earlier)
     REPORT.write(report, out)
     for kind, verdicts in (("equal steps", report.equal_steps), ("equal FLOPs", report.equal_flops)):
@@ -223,6 +222,30 @@ def run_comparison(cmp: Comparison) -> ComparisonReport:
             print(f"{kind}, {arm}: {v.verdict}", flush=True)
     print(f"wrote {out / REPORT.json}, {out / REPORT.png}, {out / REPORT.markdown}", flush=True)
     return report
+
+
+def run_values(cmp: Comparison, seed: int, item: PlannedRun) -> dict:
+    """The trainer arguments of one planned run of one seed."""
+    return {**cmp.base, **cmp.arms[item.arm], "seed": seed, "max_steps": item.steps}
+
+
+def twin_of(seed: int, item: PlannedRun, finished: list[RunRecord], values: dict) -> RunRecord | None:
+    """The finished equal-steps twin among `finished` whose last checkpoint run `values` goes on from (its
+    first steps are the same), or None: the run starts from step 0."""
+    twin = next((r for r in finished if (r.run, r.seed) == (item.arm, seed) and r.finished), None)
+    return twin if twin and item.kind == "equal_flops" and same_first_steps(twin.config, values) else None
+
+
+def twin_starts(cmp: Comparison, todo: list[tuple[int, PlannedRun]], finished: list[RunRecord]) -> dict[int, int]:
+    """{index in `todo`: the step an equal-FLOPs run will start at}, for the runs whose twin has finished within
+    the run's cap (`continue_from`): the twin's last step, or the run's cap where the twin plateaued (its
+    evaluations are the twin's, so the plateau rule stops it at once). For the ETA."""
+    starts = {}
+    for i, (seed, item) in enumerate(todo):
+        twin = twin_of(seed, item, finished, run_values(cmp, seed, item))
+        if twin and twin.stopped_at and twin.stopped_at <= item.steps:
+            starts[i] = item.steps if twin.stopped_by == "plateau" else twin.stopped_at
+    return starts
 
 
 def same_first_steps(twin: dict, values: dict) -> bool:

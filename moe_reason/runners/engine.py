@@ -118,9 +118,10 @@ def exit_status(report) -> int:
 class RunBudget:
     """Between runs: whether --max_hours leaves time to start another, and a one-line ETA after each run.
 
-    The ETA prices each run still to come at its step cap times the seconds per step its model's finished runs
-    took (a comparison's arm, a grid's variant; this command's runs or earlier ones, on whatever machine ran
-    them): an upper bound where the plateau rule stops runs before their caps.
+    The ETA prices each run still to come at the steps from where it starts (step 0, or the step of the
+    checkpoint it goes on from) to its step cap, times the seconds per step its model's finished runs took (a
+    comparison's arm, a grid's variant; this command's runs or earlier ones, on whatever machine ran them): an
+    upper bound where the plateau rule stops runs before their caps.
     """
 
     def __init__(self, plan: list[tuple[str, int]], max_hours: float | None):
@@ -136,18 +137,24 @@ class RunBudget:
               f"reporting the runs done; continue with:\n  {command}", flush=True)
         return True
 
-    def after(self, runs: list[RunRecord], earlier: Iterable[RunRecord] = ()) -> None:
-        """The ETA once `runs` are done; `earlier`: the report's finished runs this command has yet to reach."""
+    def after(self, runs: list[RunRecord], earlier: Iterable[RunRecord] = (), starts: dict[int, int] | None = None):
+        """The ETA once `runs` are done; `earlier`: the report's finished runs this command has yet to reach;
+        `starts`: {plan index: the step a run still to come will start at} for runs that go on from another's
+        checkpoint (a comparison's equal-FLOPs run from its twin's last step)."""
         self.trained += not runs[-1].skipped
         per_step = {}  # model -> seconds per step of each of its finished runs
-        for r in [*runs, *earlier]:
-            steps = r.stopped_at or r.steps
-            if r.finished and steps and r.wall_seconds:
+        for r in [*runs, *earlier]:  # a run that went on from another's checkpoint trained from that step only
+            steps = (r.stopped_at or r.steps or 0) - (checkpoint_step(r.started_from or "") or 0)
+            if r.finished and steps > 0 and r.wall_seconds:
                 per_step.setdefault(r.arm or r.run, []).append(r.wall_seconds / steps)
-        left = self.plan[len(runs):]
-        priced = [sum(per_step[model]) / len(per_step[model]) * cap for model, cap in left if model in per_step]
-        unpriced = sorted({model for model, _ in left if model not in per_step})
-        parts = [f"at most {sum(priced) / 3600:.1f} h for {len(priced)} at their step caps"] if priced else []
+        starts = {i: step for i, step in (starts or {}).items() if i >= len(runs)}
+        left = list(enumerate(self.plan))[len(runs):]
+        priced = [sum(per_step[model]) / len(per_step[model]) * (cap - starts.get(i, 0))
+                  for i, (model, cap) in left if model in per_step]
+        unpriced = sorted({model for _, (model, _) in left if model not in per_step})
+        head_start = f" ({len(starts)} of them from their twin's last step)" if starts else ""
+        parts = [f"at most {sum(priced) / 3600:.1f} h for {len(priced)} at their step caps{head_start}"] \
+            if priced else []
         parts += [f"no estimate yet for {', '.join(unpriced)} (no finished run)"] if unpriced else []
         print(f"[eta] {len(runs)}/{len(self.plan)} runs done, {(time.perf_counter() - self.start) / 60:.1f} min in "
               f"this command" + (f"; the {len(left)} left: {'; '.join(parts)}" if left else ""), flush=True)
