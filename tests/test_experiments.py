@@ -11,13 +11,14 @@ import yaml
 from moe_reason.runners.ablate import AblateArguments, load_grid, main as ablate_main
 from moe_reason.runners.grid_report import plot as ablate_plot
 from moe_reason.training.arguments import arguments_from, build_config, parse_args
+from moe_reason.runners.compare import OWN_KEYS as COMPARISON_KEYS
 from moe_reason.runners.compare import (budget_trend, load_comparison, main as compare_main, plan_runs, run_order,
                                         same_first_steps, twin_starts)
 from moe_reason.runners.comparison_report import evenly, trend_verdict
 from moe_reason.models.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.evaluation.evaluate import main as evaluate_main
-from moe_reason.runners.engine import (STUDY_IN_USE, RunBudget, RunnerArguments, exit_status, parse_runner_cli,
-                                      run_training)
+from moe_reason.runners.engine import (RUNNER_KEYS, STUDY_IN_USE, RunBudget, RunnerArguments, exit_status,
+                                      load_study_mapping, parse_runner_cli, run_training)
 from moe_reason.runners.records import CURVE_POINTS, GridReport, RunRecord
 from moe_reason.layout import RESULTS, complete_checkpoints
 from moe_reason.training.metrics import training_flops_per_token
@@ -55,8 +56,8 @@ def test_training_flops_match_a_hand_computation():
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_shipped_experiment_parses_and_every_variant_builds_a_valid_config(path):
-    spec = yaml.safe_load(path.read_text())
-    if "variants" in spec:
+    spec = load_study_mapping(path, "experiment", RUNNER_KEYS | COMPARISON_KEYS | {"reference", "variants"})
+    if "variants" in spec:  # a grid (or a file that extends one)
         grid = load_grid(path)
         runs = [{**grid.base, **over} for over in grid.variants.values()]
     else:
@@ -530,7 +531,7 @@ def test_a_file_that_extends_another_changes_only_what_it_names(tmp_path):
     (tmp_path / "nine.yaml").write_text(yaml.safe_dump({"extends": "more/six.yaml", "base": {"task_size": 9}}))
     assert load_comparison(tmp_path / "nine.yaml").base["sudoku_blanks"] == 20  # a chain: every file's changes
     for files, error in [({"more/six.yaml": {**child, "extends": "../nine.yaml"}}, "makes a loop"),
-                         ({"more/six.yaml": {**child, "extends": "../none.yaml"}}, "extends ../none.yaml, which is not"),
+                         ({"more/six.yaml": {**child, "extends": "../none.yaml"}}, "none.yaml, which is not a file"),
                          ({"more/six.yaml": {**child, "extends": 4}}, "extends=4 is invalid"),
                          ({"four.yaml": {**parent, "sedes": [0]}}, r"four.yaml has unknown key\(s\) \['sedes'\]"),
                          ({"more/six.yaml": {**child, "base": {"blanks": 20}}}, r"six.yaml: base has unknown")]:
