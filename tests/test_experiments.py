@@ -8,6 +8,7 @@ import warnings
 import pytest
 import yaml
 
+from moe_reason.runners.ablate import OWN_KEYS as GRID_KEYS
 from moe_reason.runners.ablate import AblateArguments, load_grid, main as ablate_main
 from moe_reason.runners.grid_report import plot as ablate_plot
 from moe_reason.training.arguments import arguments_from, build_config, parse_args
@@ -56,7 +57,7 @@ def test_training_flops_match_a_hand_computation():
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_shipped_experiment_parses_and_every_variant_builds_a_valid_config(path):
-    spec = load_study_mapping(path, "experiment", RUNNER_KEYS | COMPARISON_KEYS | {"reference", "variants"})
+    spec = load_study_mapping(path, "experiment", RUNNER_KEYS | COMPARISON_KEYS | GRID_KEYS)
     if "variants" in spec:  # a grid (or a file that extends one)
         grid = load_grid(path)
         runs = [{**grid.base, **over} for over in grid.variants.values()]

@@ -39,6 +39,7 @@ from .records import GridReport, RunRecord, VariantSummary
 from .statistics import HOLM_RULE, holm, mean_std, welch
 from .statistics import RULE as STATISTICS_RULE
 
+OWN_KEYS = {"reference", "variants"}  # a grid file's keys beside the runners' shared ones
 USAGE = ("moe-reason-ablate GRID.yaml [--output_dir D] [--launcher in_process|accelerate] [--seeds 0 1] "
          "[--variants a b] [--set name=value ...]")
 
@@ -59,7 +60,7 @@ class Grid(StudySettings):
 def load_grid(path, args: AblateArguments | None = None) -> Grid:
     """The grid file with CLI overrides applied, validated before any run starts."""
     args = args or AblateArguments()
-    spec, settings = load_runner_file(path, "grid", {"reference", "variants"}, args, default_seeds=[0],
+    spec, settings = load_runner_file(path, "grid", OWN_KEYS, args, default_seeds=[0],
                                       output_prefix="ablation")
     variants = spec.get("variants")
     if not isinstance(variants, dict) or not variants:
