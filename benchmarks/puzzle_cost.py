@@ -8,10 +8,15 @@ Arms: the direct model with the same parameters, a direct model as deep as one s
 supervision steps), each with attention and with TRM's MLP token mixer (`--mixers`). Every example
 runs every supervision step (no halting), as early in training, where nothing is solved yet; halting
 only makes a recursive step cheaper later. Rounds alternate between the arms; the median counts.
-Last line: the ratio of the cheapest recursive arm's puzzles/s to the direct model's.
+`saved MiB` is what one step's forward leaves saved for its backward (`metrics.saved_activation_bytes`):
+deep supervision holds every supervision step's gradient passes until the one backward, so it grows
+with the steps; `--gradient_checkpointing` adds each recursive arm again with its decoder layers
+checkpointed, and a line comparing the two. Last line: the ratio of the cheapest recursive arm's
+puzzles/s (without checkpointing) to the direct model's.
 
     python benchmarks/puzzle_cost.py                                   # 6x6 Sudoku (36 cells), CPU
     python benchmarks/puzzle_cost.py --cells 81 --recursion 2,3,8 3,6,16 --device cuda
+    python benchmarks/puzzle_cost.py --cells 81 --recursion 2,3,8 --mixers attention --gradient_checkpointing
 """
 
 import argparse
@@ -20,8 +25,11 @@ import statistics
 import torch
 
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
-from moe_reason.training.metrics import measure_peak_flops, training_flops_per_token
+from moe_reason.training.metrics import measure_peak_flops, saved_activation_bytes, training_flops_per_token
 from timing import time_rounds, training_step
+
+
+CHECKPOINTED = ", checkpointed"  # the suffix of a recursive arm's twin under --gradient_checkpointing
 
 
 def arms(args) -> dict:
@@ -39,7 +47,16 @@ def arms(args) -> dict:
             config = RecursiveMoEReasonConfig.from_preset("debug", **common, h_cycles=h, l_cycles=l,
                                                           halt_max_steps=steps, use_act=False)
             found[f"recursive h{h} l{l} x{steps} ({mixer})"] = (config, RecursiveMoEReasonForCausalLM)
+            if args.gradient_checkpointing:
+                found[f"recursive h{h} l{l} x{steps} ({mixer}){CHECKPOINTED}"] = (config, RecursiveMoEReasonForCausalLM)
     return found
+
+
+def build(name: str, config, cls):
+    model = cls(config)
+    if name.endswith(CHECKPOINTED):
+        model.activation_checkpointing_enable()
+    return model
 
 
 def main(argv=None):
@@ -50,6 +67,8 @@ def main(argv=None):
     parser.add_argument("--deep_layers", type=int, default=16)
     parser.add_argument("--recursion", nargs="+", default=["1,1,4", "2,3,8"], help="H,L,STEPS per recursive arm")
     parser.add_argument("--mixers", nargs="+", default=["attention", "mlp"], choices=["attention", "mlp"])
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="also time each recursive arm with its decoder layers checkpointed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
@@ -62,21 +81,32 @@ def main(argv=None):
     torch.manual_seed(0)
     ids = torch.randint(1, 11, (args.batch, args.cells), generator=torch.Generator().manual_seed(0)).to(device)
     found = arms(args)
-    steps = {name: training_step(cls(config), ids, device) for name, (config, cls) in found.items()}
+    models = {name: build(name, config, cls) for name, (config, cls) in found.items()}
+    steps = {name: training_step(model, ids, device) for name, model in models.items()}
     median = {name: statistics.median(t) for name, t in time_rounds(steps, device, args.rounds, args.steps,
                                                                     args.warmup).items()}
+    saved = {name: saved_activation_bytes(model, input_ids=ids, labels=ids, use_cache=False) / 2**20
+             for name, model in models.items()}  # after the timing: its forward, which has no backward, then
+    # leaves the timed steps' peak memory as it was
     peak = measure_peak_flops(device)
     print(f"device {device}, {torch.get_num_threads()} thread(s), fp32, {args.batch} puzzles x {args.cells} cells per "
           f"step, hidden {args.hidden}; matmul peak {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'arm':34s} {'depth/step':>10s} {'ms/step':>9s} {'puzzles/s':>10s} {'GFLOP/s':>8s} {'of peak':>8s}")
+    print(f"{'arm':48s} {'depth/step':>10s} {'ms/step':>9s} {'puzzles/s':>10s} {'GFLOP/s':>8s} {'of peak':>8s} "
+          f"{'saved MiB':>10s}")
     for name, (config, _) in found.items():
         flops = training_flops_per_token(config, args.cells) * args.batch * args.cells
         depth = config.num_hidden_layers * (config.h_cycles * (config.l_cycles + 1) if hasattr(config, "h_cycles")
                                             else 1)
-        print(f"{name:34s} {depth:10d} {median[name] * 1000:9.1f} {args.batch / median[name]:10.1f} "
-              f"{flops / median[name] / 1e9:8.1f} {flops / median[name] / peak:8.1%}")
+        print(f"{name:48s} {depth:10d} {median[name] * 1000:9.1f} {args.batch / median[name]:10.1f} "
+              f"{flops / median[name] / 1e9:8.1f} {flops / median[name] / peak:8.1%} {saved[name]:10.1f}")
+    for name in found:
+        if name.endswith(CHECKPOINTED):
+            plain = name.removesuffix(CHECKPOINTED)
+            print(f"{name}: {median[plain] / median[name]:.3f}x the puzzles/s and {saved[name] / saved[plain]:.3f}x "
+                  "the saved activations of the same arm without")
     direct = args.batch / median[f"direct ({args.mixers[0]})"]
-    recursive = max(args.batch / t for name, t in median.items() if name.startswith("recursive"))
+    recursive = max(args.batch / t for name, t in median.items()
+                    if name.startswith("recursive") and not name.endswith(CHECKPOINTED))
     print(f"ratio recursive/direct puzzles per second: {recursive / direct:.3f}")
 
 

@@ -18,7 +18,7 @@ TINY = {
     "data_throughput.py": ["--preset", "debug", "--steps", "1", "--batch_size", "2", "--block_size", "32",
                            "--max_documents", "40", "--stream_tokens", "2000"],
     "puzzle_cost.py": ["--cells", "16", "--batch", "4", "--hidden", "32", "--steps", "1", "--rounds", "1",
-                       "--recursion", "1,1,2", "--deep_layers", "3", "--threads", "1"],
+                       "--recursion", "1,1,2", "--deep_layers", "3", "--threads", "1", "--gradient_checkpointing"],
 }
 LAST_LINE = {"throughput.py": r"ratio ours/mixtral: \d+\.\d\d",
              "recursion_overhead.py": r"ratio measured/FLOPs: \d+\.\d\d",

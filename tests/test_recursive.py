@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from moe_reason import MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
 from moe_reason.models.modeling_recursive import HaltingLoss
+from moe_reason.training.metrics import saved_activation_bytes
 
 from conftest import (assert_training_path_equals_eval_path, assert_zero_run_learned_and_exported_its_gathered_weights,
                       launch, random_ids, read_metrics, train_args, train_losses, write_corpus)
@@ -82,6 +83,31 @@ def test_latent_init_learns_when_a_gradient_pass_reads_it():
     ids = random_ids()
     model(ids, labels=ids).loss.backward()
     assert model.z_init.weight.grad.abs().sum() > 0
+
+
+def test_activations_grow_with_the_supervision_steps_and_checkpointing_holds_a_fraction_with_the_same_gradients():
+    """Deep supervision sums every step's loss before the one backward, so each step's gradient passes stay
+    saved until then: a step's activations grow with halt_max_steps. Checkpointing the decoder layers
+    (--gradient_checkpointing) keeps only their inputs and recomputes the rest in backward."""
+    ids = random_ids(4, 16)
+
+    def measured(steps: int, checkpointed: bool):
+        torch.manual_seed(0)
+        model = recursive(h_cycles=2, l_cycles=2, halt_max_steps=steps, hidden_dropout=0.0,
+                          attention_dropout=0.0).train()
+        if checkpointed:
+            model.activation_checkpointing_enable()
+        saved = saved_activation_bytes(model, input_ids=ids, labels=ids)
+        torch.manual_seed(1)
+        model(ids, labels=ids).loss.backward()
+        return saved, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    (one, _), (plain, grads), (checkpointed, recomputed) = measured(1, False), measured(4, False), measured(4, True)
+    assert 3.5 < plain / one < 4.5, (one, plain)  # every example runs every step in training here
+    assert checkpointed < 0.2 * plain, (checkpointed, plain)
+    assert recomputed.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(recomputed[name], grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("stablemax_loss", [False, True], ids=["softmax", "stablemax"])

@@ -96,7 +96,10 @@ class TrainingArguments:
     save_total_limit: int = field(default=2, metadata={"help": "Keep only the newest this many checkpoints."})
     max_nonfinite_steps: int = field(default=5, metadata={"help": (
         "Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped).")})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": (
+        "Keep only each decoder layer's input and recompute its activations in the backward: one more forward "
+        "of the layers with gradient for far less memory. A recursive step otherwise keeps the gradient passes "
+        "of every supervision step until its one backward (docs/performance.md).")})
     torch_compile: bool = field(default=False, metadata={"help": (
         "Compile the model with torch.compile (inductor) through Accelerate. Shapes are fixed (packed blocks), so it "
         "compiles in the first steps only; the recursive model compiles each decoder-stack pass and runs its halting "

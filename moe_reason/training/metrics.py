@@ -71,6 +71,25 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
         size *= 2
 
 
+def saved_activation_bytes(model, **inputs) -> int:
+    """Bytes autograd keeps from one training forward of `model(**inputs)` until its backward: each storage
+    once, the weights left out. It is what a step holds at its peak besides weights, gradients and optimizer
+    state, counted the same on any device. Tensors a checkpointed region saves for itself are not counted:
+    they are recomputed in backward, not held."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    held = {}  # data_ptr -> storage, kept alive here so that no address is reused while counting
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            held[storage.data_ptr()] = storage
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**inputs)
+    return sum(storage.nbytes() for storage in held.values())
+
+
 def _timed_matmul(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.device.type == "cuda":
         torch.cuda.synchronize(a.device)
