@@ -85,9 +85,9 @@ def main(argv=None):
     steps = {name: training_step(model, ids, device) for name, model in models.items()}
     median = {name: statistics.median(t) for name, t in time_rounds(steps, device, args.rounds, args.steps,
                                                                     args.warmup).items()}
+    # counted after the timing, so that these forwards without a backward cannot raise the timed steps' peak memory
     saved = {name: saved_activation_bytes(model, input_ids=ids, labels=ids, use_cache=False) / 2**20
-             for name, model in models.items()}  # after the timing: its forward, which has no backward, then
-    # leaves the timed steps' peak memory as it was
+             for name, model in models.items()}
     peak = measure_peak_flops(device)
     print(f"device {device}, {torch.get_num_threads()} thread(s), fp32, {args.batch} puzzles x {args.cells} cells per "
           f"step, hidden {args.hidden}; matmul peak {peak / 1e9:.1f} GFLOP/s")
