@@ -6,8 +6,9 @@ in this process (`launcher: in_process`, the default, no start-up cost) or as
 `accelerate launch` (`launcher: accelerate`, optionally with `accelerate_config`), which
 is how multi-GPU and DeepSpeed runs are made. Either way its output goes to
 `RUN_DIR/train.log` and the runner prints one line when it starts and one when it ends.
-A run folder whose results file (`train_results.json`) exists and whose arguments are unchanged is
-finished and skipped, unless those arguments now build a different model than the one it exported (a
+A run folder whose results file (`train_results.json`) exists and whose arguments are unchanged (but for
+those that change how a run computes, not what: `--set cpu_threads=2` or `gradient_checkpointing=true`,
+`run_identity`) is finished and skipped, unless those arguments now build a different model than the one it exported (a
 default changed in the code since): then it is reported as failed, naming the fields, and left as it is.
 An interrupted run resumes from its last checkpoint. A new run may start from another finished run's
 last checkpoint (`start_from`: a comparison's equal-FLOPs run from its equal-steps twin, where the
@@ -48,7 +49,7 @@ from ..locks import hold_folder
 from ..tasks.puzzles import TaskArguments
 from ..training.arguments import ModelArguments, arguments_from, build_config, load_mapping, refuse_unknown
 from ..training.checkpointing import complete_checkpoints
-from ..training.trainer import TOKENIZER_FIELDS, config_drift, describe_drift, saved_config, train
+from ..training.trainer import EXECUTION_ARGUMENTS, TOKENIZER_FIELDS, config_drift, describe_drift, saved_config, train
 from .records import RunRecord
 from .statistics import mean_std
 
@@ -350,7 +351,7 @@ def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str
 
     values = {**values, "output_dir": str(run_dir)}
     spec = {"values": values, "launcher": launcher, "accelerate_config": accelerate_config}
-    same_spec = _spec_of(run_dir) == spec
+    same_spec = same_run(_spec_of(run_dir), spec)
     checkpoints = complete_checkpoints(run_dir) if same_spec else []
     finished = same_spec and (run_dir / RESULTS).is_file()
     resume = not finished and bool(checkpoints)
@@ -404,7 +405,7 @@ def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str
 def train_or_keep(run: str, seed: int, values: dict, run_dir: Path, launcher: str, accelerate_config: str | None,
                   kept: RunRecord | None, start_from: Path | None = None) -> RunRecord:
     """run_training, unless the run's folder is gone and its earlier record `kept` has the same arguments."""
-    if kept and kept.config == values and not Path(run_dir).exists():
+    if kept and run_identity(kept.config) == run_identity(values) and not Path(run_dir).exists():
         print(f"[kept] {kept.title}: its folder is gone; kept from the report (val loss {kept.final_val_loss:.4f}; "
               "a model default changed since could not be checked)", flush=True)
         return dataclasses.replace(kept, skipped=True)
@@ -472,6 +473,19 @@ def model_drift(saved: Path, values: dict) -> dict:
     for name in TOKENIZER_FIELDS:  # the run's tokenizer sets them, not its arguments
         setattr(now, name, getattr(then, name))
     return config_drift(then, now)
+
+
+def run_identity(values: dict) -> dict:
+    """A run's trainer arguments less those that change how it computes, not what (`EXECUTION_ARGUMENTS`: a study
+    begun at one thread per run keeps its finished runs, and resumes its interrupted one, at another)."""
+    return {name: value for name, value in values.items() if name not in EXECUTION_ARGUMENTS}
+
+
+def same_run(saved: dict | None, spec: dict) -> bool:
+    """Whether a run folder's saved spec (`RUN_SPEC`) is `spec`'s run: the same launch and the same `run_identity`."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("values"), dict):
+        return False
+    return {**saved, "values": run_identity(saved["values"])} == {**spec, "values": run_identity(spec["values"])}
 
 
 def _spec_of(run_dir: Path):

@@ -61,8 +61,12 @@ from .plateau import describe as describe_plateau
 from .plateau import plateaued
 from ..safe_loading import from_pretrained
 
+# arguments that change how a run computes (its threads, whether activations are recomputed), not what: a run
+# resumes, and a study keeps a finished run, under other values of them
+EXECUTION_ARGUMENTS = ("cpu_threads", "gradient_checkpointing")
 # arguments that may change between a run and its resumption (the rest must match run_args.json)
-RESUMABLE_ARGUMENTS = ("resume_from_checkpoint", "overwrite_output_dir", "max_steps", "local_rank", "cpu_threads")
+RESUMABLE_ARGUMENTS = ("resume_from_checkpoint", "overwrite_output_dir", "max_steps", "local_rank",
+                       *EXECUTION_ARGUMENTS)
 
 
 LR_SCHEDULER = "lr_scheduler"  # its state dict's key in trainer_state.json, beside the TrainState's fields
