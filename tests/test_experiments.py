@@ -398,6 +398,7 @@ def test_an_equal_flops_run_goes_on_from_its_twins_last_checkpoint_and_ends_as_a
         assert not same_first_steps({**twin.config, **change}, {**values, **change})
     assert not same_first_steps(twin.config, {**values, "learning_rate": 1e-3})  # more than the cap differs
     assert not same_first_steps({**twin.config, "max_steps": 5}, values)  # the twin's last step: no evaluation
+    assert same_first_steps({**twin.config, "cpu_threads": 1}, {**values, "cpu_threads": 2})  # how, not what
     # the ETA's view of it: the run will start at the twin's last step; at its cap where the twin plateaued
     cmp = load_comparison(tmp_path / "c.yaml")
     todo = run_order(*plan_runs(cmp), [0])
