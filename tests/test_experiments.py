@@ -236,6 +236,11 @@ def test_a_run_whose_folder_is_gone_is_kept_from_results_json_while_its_argument
     printed = capsys.readouterr().out
     assert "[kept]" not in printed and "[start] b/seed_0" in printed and (out / "b" / "seed_0" / RESULTS).is_file()
     assert changed.variants["b"].val_loss_mean != first.variants["b"].val_loss_mean
+    grid["variants"]["b"] = {"learning_rate": 3e-3}  # and again, over its folder this time: the command says so
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
+    ablate_main(command)
+    assert "[start] b/seed_0 (in place of the run its folder holds, made with other arguments: learning_rate: " \
+        "0.002 there, 0.003 now)" in capsys.readouterr().out
 
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "results.json").write_text("{\"runs\": ")  # cut short: refused before any run

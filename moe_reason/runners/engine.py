@@ -351,7 +351,8 @@ def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str
 
     values = {**values, "output_dir": str(run_dir)}
     spec = {"values": values, "launcher": launcher, "accelerate_config": accelerate_config}
-    same_spec = same_run(_spec_of(run_dir), spec)
+    saved_spec = _spec_of(run_dir)
+    same_spec = same_run(saved_spec, spec)
     checkpoints = complete_checkpoints(run_dir) if same_spec else []
     finished = same_spec and (run_dir / RESULTS).is_file()
     resume = not finished and bool(checkpoints)
@@ -372,9 +373,12 @@ def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str
         print(f"[skip] {name}: finished earlier, val loss {record.final_val_loss:.4f}", flush=True)
         return record
 
+    replaced = not same_spec and saved_spec is not None and any(path.exists() for path in run_outputs(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_SPEC).write_text(json.dumps(spec, indent=2))
     how = " (resuming)" if resume else ""
+    if replaced:  # the trainer's --overwrite_output_dir is about to delete it: say why
+        how = f" (in place of the run its folder holds, made with other arguments: {spec_changes(saved_spec, spec)})"
     if not resume:
         (run_dir / STARTED_FROM).unlink(missing_ok=True)  # this runner's own note of an earlier start
         if start_from is not None and not any(path.exists() for path in run_outputs(run_dir)):
@@ -486,6 +490,17 @@ def same_run(saved: dict | None, spec: dict) -> bool:
     if not isinstance(saved, dict) or not isinstance(saved.get("values"), dict):
         return False
     return {**saved, "values": run_identity(saved["values"])} == {**spec, "values": run_identity(spec["values"])}
+
+
+def spec_changes(saved, spec: dict) -> str:
+    """What differs between a run folder's saved spec and `spec`, as 'name: X there, Y now' (execution arguments
+    left out, as `same_run` leaves them)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("values"), dict):
+        return f"its {RUN_SPEC} is not a run spec"
+    then, now = ({**{k: v for k, v in s.items() if k != "values"}, **run_identity(s["values"])} for s in (saved, spec))
+    unset = object()
+    return ", ".join(f"{name}: {then.get(name, '(unset)')} there, {now.get(name, '(unset)')} now"
+                     for name in sorted(then.keys() | now.keys()) if then.get(name, unset) != now.get(name, unset))
 
 
 def _spec_of(run_dir: Path):
