@@ -6,10 +6,12 @@ in this process (`launcher: in_process`, the default, no start-up cost) or as
 `accelerate launch` (`launcher: accelerate`, optionally with `accelerate_config`), which
 is how multi-GPU and DeepSpeed runs are made. Either way its output goes to
 `RUN_DIR/train.log` and the runner prints one line when it starts and one when it ends.
-A run folder whose results file (`train_results.json`) exists and whose arguments are unchanged (but for
-those that change how a run computes, not what: `--set cpu_threads=2` or `gradient_checkpointing=true`,
-`run_identity`) is finished and skipped, unless those arguments now build a different model than the one it exported (a
-default changed in the code since): then it is reported as failed, naming the fields, and left as it is.
+A run folder whose results file (`train_results.json`) exists and whose arguments are unchanged (but
+for those that change how a run computes, not what: `--set cpu_threads=2` or
+`gradient_checkpointing=true`, `run_identity`) is finished and skipped, unless those arguments now build
+a different model than the one it exported (a default changed in the code since): then it is reported
+as failed, naming the fields, and left as it is. A run whose arguments changed trains again in its
+folder, and its `[start]` line names what changed.
 An interrupted run resumes from its last checkpoint. A new run may start from another finished run's
 last checkpoint (`start_from`: a comparison's equal-FLOPs run from its equal-steps twin, where the
 schedule does not depend on the step cap and their first steps are the same); its folder's
@@ -497,8 +499,11 @@ def spec_changes(saved, spec: dict) -> str:
     left out, as `same_run` leaves them)."""
     if not isinstance(saved, dict) or not isinstance(saved.get("values"), dict):
         return f"its {RUN_SPEC} is not a run spec"
-    then, now = ({**{k: v for k, v in s.items() if k != "values"}, **run_identity(s["values"])} for s in (saved, spec))
-    unset = object()
+
+    def flat(one: dict) -> dict:  # the launch and the run's identity, in one mapping
+        return {**{k: v for k, v in one.items() if k != "values"}, **run_identity(one["values"])}
+
+    then, now, unset = flat(saved), flat(spec), object()
     return ", ".join(f"{name}: {then.get(name, '(unset)')} there, {now.get(name, '(unset)')} now"
                      for name in sorted(then.keys() | now.keys()) if then.get(name, unset) != now.get(name, unset))
 
