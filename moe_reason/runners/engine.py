@@ -7,8 +7,8 @@ in this process (`launcher: in_process`, the default, no start-up cost) or as
 is how multi-GPU and DeepSpeed runs are made. Either way its output goes to
 `RUN_DIR/train.log` and the runner prints one line when it starts and one when it ends.
 A run folder whose results file (`train_results.json`) exists and whose arguments are unchanged (but
-for those that change how a run computes, not what: `--set cpu_threads=2` or
-`gradient_checkpointing=true`, `run_identity`) is finished and skipped, unless those arguments now build
+for those that change how a run computes, not what: `--set cpu_threads=2`, `gradient_checkpointing=true`
+or other trackers, `run_identity`) is finished and skipped, unless those arguments now build
 a different model than the one it exported (a default changed in the code since): then it is reported
 as failed, naming the fields, and left as it is. A run whose arguments changed trains again in its
 folder, and its `[start]` line names what changed.
