@@ -224,6 +224,7 @@ def test_a_run_whose_folder_is_gone_is_kept_from_results_json_while_its_argument
     printed = capsys.readouterr().out
     assert "[skip] a/seed_0" in printed and "[kept] b/seed_0" in printed and "[start]" not in printed
     assert (out / "a" / "seed_0" / RESULTS).read_text() == finished
+
     ablate_main(command + ["--variants", "a"])  # a narrowed command keeps b in the grid's record
     assert [r["run"] for r in json.loads((out / "results.json").read_text())["other_runs"]] == ["b"]
     assert ablate_main(command).variants["b"] == first.variants["b"]
