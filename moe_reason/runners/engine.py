@@ -483,8 +483,10 @@ def model_drift(saved: Path, values: dict) -> dict:
 
 def run_identity(values: dict) -> dict:
     """A run's trainer arguments less those that change how it computes, not what (`EXECUTION_ARGUMENTS`: a study
-    begun at one thread per run keeps its finished runs, and resumes its interrupted one, at another)."""
-    return {name: value for name, value in values.items() if name not in EXECUTION_ARGUMENTS}
+    begun at one thread per run keeps its finished runs, and resumes its interrupted one, at another), and less
+    its output_dir: the same folder named another way (relative or absolute, from another directory) holds the
+    same run."""
+    return {name: value for name, value in values.items() if name not in (*EXECUTION_ARGUMENTS, "output_dir")}
 
 
 def same_run(saved: dict | None, spec: dict) -> bool:
