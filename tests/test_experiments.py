@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import yaml
@@ -379,7 +380,8 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
     assert not (out / "recursive_equal_flops").exists()
 
 
-def test_an_equal_flops_run_goes_on_from_its_twins_last_checkpoint_and_ends_as_a_run_from_step_0(tmp_path, corpus):
+def test_an_equal_flops_run_goes_on_from_its_twins_last_checkpoint_and_ends_as_a_run_from_step_0(tmp_path, corpus,
+                                                                                               capsys):
     # a constant schedule: the direct arm's run at the recursion's FLOPs repeats its 6-step twin, then goes on;
     # the plateau rule (3 evaluations, a bar no run clears) stops both it and a run from step 0 at step 9
     base = tiny_base(tmp_path, corpus, max_steps=6, eval_interval=3, save_interval=3, lr_scheduler="constant",
@@ -416,6 +418,17 @@ def test_an_equal_flops_run_goes_on_from_its_twins_last_checkpoint_and_ends_as_a
     plateaued = dataclasses.replace(twin, stopped_by="plateau", stopped_at=3)
     assert twin_starts(cmp, todo, [plateaued]) == {at: run.steps}
     assert twin_starts(cmp, todo, [dataclasses.replace(twin, config={**twin.config, "learning_rate": 1.0})]) == {}
+
+    # a study that raises its step cap: the twin, stopped by its cap, goes on in its own folder and ends as the
+    # run from step 0 did; that run, stopped by the plateau rule, ends there under any higher cap
+    capsys.readouterr()
+    longer = run_training("direct", 0, {**twin.config, "max_steps": run.steps}, Path(twin.output_dir))
+    assert f"[start] direct/seed_0 (resuming: its step cap rose from 6 to {run.steps})" in capsys.readouterr().out
+    assert (longer.stopped_by, longer.stopped_at) == ("plateau", 9)
+    assert [loss for _, loss, *_ in longer.eval_curve] == pytest.approx([loss for _, loss, *_ in fresh.eval_curve],
+                                                                          rel=1e-4)
+    again = run_training("fresh", 0, {**run.config, "max_steps": run.steps + 3}, tmp_path / "fresh")
+    assert "[skip] fresh/seed_0" in capsys.readouterr().out and again.stopped_at == 9
 
 
 def test_compare_refuses_training_settings_in_an_arm_except_its_own_learning_rate(tmp_path):

@@ -55,8 +55,8 @@ from ..training.arguments import arguments_from, build_config
 from ..training.metrics import training_flops_per_token
 from .comparison_report import ARM_TRAINING_FIELDS, METRICS, comparison_markdown, plot
 from .engine import (TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments, StudySettings, check_arguments,
-                     check_launch, exit_status, load_runner_file, model_argument_names, run_identity, run_runner,
-                     safe_name, score_task_run, task_argument_names, task_figures, train_or_keep, write_json)
+                     check_launch, exit_status, load_runner_file, model_argument_names, run_runner, safe_name,
+                     same_first_steps, score_task_run, task_argument_names, task_figures, train_or_keep, write_json)
 from .records import Accounting, ComparisonReport, Depth, RunRecord, Side, Transfer, TrendPoint, Verdict
 from .statistics import RULE as STATISTICS_RULE
 from .statistics import mean_std, welch
@@ -246,17 +246,6 @@ def twin_starts(cmp: Comparison, todo: list[tuple[int, PlannedRun]], finished: l
         if twin and twin.stopped_at and twin.stopped_at <= item.steps:
             starts[i] = item.steps if twin.stopped_by == "plateau" else twin.stopped_at
     return starts
-
-
-def same_first_steps(twin: dict, values: dict) -> bool:
-    """Whether a run of trainer arguments `values` repeats its equal-steps twin's steps exactly until the
-    twin stopped: the same arguments but the step cap, under a schedule the cap does not shape, and a twin
-    cap on which both log and evaluate (a run logs and evaluates at its last step too, and the evaluations
-    are the plateau rule's history)."""
-    args = arguments_from(values)[2]
-    return run_identity({**twin, "max_steps": args.max_steps}) == run_identity(values) and \
-        not args.cap_shapes_training() and twin["max_steps"] % args.eval_interval == 0 and \
-        twin["max_steps"] % args.log_interval == 0
 
 
 def transfer_figures(run_dir: Path, values: dict, transfer: dict) -> dict:

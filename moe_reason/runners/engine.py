@@ -11,7 +11,9 @@ for those that change how a run computes, not what: `--set cpu_threads=2`, `grad
 or other trackers, `run_identity`) is finished and skipped, unless those arguments now build
 a different model than the one it exported (a default changed in the code since): then it is reported
 as failed, naming the fields, and left as it is. A run whose arguments changed trains again in its
-folder, and its `[start]` line names what changed.
+folder, and its `[start]` line names what changed; but where only the step cap rose, under a schedule the
+cap does not shape, a capped or interrupted run goes on from its last checkpoint (`raised_cap`) and a
+plateaued one stays as it ended.
 An interrupted run resumes from its last checkpoint. A new run may start from another finished run's
 last checkpoint (`start_from`: a comparison's equal-FLOPs run from its equal-steps twin, where the
 schedule does not depend on the step cap and their first steps are the same); its folder's
@@ -355,7 +357,13 @@ def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str
     spec = {"values": values, "launcher": launcher, "accelerate_config": accelerate_config}
     saved_spec = _spec_of(run_dir)
     same_spec = same_run(saved_spec, spec)
-    checkpoints = complete_checkpoints(run_dir) if same_spec else []
+    earlier_cap, ended = None if same_spec else raised_cap(saved_spec, spec), stopped_by(run_dir)
+    if earlier_cap is not None and ended == "plateau":
+        same_spec = True  # the plateau rule does not read the cap: under a higher one the run ends where it did
+    # an interrupted run, or one its cap stopped whose steps the longer run repeats, trains on to the higher cap
+    going_on = earlier_cap is not None and not same_spec and (
+        ended is None or same_first_steps(saved_spec["values"], values))
+    checkpoints = complete_checkpoints(run_dir) if same_spec or going_on else []
     finished = same_spec and (run_dir / RESULTS).is_file()
     resume = not finished and bool(checkpoints)
     if finished or resume:  # a run made by earlier code: does today's code build the same model from its arguments?
@@ -375,10 +383,16 @@ def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str
         print(f"[skip] {name}: finished earlier, val loss {record.final_val_loss:.4f}", flush=True)
         return record
 
-    replaced = not same_spec and saved_spec is not None and any(path.exists() for path in run_outputs(run_dir))
+    replaced = not (same_spec or resume) and saved_spec is not None and \
+        any(path.exists() for path in run_outputs(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_SPEC).write_text(json.dumps(spec, indent=2))
     how = " (resuming)" if resume else ""
+    if resume and going_on:
+        how = f" (resuming: its step cap rose from {earlier_cap} to {values['max_steps']})"
+        # the folder's spec now names the higher cap: the results of the lower one must not pass for this run's
+        # if it stops before the end (it is then an interrupted run, resumed the next time)
+        (run_dir / RESULTS).unlink(missing_ok=True)
     if replaced:  # the trainer's --overwrite_output_dir is about to delete it: say why
         how = f" (in place of the run its folder holds, made with other arguments: {spec_changes(saved_spec, spec)})"
     if not resume:
@@ -496,6 +510,31 @@ def same_run(saved: dict | None, spec: dict) -> bool:
     return {**saved, "values": run_identity(saved["values"])} == {**spec, "values": run_identity(spec["values"])}
 
 
+def same_first_steps(earlier: dict, values: dict) -> bool:
+    """Whether a run of trainer arguments `values` repeats the steps of an earlier run of arguments `earlier`
+    exactly until that one stopped, so that it may go on from the earlier run's last checkpoint (a comparison's
+    equal-FLOPs run from its equal-steps twin, a run whose study raised its step cap): the same arguments but the
+    step cap, under a schedule the cap does not shape, and an earlier cap on which both log and evaluate (a run
+    logs and evaluates at its last step too, and the evaluations are the plateau rule's history)."""
+    args = arguments_from(values)[2]
+    return run_identity({**earlier, "max_steps": args.max_steps}) == run_identity(values) and \
+        not args.cap_shapes_training() and earlier["max_steps"] % args.eval_interval == 0 and \
+        earlier["max_steps"] % args.log_interval == 0
+
+
+def raised_cap(saved, spec: dict) -> int | None:
+    """The earlier step cap, where a run folder's saved spec is `spec`'s run but for a lower cap, under a schedule
+    the cap does not shape; None otherwise."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("values"), dict) or \
+            {k: v for k, v in saved.items() if k != "values"} != {k: v for k, v in spec.items() if k != "values"}:
+        return None
+    before, now = saved["values"].get("max_steps"), spec["values"].get("max_steps")
+    if not (isinstance(before, int) and isinstance(now, int) and now > before):
+        return None
+    same = run_identity({**saved["values"], "max_steps": now}) == run_identity(spec["values"])
+    return before if same and not arguments_from(spec["values"])[2].cap_shapes_training() else None
+
+
 def spec_changes(saved, spec: dict) -> str:
     """What differs between a run folder's saved spec and `spec`, as 'name: X there, Y now' (execution arguments
     left out, as `same_run` leaves them)."""
@@ -508,6 +547,14 @@ def spec_changes(saved, spec: dict) -> str:
     then, now, unset = flat(saved), flat(spec), object()
     return ", ".join(f"{name}: {then.get(name, '(unset)')} there, {now.get(name, '(unset)')} now"
                      for name in sorted(then.keys() | now.keys()) if then.get(name, unset) != now.get(name, unset))
+
+
+def stopped_by(run_dir: Path) -> str | None:
+    """What ended a finished run ("plateau" or "max_steps"), from its results file; None where there is none."""
+    try:
+        return json.loads((Path(run_dir) / RESULTS).read_text()).get("stopped_by", "max_steps")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _spec_of(run_dir: Path):
