@@ -356,14 +356,8 @@ def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str
     values = {**values, "output_dir": str(run_dir)}
     spec = {"values": values, "launcher": launcher, "accelerate_config": accelerate_config}
     saved_spec = _spec_of(run_dir)
-    same_spec = same_run(saved_spec, spec)
-    earlier_cap, ended = None if same_spec else raised_cap(saved_spec, spec), stopped_by(run_dir)
-    if earlier_cap is not None and ended == "plateau":
-        same_spec = True  # the plateau rule does not read the cap: under a higher one the run ends where it did
-    # an interrupted run, or one its cap stopped whose steps the longer run repeats, trains on to the higher cap
-    going_on = earlier_cap is not None and not same_spec and (
-        ended is None or same_first_steps(saved_spec["values"], values))
-    checkpoints = complete_checkpoints(run_dir) if same_spec or going_on else []
+    same_spec, earlier_cap = judge_folder(run_dir, saved_spec, spec)
+    checkpoints = complete_checkpoints(run_dir) if same_spec or earlier_cap is not None else []
     finished = same_spec and (run_dir / RESULTS).is_file()
     resume = not finished and bool(checkpoints)
     if finished or resume:  # a run made by earlier code: does today's code build the same model from its arguments?
@@ -388,7 +382,7 @@ def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_SPEC).write_text(json.dumps(spec, indent=2))
     how = " (resuming)" if resume else ""
-    if resume and going_on:
+    if resume and earlier_cap is not None:
         how = f" (resuming: its step cap rose from {earlier_cap} to {values['max_steps']})"
         # the folder's spec now names the higher cap: the results of the lower one must not pass for this run's
         # if it stops before the end (it is then an interrupted run, resumed the next time)
@@ -547,6 +541,19 @@ def spec_changes(saved, spec: dict) -> str:
     then, now, unset = flat(saved), flat(spec), object()
     return ", ".join(f"{name}: {then.get(name, '(unset)')} there, {now.get(name, '(unset)')} now"
                      for name in sorted(then.keys() | now.keys()) if then.get(name, unset) != now.get(name, unset))
+
+
+def judge_folder(run_dir: Path, saved, spec: dict) -> tuple[bool, int | None]:
+    """(whether run folder `run_dir`, whose saved spec is `saved`, holds `spec`'s run; the lower step cap its run
+    goes on from, where only the cap rose (`raised_cap`) and the run was interrupted or stopped by that cap with
+    the same first steps). A run the plateau rule stopped is `spec`'s under any higher cap: the rule does not
+    read the cap."""
+    if same_run(saved, spec):
+        return True, None
+    earlier, ended = raised_cap(saved, spec), stopped_by(run_dir)
+    if earlier is None or ended == "plateau":
+        return earlier is not None, None
+    return False, earlier if ended is None or same_first_steps(saved["values"], spec["values"]) else None
 
 
 def stopped_by(run_dir: Path) -> str | None:
