@@ -20,6 +20,7 @@ from moe_reason.runners.compare import (budget_trend, load_comparison, main as c
 from moe_reason.runners.comparison_report import evenly, trend_verdict
 from moe_reason.models.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.evaluation.evaluate import main as evaluate_main
+from moe_reason.runners import engine
 from moe_reason.runners.engine import (RUNNER_KEYS, STUDY_IN_USE, RunBudget, RunnerArguments, exit_status,
                                       load_study_mapping, parse_runner_cli, run_training)
 from moe_reason.runners.records import CURVE_POINTS, GridReport, RunRecord
@@ -422,8 +423,14 @@ def test_an_equal_flops_run_goes_on_from_its_twins_last_checkpoint_and_ends_as_a
     # a study that raises its step cap: the twin, stopped by its cap, goes on in its own folder and ends as the
     # run from step 0 did; that run, stopped by the plateau rule, ends there under any higher cap
     capsys.readouterr()
-    longer = run_training("direct", 0, {**twin.config, "max_steps": run.steps}, Path(twin.output_dir))
+    folder, raised = Path(twin.output_dir), {**twin.config, "max_steps": run.steps}
+    with pytest.MonkeyPatch.context() as patch:  # stopped before its end: an interrupted run, not the capped one
+        patch.setattr(engine, "_train_in_process", lambda *args: "stopped")
+        assert run_training("direct", 0, raised, folder).status == "failed"
     assert f"[start] direct/seed_0 (resuming: its step cap rose from 6 to {run.steps})" in capsys.readouterr().out
+    assert not (folder / RESULTS).exists() and (folder / "checkpoint-6").is_dir()
+    longer = run_training("direct", 0, raised, folder)
+    assert "[start] direct/seed_0 (resuming) ->" in capsys.readouterr().out
     assert (longer.stopped_by, longer.stopped_at) == ("plateau", 9)
     assert [loss for _, loss, *_ in longer.eval_curve] == pytest.approx([loss for _, loss, *_ in fresh.eval_curve],
                                                                           rel=1e-4)
