@@ -497,42 +497,52 @@ def run_identity(values: dict) -> dict:
     return {name: value for name, value in values.items() if name not in (*EXECUTION_ARGUMENTS, "output_dir")}
 
 
+def is_spec(saved) -> bool:
+    """Whether what a run folder's `RUN_SPEC` held is a spec this runner writes (a mapping with its `values`)."""
+    return isinstance(saved, dict) and isinstance(saved.get("values"), dict)
+
+
 def same_run(saved: dict | None, spec: dict) -> bool:
     """Whether a run folder's saved spec (`RUN_SPEC`) is `spec`'s run: the same launch and the same `run_identity`."""
-    if not isinstance(saved, dict) or not isinstance(saved.get("values"), dict):
-        return False
-    return {**saved, "values": run_identity(saved["values"])} == {**spec, "values": run_identity(spec["values"])}
+    return is_spec(saved) and \
+        {**saved, "values": run_identity(saved["values"])} == {**spec, "values": run_identity(spec["values"])}
+
+
+def same_but_cap(earlier: dict, values: dict) -> bool:
+    """Whether trainer arguments `values` make `earlier`'s run but for the step cap, under a schedule the cap does
+    not shape (so their first steps are the same)."""
+    args = arguments_from(values)[2]
+    return run_identity({**earlier, "max_steps": args.max_steps}) == run_identity(values) and \
+        not args.cap_shapes_training()
 
 
 def same_first_steps(earlier: dict, values: dict) -> bool:
     """Whether a run of trainer arguments `values` repeats the steps of an earlier run of arguments `earlier`
     exactly until that one stopped, so that it may go on from the earlier run's last checkpoint (a comparison's
-    equal-FLOPs run from its equal-steps twin, a run whose study raised its step cap): the same arguments but the
-    step cap, under a schedule the cap does not shape, and an earlier cap on which both log and evaluate (a run
-    logs and evaluates at its last step too, and the evaluations are the plateau rule's history)."""
+    equal-FLOPs run from its equal-steps twin, a run whose study raised its step cap): `same_but_cap`, and an
+    earlier cap on which both log and evaluate (a run logs and evaluates at its last step too, and the
+    evaluations are the plateau rule's history)."""
     args = arguments_from(values)[2]
-    return run_identity({**earlier, "max_steps": args.max_steps}) == run_identity(values) and \
-        not args.cap_shapes_training() and earlier["max_steps"] % args.eval_interval == 0 and \
+    return same_but_cap(earlier, values) and earlier["max_steps"] % args.eval_interval == 0 and \
         earlier["max_steps"] % args.log_interval == 0
 
 
 def raised_cap(saved, spec: dict) -> int | None:
-    """The earlier step cap, where a run folder's saved spec is `spec`'s run but for a lower cap, under a schedule
-    the cap does not shape; None otherwise."""
-    if not isinstance(saved, dict) or not isinstance(saved.get("values"), dict) or \
-            {k: v for k, v in saved.items() if k != "values"} != {k: v for k, v in spec.items() if k != "values"}:
+    """The earlier step cap, where a run folder's saved spec is `spec`'s run but for a lower cap
+    (`same_but_cap`, the same launch); None otherwise."""
+    if not is_spec(saved) or {k: v for k, v in saved.items() if k != "values"} != \
+            {k: v for k, v in spec.items() if k != "values"}:
         return None
     before, now = saved["values"].get("max_steps"), spec["values"].get("max_steps")
     if not (isinstance(before, int) and isinstance(now, int) and now > before):
         return None
-    same = run_identity({**saved["values"], "max_steps": now}) == run_identity(spec["values"])
-    return before if same and not arguments_from(spec["values"])[2].cap_shapes_training() else None
+    return before if same_but_cap(saved["values"], spec["values"]) else None
 
 
 def spec_changes(saved, spec: dict) -> str:
     """What differs between a run folder's saved spec and `spec`, as 'name: X there, Y now' (execution arguments
     left out, as `same_run` leaves them)."""
-    if not isinstance(saved, dict) or not isinstance(saved.get("values"), dict):
+    if not is_spec(saved):
         return f"its {RUN_SPEC} is not a run spec"
 
     def flat(one: dict) -> dict:  # the launch and the run's identity, in one mapping
