@@ -438,6 +438,35 @@ def test_an_equal_flops_run_goes_on_from_its_twins_last_checkpoint_and_ends_as_a
     assert "[skip] fresh/seed_0" in capsys.readouterr().out and again.stopped_at == 9
 
 
+def test_arms_trains_one_arm_now_and_the_others_count_from_the_report(tmp_path, corpus, capsys):
+    # the cheap arm on one machine, the costly one on another: each command's verdict has both arms' runs
+    spec = {"seeds": [0, 1], "base": tiny_base(tmp_path, corpus), "reference": "recursive", "equal_flops": False,
+            "arms": {"recursive": {"model_type": "recursive", "h_cycles": 1, "l_cycles": 1, "halt_max_steps": 2},
+                     "direct": {"model_type": "base"}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "cmp"
+    command = [str(tmp_path / "c.yaml"), "--output_dir", str(out)]
+    first = compare_main(command + ["--arms", "direct"])
+    printed = capsys.readouterr().out
+    assert "[later] not among --arms, and the report holds no finished run of them with these arguments: " \
+        "recursive/seed_0, recursive/seed_1\n" in printed and not (out / "recursive").exists()
+    assert [(r.run, r.seed) for r in first.runs] == [("direct", 0), ("direct", 1)]
+    assert first.equal_steps["direct"].sides == {} and first.equal_steps["direct"].winner is None
+
+    both = compare_main(command + ["--arms", "recursive"])
+    printed = capsys.readouterr().out
+    assert printed.count("[kept] direct/seed_") == 2 and printed.count("[start] recursive/seed_") == 2
+    assert "[skip]" not in printed and "[start] direct" not in printed
+    direct = [r.final_val_loss for r in first.runs]
+    assert both.equal_steps["direct"].sides["direct"].values == direct
+    assert len(both.equal_steps["direct"].sides["recursive"].values) == 2 and both.equal_steps["direct"].interval
+    assert both.equal_steps == compare_main(command).equal_steps  # the whole study: nothing left to train
+    assert "[start]" not in capsys.readouterr().out
+
+    with pytest.raises(ValueError, match=r"--arms deep names no arm; arms: \['direct', 'recursive'\]"):
+        compare_main(command + ["--arms", "direct", "deep"])
+
+
 def test_compare_refuses_training_settings_in_an_arm_except_its_own_learning_rate(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": {}, "baseline": {"warmup_steps": 5}, "recursive": {}}))
     with pytest.raises(ValueError, match=r"model fields and learning_rate only.*\['warmup_steps'\]"):

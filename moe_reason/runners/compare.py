@@ -41,6 +41,9 @@ finished run's export is scored on the held-out puzzles (`tasks.scoring`). Write
 `comparison.png` and `COMPARISON.md`; a winner is named only where the 95% interval of the difference
 over seeds excludes 0 (moe_reason.runners.statistics).
 `--max_hours H` starts no run after H hours; `--report DIR` rebuilds the report from DIR/comparison.json.
+`--arms A ...` trains only those arms' runs (equal steps and equal FLOPs): the other arms' finished runs enter
+the verdicts from comparison.json and none trains, so a study's cheap arms can train on one machine and its
+costly arm on another, each command's report complete with what is done.
 comparison.json is the comparison's record (moe_reason.runners.engine): a command narrowed by --seeds keeps the
 other finished runs in it, and a finished run whose folder is gone is kept from it while its arguments are unchanged.
 """
@@ -56,7 +59,7 @@ from ..training.metrics import training_flops_per_token
 from .comparison_report import ARM_TRAINING_FIELDS, METRICS, comparison_markdown, plot
 from .engine import (TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments, StudySettings, check_arguments,
                      check_launch, exit_status, load_runner_file, model_argument_names, run_runner, safe_name,
-                     same_first_steps, score_task_run, task_argument_names, task_figures, train_or_keep, write_json)
+                     same_first_steps, same_record, score_task_run, task_argument_names, task_figures, train_or_keep, write_json)
 from .records import Accounting, ComparisonReport, Depth, RunRecord, Side, Transfer, TrendPoint, Verdict
 from .statistics import RULE as STATISTICS_RULE
 from .statistics import mean_std, welch
@@ -64,8 +67,15 @@ from .statistics import mean_std, welch
 LEGACY_ARMS = ("baseline", "recursive")
 EQUAL_FLOPS_REFERENCE = "reference"  # equal_flops: the cheaper arms also run at the reference arm's FLOPs
 OWN_KEYS = {"arms", "reference", "metric", "equal_flops", "equal_steps", "transfer", *LEGACY_ARMS}
-USAGE = ("moe-reason-compare CONFIG.yaml [--output_dir D] [--seeds 0 1 2] [--launcher in_process|accelerate] "
-         "[--set name=value ...]")
+USAGE = ("moe-reason-compare CONFIG.yaml [--output_dir D] [--seeds 0 1 2] [--arms A B] "
+         "[--launcher in_process|accelerate] [--set name=value ...]")
+
+
+@dataclasses.dataclass
+class CompareArguments(RunnerArguments):
+    arms: list[str] | None = dataclasses.field(default=None, metadata={"help": (
+        "Train only these arms' runs now (equal steps and equal FLOPs); the other arms' finished runs count from "
+        "comparison.json and none trains.")})
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -77,10 +87,11 @@ class Comparison(StudySettings):
     equal_flops: bool | str = True  # or EQUAL_FLOPS_REFERENCE
     equal_steps: bool = True
     transfer: dict = dataclasses.field(default_factory=dict)  # task arguments of the puzzles also scored
+    training: list[str] | None = None  # the arms whose runs this command may train (None: every arm)
 
 
-def load_comparison(path, args: RunnerArguments | None = None) -> Comparison:
-    args = args or RunnerArguments()
+def load_comparison(path, args: CompareArguments | None = None) -> Comparison:
+    args = args or CompareArguments()
     spec, settings = load_runner_file(path, "comparison", OWN_KEYS, args, default_seeds=[0, 1],
                                       output_prefix="compare")
     legacy = [arm for arm in LEGACY_ARMS if arm in spec]
@@ -117,9 +128,12 @@ def load_comparison(path, args: RunnerArguments | None = None) -> Comparison:
                                task_argument_names())
     if transfer and not settings.base.get("task"):
         raise UserError(f"comparison {path}: transfer scores task runs on other puzzles; base has no task")
+    unknown = sorted(set(args.arms or ()) - set(arms))
+    if unknown:
+        raise UserError(f"comparison {path}: --arms {' '.join(unknown)} names no arm; arms: {sorted(arms)}")
     check_launch(settings.launcher, [{**settings.base, **fields} for fields in arms.values()], f"comparison {path}")
     return Comparison(**vars(settings), arms=arms, reference=reference, metric=metric, equal_flops=equal_flops,
-                      equal_steps=equal_steps, transfer=transfer)
+                      equal_steps=equal_steps, transfer=transfer, training=args.arms)
 
 
 def arm_config(values: dict):
@@ -199,6 +213,9 @@ def run_comparison(cmp: Comparison) -> ComparisonReport:
     todo = run_order(plan, accounting, cmp.seeds)
     names = {item.name for item in plan}
     earlier = REPORT.earlier_runs(out, lambda r: r.run in names)
+    untrained = [(seed, item) for seed, item in todo if cmp.training and item.arm not in cmp.training]
+    todo = [run for run in todo if run not in untrained]
+    reported = not_trained_now(cmp, untrained, earlier)
     budget = RunBudget([(item.arm, item.steps) for _, item in todo], cmp.max_hours)
     for seed, item in todo:
         if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
@@ -213,15 +230,32 @@ def run_comparison(cmp: Comparison) -> ComparisonReport:
         if cmp.transfer and record.finished and record.transfer is None:
             record.transfer = transfer_figures(out / name / f"seed_{seed}", values, cmp.transfer)
         runs.append(record)
-        write_json(out / REPORT.json, comparison_report(cmp, accounting, runs, earlier).to_json())
+        write_json(out / REPORT.json, comparison_report(cmp, accounting, reported + runs, earlier).to_json())
         budget.after(runs, earlier.values(), twin_starts(cmp, todo, [*runs, *earlier.values()]))
-    report = comparison_report(cmp, accounting, runs, earlier)
+    report = comparison_report(cmp, accounting, reported + runs, earlier)
     REPORT.write(report, out)
     for kind, verdicts in (("equal steps", report.equal_steps), ("equal FLOPs", report.equal_flops)):
         for arm, v in verdicts.items():
             print(f"{kind}, {arm}: {v.verdict}", flush=True)
     print(f"wrote {out / REPORT.json}, {out / REPORT.png}, {out / REPORT.markdown}", flush=True)
     return report
+
+
+def not_trained_now(cmp: Comparison, untrained: list[tuple[int, PlannedRun]], earlier: dict) -> list[RunRecord]:
+    """The finished runs of the arms left out by --arms, taken from `earlier` (the report's record) where their
+    arguments are this command's; the others wait for a command that trains them."""
+    kept, later = [], []
+    for seed, item in untrained:
+        if same_record(earlier.get((item.name, seed)), run_values(cmp, seed, item)):
+            record = earlier.pop((item.name, seed))
+            kept.append(dataclasses.replace(record, arm=item.arm, kind=item.kind, steps=item.steps, skipped=True))
+            print(f"[kept] {record.title}: not among --arms; from the report", flush=True)
+        else:
+            later.append(f"{item.name}/seed_{seed}")
+    if later:
+        print(f"[later] not among --arms, and the report holds no finished run of them with these arguments: "
+              f"{', '.join(later)}", flush=True)
+    return kept
 
 
 def run_values(cmp: Comparison, seed: int, item: PlannedRun) -> dict:
@@ -358,7 +392,7 @@ REPORT = ReportFiles("comparison.json", "comparison.png", "COMPARISON.md", Compa
 
 
 def main(argv: list[str] | None = None) -> ComparisonReport:
-    return run_runner(argv, RunnerArguments, load_comparison, run_comparison, USAGE, REPORT.rebuild)
+    return run_runner(argv, CompareArguments, load_comparison, run_comparison, USAGE, REPORT.rebuild)
 
 
 if __name__ == "__main__":

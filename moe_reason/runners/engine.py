@@ -416,10 +416,16 @@ def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str
     return record
 
 
+def same_record(record: RunRecord | None, values: dict) -> RunRecord | None:
+    """`record` (a report's finished run) where it ran with the trainer arguments `values` (those that change
+    how a run computes, not what, aside), else None."""
+    return record if record and run_identity(record.config) == run_identity(values) else None
+
+
 def train_or_keep(run: str, seed: int, values: dict, run_dir: Path, launcher: str, accelerate_config: str | None,
                   kept: RunRecord | None, start_from: Path | None = None) -> RunRecord:
     """run_training, unless the run's folder is gone and its earlier record `kept` has the same arguments."""
-    if kept and run_identity(kept.config) == run_identity(values) and not Path(run_dir).exists():
+    if same_record(kept, values) and not Path(run_dir).exists():
         print(f"[kept] {kept.title}: its folder is gone; kept from the report (val loss {kept.final_val_loss:.4f}; "
               "a model default changed since could not be checked)", flush=True)
         return dataclasses.replace(kept, skipped=True)
