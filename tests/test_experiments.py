@@ -438,6 +438,46 @@ def test_an_equal_flops_run_goes_on_from_its_twins_last_checkpoint_and_ends_as_a
     assert "[skip] fresh/seed_0" in capsys.readouterr().out and again.stopped_at == 9
 
 
+def test_an_equal_flops_run_whose_twin_plateaued_within_its_cap_is_the_twins_run(tmp_path, corpus, capsys):
+    # the plateau rule (3 evaluations, a bar no run clears) stops the direct arm's 12-step run at step 9, under the
+    # cap of its run at the recursion's FLOPs: that run would go on from the twin's step 9 and stop at once
+    base = tiny_base(tmp_path, corpus, max_steps=12, eval_interval=3, save_interval=3, lr_scheduler="constant",
+                     stop_on_plateau=True, plateau_min_evals=3, plateau_delta=0.5)
+    spec = {"seeds": [0], "base": base, "reference": "recursive", "equal_flops": "reference",
+            "arms": {"recursive": {"model_type": "recursive", "h_cycles": 1, "l_cycles": 1, "halt_max_steps": 2},
+                     "direct": {"model_type": "base"}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "cmp"
+    command = [str(tmp_path / "c.yaml"), "--output_dir", str(out), "--arms", "direct"]
+    payload = compare_main(command)
+    printed = capsys.readouterr().out
+    twin, run = (next(r for r in payload.runs if r.run == name) for name in ("direct", "direct_equal_flops"))
+    assert (twin.stopped_by, twin.stopped_at) == ("plateau", 9) and run.steps > 12
+    assert f"[ended] direct_equal_flops/seed_0: its twin direct/seed_0 plateaued at step 9, within this run's " \
+        f"cap of {run.steps}" in printed and "[start] direct_equal_flops" not in printed
+    assert not (out / "direct_equal_flops").exists() and run.started_from == f"{twin.output_dir}/checkpoint-9"
+    assert (run.stopped_by, run.stopped_at, run.config["max_steps"]) == ("plateau", 9, run.steps)
+    # what it stands for: the run going on from the twin's last checkpoint stops there, with the twin's figures
+    went_on = run_training("went_on", 0, run.config, tmp_path / "went_on", start_from=Path(twin.output_dir))
+    assert (went_on.stopped_by, went_on.stopped_at) == ("plateau", 9)
+    assert went_on.eval_curve == run.eval_curve and went_on.final_val_loss == run.final_val_loss
+    # a fresh checkout with the committed report: both are kept from it
+    shutil.rmtree(out / "direct")
+    capsys.readouterr()
+    again = compare_main(command)
+    printed = capsys.readouterr().out
+    assert "[kept] direct/seed_0" in printed and "[kept] direct_equal_flops/seed_0" in printed
+    assert "[start]" not in printed and again.runs[-1].final_val_loss == run.final_val_loss
+    # and where the report holds the twin only (the run came after it was committed), the kept twin's record
+    record = json.loads((out / "comparison.json").read_text())
+    record["runs"] = [r for r in record["runs"] if r["run"] != "direct_equal_flops"]
+    (out / "comparison.json").write_text(json.dumps(record))
+    assert compare_main(command).runs[-1].eval_curve == run.eval_curve
+    printed = capsys.readouterr().out
+    assert "[kept] direct/seed_0" in printed and "[ended] direct_equal_flops/seed_0" in printed
+    assert "[start]" not in printed and not (out / "direct_equal_flops").exists()
+
+
 def test_arms_trains_one_arm_now_and_the_others_count_from_the_report(tmp_path, corpus, capsys):
     # the cheap arm on one machine, the costly one on another: each command's verdict has both arms' runs
     spec = {"seeds": [0, 1], "base": tiny_base(tmp_path, corpus), "reference": "recursive", "equal_flops": False,

@@ -34,7 +34,8 @@ the reference also runs for the steps that spend the reference's FLOPs, so the c
 with `stop_on_plateau` in the base those steps are a cap, and each run says whether it plateaued or hit it.
 Under a schedule the cap does not shape (`lr_scheduler: constant`, no `warmup_ratio`) an equal-FLOPs
 run's first steps are its equal-steps twin's, so it starts from the twin's last checkpoint instead of
-step 0 (a twin that plateaued there leaves it nothing to train); its record says so (`started_from`).
+step 0; its record says so (`started_from`). A twin that plateaued within the run's cap leaves it nothing to
+train (the plateau rule does not read the cap): the twin's record is the run's, and nothing trains (`[ended]`).
 `equal_steps: false` keeps only the budget arm's `max_steps` run and the equal-FLOPs runs: the
 costlier arms' full-length runs are what makes a long study long. With a task base each
 finished run's export is scored on the held-out puzzles (`tasks.scoring`). Writes `comparison.json`,
@@ -220,15 +221,16 @@ def run_comparison(cmp: Comparison) -> ComparisonReport:
     for seed, item in todo:
         if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
             break
-        name = item.name
-        values = run_values(cmp, seed, item)
-        twin = twin_of(seed, item, runs, values)
-        record = train_or_keep(name, seed, values, out / name / f"seed_{seed}", cmp.launcher,
-                               cmp.accelerate_config, earlier.pop((name, seed), None),
-                               start_from=Path(twin.output_dir) if twin else None)
+        name, values, run_dir = item.name, run_values(cmp, seed, item), out / item.name / f"seed_{seed}"
+        twin, kept = twin_of(seed, item, runs, values), earlier.pop((name, seed), None)
+        if twin and ends_with_twin(twin, item) and not same_record(kept, values) and not run_dir.exists():
+            record = twin_ended(twin, item, values)
+        else:
+            record = train_or_keep(name, seed, values, run_dir, cmp.launcher, cmp.accelerate_config, kept,
+                                   start_from=Path(twin.output_dir) if twin else None)
         record = dataclasses.replace(record, arm=item.arm, kind=item.kind, steps=item.steps)
         if cmp.transfer and record.finished and record.transfer is None:
-            record.transfer = transfer_figures(out / name / f"seed_{seed}", values, cmp.transfer)
+            record.transfer = transfer_figures(Path(record.output_dir), values, cmp.transfer)
         runs.append(record)
         write_json(out / REPORT.json, comparison_report(cmp, accounting, reported + runs, earlier).to_json())
         budget.after(runs, earlier.values(), twin_starts(cmp, todo, [*runs, *earlier.values()]))
@@ -270,6 +272,23 @@ def twin_of(seed: int, item: PlannedRun, finished: list[RunRecord], values: dict
     return twin if twin and item.kind == "equal_flops" and same_first_steps(twin.config, values) else None
 
 
+def ends_with_twin(twin: RunRecord, item: PlannedRun) -> bool:
+    """Whether going on from `twin`'s last checkpoint would stop at once: the twin plateaued within the run's cap,
+    and the run's evaluations up to there are the twin's (the plateau rule does not read the cap)."""
+    return twin.stopped_by == "plateau" and bool(twin.stopped_at) and twin.stopped_at <= item.steps
+
+
+def twin_ended(twin: RunRecord, item: PlannedRun, values: dict) -> RunRecord:
+    """The record of an equal-FLOPs run that `ends_with_twin`: the twin's run, its model and scores, under this
+    run's name and arguments; nothing trains or is scored again, and no folder is made for it (the twin's may
+    be gone: a fresh checkout with the committed report)."""
+    started = f"{twin.output_dir}/checkpoint-{twin.stopped_at}"
+    print(f"[ended] {item.name}/seed_{twin.seed}: its twin {twin.title} plateaued at step {twin.stopped_at}, within "
+          f"this run's cap of {item.steps}; going on from {started} would stop at once: the twin's record is this "
+          "run's", flush=True)
+    return dataclasses.replace(twin, run=item.name, config=values, skipped=True, started_from=started)
+
+
 def twin_starts(cmp: Comparison, todo: list[tuple[int, PlannedRun]], finished: list[RunRecord]) -> dict[int, int]:
     """{index in `todo`: the step an equal-FLOPs run will start at}, for the runs whose twin has finished within
     the run's cap (`continue_from`): the twin's last step, or the run's cap where the twin plateaued (its
@@ -278,7 +297,7 @@ def twin_starts(cmp: Comparison, todo: list[tuple[int, PlannedRun]], finished: l
     for i, (seed, item) in enumerate(todo):
         twin = twin_of(seed, item, finished, run_values(cmp, seed, item))
         if twin and twin.stopped_at and twin.stopped_at <= item.steps:
-            starts[i] = item.steps if twin.stopped_by == "plateau" else twin.stopped_at
+            starts[i] = item.steps if ends_with_twin(twin, item) else twin.stopped_at
     return starts
 
 
