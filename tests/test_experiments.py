@@ -381,16 +381,22 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
     assert not (out / "recursive_equal_flops").exists()
 
 
-def test_an_equal_flops_run_goes_on_from_its_twins_last_checkpoint_and_ends_as_a_run_from_step_0(tmp_path, corpus,
-                                                                                               capsys):
-    # a constant schedule: the direct arm's run at the recursion's FLOPs repeats its 6-step twin, then goes on;
-    # the plateau rule (3 evaluations, a bar no run clears) stops both it and a run from step 0 at step 9
-    base = tiny_base(tmp_path, corpus, max_steps=6, eval_interval=3, save_interval=3, lr_scheduler="constant",
-                     stop_on_plateau=True, plateau_min_evals=3, plateau_delta=0.5)
+def plateau_study(tmp_path, corpus, max_steps: int) -> None:
+    """tmp_path/c.yaml: a recursive and a direct arm at a constant learning rate, the direct arm also at the
+    recursion's FLOPs, under a plateau rule (3 evaluations, a bar no run clears) that stops a run at step 9."""
+    base = tiny_base(tmp_path, corpus, max_steps=max_steps, eval_interval=3, save_interval=3,
+                     lr_scheduler="constant", stop_on_plateau=True, plateau_min_evals=3, plateau_delta=0.5)
     spec = {"seeds": [0], "base": base, "reference": "recursive", "equal_flops": "reference",
             "arms": {"recursive": {"model_type": "recursive", "h_cycles": 1, "l_cycles": 1, "halt_max_steps": 2},
                      "direct": {"model_type": "base"}}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+
+
+def test_an_equal_flops_run_goes_on_from_its_twins_last_checkpoint_and_ends_as_a_run_from_step_0(tmp_path, corpus,
+                                                                                               capsys):
+    # a constant schedule: the direct arm's run at the recursion's FLOPs repeats its 6-step twin, then goes on;
+    # the plateau rule (3 evaluations, a bar no run clears) stops both it and a run from step 0 at step 9
+    plateau_study(tmp_path, corpus, max_steps=6)
     payload = compare_main([str(tmp_path / "c.yaml"), "--output_dir", str(tmp_path / "cmp")])
     twin, run = (next(r for r in payload.runs if r.run == name) for name in ("direct", "direct_equal_flops"))
     assert twin.started_from is None and (twin.stopped_by, twin.stopped_at) == ("max_steps", 6)
@@ -441,12 +447,7 @@ def test_an_equal_flops_run_goes_on_from_its_twins_last_checkpoint_and_ends_as_a
 def test_an_equal_flops_run_whose_twin_plateaued_within_its_cap_is_the_twins_run(tmp_path, corpus, capsys):
     # the plateau rule (3 evaluations, a bar no run clears) stops the direct arm's 12-step run at step 9, under the
     # cap of its run at the recursion's FLOPs: that run would go on from the twin's step 9 and stop at once
-    base = tiny_base(tmp_path, corpus, max_steps=12, eval_interval=3, save_interval=3, lr_scheduler="constant",
-                     stop_on_plateau=True, plateau_min_evals=3, plateau_delta=0.5)
-    spec = {"seeds": [0], "base": base, "reference": "recursive", "equal_flops": "reference",
-            "arms": {"recursive": {"model_type": "recursive", "h_cycles": 1, "l_cycles": 1, "halt_max_steps": 2},
-                     "direct": {"model_type": "base"}}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+    plateau_study(tmp_path, corpus, max_steps=12)
     out = tmp_path / "cmp"
     command = [str(tmp_path / "c.yaml"), "--output_dir", str(out), "--arms", "direct"]
     payload = compare_main(command)
