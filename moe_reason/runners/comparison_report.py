@@ -205,7 +205,8 @@ def run_table(p: ComparisonReport, key: str, metric_label: str, higher: bool) ->
     continued = [r for r in p.runs if r.finished and r.started_from]
     if continued:
         lines += ["", "Started from their equal-steps twin's last checkpoint (a schedule the step cap does not shape "
-                  "repeats the twin's steps up to there; steps, curves and wall time include them): "
+                  "repeats the twin's steps up to there; steps, curves and wall time include them; where the twin "
+                  "had plateaued there, the rule stopped the run at once, and it is the twin's run): "
                   + ", ".join(f"{r.title} from `{r.started_from}`" for r in continued) + "."]
     return lines
 
