@@ -502,6 +502,10 @@ def test_arms_trains_one_arm_now_and_the_others_count_from_the_report(tmp_path, 
     assert both.equal_steps["direct"].sides["direct"].values == direct
     assert len(both.equal_steps["direct"].sides["recursive"].values) == 2 and both.equal_steps["direct"].interval
     assert both.equal_steps == compare_main(command).equal_steps  # the whole study: nothing left to train
+    machines = {r.machines[0] for r in both.runs}  # each run names what trained it, and the report says so
+    assert len(machines) == 1 and all(len(r.machines) == 1 for r in both.runs)
+    assert f"Machines: {machines.pop()}: direct/seed_0, direct/seed_1, recursive/seed_0, recursive/seed_1." in \
+        (out / "COMPARISON.md").read_text()
     assert "[start]" not in capsys.readouterr().out
 
     with pytest.raises(ValueError, match=r"--arms deep names no arm; arms: \['direct', 'recursive'\]"):

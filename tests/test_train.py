@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from moe_reason.training.checkpointing import complete_checkpoints, save_checkpoint
+from moe_reason.training.metrics import cpu_model
+from moe_reason.training.trainer import UNRECORDED_MACHINE
 
 from conftest import (REPO, assert_export_cli_matches_final, assert_zero_run_learned_and_exported_its_gathered_weights,
                       clean_env, eval_records, evaluate_export, free_port, launch, main_cases, read_metrics, train_args,
@@ -56,9 +58,13 @@ def test_resume_is_exact(tmp_path, corpus):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     assert main_cases([train_args(tmp_path, corpus, output_dir=straight, **noisy),  # one process, two runs
                        train_args(tmp_path, corpus, output_dir=halves, max_steps=3, **noisy)]) == [None, None]
-    # the checkpoint carries the loop's time: pretend the first half took 1000 s
+    # the checkpoint carries the loop's time: pretend the first half took 1000 s, on a machine not recorded (a
+    # checkpoint from before runs recorded theirs)
     state_file = halves / "checkpoint-3" / "trainer_state.json"
-    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "train_seconds": 1000.0}))
+    saved = json.loads(state_file.read_text())
+    assert saved["machines"] == json.loads((straight / "train_results.json").read_text())["machines"]
+    assert len(saved["machines"]) == 1 and saved["machines"][0].startswith(f"{cpu_model()}, ")
+    state_file.write_text(json.dumps({**saved, "train_seconds": 1000.0, "machines": []}))
     resumed, other_model = main_cases([
         train_args(tmp_path, corpus, output_dir=halves, resume_from_checkpoint="latest", **noisy),
         # the same weight shapes, another model: it would load silently and train as something else
@@ -73,6 +79,7 @@ def test_resume_is_exact(tmp_path, corpus):
         "wall_seconds"] * 5  # both halves' time: throughput is over the whole run, not its last start
     assert results["tokens_per_s"] == \
         pytest.approx(results["step"] * results["tokens_per_step"] / results["wall_seconds"])
+    assert results["machines"] == [UNRECORDED_MACHINE, saved["machines"][0]]  # what ran each start
     a, b = load_file(straight / "final" / "model.safetensors"), load_file(halves / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

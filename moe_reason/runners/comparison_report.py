@@ -4,7 +4,7 @@ writes it), so `--report DIR` rebuilds them without training."""
 import dataclasses
 from pathlib import Path
 
-from .engine import THROUGHPUT_NOTE, mean_curve, pyplot, save_figure, settings_line
+from .engine import mean_curve, pyplot, save_figure, settings_line, throughput_lines
 from .records import Accounting, ComparisonReport, RunRecord, TrendPoint
 from .statistics import mean_std, mean_std_text, welch
 
@@ -67,7 +67,7 @@ def comparison_markdown(p: ComparisonReport) -> str:
     lines += [f"**Equal steps, {arm} vs {p.reference}:** {v.verdict}." for arm, v in p.equal_steps.items()]
     lines += [f"**Equal FLOPs, {arm} vs {acc.budget_arm}:** {v.verdict}."
               for arm, v in p.equal_flops.items()]
-    lines += ["", f"Rule: {p.spread_rule}.", "", f"Throughput: {THROUGHPUT_NOTE}."]
+    lines += ["", f"Rule: {p.spread_rule}."] + throughput_lines(runs)
     lines += trend_section(p)
     lines += steps_curve_table(runs)
     lines += halting_section(p)

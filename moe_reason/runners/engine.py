@@ -53,7 +53,8 @@ from ..locks import hold_folder
 from ..tasks.puzzles import TaskArguments
 from ..training.arguments import ModelArguments, arguments_from, build_config, load_mapping, refuse_unknown
 from ..training.checkpointing import complete_checkpoints
-from ..training.trainer import EXECUTION_ARGUMENTS, TOKENIZER_FIELDS, config_drift, describe_drift, saved_config, train
+from ..training.trainer import (EXECUTION_ARGUMENTS, TOKENIZER_FIELDS, UNRECORDED_MACHINE, config_drift, describe_drift,
+                                saved_config, train)
 from .records import RunRecord
 from .statistics import mean_std
 
@@ -654,7 +655,7 @@ def collect_run(run_dir) -> dict:
         # [step, loss, token accuracy, exact match]: a task run's learning curve is its fourth column
         "eval_curve": [[r["step"], r["eval/loss"], r["eval/accuracy"], r.get("eval/exact_match")] for r in evals],
         "stopped_by": results.get("stopped_by", "max_steps"), "stopped_at": results["step"],
-        "nan": nan,
+        "nan": nan, "machines": results.get("machines"),
         "started_from": (json.loads((run_dir / STARTED_FROM).read_text())["started_from"]
                          if (run_dir / STARTED_FROM).is_file() else None),
         **task_figures(run_dir),
@@ -679,6 +680,21 @@ def task_figures(run_dir: Path, scores: str = TASK_EVAL) -> dict:
 THROUGHPUT_NOTE = ("tokens/s and wall time are each run's training loop over all its starts (its checkpoints carry the "
                    "time; a run resumed from a checkpoint older than that counts from its resume): they compare only "
                    "between runs that had the machine alike")
+
+
+def throughput_lines(runs: list[RunRecord]) -> list[str]:
+    """A report's throughput note, and which machine trained which finished runs where any run recorded it (the
+    trainer's `machines`: one per start that ran on another)."""
+    lines = ["", f"Throughput: {THROUGHPUT_NOTE}."]
+    done = [r for r in runs if r.finished]
+    if not any(r.machines for r in done):
+        return lines
+    by_machine = {}
+    for r in done:
+        for name in r.machines or [UNRECORDED_MACHINE]:
+            by_machine.setdefault(name, []).append(r.title)
+    trained = "; ".join(f"{name}: {', '.join(sorted(titles))}" for name, titles in by_machine.items())
+    return lines + ["", f"Machines: {trained}."]
 
 
 def settings_line(base: dict) -> list[str]:

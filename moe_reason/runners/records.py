@@ -64,6 +64,7 @@ class RunRecord:
     stopped_by: str | None = None  # "plateau" or "max_steps"
     stopped_at: int | None = None  # the step it ended at
     nan: bool | None = None  # a non-finite loss or a skipped step was seen
+    machines: list | None = None  # what trained it (training.metrics.machine), one per start on another machine
     # "RUN_FOLDER/checkpoint-STEP": another run's checkpoint this one started from (engine.continue_from); its
     # steps, curves and wall time up to there are that run's
     started_from: str | None = None

@@ -1,6 +1,8 @@
 """What training measures: FLOPs and MFU, expert load, the logged window of micro-batches, evaluation sums."""
 
+import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -69,6 +71,29 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
         if size >= max_size or best > budget_s:
             return 2 * size**3 / best
         size *= 2
+
+
+def machine(device: torch.device, num_processes: int = 1) -> str:
+    """What runs a training loop, as a report names it beside its throughput: the GPU's name, or the CPU's model
+    and torch's threads (CPUs of one kind differ several-fold: time is only comparable on one machine)."""
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    elif device.type == "cpu":
+        threads = torch.get_num_threads()
+        what = f"{cpu_model()}, {threads} thread{'s' if threads > 1 else ''}"
+    else:
+        what = device.type
+    return what if num_processes == 1 else f"{num_processes} processes, each {what}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def saved_activation_bytes(model, **inputs) -> int:

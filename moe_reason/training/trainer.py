@@ -55,7 +55,7 @@ from .ema import WeightEMA
 from ..layout import (BEST, DATA_SOURCE, EMA_WEIGHTS, FINAL, METRICS, RESULTS, RUN_ARGS, RUN_LOCK, STREAM_STATE,
                       TENSORBOARD, complete_checkpoints, run_outputs, stream_state_name)
 from .lora import add_lora, is_lora, lora_config, merged
-from .metrics import LogWindow, any_nonfinite, measure_peak_flops, training_flops_per_token
+from .metrics import LogWindow, any_nonfinite, machine, measure_peak_flops, training_flops_per_token
 from .optim import make_optimizer_and_scheduler
 from .plateau import describe as describe_plateau
 from .plateau import plateaued
@@ -70,6 +70,9 @@ RESUMABLE_ARGUMENTS = ("resume_from_checkpoint", "overwrite_output_dir", "max_st
 
 
 LR_SCHEDULER = "lr_scheduler"  # its state dict's key in trainer_state.json, beside the TrainState's fields
+
+
+UNRECORDED_MACHINE = "not recorded"  # what ran the steps of a checkpoint saved before runs recorded it
 
 
 @dataclass
@@ -87,6 +90,7 @@ class TrainState:
     train_seconds: float = 0.0  # the training loop's wall time up to the latest checkpoint, over every start
     evals: list = dataclasses.field(default_factory=list)  # [step, exact_match, accuracy] per evaluation (plateau)
     plateau_step: int | None = None  # --stop_on_plateau: the step whose evaluation found the plateau
+    machines: list = dataclasses.field(default_factory=list)  # metrics.machine of each start, once each
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -628,6 +632,9 @@ class Trainer:
         progress = tqdm(total=args.max_steps, initial=state.step, disable=not self.accelerator.is_local_main_process,
                         desc="training", dynamic_ncols=True)
         self.started = time.perf_counter() - state.train_seconds  # a resumed run's clock goes on from its checkpoint
+        earlier = state.machines or ([UNRECORDED_MACHINE] if state.step else [])  # a checkpoint from older code
+        here = machine(self.accelerator.device, self.accelerator.num_processes)
+        state.machines = earlier + ([here] if here not in earlier else [])
         self.model.train()
         while state.step < args.max_steps and state.plateau_step is None:
             record = self.train_step(micro_batches)
@@ -838,7 +845,8 @@ class Trainer:
                    "flops_per_token": self.flops_per_token, "tokens_per_step": tokens_per_step,
                    "sequences_per_step": tokens_per_step // self.data.summary["block_size"],
                    "parameters": self.parameters, "output_dir": str(self.out),
-                   "stopped_by": "plateau" if state.plateau_step is not None else "max_steps"}
+                   "stopped_by": "plateau" if state.plateau_step is not None else "max_steps",
+                   "machines": state.machines}
         if self.accelerator.is_main_process:
             (self.out / RESULTS).write_text(json.dumps(results, indent=2))
             self.accelerator.print(f"done: {state.step} steps in {wall / 60:.1f} min; final val loss "
