@@ -60,7 +60,8 @@ from ..training.metrics import training_flops_per_token
 from .comparison_report import ARM_TRAINING_FIELDS, METRICS, comparison_markdown, plot
 from .engine import (TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments, StudySettings, check_arguments,
                      check_launch, exit_status, load_runner_file, model_argument_names, run_runner, safe_name,
-                     same_first_steps, same_record, score_task_run, task_argument_names, task_figures, train_or_keep, write_json)
+                     same_first_steps, same_record, score_task_run, task_argument_names, task_figures, train_or_keep,
+                     write_json)
 from .records import Accounting, ComparisonReport, Depth, RunRecord, Side, Transfer, TrendPoint, Verdict
 from .statistics import RULE as STATISTICS_RULE
 from .statistics import mean_std, welch
