@@ -467,7 +467,8 @@ def test_an_equal_flops_run_whose_twin_plateaued_within_its_cap_is_the_twins_run
     capsys.readouterr()
     again = compare_main(command)
     printed = capsys.readouterr().out
-    assert "[kept] direct/seed_0" in printed and "[kept] direct_equal_flops/seed_0" in printed
+    assert "[kept] direct/seed_0: its folder is gone" in printed
+    assert "[kept] direct_equal_flops/seed_0: it is direct's run, as it ended; kept from the report" in printed
     assert "[start]" not in printed and again.runs[-1].final_val_loss == run.final_val_loss
     # and where the report holds the twin only (the run came after it was committed), the kept twin's record
     record = json.loads((out / "comparison.json").read_text())
@@ -656,20 +657,22 @@ def test_a_file_that_extends_another_changes_only_what_it_names(tmp_path):
 
 def test_the_ladders_files_build_on_each_other_without_changing_a_rung():
     """The rungs share one recipe through extends; each still trains exactly the settings its runs were made with."""
-    four, six, nine, maze, maze8 = (load_comparison(REPO / "experiments" / f"trm_{name}.yaml") for name in
-                                    ("sudoku_4x4", "sudoku_6x6", "sudoku_9x9", "maze", "maze_8x8"))
+    four, six, harder, nine, maze, maze8 = (load_comparison(REPO / "experiments" / f"trm_{name}.yaml") for name in
+                                            ("sudoku_4x4", "sudoku_6x6", "sudoku_6x6_blanks_24", "sudoku_9x9", "maze",
+                                             "maze_8x8"))
     recipe = {name: four.base[name] for name in ("model_preset", "hidden_size", "learning_rate", "ema_decay",
                                                   "stop_on_plateau", "eval_interval", "save_total_limit")}
-    for study in (six, nine, maze, maze8):
+    for study in (six, harder, nine, maze, maze8):
         assert {name: study.base[name] for name in recipe} == recipe and study.arms == four.arms
         assert study.seeds == [0, 1, 2] and study.equal_flops == "reference"
     assert (six.base["task_size"], six.base["sudoku_blanks"], "sudoku_blanks_max" in six.base) == (6, 20, False)
+    assert {**six.base, "sudoku_blanks": 24} == harder.base
     assert (nine.base["task_size"], nine.base["sudoku_blanks"], nine.base["max_steps"]) == (9, 30, 6000)
     assert "plateau_min_window" not in six.base and nine.base["plateau_min_window"] == 10
     for mazes, size in ((maze, 6), (maze8, 8)):
         assert mazes.base["task"] == "maze" and mazes.base["task_size"] == size and "sudoku_blanks" not in mazes.base
     assert maze.transfer == {"task_size": 8, "maze_min_path": 16} and maze8.transfer == {}
-    assert len({str(s.output_dir) for s in (four, six, nine, maze, maze8)}) == 5
+    assert len({str(s.output_dir) for s in (four, six, harder, nine, maze, maze8)}) == 6
 
 
 def test_a_task_comparison_scores_every_run_on_the_transfer_puzzles_too(tmp_path):

@@ -427,8 +427,10 @@ def train_or_keep(run: str, seed: int, values: dict, run_dir: Path, launcher: st
                   kept: RunRecord | None, start_from: Path | None = None) -> RunRecord:
     """run_training, unless the run's folder is gone and its earlier record `kept` has the same arguments."""
     if same_record(kept, values) and not Path(run_dir).exists():
-        print(f"[kept] {kept.title}: its folder is gone; kept from the report (val loss {kept.final_val_loss:.4f}; "
-              "a model default changed since could not be checked)", flush=True)
+        owner = Path(kept.output_dir).parent.name  # OUTPUT_DIR/RUN/seed_N; another run's: a comparison's twin_ended
+        folder = "its folder is gone" if owner == kept.run else f"it is {owner}'s run, as it ended"
+        print(f"[kept] {kept.title}: {folder}; kept from the report (val loss {kept.final_val_loss:.4f}; a model "
+              "default changed since could not be checked)", flush=True)
         return dataclasses.replace(kept, skipped=True)
     return run_training(run, seed, values, run_dir, launcher, accelerate_config, start_from)
 
