@@ -86,37 +86,63 @@ def train_args(tmp_path, corpus, **overrides) -> list[str]:
 
 
 def launch(argv: list[str], config_file: str | None = None, timeout: int = 300, extra_launch=(), check=True):
-    """`accelerate launch --config_file F train.py ARGV` as a real process, or without a config file the
-    single-process `python train.py ARGV` (Accelerate's launcher would add seconds of start-up and
-    nothing else); returns CompletedProcess."""
-    cmd = [sys.executable]
+    """`accelerate launch --config_file F train.py ARGV` as a real process, or without a config file what
+    `python train.py ARGV` does, forked from the warm-start process (`python_run`); returns CompletedProcess."""
     if config_file:
-        cmd += ["-m", "accelerate.commands.launch", "--config_file", str(REPO / config_file), *extra_launch]
-    cmd += [str(REPO / "train.py"), *argv]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=clean_env())
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config_file),
+               *extra_launch, str(REPO / "train.py"), *argv]
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=clean_env())
+    else:
+        result = python_run([str(REPO / "train.py"), *argv], timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n"
+        raise AssertionError(f"{' '.join(result.args)} failed ({result.returncode}):\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
 
 
+_warm_start: subprocess.Popen | None = None
+
+
+def warm_start(request: dict, timeout: int) -> dict:
+    """One request to this worker's warm-start process (tests/warm_start.py), started on first use: it has
+    imported the trainer, and forks a child for each request, so a run skips a fresh interpreter's imports."""
+    global _warm_start
+    if _warm_start is None or _warm_start.poll() is not None:
+        _warm_start = subprocess.Popen([sys.executable, str(REPO / "tests" / "warm_start.py")], cwd=REPO,
+                                       env=clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    _warm_start.stdin.write(json.dumps({**request, "timeout": timeout}) + "\n")
+    _warm_start.stdin.flush()
+    line = _warm_start.stdout.readline()
+    assert line, f"the warm-start process ended (exit status {_warm_start.wait()})"
+    return json.loads(line)
+
+
+def python_run(args: list, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python ARGS` (a script and its arguments, or -m MODULE ...) in REPO with clean_env(), as subprocess.run
+    with capture_output gives it, run in a child of the warm-start process."""
+    args = [str(a) for a in args]
+    answer = warm_start({"args": args}, timeout)
+    if answer["timed_out"]:
+        raise subprocess.TimeoutExpired(["python", *args], timeout, answer["stdout"], answer["stderr"])
+    return subprocess.CompletedProcess(["python", *args], answer["returncode"], answer["stdout"], answer["stderr"])
+
+
 def main_cases(argv_lists: list[list[str]], timeout: int = 300) -> list[str | None]:
-    """The trainer's `main` on each argument list in one fresh process (tests/main_cases_check.py) -> per
-    case the error it stopped with ("ExceptionType: message"), or None where it trained to the end."""
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "main_cases_check.py"), json.dumps(argv_lists)],
-                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """The trainer's `main` on each argument list, each in a fresh process forked from the warm-start process ->
+    per case the error it stopped with ("ExceptionType: message"), or None where it trained to the end."""
+    results = []
+    for argv in argv_lists:
+        answer = warm_start({"main": [str(a) for a in argv]}, timeout)
+        assert answer["returncode"] == 0 and not answer["timed_out"], \
+            answer["stdout"][-2000:] + answer["stderr"][-3000:]
+        results.append(answer["result"])
+    return results
 
 
 def cli_cases(cases: list[tuple[str, list[str]]], timeout: int = 300) -> list[tuple[int, str]]:
-    """Each (MODULE, ARGV) command run as `python -m MODULE ARGV` would run it, all forked from one fresh process
-    (tests/main_cases_check.py --cli) -> per case (exit status, stderr)."""
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "main_cases_check.py"), "--cli",
-                             json.dumps([[module, [str(a) for a in argv]] for module, argv in cases])],
-                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return [tuple(outcome) for outcome in json.loads(result.stdout.strip().splitlines()[-1])]
+    """Each (MODULE, ARGV) run as `python -m MODULE ARGV` -> per case (exit status, stderr)."""
+    runs = [python_run(["-m", module, *argv], timeout) for module, argv in cases]
+    return [(run.returncode, run.stderr) for run in runs]
 
 
 def clean_env() -> dict:

@@ -2,13 +2,11 @@
 
 import importlib.util
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, clean_env, launch, train_args, write_corpus
+from conftest import REPO, launch, python_run, train_args, write_corpus
 
 TINY = {
     "throughput.py": ["--preset", "debug", "--batch", "2", "--seq", "32", "--steps", "1", "--rounds", "1",
@@ -29,8 +27,7 @@ LAST_LINE = {"throughput.py": r"ratio ours/mixtral: \d+\.\d\d",
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(TINY))
 def test_benchmark_runs_once_and_prints_its_ratio_last(script):
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *TINY[script]], cwd=REPO,
-                            env=clean_env(), capture_output=True, text=True, timeout=300)
+    result = python_run([REPO / "benchmarks" / script, *TINY[script]])
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
     assert re.search(LAST_LINE[script], last), last
@@ -64,9 +61,8 @@ def test_halting_probe_runs_on_a_trained_recursive_model(tmp_path):
                       halt_max_steps=2, validation_documents=30))
     data = ["--data_files", str(corpus), "--block_size", "32", "--validation_documents", "30",
             "--data_cache_dir", str(tmp_path / "data_cache"), "--preprocessing_num_workers", "1"]
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "halting_probe.py"), "--model_path",
-                             str(out / "final"), "--blocks", "12", *data], cwd=REPO, env=clean_env(),
-                            capture_output=True, text=True, timeout=300)
+    result = python_run([REPO / "benchmarks" / "halting_probe.py", "--model_path", out / "final", "--blocks", "12",
+                         *data])
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"linear probe for loss_rank \(median split\): fit \d\.\d+, held-out \d\.\d+ \(4 sequences\)",
                      result.stdout), result.stdout

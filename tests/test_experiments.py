@@ -714,21 +714,18 @@ def test_a_second_runner_on_the_same_study_is_refused_naming_the_first(tmp_path)
     """Two identical commands at once: the second stops before any run (it once reported the first's live runs
     as failed), and says who holds the study."""
     import os
-    import subprocess
-    import sys
 
     from moe_reason.layout import STUDY_LOCK
     from moe_reason.locks import hold_folder
 
-    from conftest import clean_env
+    from conftest import python_run
     spec = {"seeds": [0], "base": {"model_preset": "debug", "max_steps": 1},
             "variants": {"a": {}, "b": {"learning_rate": 1e-4}}}
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "study"
     with hold_folder(out, STUDY_LOCK, STUDY_IN_USE):
-        result = subprocess.run([sys.executable, "-m", "moe_reason.runners.ablate", str(tmp_path / "g.yaml"),
-                                 "--output_dir", str(out)], cwd=REPO, env=clean_env(), capture_output=True, text=True,
-                                timeout=120)
+        result = python_run(["-m", "moe_reason.runners.ablate", tmp_path / "g.yaml", "--output_dir", out],
+                            timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"error: study folder {out} is in use by another runner (PID {os.getpid()} on" in result.stderr
     assert not (out / "results.json").exists() and not (out / "a").exists()  # nothing started

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from moe_reason.parallel.expert_parallel import check_layout
 
 from conftest import (REPO, assert_export_cli_matches_final, clean_env, eval_records, evaluate_export, free_port,
-                      launch, read_metrics, train_args, train_losses, write_corpus)
+                      launch, python_run, read_metrics, train_args, train_losses, write_corpus)
 
 ZERO2 = "accelerate_configs/deepspeed_zero2.yaml"
 
@@ -109,8 +109,7 @@ def test_ep2_checkpoint_resumes_exactly_at_ep2_and_refuses_another_size(runs):
     shutil.copytree(folders[2] / "checkpoint-5", resumed / "checkpoint-5")
     argv = train_args(tmp, corpus, output_dir=resumed, max_steps=10, save_interval=5, eval_interval=5,
                       eval_batches=1, per_device_eval_batch_size=8, resume_from_checkpoint="latest")
-    refused = subprocess.run([sys.executable, str(REPO / "train.py"), *argv, "--expert_parallel_size", "1"],
-                             cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    refused = python_run([REPO / "train.py", *argv, "--expert_parallel_size", "1"], timeout=120)
     assert refused.returncode != 0 and "saved with expert_parallel_size=2, not 1" in refused.stderr
     launch(argv + ["--expert_parallel_size", "2"], config_file=ZERO2)
     straight = train_losses(folders[2])

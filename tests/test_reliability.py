@@ -29,12 +29,11 @@ from moe_reason.training.export import main as export_main
 from moe_reason.tasks.puzzles import GridFormulation
 
 from conftest import (REPO, assert_zero_run_learned_and_exported_its_gathered_weights, clean_env, cli_cases, launch,
-                      main_cases, read_metrics, save_tiny, train_args, train_losses, write_corpus)
+                      main_cases, python_run, read_metrics, save_tiny, train_args, train_losses, write_corpus)
 
 
 def run_train(argv, timeout=180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, env=clean_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return python_run([REPO / "train.py", *argv], timeout=timeout)
 
 
 @pytest.mark.slow
