@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,31 +86,45 @@ def train_args(tmp_path, corpus, **overrides) -> list[str]:
     return argv
 
 
-def launch(argv: list[str], config_file: str | None = None, timeout: int = 300, extra_launch=(), check=True):
-    """`accelerate launch --config_file F train.py ARGV` as a real process, or without a config file what
-    `python train.py ARGV` does, forked from the warm-start process (`python_run`); returns CompletedProcess."""
-    if config_file:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config_file),
-               *extra_launch, str(REPO / "train.py"), *argv]
-        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=clean_env())
+def launch(argv: list[str], config_file: str | None = None, timeout: int = 300, extra_launch=(), check=True,
+           warm=True):
+    """`accelerate launch --config_file F train.py ARGV` as real processes, or without a config file what
+    `python train.py ARGV` does (`python_run`); returns CompletedProcess. A launch's ranks fork from the
+    warm-start process (tests/warm_rank.py) unless warm=False: then each starts a fresh interpreter."""
+    if not config_file:
+        result = python_run([REPO / "train.py", *argv], timeout=timeout)
     else:
-        result = python_run([str(REPO / "train.py"), *argv], timeout=timeout)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config_file),
+               *extra_launch, *(warm_args([REPO / "train.py"]) if warm else [str(REPO / "train.py")]), *argv]
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                                env=warm_env() if warm else clean_env())
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(result.args)} failed ({result.returncode}):\n"
+        raise AssertionError(f"{' '.join(map(str, result.args))} failed ({result.returncode}):\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
 
 
 _warm_start: subprocess.Popen | None = None
+_warm_socket = None
 
 
-def warm_start(request: dict, timeout: int) -> dict:
-    """One request to this worker's warm-start process (tests/warm_start.py), started on first use: it has
-    imported the trainer, and forks a child for each request, so a run skips a fresh interpreter's imports."""
-    global _warm_start
+def warm_start(request: dict | None = None, timeout: int = 300) -> dict | None:
+    """This worker's warm-start process (tests/warm_start.py), started on first use: it has imported the
+    trainer and forks a child for each request, so a run skips a fresh interpreter's imports. Sends `request`
+    and returns the answer."""
+    global _warm_start, _warm_socket
     if _warm_start is None or _warm_start.poll() is not None:
-        _warm_start = subprocess.Popen([sys.executable, str(REPO / "tests" / "warm_start.py")], cwd=REPO,
-                                       env=clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        _warm_socket = tempfile.TemporaryDirectory(prefix="warm_start_")
+        _warm_start = subprocess.Popen([sys.executable, str(REPO / "tests" / "warm_start.py"),
+                                        str(Path(_warm_socket.name) / "socket")], cwd=REPO, env=clean_env(),
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for line in _warm_start.stdout:  # what the imports print (DeepSpeed logs to stdout), then "ready"
+            if line == "ready\n":
+                break
+        else:
+            raise AssertionError(f"the warm-start process ended (exit status {_warm_start.wait()})")
+    if request is None:
+        return None
     _warm_start.stdin.write(json.dumps({**request, "timeout": timeout}) + "\n")
     _warm_start.stdin.flush()
     line = _warm_start.stdout.readline()
@@ -117,11 +132,23 @@ def warm_start(request: dict, timeout: int) -> dict:
     return json.loads(line)
 
 
-def python_run(args: list, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python ARGS` (a script and its arguments, or -m MODULE ...) in REPO with clean_env(), as subprocess.run
-    with capture_output gives it, run in a child of the warm-start process."""
+def warm_env() -> dict:
+    """clean_env() for a launch whose ranks run through tests/warm_rank.py: it names the warm-start socket."""
+    warm_start()
+    return {**clean_env(), "WARM_START_SOCKET": str(Path(_warm_socket.name) / "socket")}
+
+
+def warm_args(script_and_args: list) -> list[str]:
+    """Arguments for `python` that run SCRIPT ARGS as a process forked from the warm-start process, given
+    warm_env(): what a launcher starts per rank. Signals to it reach the run; it exits with the run's status."""
+    return [str(REPO / "tests" / "warm_rank.py"), *map(str, script_and_args)]
+
+
+def python_run(args: list, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python ARGS` (a script and its arguments, or -m MODULE ...) in REPO with clean_env() and `env` on top,
+    as subprocess.run with capture_output gives it, run in a child of the warm-start process."""
     args = [str(a) for a in args]
-    answer = warm_start({"args": args}, timeout)
+    answer = warm_start({"args": args, **({"env": {**clean_env(), **env}} if env else {})}, timeout)
     if answer["timed_out"]:
         raise subprocess.TimeoutExpired(["python", *args], timeout, answer["stdout"], answer["stderr"])
     return subprocess.CompletedProcess(["python", *args], answer["returncode"], answer["stdout"], answer["stderr"])

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from moe_reason.parallel.expert_parallel import check_layout
 
-from conftest import (REPO, assert_export_cli_matches_final, clean_env, eval_records, evaluate_export, free_port,
-                      launch, python_run, read_metrics, train_args, train_losses, write_corpus)
+from conftest import (REPO, assert_export_cli_matches_final, eval_records, evaluate_export, free_port,
+                      launch, python_run, warm_args, read_metrics, train_args, train_losses, warm_env,
+                      write_corpus)
 
 ZERO2 = "accelerate_configs/deepspeed_zero2.yaml"
 
@@ -36,8 +37,8 @@ def test_sharded_block_matches_the_full_block_and_survives_an_empty_rank(tmp_pat
     every token goes to rank 0's experts (rank 1 and experts 2, 3 receive nothing); a recursive EP model
     whose ranks halt at different steps in evaluation keeps them in step."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "distributed_ep_check.py"), str(tmp_path)]
-    result = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=180)
+           *warm_args([REPO / "tests" / "distributed_ep_check.py", tmp_path])]
+    result = subprocess.run(cmd, cwd=REPO, env=warm_env(), capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     for case in ("random", "rank1_empty"):

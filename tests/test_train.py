@@ -16,8 +16,8 @@ from moe_reason.training.metrics import cpu_model
 from moe_reason.training.trainer import UNRECORDED_MACHINE
 
 from conftest import (REPO, assert_export_cli_matches_final, assert_zero_run_learned_and_exported_its_gathered_weights,
-                      clean_env, eval_records, evaluate_export, free_port, launch, main_cases, read_metrics, train_args,
-                      train_losses)
+                      clean_env, eval_records, evaluate_export, free_port, launch, main_cases, python_run, read_metrics,
+                      train_args, train_losses, warm_args, warm_env)
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def test_single_process_run_writes_everything_and_final_reproduces_val_loss(tmp_path, corpus):
     out = tmp_path / "run"
     run = launch(train_args(tmp_path, corpus, output_dir=out, eval_batches=1, per_device_eval_batch_size=8),
-                 config_file="accelerate_configs/cpu_single.yaml")  # `accelerate launch`, as the README runs it
+                 config_file="accelerate_configs/cpu_single.yaml", warm=False)  # as the README runs it
     assert "Removed shared tensor" not in run.stderr + run.stdout  # the tied head's benign save notice is dropped
     assert list((out / "tensorboard").rglob("events.out.tfevents*"))
     assert complete_checkpoints(out)[-1].name == "checkpoint-6"
@@ -128,8 +128,8 @@ def test_the_recursive_model_trains_under_zero3_with_ranks_halting_apart(tmp_pat
     steps in step, and a run through the trainer learns, evaluates with the Q-head halting, and exports the
     gathered weights."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "distributed_zero3_recursive_check.py")]
-    result = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=240)
+           *warm_args([REPO / "tests" / "distributed_zero3_recursive_check.py"])]
+    result = subprocess.run(cmd, cwd=REPO, env=warm_env(), capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found["max_grad_diff"] < 1e-6 and found["parameters_checked"] >= 10, found
@@ -209,7 +209,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_zero(tmp_path, corpus):
     out = tmp_path / "run"
     argv = train_args(tmp_path, corpus, output_dir=out, max_steps=100000, save_interval=100000,
                       eval_interval=100000, log_interval=1)
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, env=clean_env(),
+    proc = subprocess.Popen([sys.executable, *warm_args([REPO / "train.py", *argv])], cwd=REPO, env=warm_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not ((out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3):
@@ -322,10 +322,9 @@ def test_bad_setups_fail_before_training_with_a_clear_message(tmp_path, corpus):
 def test_report_to_logs_through_accelerates_trackers_and_refuses_an_absent_one(tmp_path, corpus):
     """--report_to mlflow logs to MLflow's local file store (and not to TensorBoard); none logs to metrics.jsonl
     only; a tracker that is not installed is refused before any work, with the pip command."""
-    env = {**clean_env(), "MLFLOW_TRACKING_URI": f"file:{tmp_path / 'mlruns'}", "MLFLOW_ALLOW_FILE_STORE": "true"}
-    mlflow_run = subprocess.run([sys.executable, str(REPO / "train.py"), *train_args(
-        tmp_path, corpus, output_dir=tmp_path / "mlflow", max_steps=3, report_to="mlflow")], cwd=REPO, env=env,
-        capture_output=True, text=True, timeout=300)
+    env = {"MLFLOW_TRACKING_URI": f"file:{tmp_path / 'mlruns'}", "MLFLOW_ALLOW_FILE_STORE": "true"}
+    mlflow_run = python_run([REPO / "train.py", *train_args(tmp_path, corpus, output_dir=tmp_path / "mlflow",
+                                                            max_steps=3, report_to="mlflow")], env=env)
     assert mlflow_run.returncode == 0, mlflow_run.stderr[-3000:]
     logged = sorted((tmp_path / "mlruns").rglob("metrics/train/lm_loss"))
     assert logged and len(logged[0].read_text().splitlines()) == 3  # one line per logged step

@@ -1,14 +1,17 @@
-"""Run by the tests (conftest.py's `python_run` and `main_cases`), one per pytest worker: it imports torch,
-transformers and the trainer once, then runs each request in a process forked from it. A fresh `python` spends
-about 10 s on those imports on a 2-core CPU, most of a tiny run; a forked child starts with them done and with
-everything else fresh: its own Accelerate state, seeds, signal handlers and process id.
+"""Run by the tests (conftest.py's `python_run`, `main_cases` and `launch`), one per pytest worker: it imports
+torch, transformers, DeepSpeed and the trainer once, then runs each request in a process forked from it. A fresh
+`python` spends about 10 s on those imports on a 2-core CPU, most of a tiny run; a forked child starts with them
+done and everything else fresh: its own Accelerate state, seeds, signal handlers and process id.
 
-Requests and answers are JSON lines on stdin and stdout, one at a time. A request says what the child runs:
-  {"args": ["train.py", ...]}            as `python train.py ...` runs it (any script path)
-  {"args": ["-m", "MODULE", ...]}        as `python -m MODULE ...` runs it
-  {"main": [...]}                        the trainer's `main` on that argv: the error it stopped with, or None
-each with "timeout" in seconds. The answer: {"returncode", "stdout", "stderr", "result", "timed_out"}; a child
-past its timeout is killed (returncode -9). The child's standard input is /dev/null.
+Two kinds of request, both run as `python ARGS` would run them (ARGS: a script and its arguments, or -m MODULE
+...), or with {"main": ARGV} the trainer's `main` on ARGV, whose result is the error it stopped with or None:
+- On stdin, one JSON line at a time, answered on stdout with {"returncode", "stdout", "stderr", "result",
+  "timed_out"}: the child's streams go to files, its stdin is /dev/null, and past "timeout" it is killed.
+- On the Unix socket given as argv[1], from tests/warm_rank.py, the script a multi-process launch starts for
+  each rank: the rank's environment, working folder and standard streams (passed as file descriptors) come
+  with the request. The pid is answered at once (the client forwards signals to it), the exit status at the
+  end; a client that goes away takes its child with it.
+It says "ready" on stdout once it listens, and ends when stdin closes, with the worker that started it.
 """
 
 import contextlib
@@ -18,12 +21,16 @@ import os
 import runpy
 import select
 import signal
+import socket
 import sys
 import tempfile
+import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from moe_reason.training.trainer import main  # noqa: F401  (the imports every child would repeat)
+import deepspeed  # noqa: F401  (the ranks of a DeepSpeed launch would import it)
+from moe_reason.training.trainer import main  # the imports every child would repeat
 
 
 def error_of(argv: list[str]) -> str | None:
@@ -47,11 +54,12 @@ def exit_status(code) -> int:
     return 1
 
 
-def run_child(request: dict, folder: Path) -> int:
-    """In the forked child: standard streams to files in `folder`, the request run, the result written."""
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    for fd, name in ((1, "stdout"), (2, "stderr")):
-        os.dup2(os.open(folder / name, os.O_WRONLY | os.O_CREAT, 0o644), fd)
+def run(request: dict) -> tuple[int, str | None]:
+    """In the forked child, its streams in place: the request -> (exit status, result)."""
+    if "env" in request:
+        os.environ.clear()
+        os.environ.update(request["env"])
+    os.chdir(request.get("cwd", os.getcwd()))
     result, status = None, 0
     try:
         if "main" in request:
@@ -69,35 +77,121 @@ def run_child(request: dict, folder: Path) -> int:
     except BaseException:  # noqa: BLE001  (what the interpreter prints for an escaped error)
         traceback.print_exc()
         status = 1
-    (folder / "result.json").write_text(json.dumps(result))
-    return status
+    return status, result
 
 
-def answer(request: dict) -> dict:
-    with tempfile.TemporaryDirectory(prefix="warm_start_") as name:
-        folder = Path(name)
+@dataclass
+class Child:
+    pid: int
+    done: int  # a pidfd, readable when the child has ended
+    conn: socket.socket | None = None  # a rank's client, or None for a stdin request
+    folder: tempfile.TemporaryDirectory | None = None  # a stdin request's streams and result
+    deadline: float | None = None
+    timed_out: bool = False
+
+
+@dataclass
+class Server:
+    listener: socket.socket
+    children: dict[int, Child] = field(default_factory=dict)  # by pidfd
+
+    def fork(self, request: dict, streams: list[int], result_file: Path | None, **child) -> Child:
         pid = os.fork()
         if pid == 0:
             status = 1
             try:
-                status = run_child(request, folder)
+                self.listener.close()
+                if child.get("conn"):
+                    child["conn"].close()
+                for other in self.children.values():  # so a client's end is seen when that client goes
+                    os.close(other.done)
+                    if other.conn:
+                        other.conn.close()
+                for fd, stream in enumerate(streams):
+                    os.dup2(stream, fd)
+                if result_file is None:  # a rank, started as `python -u`
+                    sys.stdout.reconfigure(write_through=True)
+                    sys.stderr.reconfigure(write_through=True)
+                status, result = run(request)
+                if result_file is not None:
+                    result_file.write_text(json.dumps(result))
             finally:
                 with contextlib.suppress(Exception):
                     sys.stdout.flush()
                     sys.stderr.flush()
                 os._exit(status)
-        done = os.pidfd_open(pid)
-        timed_out = not select.select([done], [], [], request["timeout"])[0]
-        if timed_out:
-            os.kill(pid, signal.SIGKILL)
-        _, wait_status = os.waitpid(pid, 0)
-        os.close(done)
-        read = {name: (folder / name).read_text(errors="replace") if (folder / name).exists() else ""
+        started = Child(pid, os.pidfd_open(pid), **child)
+        self.children[started.done] = started
+        return started
+
+    def from_stdin(self, line: str) -> None:
+        request = json.loads(line)
+        folder = tempfile.TemporaryDirectory(prefix="warm_start_")
+        path = Path(folder.name)
+        streams = [os.open(os.devnull, os.O_RDONLY)] + [
+            os.open(path / name, os.O_WRONLY | os.O_CREAT, 0o644) for name in ("stdout", "stderr")]
+        self.fork(request, streams, path / "result.json", folder=folder,
+                  deadline=time.monotonic() + request["timeout"])
+        for fd in streams:
+            os.close(fd)
+
+    def from_socket(self) -> None:
+        conn, _ = self.listener.accept()
+        data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        while not data.endswith(b"\n"):
+            data += conn.recv(1 << 20)
+        started = self.fork(json.loads(data), fds, None, conn=conn)
+        for fd in fds:
+            os.close(fd)
+        conn.sendall(json.dumps({"pid": started.pid}).encode() + b"\n")
+
+    def finish(self, child: Child) -> None:
+        _, wait_status = os.waitpid(child.pid, 0)
+        os.close(child.done)
+        del self.children[child.done]
+        code = os.waitstatus_to_exitcode(wait_status)
+        if child.conn:
+            with contextlib.suppress(OSError):
+                child.conn.sendall(json.dumps({"returncode": code}).encode() + b"\n")
+            child.conn.close()
+            return
+        path = Path(child.folder.name)
+        read = {name: (path / name).read_text(errors="replace") if (path / name).exists() else ""
                 for name in ("stdout", "stderr", "result.json")}
-        return {"returncode": os.waitstatus_to_exitcode(wait_status), "stdout": read["stdout"],
-                "stderr": read["stderr"], "result": json.loads(read["result.json"] or "null"), "timed_out": timed_out}
+        child.folder.cleanup()
+        print(json.dumps({"returncode": code, "stdout": read["stdout"], "stderr": read["stderr"],
+                          "result": json.loads(read["result.json"] or "null"), "timed_out": child.timed_out}),
+              flush=True)
+
+    def serve(self) -> None:
+        while True:
+            deadlines = [c.deadline for c in self.children.values() if c.deadline and not c.timed_out]
+            wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            conns = {c.conn.fileno(): c for c in self.children.values() if c.conn}
+            ready, _, _ = select.select([sys.stdin, self.listener, *self.children, *conns], [], [], wait)
+            for key in ready:
+                if key is sys.stdin:
+                    line = sys.stdin.readline()
+                    if not line:  # the worker is gone: so are its runs
+                        for child in self.children.values():
+                            os.kill(child.pid, signal.SIGKILL)
+                        return
+                    self.from_stdin(line)
+                elif key is self.listener:
+                    self.from_socket()
+                elif key in self.children:
+                    self.finish(self.children[key])
+                elif key in conns and conns[key].done in self.children:  # the client went away mid-run
+                    os.kill(conns[key].pid, signal.SIGKILL)
+            for child in self.children.values():
+                if child.deadline and not child.timed_out and time.monotonic() >= child.deadline:
+                    os.kill(child.pid, signal.SIGKILL)
+                    child.timed_out = True
 
 
 if __name__ == "__main__":
-    for line in sys.stdin:  # the worker closes our stdin when it ends
-        print(json.dumps(answer(json.loads(line))), flush=True)
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(sys.argv[1])
+        listener.listen(16)
+        print("ready", flush=True)
+        Server(listener).serve()

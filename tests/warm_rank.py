@@ -1,0 +1,35 @@
+"""The script the tests' multi-process launches start for each rank, in place of `train.py` (or a check script):
+`accelerate launch ... tests/warm_rank.py train.py ARGV`. It hands its arguments, environment (RANK, MASTER_PORT
+and the rest that the launcher set), working folder and standard streams to the warm-start process of its
+pytest worker (tests/warm_start.py, its socket in $WARM_START_SOCKET), which forks the rank from its imports;
+then it passes on SIGTERM and SIGINT to that rank and exits with its exit status. It imports nothing heavy, so
+the launcher sees a rank start in milliseconds."""
+
+import json
+import os
+import signal
+import socket
+import sys
+
+SOCKET_VARIABLE = "WARM_START_SOCKET"
+
+
+def main() -> int:
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(os.environ[SOCKET_VARIABLE])
+        request = {"args": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd()}
+        socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
+        replies = conn.makefile()
+        pid = json.loads(replies.readline())["pid"]
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop, lambda number, _: os.kill(pid, number))
+        line = replies.readline()
+    if not line:
+        print(f"warm_rank: the warm-start process gave no exit status for rank pid {pid}", file=sys.stderr)
+        return 1
+    code = json.loads(line)["returncode"]
+    return code if code >= 0 else 128 - code  # killed by signal N: the shell's 128 + N
+
+
+if __name__ == "__main__":
+    sys.exit(main())
