@@ -124,7 +124,7 @@ def test_trainer_with_torch_compile_reproduces_the_eager_losses(tmp_path, model_
     argvs = [train_args(tmp_path, corpus, model_type=model_type, output_dir=tmp_path / f"compile_{compile_}",
                         max_steps=4, eval_interval=100, save_interval=100, torch_compile=compile_,
                         torch_compile_backend=backend) for compile_ in (False, True)]
-    assert main_cases(argvs) == [None, None]  # one process, both runs
+    assert main_cases(argvs) == [None, None]  # both runs forked from the warm-start process
     losses = {compile_: train_losses(tmp_path / f"compile_{compile_}") for compile_ in (False, True)}
     assert losses[True].keys() == losses[False].keys() == {1, 2, 3, 4}
     for step, loss in losses[False].items():

@@ -334,7 +334,7 @@ def test_every_command_tells_a_user_error_in_one_line_without_a_traceback(tmp_pa
     (tmp_path / "huge.csv").write_text("question,answer\n4..31.4224..3...," + "1" * 5_000_000 + "\n")
     train = ["--output_dir", str(tmp_path / "x"), "--max_steps", "1"]
     trainer = "moe_reason.training.trainer"  # train.py's main
-    cases = [  # each as `python -m MODULE ARGV` runs it, forked from one process (one start-up for all)
+    cases = [  # each as `python -m MODULE ARGV` runs it, forked from the warm-start process
         ((trainer, train + ["--num_experts", "0"]), "MoEReasonConfig.num_experts=0 is invalid"),
         ((trainer, train + ["--block_size", "0"]), "DataArguments.block_size=0 is invalid"),
         ((trainer, train + ["--block_size", "100000"]),

@@ -56,7 +56,7 @@ def test_resume_is_exact(tmp_path, corpus):
     # resume must restore the RNG, not just weights, and the aux-free balancing bias beside the aux loss
     noisy = dict(hidden_dropout=0.1, router_jitter_noise=0.1, load_balancing="both", router_bias_update_rate=1e-3)
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    assert main_cases([train_args(tmp_path, corpus, output_dir=straight, **noisy),  # one process, two runs
+    assert main_cases([train_args(tmp_path, corpus, output_dir=straight, **noisy),  # two runs
                        train_args(tmp_path, corpus, output_dir=halves, max_steps=3, **noisy)]) == [None, None]
     # the checkpoint carries the loop's time: pretend the first half took 1000 s, on a machine not recorded (a
     # checkpoint from before runs recorded theirs)
@@ -262,7 +262,7 @@ def test_bf16_mixed_precision_on_cpu_tracks_fp32(tmp_path, corpus, model_type):
     runs = {}
     argvs = [train_args(tmp_path, corpus, output_dir=tmp_path / precision, model_type=model_type, max_steps=8,
                         eval_interval=8, save_interval=8, mixed_precision=precision) for precision in ("no", "bf16")]
-    assert main_cases(argvs) == [None, None]  # one process, both runs
+    assert main_cases(argvs) == [None, None]  # both runs forked from the warm-start process
     for precision in ("no", "bf16"):
         out = tmp_path / precision
         assert json.loads((out / "run_args.json").read_text())["TrainingArguments"]["mixed_precision"] == precision
