@@ -90,7 +90,8 @@ def launch(argv: list[str], config_file: str | None = None, timeout: int = 300, 
            warm=True):
     """`accelerate launch --config_file F train.py ARGV` as real processes, or without a config file what
     `python train.py ARGV` does (`python_run`); returns CompletedProcess. A launch's ranks fork from the
-    warm-start process (tests/warm_rank.py) unless warm=False: then each starts a fresh interpreter."""
+    warm-start process (tests/warm_rank.py) unless warm=False: then each starts a fresh interpreter, for a check
+    of what happens at an interpreter's start or exit (a forked run ends with os._exit after its streams)."""
     if not config_file:
         result = python_run([REPO / "train.py", *argv], timeout=timeout)
     else:

@@ -372,7 +372,8 @@ def test_zero3_offload_runs_end_with_exit_0_under_load(tmp_path):
             out = tmp_path / f"run{attempt}"
             result = launch(train_args(tmp_path, corpus, output_dir=out, max_steps=4, eval_interval=4, save_interval=4,
                                        eval_batches=1, per_device_eval_batch_size=8),
-                            config_file="accelerate_configs/deepspeed_zero3_offload.yaml", check=False)
+                            config_file="accelerate_configs/deepspeed_zero3_offload.yaml", check=False,
+                            warm=False)  # the abort was at the interpreter's exit, which a forked rank skips
             assert result.returncode == 0, (attempt, result.stderr[-3000:])
             assert "terminate called" not in result.stderr and (out / "final" / "model.safetensors").is_file()
     finally:

@@ -133,7 +133,6 @@ def test_a_stream_position_resumes_only_on_the_number_of_processes_that_saved_it
         read_stream_state(tmp_path, 0, 1)
 
 
-@pytest.mark.full  # a launch: the suite checks the shares and the resume in one process
 def test_two_processes_stream_their_own_shares_and_save_both_positions(tmp_path):
     corpus = write_stream_corpus(tmp_path / "corpus")  # one file: each process keeps one document in 2
     result = launch(stream_args(tmp_path, corpus, output_dir=tmp_path / "run", max_steps=4, save_interval=4,

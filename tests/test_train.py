@@ -167,8 +167,6 @@ def test_log_window_averages_losses_and_recursion_metrics_over_processes():
     assert record["train/skipped_micro_batches"] == 1 and window.micro == 0  # the next window is open
 
 
-# in the full run: a launcher path; the suite's ZeRO tests train through `accelerate launch` with the same DeepSpeed
-@pytest.mark.full
 def test_plain_deepspeed_launcher_trains_like_accelerate_launch(tmp_path, corpus):
     """`deepspeed train.py --deepspeed ds_configs/zero2.json` (2 CPU processes) gives the same
     per-step losses as `accelerate launch` with the ZeRO-2 config, which names that JSON."""
@@ -176,9 +174,9 @@ def test_plain_deepspeed_launcher_trains_like_accelerate_launch(tmp_path, corpus
     launch(train_args(tmp_path, corpus, output_dir=tmp_path / "accelerate", **common),
            config_file="accelerate_configs/deepspeed_zero2.yaml")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           str(REPO / "train.py"), "--deepspeed", str(REPO / "ds_configs/zero2.json"),
-           *train_args(tmp_path, corpus, output_dir=tmp_path / "deepspeed", **common)]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=clean_env())
+           *warm_args([REPO / "train.py", "--deepspeed", REPO / "ds_configs/zero2.json",
+                       *train_args(tmp_path, corpus, output_dir=tmp_path / "deepspeed", **common)])]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=warm_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert "2 process(es) (DEEPSPEED)" in result.stdout
     losses = train_losses(tmp_path / "deepspeed")

@@ -17,7 +17,10 @@ SOCKET_VARIABLE = "WARM_START_SOCKET"
 def main() -> int:
     with socket.socket(socket.AF_UNIX) as conn:
         conn.connect(os.environ[SOCKET_VARIABLE])
-        request = {"args": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd()}
+        args = sys.argv[1:]
+        if args[0].startswith("--local_rank="):  # DeepSpeed's launcher puts it after the script, which we precede
+            args = [args[1], args[0], *args[2:]]
+        request = {"args": args, "env": dict(os.environ), "cwd": os.getcwd()}
         socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
         replies = conn.makefile()
         pid = json.loads(replies.readline())["pid"]
