@@ -163,8 +163,10 @@ def test_train_py_on_one_gpu_memorises_puzzles_in_bf16_and_resumes_exactly(tmp_p
 
     fit, straight, halves = tmp_path / "fit", tmp_path / "straight", tmp_path / "halves"
     one_gpu = "accelerate_configs/gpu_single.yaml"
+    # fresh interpreters (warm=False) for CUDA: a rank forked from the warm-start process would inherit whatever
+    # CUDA state its imports made
     run = launch(puzzle_argv(tmp_path, fit, max_steps=300, log_interval=50, mixed_precision="bf16"),
-                 config_file=one_gpu)
+                 config_file=one_gpu, warm=False)
     assert "1 process(es) (NO) on cuda, mixed precision bf16" in run.stdout, run.stdout[-2000:]
     model = AutoModelForCausalLM.from_pretrained(fit / "final").cuda()
     settings = model.config.task
@@ -172,10 +174,10 @@ def test_train_py_on_one_gpu_memorises_puzzles_in_bf16_and_resumes_exactly(tmp_p
     solved = evaluate_puzzles(model, make_task(settings), *splits["train"])
     assert solved["puzzles"] == 32 and solved["exact_accuracy"] >= 0.9, solved
 
-    launch(puzzle_argv(tmp_path, straight, max_steps=8, save_interval=4), config_file=one_gpu)
+    launch(puzzle_argv(tmp_path, straight, max_steps=8, save_interval=4), config_file=one_gpu, warm=False)
     shutil.copytree(straight / "checkpoint-4", halves / "checkpoint-4")
     launch(puzzle_argv(tmp_path, halves, max_steps=8, save_interval=4, resume_from_checkpoint="latest"),
-           config_file=one_gpu)
+           config_file=one_gpu, warm=False)
     expected = train_losses(straight)
     assert train_losses(halves) == pytest.approx({s: expected[s] for s in range(5, 9)}, abs=1e-4)
 
@@ -187,6 +189,6 @@ def test_nccl_ddp_on_two_gpus_lowers_the_loss(tmp_path):
     out = tmp_path / "ddp"
     launch(train_args(tmp_path, corpus, output_dir=out, max_steps=12, eval_interval=12, save_interval=12,
                       learning_rate=1e-2, mixed_precision="bf16"),
-           config_file="accelerate_configs/gpu_multi.yaml", extra_launch=["--num_processes", "2"])
+           config_file="accelerate_configs/gpu_multi.yaml", extra_launch=["--num_processes", "2"], warm=False)
     losses = train_losses(out)
     assert losses[12] < losses[1], losses

@@ -1,7 +1,10 @@
 """Run by the tests (conftest.py's `python_run`, `main_cases` and `launch`), one per pytest worker: it imports
 torch, transformers, DeepSpeed and the trainer once, then runs each request in a process forked from it. A fresh
 `python` spends about 10 s on those imports on a 2-core CPU, most of a tiny run; a forked child starts with them
-done and everything else fresh: its own Accelerate state, seeds, signal handlers and process id.
+done and everything else fresh: its own Accelerate state, seeds, signal handlers and process id. What a fork
+skips is the interpreter's own start and exit (a child ends with os._exit once its streams are flushed), so a
+check of those launches fresh interpreters instead (conftest.py's `launch(..., warm=False)`), as the CUDA tests
+do. Linux only (os.fork, os.pidfd_open, socket.send_fds), as are the machines the suite runs on.
 
 Two kinds of request, both run as `python ARGS` would run them (ARGS: a script and its arguments, or -m MODULE
 ...), or with {"main": ARGV} the trainer's `main` on ARGV, whose result is the error it stopped with or None:
