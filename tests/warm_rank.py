@@ -2,7 +2,7 @@
 `accelerate launch ... tests/warm_rank.py train.py ARGV`. It hands its arguments, environment (RANK, MASTER_PORT
 and the rest that the launcher set), working folder and standard streams to the warm-start process of its
 pytest worker (tests/warm_start.py, its socket in $WARM_START_SOCKET), which forks the rank from its imports;
-then it passes on SIGTERM and SIGINT to that rank and exits with its exit status. It imports nothing heavy, so
+then it passes on SIGTERM and SIGINT to that rank and ends as the rank ended (its exit status, or its signal). It imports nothing heavy, so
 the launcher sees a rank start in milliseconds."""
 
 import json
@@ -31,7 +31,10 @@ def main() -> int:
         print(f"warm_rank: the warm-start process gave no exit status for rank pid {pid}", file=sys.stderr)
         return 1
     code = json.loads(line)["returncode"]
-    return code if code >= 0 else 128 - code  # killed by signal N: the shell's 128 + N
+    if code < 0:  # the rank died of signal -code: so do we, for the launcher to see it
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return code
 
 
 if __name__ == "__main__":

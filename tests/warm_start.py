@@ -141,12 +141,21 @@ class Server:
     def from_socket(self) -> None:
         conn, _ = self.listener.accept()
         data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
-        while not data.endswith(b"\n"):
-            data += conn.recv(1 << 20)
+        while data and not data.endswith(b"\n"):
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+        if len(fds) != 3 or not data.endswith(b"\n"):  # a client that went away before asking: nothing to run
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+            return
         started = self.fork(json.loads(data), fds, None, conn=conn)
         for fd in fds:
             os.close(fd)
-        conn.sendall(json.dumps({"pid": started.pid}).encode() + b"\n")
+        with contextlib.suppress(OSError):  # a client gone by now: serve() sees it and ends the child
+            conn.sendall(json.dumps({"pid": started.pid}).encode() + b"\n")
 
     def finish(self, child: Child) -> None:
         _, wait_status = os.waitpid(child.pid, 0)
