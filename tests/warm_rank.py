@@ -2,8 +2,8 @@
 `accelerate launch ... tests/warm_rank.py train.py ARGV`. It hands its arguments, environment (RANK, MASTER_PORT
 and the rest that the launcher set), working folder and standard streams to the warm-start process of its
 pytest worker (tests/warm_start.py, its socket in $WARM_START_SOCKET), which forks the rank from its imports;
-then it passes on SIGTERM and SIGINT to that rank and ends as the rank ended (its exit status, or its signal). It imports nothing heavy, so
-the launcher sees a rank start in milliseconds."""
+then it passes on SIGTERM and SIGINT to that rank and ends as the rank ended (its exit status, or its signal).
+It imports nothing heavy, so the launcher sees a rank start in milliseconds."""
 
 import json
 import os
