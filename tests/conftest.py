@@ -92,13 +92,14 @@ def launch(argv: list[str], config_file: str | None = None, timeout: int = 300, 
     `python train.py ARGV` does (`python_run`); returns CompletedProcess. A launch's ranks fork from the
     warm-start process (tests/warm_rank.py) unless warm=False: then each starts a fresh interpreter, for a check
     of what happens at an interpreter's start or exit (a forked run ends with os._exit after its streams)."""
-    if not config_file:
+    if warm and not config_file:
         result = python_run([REPO / "train.py", *argv], timeout=timeout)
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config_file),
-               *extra_launch, *(warm_args([REPO / "train.py"]) if warm else [str(REPO / "train.py")]), *argv]
-        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                                env=warm_env() if warm else clean_env())
+        launcher = ["-m", "accelerate.commands.launch", "--config_file", str(REPO / config_file),
+                    *extra_launch] if config_file else []
+        script = warm_args([REPO / "train.py"]) if warm else [str(REPO / "train.py")]
+        result = subprocess.run([sys.executable, *launcher, *script, *argv], cwd=REPO, capture_output=True,
+                                text=True, timeout=timeout, env=warm_env() if warm else clean_env())
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, result.args))} failed ({result.returncode}):\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
