@@ -11,9 +11,8 @@ from safetensors.torch import load_file
 
 from moe_reason.parallel.expert_parallel import check_layout
 
-from conftest import (REPO, assert_export_cli_matches_final, eval_records, evaluate_export, free_port,
-                      launch, python_run, warm_args, read_metrics, train_args, train_losses, warm_env,
-                      write_corpus)
+from conftest import (REPO, assert_export_cli_matches_final, eval_records, evaluate_export, free_port, launch,
+                      python_run, read_metrics, train_args, train_losses, warm_args, warm_env, write_corpus)
 
 ZERO2 = "accelerate_configs/deepspeed_zero2.yaml"
 
