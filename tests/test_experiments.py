@@ -425,6 +425,15 @@ def test_an_equal_flops_run_goes_on_from_its_twins_last_checkpoint_and_ends_as_a
     plateaued = dataclasses.replace(twin, stopped_by="plateau", stopped_at=3)
     assert twin_starts(cmp, todo, [plateaued]) == {at: run.steps}
     assert twin_starts(cmp, todo, [dataclasses.replace(twin, config={**twin.config, "learning_rate": 1.0})]) == {}
+    gone = dataclasses.replace(twin, output_dir=str(tmp_path / "gone"))  # kept from a report, its folder gone
+    assert twin_starts(cmp, todo, [gone]) == {}  # nothing to go on from: step 0
+    assert twin_starts(cmp, todo, [dataclasses.replace(gone, stopped_by="plateau", stopped_at=3)]) == {at: run.steps}
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as patch:  # and the run says so as it starts
+        patch.setattr(engine, "_train_in_process", lambda *args: "stopped")
+        run_training("direct_equal_flops", 0, run.config, tmp_path / "from_gone", start_from=tmp_path / "gone")
+    assert (f"[start] direct_equal_flops/seed_0 (from step 0: {tmp_path / 'gone'} holds no finished run's last "
+            "checkpoint within the cap to go on from)") in capsys.readouterr().out
 
     # a study that raises its step cap: the twin, stopped by its cap, goes on in its own folder and ends as the
     # run from step 0 did; that run, stopped by the plateau rule, ends there under any higher cap

@@ -293,12 +293,16 @@ def twin_ended(twin: RunRecord, item: PlannedRun, values: dict) -> RunRecord:
 def twin_starts(cmp: Comparison, todo: list[tuple[int, PlannedRun]], finished: list[RunRecord]) -> dict[int, int]:
     """{index in `todo`: the step an equal-FLOPs run will start at}, for the runs whose twin has finished within
     the run's cap (`continue_from`): the twin's last step, or the run's cap where the twin plateaued (its
-    evaluations are the twin's, so the plateau rule stops it at once). For the ETA."""
+    evaluations are the twin's, so the plateau rule stops it at once). For the ETA: a twin whose folder is gone
+    (kept from the report) leaves no checkpoint to go on from, so its run starts at step 0 unless it ends."""
     starts = {}
     for i, (seed, item) in enumerate(todo):
         twin = twin_of(seed, item, finished, run_values(cmp, seed, item))
         if twin and twin.stopped_at and twin.stopped_at <= item.steps:
-            starts[i] = item.steps if ends_with_twin(twin, item) else twin.stopped_at
+            if ends_with_twin(twin, item):
+                starts[i] = item.steps
+            elif Path(twin.output_dir).is_dir():
+                starts[i] = twin.stopped_at
     return starts
 
 

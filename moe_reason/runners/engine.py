@@ -395,7 +395,8 @@ def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str
         if start_from is not None and not any(path.exists() for path in run_outputs(run_dir)):
             started = continue_from(Path(start_from), run_dir, values["max_steps"])
             resume = started is not None
-            how = f" (from {started}: their first steps are the same)" if resume else ""
+            how = (f" (from {started}: their first steps are the same)" if resume else
+                   f" (from step 0: {start_from} holds no finished run's last checkpoint within the cap to go on from)")
     start = {"resume_from_checkpoint": "latest"} if resume else {"overwrite_output_dir": True}
     print(f"[start] {name}{how} -> {run_dir}", flush=True)
     started = time.perf_counter()
