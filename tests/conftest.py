@@ -106,38 +106,40 @@ def launch(argv: list[str], config_file: str | None = None, timeout: int = 300, 
     return result
 
 
-_warm_start: subprocess.Popen | None = None
-_warm_socket = None
+_warm: tuple[subprocess.Popen, tempfile.TemporaryDirectory] | None = None
 
 
-def warm_start(request: dict | None = None, timeout: int = 300) -> dict | None:
-    """This worker's warm-start process (tests/warm_start.py), started on first use: it has imported the
-    trainer and forks a child for each request, so a run skips a fresh interpreter's imports. Sends `request`
-    and returns the answer."""
-    global _warm_start, _warm_socket
-    if _warm_start is None or _warm_start.poll() is not None:
-        _warm_socket = tempfile.TemporaryDirectory(prefix="warm_start_")
-        _warm_start = subprocess.Popen([sys.executable, str(REPO / "tests" / "warm_start.py"),
-                                        str(Path(_warm_socket.name) / "socket")], cwd=REPO, env=clean_env(),
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        for line in _warm_start.stdout:  # what the imports print (DeepSpeed logs to stdout), then "ready"
+def warm_process() -> tuple[subprocess.Popen, Path]:
+    """This worker's warm-start process (tests/warm_start.py), started on first use, and its socket: it has
+    imported the trainer and forks a child for each request, so a run skips a fresh interpreter's imports."""
+    global _warm
+    if _warm is None or _warm[0].poll() is not None:
+        folder = tempfile.TemporaryDirectory(prefix="warm_start_")
+        process = subprocess.Popen([sys.executable, str(REPO / "tests" / "warm_start.py"),
+                                    str(Path(folder.name) / "socket")], cwd=REPO, env=clean_env(),
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for line in process.stdout:  # what the imports print (DeepSpeed logs to stdout), then "ready"
             if line == "ready\n":
                 break
         else:
-            raise AssertionError(f"the warm-start process ended (exit status {_warm_start.wait()})")
-    if request is None:
-        return None
-    _warm_start.stdin.write(json.dumps({**request, "timeout": timeout}) + "\n")
-    _warm_start.stdin.flush()
-    line = _warm_start.stdout.readline()
-    assert line, f"the warm-start process ended (exit status {_warm_start.wait()})"
+            raise AssertionError(f"the warm-start process ended (exit status {process.wait()})")
+        _warm = (process, folder)
+    return _warm[0], Path(_warm[1].name) / "socket"
+
+
+def warm_start(request: dict, timeout: int = 300) -> dict:
+    """`request` to the warm-start process on its stdin -> its answer (tests/warm_start.py)."""
+    process, _ = warm_process()
+    process.stdin.write(json.dumps({**request, "timeout": timeout}) + "\n")
+    process.stdin.flush()
+    line = process.stdout.readline()
+    assert line, f"the warm-start process ended (exit status {process.wait()})"
     return json.loads(line)
 
 
 def warm_env() -> dict:
     """clean_env() for a launch whose ranks run through tests/warm_rank.py: it names the warm-start socket."""
-    warm_start()
-    return {**clean_env(), "WARM_START_SOCKET": str(Path(_warm_socket.name) / "socket")}
+    return {**clean_env(), "WARM_START_SOCKET": str(warm_process()[1])}
 
 
 def warm_args(script_and_args: list) -> list[str]:

@@ -62,7 +62,8 @@ def run(request: dict) -> tuple[int, str | None]:
     if "env" in request:
         os.environ.clear()
         os.environ.update(request["env"])
-    os.chdir(request.get("cwd", os.getcwd()))
+    if "cwd" in request:
+        os.chdir(request["cwd"])
     result, status = None, 0
     try:
         if "main" in request:
