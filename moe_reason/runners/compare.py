@@ -59,9 +59,9 @@ from ..training.arguments import arguments_from, build_config
 from ..training.metrics import training_flops_per_token
 from .comparison_report import ARM_TRAINING_FIELDS, METRICS, comparison_markdown, plot
 from .engine import (TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments, StudySettings, check_arguments,
-                     check_launch, exit_status, load_runner_file, model_argument_names, run_runner, safe_name,
-                     same_first_steps, same_record, score_task_run, task_argument_names, task_figures, train_or_keep,
-                     write_json)
+                     check_launch, exit_status, last_checkpoint_within, load_runner_file, model_argument_names,
+                     run_runner, safe_name, same_first_steps, same_record, score_task_run, task_argument_names,
+                     task_figures, train_or_keep, write_json)
 from .records import Accounting, ComparisonReport, Depth, RunRecord, Side, Transfer, TrendPoint, Verdict
 from .statistics import RULE as STATISTICS_RULE
 from .statistics import mean_std, welch
@@ -301,7 +301,7 @@ def twin_starts(cmp: Comparison, todo: list[tuple[int, PlannedRun]], finished: l
         if twin and twin.stopped_at and twin.stopped_at <= item.steps:
             if ends_with_twin(twin, item):
                 starts[i] = item.steps
-            elif Path(twin.output_dir).is_dir():
+            elif last_checkpoint_within(Path(twin.output_dir), item.steps):
                 starts[i] = twin.stopped_at
     return starts
 

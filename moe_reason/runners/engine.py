@@ -436,24 +436,33 @@ def train_or_keep(run: str, seed: int, values: dict, run_dir: Path, launcher: st
     return run_training(run, seed, values, run_dir, launcher, accelerate_config, start_from)
 
 
-def continue_from(twin: Path, run_dir: Path, max_steps: int) -> str | None:
-    """Put finished run `twin`'s last checkpoint into the new run folder `run_dir`, with the twin's metrics and
-    best/ export (the trainer drops metrics logged after the checkpoint when it resumes), so that the run
-    resumes there; returns "TWIN_FOLDER/checkpoint-STEP", or None (nothing copied) where the twin did not
-    finish or its last checkpoint lies beyond `max_steps`.
-
-    A finished run's last checkpoint is its last step, so its best/ export comes from the steps copied."""
+def last_checkpoint_within(twin: Path, max_steps: int) -> Path | None:
+    """Finished run `twin`'s last checkpoint, a run of at most `max_steps` can go on from; None where the twin did
+    not finish (or its folder is gone) or that checkpoint lies beyond `max_steps`."""
     checkpoints = complete_checkpoints(twin)
     if not (twin / RESULTS).is_file() or not checkpoints or checkpoint_step(checkpoints[-1]) > max_steps:
         return None
-    for folder in (checkpoints[-1], twin / BEST):
+    return checkpoints[-1]
+
+
+def continue_from(twin: Path, run_dir: Path, max_steps: int) -> str | None:
+    """Put finished run `twin`'s last checkpoint into the new run folder `run_dir`, with the twin's metrics and
+    best/ export (the trainer drops metrics logged after the checkpoint when it resumes), so that the run
+    resumes there; returns "TWIN_FOLDER/checkpoint-STEP", or None (nothing copied) where there is none to go
+    on from (`last_checkpoint_within`).
+
+    A finished run's last checkpoint is its last step, so its best/ export comes from the steps copied."""
+    last = last_checkpoint_within(twin, max_steps)
+    if last is None:
+        return None
+    for folder in (last, twin / BEST):
         if folder.is_dir():
             copy = staged(run_dir / folder.name)
             shutil.copytree(folder, copy, dirs_exist_ok=True)
             install(copy, run_dir / folder.name)
     if (twin / METRICS).is_file():
         write_text(run_dir / METRICS, (twin / METRICS).read_text())
-    started = f"{twin}/{checkpoints[-1].name}"
+    started = f"{twin}/{last.name}"
     write_text(run_dir / STARTED_FROM, json.dumps({"started_from": started}))
     return started
 
