@@ -9,6 +9,7 @@ its compile-time rule refuses it, and the per-expert custom op stands in). The t
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
@@ -129,3 +130,32 @@ def test_trainer_with_torch_compile_reproduces_the_eager_losses(tmp_path, model_
     assert losses[True].keys() == losses[False].keys() == {1, 2, 3, 4}
     for step, loss in losses[False].items():
         assert losses[True][step] == pytest.approx(loss, rel=1e-4), step
+
+
+def test_a_run_begun_eager_resumes_compiled_and_back_as_the_same_run(tmp_path):
+    # compiling changes how a run computes, not what (trainer.EXECUTION_ARGUMENTS): a study's lane may resume
+    # its interrupted run compiled, or a compiled run's checkpoint eagerly, and train on as the uninterrupted run.
+    # Accelerate's compiled wrapper names every weight `_orig_mod.NAME`: the moving average saved with a checkpoint
+    # and the export must still carry the model's own names, or they load as nothing
+    corpus = write_corpus(tmp_path, n=80)
+    common = dict(model_type="recursive", max_steps=4, eval_interval=100, save_interval=2, ema_decay=0.9,
+                  torch_compile_backend="aot_eager")
+    straight, there, back = (tmp_path / name for name in ("straight", "there", "back"))
+    first_halves = [train_args(tmp_path, corpus, output_dir=out, torch_compile=compile_, **{**common, "max_steps": 2})
+                    for out, compile_ in ((there, False), (back, True))]
+    second_halves = [train_args(tmp_path, corpus, output_dir=out, torch_compile=compile_,
+                                resume_from_checkpoint="latest", **common) for out, compile_ in ((there, True),
+                                                                                                (back, False))]
+    assert main_cases([train_args(tmp_path, corpus, output_dir=straight, **common), *first_halves,
+                       *second_halves]) == [None] * 5
+    expected = train_losses(straight)
+    exported = load_file(straight / "final" / "model.safetensors")
+    for out in (there, back):
+        losses = train_losses(out)
+        assert losses.keys() == expected.keys() == {1, 2, 3, 4}
+        for step, loss in expected.items():
+            assert losses[step] == pytest.approx(loss, rel=1e-4), (out.name, step)
+        weights = load_file(out / "final" / "model.safetensors")
+        assert weights.keys() == exported.keys()
+        assert all(torch.allclose(weights[k], exported[k], atol=1e-5) for k in weights), out.name
+    assert load_file(back / "checkpoint-2" / "ema.safetensors").keys() == exported.keys()  # saved compiled

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import save_file
 
 from ..atomic import install, readable_like_the_rest, staged
@@ -61,6 +62,12 @@ def read_trainer_state(checkpoint: Path) -> dict:
         return json.loads((checkpoint / TRAINER_STATE).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"checkpoint {checkpoint} is corrupt: {TRAINER_STATE} unreadable ({err})") from err
+
+
+def bare_model(accelerator, model) -> torch.nn.Module:
+    """The model itself, out of its DDP or DeepSpeed wrapper and out of torch.compile's: the compiled wrapper names
+    every weight `_orig_mod.NAME`, and an export or a moving average under those names loads as nothing."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, total_limit: int, model=None,
@@ -118,7 +125,7 @@ def load_checkpoint(accelerator, model, checkpoint: Path,
     try:
         with deepspeed_weights_only(model):
             accelerator.load_state(str(checkpoint), **expert_parallel.load_state_kwargs)
-        expert_parallel.load(accelerator.unwrap_model(model), checkpoint)
+        expert_parallel.load(bare_model(accelerator, model), checkpoint)
     except Exception:
         damaged = damaged_files(checkpoint, deepspeed_globals() if hasattr(model, "checkpoint_engine") else ())
         if not damaged:
@@ -155,10 +162,13 @@ def export_model(accelerator, model, tokenizer, folder,
     All ranks call this. Refuses to write a model with non-finite weights.
     """
     folder = Path(folder)
-    state = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank takes part
-    state = expert_parallel.full_state_dict(accelerator.unwrap_model(model), state)
+    bare = bare_model(accelerator, model)
+    # a collective under ZeRO-3, every rank taking part: DeepSpeed gathers from its engine, which compiles inside
+    # itself; elsewhere from the bare model, whose weights have their own names even when compiled
+    state = accelerator.get_state_dict(model if accelerator.distributed_type == DistributedType.DEEPSPEED else bare)
+    state = expert_parallel.full_state_dict(bare, state)
     if accelerator.is_main_process:
-        write_pretrained(accelerator.unwrap_model(model), state, tokenizer, folder)
+        write_pretrained(bare, state, tokenizer, folder)
     accelerator.wait_for_everyone()
     return folder
 

@@ -49,8 +49,8 @@ from ..parallel.expert_parallel import make_expert_parallel
 from ..tasks.puzzles import make_task, render
 from ..tasks.scoring import answer_one
 from .arguments import TRACKER_PACKAGES, ARGUMENT_CLASSES, build_config, parse_args, resolve_global_batch
-from .checkpointing import (export_model, load_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint,
-                            unfinished_checkpoints_after)
+from .checkpointing import (bare_model, export_model, load_checkpoint, read_trainer_state, resolve_checkpoint,
+                            save_checkpoint, unfinished_checkpoints_after)
 from .ema import WeightEMA
 from ..layout import (BEST, DATA_SOURCE, EMA_WEIGHTS, FINAL, METRICS, RESULTS, RUN_ARGS, RUN_LOCK, STREAM_STATE,
                       TENSORBOARD, complete_checkpoints, run_outputs, stream_state_name)
@@ -546,7 +546,7 @@ class Trainer:
         else:
             self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
                 model, optimizer, train_loader, eval_loader)
-        self.ema = WeightEMA(accelerator.unwrap_model(self.model), args.ema_decay) if args.ema_decay else None
+        self.ema = WeightEMA(bare_model(accelerator, self.model), args.ema_decay) if args.ema_decay else None
 
     def resume(self, checkpoint: Path) -> None:
         """Model, optimizer, schedule, RNG and the loop's state from a checkpoint, on the same or another
@@ -721,7 +721,7 @@ class Trainer:
                             self.ema.update()
                         if self.config.uses_router_bias():  # the whole step's load, every rank's: equal biases
                             load = accelerator.reduce(step_load.to(accelerator.device), "sum")
-                            accelerator.unwrap_model(self.model).update_router_biases(load)
+                            bare_model(accelerator, self.model).update_router_biases(load)
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scheduler.step()
             if accelerator.sync_gradients:
@@ -735,7 +735,7 @@ class Trainer:
         train/router_bias_spread/layer_L: how hard the aux-free rule is steering the choice."""
         if not self.config.uses_router_bias():
             return {}
-        routers = self.accelerator.unwrap_model(self.model).routers()
+        routers = bare_model(self.accelerator, self.model).routers()
         spreads = torch.stack([r.expert_bias.max() - r.expert_bias.min() for r in routers]).tolist()  # one sync
         return {f"router_bias_spread/layer_{i}": spread for i, spread in enumerate(spreads)}
 
@@ -792,7 +792,7 @@ class Trainer:
         self.state.train_seconds = time.perf_counter() - self.started
         trainer_state = {**self.state.state_dict(), LR_SCHEDULER: self.scheduler.state_dict()}
         folder = save_checkpoint(self.accelerator, self.out, self.state.step, trainer_state,
-                                 self.args.save_total_limit, self.accelerator.unwrap_model(self.model),
+                                 self.args.save_total_limit, bare_model(self.accelerator, self.model),
                                  self.expert_parallel, {EMA_WEIGHTS: self.ema.state_dict()} if self.ema else None,
                                  self.data.tokenizer, self.stream_files(),
                                  {DATA_SOURCE: json.dumps(self.data.summary.get("files", []))})
@@ -810,7 +810,7 @@ class Trainer:
         """The full model (gathered under ZeRO-3 and expert parallelism; the moving average with --ema_decay;
         LoRA merged) as OUTPUT_DIR/name, for from_pretrained."""
         with self.ema_applied():
-            model = self.model if self.model_args.lora_rank == 0 else merged(self.accelerator.unwrap_model(self.model))
+            model = self.model if self.model_args.lora_rank == 0 else merged(bare_model(self.accelerator, self.model))
             return export_model(self.accelerator, model, self.data.tokenizer, self.out / name, self.expert_parallel)
 
     def ema_applied(self):
