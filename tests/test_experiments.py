@@ -221,11 +221,11 @@ def test_a_run_whose_folder_is_gone_is_kept_from_results_json_while_its_argument
     assert printed.count("[skip]") == 1 and "[start]" not in printed and not (out / "b").exists()
     assert again.variants == first.variants
 
-    # other threads, recomputed activations or trackers change how a run computes, not what, and the folder named
-    # relative to here is the same folder: nothing trains again
+    # other threads, recomputed activations, compiling or trackers change how a run computes, not what, and the
+    # folder named relative to here is the same folder: nothing trains again
     finished = (out / "a" / "seed_0" / RESULTS).read_text()
     ablate_main(command[:1] + ["--output_dir", os.path.relpath(out), "--set", "cpu_threads=2",
-                               "gradient_checkpointing=true", "report_to=none"])
+                               "gradient_checkpointing=true", "torch_compile=true", "report_to=none"])
     printed = capsys.readouterr().out
     assert "[skip] a/seed_0" in printed and "[kept] b/seed_0" in printed and "[start]" not in printed
     assert (out / "a" / "seed_0" / RESULTS).read_text() == finished

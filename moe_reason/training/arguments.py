@@ -103,7 +103,8 @@ class TrainingArguments:
     torch_compile: bool = field(default=False, metadata={"help": (
         "Compile the model with torch.compile (inductor) through Accelerate. Shapes are fixed (packed blocks), so it "
         "compiles in the first steps only; the recursive model compiles each decoder-stack pass and runs its halting "
-        "loop eagerly. The expert-parallel all-to-all breaks the graph.")})
+        "loop eagerly. The expert-parallel all-to-all breaks the graph. It changes how a run computes, not what: "
+        "a run begun eager may resume compiled, and a study's finished runs count either way.")})
     torch_compile_backend: str = field(default="inductor", metadata={"help": (
         "torch.compile backend for --torch_compile, by Accelerate's names: inductor (generated kernels), "
         "aot_eager (traced and differentiated ahead of time, no code generation: shows in seconds that a model "

@@ -61,9 +61,11 @@ from .plateau import describe as describe_plateau
 from .plateau import plateaued
 from ..safe_loading import from_pretrained
 
-# arguments that change how a run computes (its threads, whether activations are recomputed) or where its
-# metrics also go, not what it computes: a run resumes, and a study keeps a finished run, under other values
-EXECUTION_ARGUMENTS = ("cpu_threads", "gradient_checkpointing", "report_to", "peak_tflops")
+# arguments that change how a run computes (its threads, whether activations are recomputed, whether it is
+# compiled) or where its metrics also go, not what it computes: the same model, data and steps, rounded
+# differently at most. A run resumes, and a study keeps a finished run, under other values
+EXECUTION_ARGUMENTS = ("cpu_threads", "gradient_checkpointing", "torch_compile", "torch_compile_backend", "report_to",
+                       "peak_tflops")
 # arguments that may change between a run and its resumption (the rest must match run_args.json)
 RESUMABLE_ARGUMENTS = ("resume_from_checkpoint", "overwrite_output_dir", "max_steps", "local_rank",
                        *EXECUTION_ARGUMENTS)
