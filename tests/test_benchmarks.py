@@ -33,6 +33,20 @@ def test_benchmark_runs_once_and_prints_its_ratio_last(script):
     assert re.search(LAST_LINE[script], last), last
 
 
+@pytest.mark.full  # inductor generates and compiles C++ for each arm: minutes on a 2-core CPU
+def test_puzzle_cost_times_every_arm_compiled_beside_eager():
+    result = python_run([REPO / "benchmarks" / "puzzle_cost.py", *TINY["puzzle_cost.py"], "--mixers", "attention",
+                         "--torch_compile"], timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    arms = ["direct (attention)", "direct 3 layers (attention)", "recursive h1 l1 x2 (attention)"]
+    for arm in arms:
+        assert re.search(rf"{re.escape(arm)}, compiled: first step \(compiling\) \d+\.\d s", result.stdout), arm
+        assert re.search(rf"{re.escape(arm)}, compiled: \d+\.\d\d\dx the puzzles/s of the same arm eager",
+                         result.stdout), arm
+    assert "checkpointed, compiled" not in result.stdout
+    assert re.search(LAST_LINE["puzzle_cost.py"], result.stdout.strip().splitlines()[-1])
+
+
 def load_benchmark(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
