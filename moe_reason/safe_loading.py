@@ -129,12 +129,24 @@ def _why_unreadable(err: Exception) -> str:
     return f"is damaged or truncated ({type(err).__name__})"
 
 
-def from_pretrained(model_class, folder, **kwargs):
-    """`model_class.from_pretrained(folder)`, naming the damaged file when the folder does not load."""
+def from_pretrained(model_class, folder, strict: bool = True, **kwargs):
+    """`model_class.from_pretrained(folder)`, naming the damaged file when the folder does not load.
+
+    `strict`: refuse a folder whose weights are not all of the model's, under its names and shapes, and nothing
+    else. transformers only warns, and leaves each missing weight randomly initialised: a model evaluated so is
+    a random one. Off where the folder starts a model that adds weights of its own (`--init_from`).
+    """
     try:
-        return model_class.from_pretrained(folder, **kwargs)
+        model, info = model_class.from_pretrained(folder, output_loading_info=True, **kwargs)
     except Exception:
         damaged = damaged_files(Path(folder)) if Path(folder).is_dir() else []
         if not damaged:
             raise
         raise UserError(f"model folder {folder} cannot be loaded: {'; '.join(damaged)}") from None
+    wrong = {what: sorted(k if isinstance(k, str) else k[0] for k in info.get(key) or ())
+             for what, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
+                               ("of another shape", "mismatched_keys"))}
+    if strict and any(wrong.values()):
+        raise UserError(f"model folder {folder} does not hold this model's weights: " + "; ".join(
+            f"{len(names)} {what} (e.g. {', '.join(names[:3])})" for what, names in wrong.items() if names))
+    return model

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM
 from moe_reason.training.arguments import TrainingArguments
@@ -161,7 +162,7 @@ def data_args(tmp_path, files) -> DataArguments:
 
 
 @pytest.mark.parametrize("case", ["latin1_text", "binary_text", "rows_without_text", "deepspeed_json",
-                                  "evaluate_vocab", "truncated_export"])
+                                  "evaluate_vocab", "truncated_export", "renamed_weights"])
 def test_bad_input_names_the_file_or_value(tmp_path, case):
     messages = []
     if case in ("latin1_text", "binary_text"):
@@ -187,6 +188,14 @@ def test_bad_input_names_the_file_or_value(tmp_path, case):
         weights.write_bytes(weights.read_bytes()[:1000])
         with pytest.raises(ValueError, match=f"model folder {tmp_path / 'model'} cannot be loaded: "
                                              "model.safetensors is damaged or truncated"):
+            evaluate_main(["--model_path", str(tmp_path / "model")])
+    elif case == "renamed_weights":  # as a compiled run once exported them: transformers would only warn
+        MoEReasonForCausalLM(MoEReasonConfig.from_preset("debug")).save_pretrained(tmp_path / "model")
+        weights = tmp_path / "model" / "model.safetensors"
+        save_file({f"_orig_mod.{k}": v for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+        expected = (rf"model folder {tmp_path / 'model'} does not hold this model's weights: \d+ missing \(e\.g\. "
+                    r"lm_head\.weight, model\.embed_tokens\.weight, .*\); \d+ unexpected \(e\.g\. _orig_mod\.model\.")
+        with pytest.raises(ValueError, match=expected):
             evaluate_main(["--model_path", str(tmp_path / "model")])
     else:  # a tokenizer larger than the model: evaluate has no --vocab_size to suggest
         corpus = write_corpus(tmp_path, n=40)

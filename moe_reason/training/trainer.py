@@ -316,7 +316,7 @@ def build_model(model_args, args, data, accelerator, expert_parallel):
         setattr(config, name, value)
     check_against_model(data, config)
     if model_args.init_from:
-        model = from_pretrained(AutoModelForCausalLM, model_args.init_from, config=config)
+        model = from_pretrained(AutoModelForCausalLM, model_args.init_from, strict=False, config=config)
     else:  # the Auto mapping's class, built directly: from_config would partition it under ZeRO-3 even with
         # zero3_init_flag false, and the optimizer's parameter groups would then see empty tensors
         model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
@@ -401,7 +401,7 @@ def same_tokenizer(a, b) -> bool:
 def print_sample(folder: Path, prompt: str, tokens: int) -> str:
     """Greedy continuation of `prompt` by the exported model (loaded back with from_pretrained)."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = from_pretrained(AutoModelForCausalLM, folder).eval()
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0], skip_special_tokens=True)
@@ -409,7 +409,7 @@ def print_sample(folder: Path, prompt: str, tokens: int) -> str:
 
 def solved_sample(folder: Path, puzzle_tokens: list[int]) -> str:
     """The first held-out puzzle and the exported task model's answer, judged by the task's validator."""
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = from_pretrained(AutoModelForCausalLM, folder).eval()
     task = make_task(model.config.task)
     puzzle = task.from_tokens(puzzle_tokens[: task.n * task.n])  # both formulations start with the puzzle
     answer, valid = answer_one(model, task, puzzle)
