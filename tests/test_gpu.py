@@ -1,6 +1,7 @@
 """GPU checks: the bf16 grouped expert kernel, no host syncs in the MoE block or a whole
 training step, torch.compile without recompiles (base and recursive), exp8's memory at batch
-16 x 512, train.py on one GPU (a recursive puzzle model learns and resumes), NCCL DDP.
+16 x 512, train.py on one GPU (a recursive puzzle model learns and resumes; compiled, its export loads), NCCL
+DDP.
 
 Skipped without CUDA. Run them whenever a GPU is at hand: `python -m pytest -q tests/test_gpu.py`.
 """
@@ -180,6 +181,29 @@ def test_train_py_on_one_gpu_memorises_puzzles_in_bf16_and_resumes_exactly(tmp_p
            config_file=one_gpu, warm=False)
     expected = train_losses(straight)
     assert train_losses(halves) == pytest.approx({s: expected[s] for s in range(5, 9)}, abs=1e-4)
+
+
+@pytest.mark.slow
+@needs_sm80
+def test_a_compiled_bf16_run_on_one_gpu_exports_a_model_that_loads_strictly_and_solves(tmp_path):
+    """`--torch_compile` (inductor) with a moving average: the export, loaded by the strict loader that evaluate
+    uses (Accelerate's compiled wrapper once named every exported weight `_orig_mod.NAME`), solves the puzzles."""
+    from moe_reason.data.prepare import DataArguments
+    from moe_reason.safe_loading import from_pretrained
+    from moe_reason.tasks.puzzles import load_or_generate, make_task
+    from moe_reason.tasks.scoring import evaluate_puzzles
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "compiled"
+    run = launch(puzzle_argv(tmp_path, out, max_steps=300, log_interval=50, mixed_precision="bf16",
+                             torch_compile="true", ema_decay=0.9), config_file="accelerate_configs/gpu_single.yaml",
+                 warm=False)
+    assert "1 process(es) (NO) on cuda, mixed precision bf16" in run.stdout, run.stdout[-2000:]
+    model = from_pretrained(AutoModelForCausalLM, out / "final").cuda()
+    settings = model.config.task
+    splits, _ = load_or_generate(DataArguments(**settings, data_cache_dir=str(tmp_path / "cache")))
+    solved = evaluate_puzzles(model, make_task(settings), *splits["train"])
+    assert solved["puzzles"] == 32 and solved["exact_accuracy"] >= 0.9, solved
 
 
 @pytest.mark.slow
