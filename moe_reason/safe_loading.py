@@ -143,10 +143,12 @@ def from_pretrained(model_class, folder, strict: bool = True, **kwargs):
         if not damaged:
             raise
         raise UserError(f"model folder {folder} cannot be loaded: {'; '.join(damaged)}") from None
+    if not strict:
+        return model
     wrong = {what: sorted(k if isinstance(k, str) else k[0] for k in info.get(key) or ())
              for what, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
                                ("of another shape", "mismatched_keys"))}
-    if strict and any(wrong.values()):
+    if any(wrong.values()):
         raise UserError(f"model folder {folder} does not hold this model's weights: " + "; ".join(
             f"{len(names)} {what} (e.g. {', '.join(names[:3])})" for what, names in wrong.items() if names))
     return model

@@ -4,7 +4,8 @@ Whether dynamo recompiles is decided by its guards, which do not depend on the b
 recompile checks use "aot_eager" (dynamo + AOT autograd, no code generation: seconds, not minutes).
 Under bf16 autocast they trace what a GPU compiles: `torch._grouped_mm` inside the graph (in fp32
 its compile-time rule refuses it, and the per-expert custom op stands in). The trainer test runs
-`--torch_compile` through Accelerate: aot_eager and inductor, all as `full` tests.
+`--torch_compile` through Accelerate: aot_eager and inductor, all as `full` tests; the suite keeps a run
+resumed across compiling (aot_eager), with the names its export and moving average are saved under.
 """
 
 import pytest
