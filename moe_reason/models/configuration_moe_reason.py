@@ -143,6 +143,10 @@ class MoEReasonConfig(PretrainedConfig):
         """Whether the routers keep DeepSeek-V3's load-balancing bias."""
         return self.load_balancing in ("aux_free", "both")
 
+    def every_parameter_learns(self) -> bool:
+        """Whether every parameter receives a gradient at every training step (DDP expects that of each one)."""
+        return True
+
     def uses_aux_loss(self) -> bool:
         return self.load_balancing in ("aux_loss", "both") and self.router_aux_loss_coef > 0
 

@@ -96,6 +96,12 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
         """Decoder-stack passes of one training forward at most: per supervision step h*(l+1)."""
         return self.h_cycles * (self.l_cycles + 1) * self.halt_max_steps
 
+    def every_parameter_learns(self) -> bool:
+        """The learned initial states get a gradient only where a pass with gradient reads them: with one H cycle,
+        on the first supervision step (`LatentInit`). With more, every pass that reads them runs without
+        gradient, and they keep their initial value."""
+        return self.h_cycles == 1
+
     def grad_passes_per_supervision_step(self) -> int:
         """The last passes of a supervision step that run with gradient (the rest run under no_grad)."""
         return min(self.l_cycles + 1 if self.recursion_gradient == "last_cycle" else 2,

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, set_seed
 from filelock import FileLock
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
@@ -194,11 +194,15 @@ def truncate_metrics(out: Path, step: int) -> None:
     write_text(path, "".join(kept))
 
 
-def make_accelerator(args) -> Accelerator:
+def make_accelerator(args, every_parameter_learns: bool = True) -> Accelerator:
     handlers = []
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # without this each CPU process initialises its own world and believes it is alone
         handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))
+    if not every_parameter_learns:
+        # DDP waits for a gradient of every trainable parameter and fails at the next step. Freezing the ones
+        # without would change the optimizer's parameters, and so every optimizer state saved before
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     plugin = DeepSpeedPlugin(hf_ds_config=args.deepspeed) if args.deepspeed else None
     use_deepspeed = plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
     # Accelerate treats several CPU processes as one DDP world only when told it is on the CPU;
@@ -469,7 +473,7 @@ class Trainer:
         """Hold the output folder, check what can be checked cheaply, launch, then build data, model, optimizer."""
         self.lock = lock_output_dir(self.out)  # before anything reads or writes it
         checkpoint, config = self.check()
-        self.launch(checkpoint, config.num_experts)
+        self.launch(checkpoint, config)
         self.build(checkpoint)
         if checkpoint is not None:
             self.resume(checkpoint)
@@ -491,20 +495,21 @@ class Trainer:
                          + ("" if task else ", or a smaller --block_size"))
         return checkpoint, config
 
-    def launch(self, checkpoint: Path | None, num_experts: int) -> None:
-        """The Accelerator (DeepSpeed, the process group), the device, expert parallelism; then what the launch must
-        agree with the checkpoint; then the output folder cleared (--overwrite_output_dir) and the seed set."""
+    def launch(self, checkpoint: Path | None, config) -> None:
+        """The Accelerator (DeepSpeed, the process group, DDP as `config`'s model needs it), the device, expert
+        parallelism; then what the launch must agree with the checkpoint; then the output folder cleared
+        (--overwrite_output_dir) and the seed set."""
         args = self.args
         resolve_global_batch(args, int(os.environ.get("WORLD_SIZE", "1")))
-        self.accelerator = accelerator = make_accelerator(args)
+        self.accelerator = accelerator = make_accelerator(args, config.every_parameter_learns())
         configure_device(accelerator, args)
         self.is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         for flag, used in (("--ema_decay", args.ema_decay), ("--lora_rank", self.model_args.lora_rank)):
             if used and (zero_stage(accelerator) == 3 or args.expert_parallel_size > 1):
                 raise UserError(f"{flag} needs every rank to hold the whole model: not with ZeRO-3 or "
                                 "--expert_parallel_size > 1 (use ZeRO-2 or DDP with expert_parallel_size 1)")
-        self.expert_parallel = make_expert_parallel(args.expert_parallel_size, num_experts, accelerator.num_processes,
-                                                    zero_stage(accelerator))
+        self.expert_parallel = make_expert_parallel(args.expert_parallel_size, config.num_experts,
+                                                    accelerator.num_processes, zero_stage(accelerator))
         if checkpoint is not None:
             self.expert_parallel.check_checkpoint(checkpoint)
             if self.data_args.streaming:  # this rank's saved position: another process count fails here
