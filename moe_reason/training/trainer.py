@@ -194,7 +194,7 @@ def truncate_metrics(out: Path, step: int) -> None:
     write_text(path, "".join(kept))
 
 
-def make_accelerator(args, every_parameter_learns: bool = True) -> Accelerator:
+def make_accelerator(args, every_parameter_learns: bool) -> Accelerator:
     handlers = []
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # without this each CPU process initialises its own world and believes it is alone
