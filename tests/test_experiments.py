@@ -522,6 +522,36 @@ def test_arms_trains_one_arm_now_and_the_others_count_from_the_report(tmp_path, 
         compare_main(command + ["--arms", "direct", "deep"])
 
 
+def test_a_stopped_command_reports_the_finished_runs_it_had_yet_to_reach(tmp_path, corpus, capsys):
+    # seed 1 trained first; the whole study then stops after one run (a spent budget) as a run stopped by
+    # Ctrl-C would: its report still counts the seed-1 runs the command had yet to skip, on disk and in --report
+    spec = {"seeds": [0, 1], "base": tiny_base(tmp_path, corpus), "reference": "recursive", "equal_flops": False,
+            "arms": {"recursive": {"model_type": "recursive", "h_cycles": 1, "l_cycles": 1, "halt_max_steps": 2},
+                     "direct": {"model_type": "base"}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "cmp"
+    command = [str(tmp_path / "c.yaml"), "--output_dir", str(out)]
+    seed_1 = {r.run: r.final_val_loss for r in compare_main(command + ["--seeds", "1"]).runs}
+    capsys.readouterr()
+    stopped = compare_main(command + ["--max_hours", "1e-12"])
+    assert capsys.readouterr().out.count("[start]") == 1  # the cheaper arm's seed 0; the budget then stops it
+    expected = [("direct", 0), ("direct", 1), ("recursive", 1)]
+    assert sorted((r.run, r.seed) for r in stopped.runs) == expected and stopped.other_runs == []
+    on_disk = json.loads((out / "comparison.json").read_text())
+    assert sorted((r["run"], r["seed"]) for r in on_disk["runs"]) == expected and on_disk["other_runs"] == []
+    rebuilt = compare_main(["--report", str(out)]).equal_steps["direct"]
+    assert rebuilt.sides["recursive"].values == [seed_1["recursive"]] and len(rebuilt.sides["direct"].values) == 2
+
+    # a grid the same way: variant b's seed 1, finished earlier, counts though the command stopped before it
+    grid = {"seeds": [0, 1], "base": tiny_base(tmp_path, corpus), "variants": {"a": {}, "b": {"learning_rate": 1e-3}}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
+    command = [str(tmp_path / "grid.yaml"), "--output_dir", str(tmp_path / "ablation")]
+    ablate_main(command + ["--seeds", "1", "--variants", "a", "b"])
+    stopped = ablate_main(command + ["--max_hours", "1e-12"])
+    assert sorted((r.run, r.seed) for r in stopped.runs) == [("a", 0), ("a", 1), ("b", 1)]
+    assert stopped.other_runs == [] and stopped.variants["b"].seeds == [1]
+
+
 def test_compare_refuses_training_settings_in_an_arm_except_its_own_learning_rate(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": {}, "baseline": {"warmup_steps": 5}, "recursive": {}}))
     with pytest.raises(ValueError, match=r"model fields and learning_rate only.*\['warmup_steps'\]"):

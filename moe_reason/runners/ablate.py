@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from ..errors import UserError, run_cli
 from ..training.arguments import arguments_from
 from .engine import (ReportFiles, RunBudget, RunnerArguments, StudySettings, check_arguments, check_launch,
-                     exit_status, load_runner_file, run_runner, safe_name, train_or_keep, write_json)
+                     exit_status, load_runner_file, run_runner, safe_name, train_or_keep, waiting_runs, write_json)
 from .grid_report import plot, summary_markdown
 from .records import GridReport, RunRecord, VariantSummary
 from .statistics import HOLM_RULE, holm, mean_std, welch
@@ -93,18 +93,25 @@ def run_grid(grid: Grid) -> GridReport:
     earlier = REPORT.earlier_runs(out, lambda r: r.run in grid.in_file)
     caps = {variant: arguments_from({**grid.base, **overrides})[2].max_steps
             for variant, overrides in grid.variants.items()}
-    plan = [(variant, overrides, seed) for variant, overrides in grid.variants.items() for seed in grid.seeds]
-    budget = RunBudget([(variant, caps[variant]) for variant, _, _ in plan], grid.max_hours)
-    for variant, overrides, seed in plan:
+    plan = [(variant, overrides, seed, {**grid.base, **overrides, "seed": seed})
+            for variant, overrides in grid.variants.items() for seed in grid.seeds]
+    budget = RunBudget([(variant, caps[variant]) for variant, *_ in plan], grid.max_hours)
+
+    def report_now() -> GridReport:  # the runs reached, and the finished ones still to reach
+        waiting, others = waiting_runs(earlier, [((variant, seed), values, {"overrides": overrides,
+                                                                            "steps": caps[variant]})
+                                                 for variant, overrides, seed, values in plan[len(runs):]])
+        return grid_report(grid, runs + waiting, others)
+
+    for variant, overrides, seed, values in plan:
         if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
             break
-        values = {**grid.base, **overrides, "seed": seed}
         record = train_or_keep(variant, seed, values, out / variant / f"seed_{seed}", grid.launcher,
                                grid.accelerate_config, earlier.pop((variant, seed), None))
         runs.append(dataclasses.replace(record, overrides=overrides, steps=caps[variant]))
-        write_json(out / REPORT.json, grid_report(grid, runs, earlier).to_json())
+        write_json(out / REPORT.json, report_now().to_json())
         budget.after(runs, earlier.values())
-    report = grid_report(grid, runs, earlier)
+    report = report_now()
     REPORT.write(report, out)
     failed = [r.title for r in runs if not r.finished]
     print(f"wrote {out / REPORT.json}, {out / REPORT.png}, {out / REPORT.markdown}"

@@ -61,7 +61,7 @@ from .comparison_report import ARM_TRAINING_FIELDS, METRICS, comparison_markdown
 from .engine import (TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments, StudySettings, check_arguments,
                      check_launch, exit_status, last_checkpoint_within, load_runner_file, model_argument_names,
                      run_runner, safe_name, same_first_steps, same_record, score_task_run, task_argument_names,
-                     task_figures, train_or_keep, write_json)
+                     task_figures, train_or_keep, waiting_runs, write_json)
 from .records import Accounting, ComparisonReport, Depth, RunRecord, Side, Transfer, TrendPoint, Verdict
 from .statistics import RULE as STATISTICS_RULE
 from .statistics import mean_std, welch
@@ -217,8 +217,13 @@ def run_comparison(cmp: Comparison) -> ComparisonReport:
     earlier = REPORT.earlier_runs(out, lambda r: r.run in names)
     untrained = [(seed, item) for seed, item in todo if cmp.training and item.arm not in cmp.training]
     todo = [run for run in todo if run not in untrained]
-    reported = not_trained_now(cmp, untrained, earlier)
+    reported, earlier = not_trained_now(cmp, untrained, earlier)
     budget = RunBudget([(item.arm, item.steps) for _, item in todo], cmp.max_hours)
+
+    def report_now() -> ComparisonReport:  # the runs reached, and the finished ones still to reach
+        waiting, others = waiting_runs(earlier, planned_records(cmp, todo[len(runs):]))
+        return comparison_report(cmp, accounting, reported + runs + waiting, others)
+
     for seed, item in todo:
         if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
             break
@@ -233,9 +238,9 @@ def run_comparison(cmp: Comparison) -> ComparisonReport:
         if cmp.transfer and record.finished and record.transfer is None:
             record.transfer = transfer_figures(Path(record.output_dir), values, cmp.transfer)
         runs.append(record)
-        write_json(out / REPORT.json, comparison_report(cmp, accounting, reported + runs, earlier).to_json())
+        write_json(out / REPORT.json, report_now().to_json())
         budget.after(runs, earlier.values(), twin_starts(cmp, todo, [*runs, *earlier.values()]))
-    report = comparison_report(cmp, accounting, reported + runs, earlier)
+    report = report_now()
     REPORT.write(report, out)
     for kind, verdicts in (("equal steps", report.equal_steps), ("equal FLOPs", report.equal_flops)):
         for arm, v in verdicts.items():
@@ -244,21 +249,26 @@ def run_comparison(cmp: Comparison) -> ComparisonReport:
     return report
 
 
-def not_trained_now(cmp: Comparison, untrained: list[tuple[int, PlannedRun]], earlier: dict) -> list[RunRecord]:
+def not_trained_now(cmp: Comparison, untrained: list[tuple[int, PlannedRun]], earlier: dict) \
+        -> tuple[list[RunRecord], dict]:
     """The finished runs of the arms left out by --arms, taken from `earlier` (the report's record) where their
-    arguments are this command's; the others wait for a command that trains them."""
-    kept, later = [], []
-    for seed, item in untrained:
-        if same_record(earlier.get((item.name, seed)), run_values(cmp, seed, item)):
-            record = earlier.pop((item.name, seed))
-            kept.append(dataclasses.replace(record, arm=item.arm, kind=item.kind, steps=item.steps, skipped=True))
-            print(f"[kept] {record.title}: not among --arms; from the report", flush=True)
-        else:
-            later.append(f"{item.name}/seed_{seed}")
+    arguments are this command's, and the rest of `earlier`; the others wait for a command that trains them."""
+    kept, earlier = waiting_runs(earlier, planned_records(cmp, untrained))
+    for record in kept:
+        print(f"[kept] {record.title}: not among --arms; from the report", flush=True)
+    found = {(record.run, record.seed) for record in kept}
+    later = [f"{item.name}/seed_{seed}" for seed, item in untrained if (item.name, seed) not in found]
     if later:
         print(f"[later] not among --arms, and the report holds no finished run of them with these arguments: "
               f"{', '.join(later)}", flush=True)
-    return kept
+    return kept, earlier
+
+
+def planned_records(cmp: Comparison, planned: list[tuple[int, PlannedRun]]) -> list[tuple[tuple[str, int], dict,
+                                                                                          dict]]:
+    """`waiting_runs`' view of planned runs: each one's key, trainer arguments and the record fields it sets."""
+    return [((item.name, seed), run_values(cmp, seed, item), {"arm": item.arm, "kind": item.kind,
+                                                              "steps": item.steps}) for seed, item in planned]
 
 
 def run_values(cmp: Comparison, seed: int, item: PlannedRun) -> dict:

@@ -20,7 +20,8 @@ schedule does not depend on the step cap and their first steps are the same); it
 started_from.json and its record's `started_from` name that checkpoint.
 
 A runner's report JSON is its record: a command narrowed by --seeds (or the ablation's --variants)
-keeps the other finished runs in it (`other_runs`), and a finished run whose folder is gone (deleted to
+keeps the other finished runs in it (`other_runs`); the finished runs it has yet to reach count in
+its report while it runs, and if it stops. A finished run whose folder is gone (deleted to
 free the disk, or a fresh clone holding only a committed report JSON copied into output_dir) is kept
 from it while its arguments are unchanged, instead of trained again. Such a run cannot be checked for a
 model default changed since (that needs its saved config), so the runner prints `[kept]`.
@@ -422,6 +423,19 @@ def same_record(record: RunRecord | None, values: dict) -> RunRecord | None:
     """`record` (a report's finished run) where it ran with the trainer arguments `values` (those that change
     how a run computes, not what, aside), else None."""
     return record if record and run_identity(record.config) == run_identity(values) else None
+
+
+def waiting_runs(earlier: dict, left: list[tuple[tuple[str, int], dict, dict]]) \
+        -> tuple[list[RunRecord], dict]:
+    """Split a study's earlier finished runs (`earlier`, {(run, seed): record}) between the runs a command has
+    yet to reach (`left`: [((run, seed), trainer arguments, record fields the command sets)]) whose records
+    hold under those arguments, and the rest (the report's `other_runs`). A command that is still running, or
+    stopped, counts the first in its report: they are the study's finished runs as much as those it reached."""
+    others, waiting = dict(earlier), []
+    for key, values, fields in left:
+        if same_record(others.get(key), values):
+            waiting.append(dataclasses.replace(others.pop(key), skipped=True, **fields))
+    return waiting, others
 
 
 def train_or_keep(run: str, seed: int, values: dict, run_dir: Path, launcher: str, accelerate_config: str | None,
