@@ -370,6 +370,20 @@ def test_every_command_tells_a_user_error_in_one_line_without_a_traceback(tmp_pa
         in closed.stderr
 
 
+@pytest.mark.slow
+def test_a_deepspeed_launch_from_outside_the_repository_names_the_config_and_the_folder(tmp_path):
+    # Accelerate reads the accelerate config's deepspeed_config_file from the folder the command runs in; it
+    # failed there with its own three chained tracebacks (the path tried as a file, as JSON, as base64)
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                             str(REPO / "accelerate_configs" / "deepspeed_zero1.yaml"), "--num_processes", "1",
+                             str(REPO / "train.py"), "--output_dir", str(tmp_path / "run"), "--max_steps", "1"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env=clean_env())
+    assert result.returncode != 0
+    assert f"error: DeepSpeed config not found from {tmp_path}: " in result.stderr, result.stderr[-3000:]
+    assert "Received: ds_configs/zero1.json. The shipped accelerate_configs/ name" in result.stderr
+    assert "accelerate/utils/deepspeed.py" not in result.stderr  # the launcher's own report of a failed rank stays
+
+
 @pytest.mark.full  # 10 launches: minutes on a 2-core CPU
 def test_zero3_offload_runs_end_with_exit_0_under_load(tmp_path):
     """A finished ZeRO-3 offload rank once aborted at exit ('terminate called without an active exception'),

@@ -208,10 +208,17 @@ def make_accelerator(args, every_parameter_learns: bool) -> Accelerator:
     # Accelerate treats several CPU processes as one DDP world only when told it is on the CPU;
     # but cpu=True also switches DeepSpeed off, which runs on the CPU by itself
     cpu = not torch.cuda.is_available() and not use_deepspeed
-    return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                       mixed_precision=args.mixed_precision, log_with=trackers(args), cpu=cpu,
-                       project_dir=args.output_dir, deepspeed_plugin=plugin, kwargs_handlers=handlers,
-                       dynamo_backend=args.torch_compile_backend if args.torch_compile else "no")
+    try:
+        return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                           mixed_precision=args.mixed_precision, log_with=trackers(args), cpu=cpu,
+                           project_dir=args.output_dir, deepspeed_plugin=plugin, kwargs_handlers=handlers,
+                           dynamo_backend=args.torch_compile_backend if args.torch_compile else "no")
+    except ValueError as error:  # Accelerate tries the launcher's path as a file, as JSON, then as base64
+        if use_deepspeed and "existing deepspeed config" in str(error):
+            raise UserError(f"DeepSpeed config not found from {os.getcwd()}: {error}. The shipped "
+                            "accelerate_configs/ name ds_configs/*.json relative to the repository root: launch "
+                            "from there, or give the config's absolute path") from error
+        raise
 
 
 def trackers(args) -> list[str] | None:
