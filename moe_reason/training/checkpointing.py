@@ -127,7 +127,8 @@ def load_checkpoint(accelerator, model, checkpoint: Path,
             accelerator.load_state(str(checkpoint), **expert_parallel.load_state_kwargs)
         expert_parallel.load(bare_model(accelerator, model), checkpoint)
     except Exception:
-        damaged = damaged_files(checkpoint, deepspeed_globals() if hasattr(model, "checkpoint_engine") else ())
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        damaged = damaged_files(checkpoint, deepspeed_globals() if deepspeed else ())
         if not damaged:
             raise
         raise UserError(f"checkpoint {checkpoint} cannot be resumed: {'; '.join(damaged)}. Resume from an "
