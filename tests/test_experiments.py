@@ -489,14 +489,18 @@ def test_an_equal_flops_run_whose_twin_plateaued_within_its_cap_is_the_twins_run
     assert "[start]" not in printed and not (out / "direct_equal_flops").exists()
 
 
-def test_arms_trains_one_arm_now_and_the_others_count_from_the_report(tmp_path, corpus, capsys):
-    # the cheap arm on one machine, the costly one on another: each command's verdict has both arms' runs
+def two_arm_study(tmp_path, corpus) -> tuple[Path, list[str]]:
+    """tmp_path/c.yaml: a recursive and a direct arm, 2 seeds, no equal-FLOPs runs -> (output folder, command)."""
     spec = {"seeds": [0, 1], "base": tiny_base(tmp_path, corpus), "reference": "recursive", "equal_flops": False,
             "arms": {"recursive": {"model_type": "recursive", "h_cycles": 1, "l_cycles": 1, "halt_max_steps": 2},
                      "direct": {"model_type": "base"}}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
-    out = tmp_path / "cmp"
-    command = [str(tmp_path / "c.yaml"), "--output_dir", str(out)]
+    return tmp_path / "cmp", [str(tmp_path / "c.yaml"), "--output_dir", str(tmp_path / "cmp")]
+
+
+def test_arms_trains_one_arm_now_and_the_others_count_from_the_report(tmp_path, corpus, capsys):
+    # the cheap arm on one machine, the costly one on another: each command's verdict has both arms' runs
+    out, command = two_arm_study(tmp_path, corpus)
     first = compare_main(command + ["--arms", "direct"])
     printed = capsys.readouterr().out
     assert "[later] not among --arms, and the report holds no finished run of them with these arguments: " \
@@ -525,12 +529,7 @@ def test_arms_trains_one_arm_now_and_the_others_count_from_the_report(tmp_path, 
 def test_a_stopped_command_reports_the_finished_runs_it_had_yet_to_reach(tmp_path, corpus, capsys):
     # seed 1 trained first; the whole study then stops after one run (a spent budget) as a run stopped by
     # Ctrl-C would: its report still counts the seed-1 runs the command had yet to skip, on disk and in --report
-    spec = {"seeds": [0, 1], "base": tiny_base(tmp_path, corpus), "reference": "recursive", "equal_flops": False,
-            "arms": {"recursive": {"model_type": "recursive", "h_cycles": 1, "l_cycles": 1, "halt_max_steps": 2},
-                     "direct": {"model_type": "base"}}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
-    out = tmp_path / "cmp"
-    command = [str(tmp_path / "c.yaml"), "--output_dir", str(out)]
+    out, command = two_arm_study(tmp_path, corpus)
     seed_1 = {r.run: r.final_val_loss for r in compare_main(command + ["--seeds", "1"]).runs}
     capsys.readouterr()
     stopped = compare_main(command + ["--max_hours", "1e-12"])
