@@ -11,8 +11,11 @@
                                (+ stream_state_R_of_N.json per rank, with --streaming: its stream position)
                                (+ data_source.json: the local data files then, so a resume names those changed)
       best/  final/            exported models (save_pretrained); a task model's scores: final/eval_task.json
+                               (+ final/eval_transfer.json: a study's scores on other puzzles)
       run.lock, run.lock.json  held by the live run (flock, released by the kernel when it ends), and who it is
     A runner's output folder (a study) holds its runs' folders, its report, and study.lock(.json), held alike.
+    A runner's run folder adds experiment_run.json (the run's arguments and launch), started_from.json (the
+    other run's checkpoint it went on from, if any) and, when launched by Accelerate, run_config.yaml.
 
 A folder being written is NAME.tmp; a checkpoint counts only once its trainer_state.json is in place.
 """
@@ -28,6 +31,10 @@ TRAINER_STATE = "trainer_state.json"
 EMA_WEIGHTS = "ema.safetensors"
 BEST, FINAL = "best", "final"
 TASK_EVAL = "eval_task.json"  # a task model's puzzle scores, written into its export folder by evaluate
+TRANSFER_EVAL = "eval_transfer.json"  # a task run's scores on other puzzles (a comparison's `transfer:`)
+RUN_SPEC = "experiment_run.json"  # the arguments a runner's run folder was made with
+STARTED_FROM = "started_from.json"  # the other run's checkpoint a run folder started from (a runner's `start_from`)
+RUN_CONFIG = "run_config.yaml"  # a runner's launcher accelerate: the arguments, as the trainer's config file
 RUN_LOCK, RUN_LOCK_OWNER = "run.lock", "run.lock.json"
 STUDY_LOCK = "study.lock"  # in a runner's output folder: held by the runner working on it (+ study.lock.json)
 DATA_SOURCE = "data_source.json"  # in a checkpoint: the data files as they were ([path, bytes, mtime_ns] each)

@@ -20,9 +20,10 @@ from moe_reason.runners.compare import (budget_trend, load_comparison, main as c
 from moe_reason.runners.comparison_report import evenly, trend_verdict
 from moe_reason.models.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.evaluation.evaluate import main as evaluate_main
-from moe_reason.runners import engine
-from moe_reason.runners.engine import (RUNNER_KEYS, STUDY_IN_USE, RunBudget, RunnerArguments, exit_status,
-                                      load_study_mapping, parse_runner_cli, run_training)
+from moe_reason.runners import run_folder
+from moe_reason.runners.engine import STUDY_IN_USE, RunBudget, exit_status, parse_runner_cli
+from moe_reason.runners.run_folder import run_training
+from moe_reason.runners.study_file import RUNNER_KEYS, RunnerArguments, load_study_mapping
 from moe_reason.runners.records import CURVE_POINTS, GridReport, RunRecord
 from moe_reason.layout import RESULTS, complete_checkpoints
 from moe_reason.training.metrics import training_flops_per_token
@@ -430,7 +431,7 @@ def test_an_equal_flops_run_goes_on_from_its_twins_last_checkpoint_and_ends_as_a
     assert twin_starts(cmp, todo, [dataclasses.replace(gone, stopped_by="plateau", stopped_at=3)]) == {at: run.steps}
     capsys.readouterr()
     with pytest.MonkeyPatch.context() as patch:  # and the run says so as it starts
-        patch.setattr(engine, "_train_in_process", lambda *args: "stopped")
+        patch.setattr(run_folder, "_train_in_process", lambda *args: "stopped")
         run_training("direct_equal_flops", 0, run.config, tmp_path / "from_gone", start_from=tmp_path / "gone")
     assert (f"[start] direct_equal_flops/seed_0 (from step 0: {tmp_path / 'gone'} holds no finished run's last "
             "checkpoint within the cap to go on from)") in capsys.readouterr().out
@@ -440,7 +441,7 @@ def test_an_equal_flops_run_goes_on_from_its_twins_last_checkpoint_and_ends_as_a
     capsys.readouterr()
     folder, raised = Path(twin.output_dir), {**twin.config, "max_steps": run.steps}
     with pytest.MonkeyPatch.context() as patch:  # stopped before its end: an interrupted run, not the capped one
-        patch.setattr(engine, "_train_in_process", lambda *args: "stopped")
+        patch.setattr(run_folder, "_train_in_process", lambda *args: "stopped")
         assert run_training("direct", 0, raised, folder).status == "failed"
     assert f"[start] direct/seed_0 (resuming: its step cap rose from 6 to {run.steps})" in capsys.readouterr().out
     assert not (folder / RESULTS).exists() and (folder / "checkpoint-6").is_dir()

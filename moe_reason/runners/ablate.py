@@ -16,7 +16,7 @@ A grid file:
       baseline: {}
       no_aux_loss: {router_aux_loss_coef: 0.0}
 
-`extends: OTHER.yaml` builds on another grid file (`engine.load_study_mapping`): its keys, the base updated
+`extends: OTHER.yaml` builds on another grid file (`study_file.load_study_mapping`): its keys, the base updated
 name by name. Writes into output_dir: one folder per run (VARIANT/seed_S), `results.json` (updated after
 every run), `ablation_comparison.png` and `SUMMARY.md`. A failed run is recorded with its
 error and the grid goes on; rerunning the command skips finished runs and resumes
@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError, run_cli
 from ..training.arguments import arguments_from
-from .engine import (ReportFiles, RunBudget, RunnerArguments, StudySettings, check_arguments, check_launch,
-                     exit_status, load_runner_file, run_runner, safe_name, train_or_keep, waiting_runs, write_json)
+from .engine import ReportFiles, RunBudget, exit_status, run_runner, write_json
+from .run_folder import train_or_keep, waiting_runs
+from .study_file import (RunnerArguments, StudySettings, check_arguments, check_launch, load_runner_file,
+                         safe_name)
 from .grid_report import plot, summary_markdown
 from .records import GridReport, RunRecord, VariantSummary
 from .statistics import HOLM_RULE, holm, mean_std, welch

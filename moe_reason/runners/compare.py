@@ -22,7 +22,7 @@ A comparison file:
                                              # arguments generate (easy-to-hard), in its own report section
 
 `baseline:` and `recursive:` at the top level are the two-arm form (reference: baseline). `extends: OTHER.yaml`
-builds on another comparison file (`engine.load_study_mapping`): its keys, the base updated name by name.
+builds on another comparison file (`study_file.load_study_mapping`): its keys, the base updated name by name.
 The arms may set model fields, and `learning_rate` where each arm is to train at its own best
 one (the report names each arm's); batch, schedule, data and seed are the base's.
 Runs per seed (the equal-steps runs of every seed first, then the equal-FLOPs runs): every arm at
@@ -58,10 +58,12 @@ from ..errors import UserError, run_cli
 from ..training.arguments import arguments_from, build_config
 from ..training.metrics import training_flops_per_token
 from .comparison_report import ARM_TRAINING_FIELDS, METRICS, comparison_markdown, plot
-from .engine import (TRANSFER_EVAL, ReportFiles, RunBudget, RunnerArguments, StudySettings, check_arguments,
-                     check_launch, exit_status, last_checkpoint_within, load_runner_file, model_argument_names,
-                     run_runner, safe_name, same_first_steps, same_record, score_task_run, task_argument_names,
-                     task_figures, train_or_keep, waiting_runs, write_json)
+from ..layout import TRANSFER_EVAL
+from .engine import ReportFiles, RunBudget, exit_status, run_runner, write_json
+from .run_folder import last_checkpoint_within, same_first_steps, same_record, train_or_keep, waiting_runs
+from .run_results import score_task_run, task_argument_names, task_figures
+from .study_file import (RunnerArguments, StudySettings, check_arguments, check_launch, load_runner_file,
+                         model_argument_names, safe_name)
 from .records import Accounting, ComparisonReport, Depth, RunRecord, Side, Transfer, TrendPoint, Verdict
 from .statistics import RULE as STATISTICS_RULE
 from .statistics import mean_std, welch

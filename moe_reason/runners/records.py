@@ -42,7 +42,7 @@ class RunRecord:
     arm: str | None = None
     kind: str | None = None  # "equal_steps" or "equal_flops"
     overrides: dict | None = None
-    # what a finished run measured: its results and metrics files (engine.collect_run)
+    # what a finished run measured: its results and metrics files (run_results.collect_run)
     steps: int | None = None  # the step cap it trained under (max_steps); stopped_at: where it ended
     final_val_loss: float | None = None
     best_val_loss: float | None = None
@@ -65,10 +65,10 @@ class RunRecord:
     stopped_at: int | None = None  # the step it ended at
     nan: bool | None = None  # a non-finite loss or a skipped step was seen
     machines: list | None = None  # what trained it (training.metrics.machine), one per start on another machine
-    # "RUN_FOLDER/checkpoint-STEP": another run's checkpoint this one started from (engine.continue_from); its
+    # "RUN_FOLDER/checkpoint-STEP": another run's checkpoint this one started from (run_folder.continue_from); its
     # steps, curves and wall time up to there are that run's
     started_from: str | None = None
-    # a task run's scores on its held-out puzzles (engine.task_figures)
+    # a task run's scores on its held-out puzzles (run_results.task_figures)
     exact_accuracy: float | None = None
     cell_accuracy: float | None = None
     exact_accuracy_by_steps: dict | None = None  # supervision steps -> exact accuracy, on the first curve_puzzles
