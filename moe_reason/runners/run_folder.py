@@ -36,7 +36,8 @@ from ..atomic import install, staged, write_text
 from ..layout import BEST, FINAL, METRICS, RESULTS, RUN_CONFIG, RUN_SPEC, STARTED_FROM, checkpoint_step, run_outputs
 from ..training.arguments import arguments_from, build_config
 from ..training.checkpointing import complete_checkpoints
-from ..training.trainer import EXECUTION_ARGUMENTS, TOKENIZER_FIELDS, config_drift, describe_drift, saved_config, train
+from ..training.build import TOKENIZER_FIELDS, config_drift, describe_drift, saved_config
+from ..training.trainer import EXECUTION_ARGUMENTS, train
 from .records import RunRecord
 from .run_results import collect_run, score_task_run, scored
 

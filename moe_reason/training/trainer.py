@@ -23,38 +23,33 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DeepSpeedPlugin
-from accelerate.tracking import get_available_trackers
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, set_seed
 from filelock import FileLock
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-from transformers.utils import CONFIG_NAME
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..atomic import write_text
 from ..data.corpus import changed_files
-from ..data.prepare import check_against_model, check_block_fits, collate_blocks, prepare_data
+from ..data.prepare import check_block_fits, prepare_data
 from ..errors import UserError, run_cli
 from ..evaluation.loss import evaluate_model
 from ..locks import hold_folder
-from ..models.modeling_recursive import RecursiveMoEReasonForCausalLM
 from ..parallel.expert_parallel import make_expert_parallel
 from ..tasks.puzzles import make_task, render
 from ..tasks.scoring import answer_one
-from .arguments import TRACKER_PACKAGES, ARGUMENT_CLASSES, build_config, parse_args, resolve_global_batch
+from .arguments import ARGUMENT_CLASSES, build_config, parse_args, resolve_global_batch
+from .accelerator import configure_device, make_accelerator, trackers, zero_stage
+from .build import build_model, config_drift, describe_drift, make_loaders, same_tokenizer, saved_config
 from .checkpointing import (bare_model, export_model, load_checkpoint, read_trainer_state, resolve_checkpoint,
                             save_checkpoint, unfinished_checkpoints_after)
 from .ema import WeightEMA
 from ..layout import (BEST, DATA_SOURCE, EMA_WEIGHTS, FINAL, METRICS, RESULTS, RUN_ARGS, RUN_LOCK, STREAM_STATE,
                       TENSORBOARD, complete_checkpoints, run_outputs, stream_state_name)
-from .lora import add_lora, is_lora, lora_config, merged
+from .lora import is_lora, merged
 from .metrics import LogWindow, any_nonfinite, machine, measure_peak_flops, training_flops_per_token
 from .optim import make_optimizer_and_scheduler
 from .plateau import describe as describe_plateau
@@ -146,7 +141,8 @@ def micro_batches_to_skip(state: TrainState, per_device_batch: int, num_processe
 
 
 # ----------------------------------------------------------------------------
-# Set-up: output folder, Accelerator and DeepSpeed, model, loaders
+# Set-up: the output folder, and the data a resume trains on (the Accelerator: accelerator.py; the model and
+# loaders: build.py)
 
 
 def run_arguments(model_args, data_args, args) -> dict:
@@ -194,188 +190,6 @@ def truncate_metrics(out: Path, step: int) -> None:
     write_text(path, "".join(kept))
 
 
-def make_accelerator(args, every_parameter_learns: bool) -> Accelerator:
-    handlers = []
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # without this each CPU process initialises its own world and believes it is alone
-        handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))
-    if not every_parameter_learns:
-        # DDP waits for a gradient of every trainable parameter and fails at the next step. Freezing the ones
-        # without would change the optimizer's parameters, and so every optimizer state saved before
-        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    plugin = DeepSpeedPlugin(hf_ds_config=args.deepspeed) if args.deepspeed else None
-    use_deepspeed = plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
-    # Accelerate treats several CPU processes as one DDP world only when told it is on the CPU;
-    # but cpu=True also switches DeepSpeed off, which runs on the CPU by itself
-    cpu = not torch.cuda.is_available() and not use_deepspeed
-    try:
-        return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                           mixed_precision=args.mixed_precision, log_with=trackers(args), cpu=cpu,
-                           project_dir=args.output_dir, deepspeed_plugin=plugin, kwargs_handlers=handlers,
-                           dynamo_backend=args.torch_compile_backend if args.torch_compile else "no")
-    except ValueError as error:  # Accelerate tries the launcher's path as a file, as JSON, then as base64
-        if use_deepspeed and "existing deepspeed config" in str(error):
-            raise UserError(f"DeepSpeed config not found from {os.getcwd()}: {error}. The shipped "
-                            "accelerate_configs/ name ds_configs/*.json relative to the repository root: launch "
-                            "from there, or give the config's absolute path") from error
-        raise
-
-
-def trackers(args) -> list[str] | None:
-    """--report_to as Accelerate's log_with: a tracker asked for by name must be installed (Accelerate would
-    silently leave it out), so a missing one is refused before any work, with the command that installs it."""
-    names = args.trackers()
-    if names == ["none"]:
-        return None
-    if "all" in names:
-        return ["all"]
-    available = {str(t) for t in get_available_trackers()}
-    for name in names:
-        if name not in available:
-            raise UserError(f"--report_to {name}: the {name} package is not installed; pip install "
-                            f"{TRACKER_PACKAGES[name]} (or leave {name} out of --report_to)")
-    return names
-
-
-def reconcile_deepspeed_config(accelerator, args) -> None:
-    """Fill the DeepSpeed "auto" values we own and refuse numbers that contradict the arguments.
-
-    Accelerate would otherwise fill gradient_clipping "auto" with 1.0 whatever --max_grad_norm
-    says, and silently prefer DeepSpeed's accumulation steps over ours.
-    """
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
-    world = accelerator.num_processes
-    ours = {
-        "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "gradient_clipping": args.max_grad_norm,
-        "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
-    }
-    optimizer = config.get("optimizer", {}).get("params", {})
-    ours_nested = {("optimizer", "lr"): (optimizer.get("lr"), args.learning_rate),
-                   ("optimizer", "weight_decay"): (optimizer.get("weight_decay"), args.weight_decay)}
-    clashes = [f"{key}={config[key]} vs {value}" for key, value in ours.items()
-               if key in config and config[key] != "auto" and float(config[key]) != float(value)]
-    clashes += [f"{'.'.join(key)}={theirs} vs {value}" for key, (theirs, value) in ours_nested.items()
-                if theirs not in (None, "auto") and float(theirs) != float(value)]
-    precision = {"bf16": config.get("bf16", {}).get("enabled"), "fp16": config.get("fp16", {}).get("enabled")}
-    for name, enabled in precision.items():
-        if enabled is True and args.mixed_precision != name:
-            clashes.append(f"{name}.enabled=true vs --mixed_precision {args.mixed_precision}")
-    if clashes:
-        raise UserError(f"the DeepSpeed config contradicts the training arguments: {'; '.join(clashes)}. "
-                        "Use \"auto\" in the DeepSpeed config, or change the arguments.")
-    for key, value in ours.items():
-        if config.get(key) == "auto":
-            config[key] = value
-
-
-def configure_device(accelerator, args) -> None:
-    """Refuse a precision this device would ignore, share the CPU's cores, and settle DeepSpeed's config."""
-    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        # Accelerate applies fp16 autocast on accelerators only: on the CPU the run would be fp32
-        raise UserError("--mixed_precision fp16 needs a GPU: on the CPU Accelerate does not apply it and the run "
-                        "would train in fp32 unannounced; use --mixed_precision bf16 (CPU autocast) or no")
-    if not torch.cuda.is_available():
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        torch.set_num_threads(args.cpu_threads or max(1, (os.cpu_count() or 1) // local_processes))
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        reconcile_deepspeed_config(accelerator, args)
-
-
-def zero_stage(accelerator) -> int | None:
-    """The DeepSpeed ZeRO stage, or None without DeepSpeed."""
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return None
-    return accelerator.state.deepspeed_plugin.zero_stage
-
-
-TOKENIZER_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # set from the run's tokenizer, not its arguments
-
-
-def token_ids(tokenizer) -> dict:
-    """The config's TOKENIZER_FIELDS for this tokenizer; padding falls back to end-of-sequence."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return dict(zip(TOKENIZER_FIELDS, (tokenizer.bos_token_id, tokenizer.eos_token_id, pad)))
-
-
-def saved_config(folder: Path):
-    """The model config an export or a checkpoint saved (through from_dict: how the export itself loads), or
-    None where it saved none."""
-    return AutoConfig.from_pretrained(folder) if (folder / CONFIG_NAME).is_file() else None
-
-
-def config_drift(then, now) -> dict:
-    """{field: (then, now)} for the model fields where the saved config `then` differs from the config `now`;
-    empty when they agree."""
-    if then.model_type != now.model_type:
-        return {"model_type": (then.model_type, now.model_type)}
-    fields = sorted(type(now).field_names())
-    then, now = (json.loads(c.to_json_string(use_diff=False)) for c in (then, now))  # JSON's types on both sides
-    return {k: (then.get(k), now[k]) for k in fields if then.get(k) != now[k]}
-
-
-def describe_drift(drift: dict) -> str:
-    """`config_drift`'s fields for a message: "name: saved there, built now, ..."."""
-    return ", ".join(f"{k}: {then!r} there, {now!r} now" for k, (then, now) in drift.items())
-
-
-def build_model(model_args, args, data, accelerator, expert_parallel):
-    """The model for this run's tokenizer, this rank's experts kept under expert parallelism -> (model, config)."""
-    config = build_config(model_args, vocab_size=len(data.tokenizer), task=data.summary.get("task"))
-    for name, value in token_ids(data.tokenizer).items():
-        setattr(config, name, value)
-    check_against_model(data, config)
-    if model_args.init_from:
-        model = from_pretrained(AutoModelForCausalLM, model_args.init_from, strict=False, config=config)
-    else:  # the Auto mapping's class, built directly: from_config would partition it under ZeRO-3 even with
-        # zero3_init_flag false, and the optimizer's parameter groups would then see empty tensors
-        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-    described = expert_parallel.shard(model)  # every rank built (or loaded) the same full model
-    if isinstance(model, RecursiveMoEReasonForCausalLM):  # `evaluate` runs each forward on every rank together
-        model.evaluates_in_step = accelerator.num_processes > 1
-    if described:
-        accelerator.print(described)
-    if model_args.lora_rank:
-        model = add_lora(model, lora_config(model_args.lora_rank, model_args.lora_alpha))
-    if zero_stage(accelerator) == 3 and not isinstance(model, RecursiveMoEReasonForCausalLM):
-        # ZeRO-3 gathers a module's parameters when its forward starts; the MoE block is one leaf, gathered
-        # whole, so no rank's routing can change which of its parameters are gathered. Not in the recursive
-        # model: a leaf's gradients are reduced by a backward hook that fires at each call, and the recursion
-        # calls the block once per pass, so DeepSpeed would reduce the same gradients several times (it asserts
-        # in stage3.py, __reduce_and_partition_ipg_grads). Unregistered, each parameter's gradient is reduced
-        # once, after the backward of every pass (its accumulation hook); the experts are one module, called in
-        # every pass whatever the routing, and halting keeps the ranks' calls in step (see the recursive
-        # model's ghost steps). (Imported here: a run without DeepSpeed need not pay for importing it.)
-        from deepspeed.utils import set_z3_leaf_modules
-        set_z3_leaf_modules(model, [type(model.model.layers[0].mlp)])
-    return model, config
-
-
-def make_loaders(data, args, num_processes: int) -> tuple[DataLoader, DataLoader]:
-    """Training loader (seeded epoch order, resumable; or this rank's stream, in order) and the fixed
-    validation slice."""
-    # a stream (no sampler) is already this rank's share, read in order with no workers, so its state is the
-    # loader's. The loader's own generator: each new iterator draws a seed from it, which from the global one
-    # would shift the dropout of a resumed stream (it starts its iterator after the random states are restored)
-    sampler = None if data.sampler is None else data.sampler(len(data.train), args.seed)
-    train_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, drop_last=True, sampler=sampler,
-                              collate_fn=collate_blocks, generator=torch.Generator().manual_seed(args.seed))
-    # the validation set is a fixed slice of blocks, the same whatever the number of processes
-    eval_blocks = len(data.validation) if args.eval_batches == 0 else \
-        min(len(data.validation), args.eval_batches * args.per_device_eval_batch_size)
-    eval_loader = DataLoader(data.validation.select(range(eval_blocks)), batch_size=args.per_device_eval_batch_size,
-                             collate_fn=collate_blocks)
-    if data.sampler is not None and len(train_loader) < num_processes:
-        unit = data.summary.get("unit", "block")
-        raise UserError(f"{len(data.train)} training {unit}s make {len(train_loader)} full batch(es) of "
-                        f"per_device_train_batch_size={args.per_device_train_batch_size}, fewer than the "
-                        f"{num_processes} process(es): lower the batch size or add data")
-    return train_loader, eval_loader
-
-
 def data_for_resume(data, data_args, checkpoint: Path, accelerator):
     """The data a resumed run trains on: tokenized by the tokenizer its checkpoint saved, whatever today's
     documents would train (a changed training document moves token ids; the run's embeddings follow the
@@ -398,11 +212,6 @@ def data_for_resume(data, data_args, checkpoint: Path, accelerator):
                       f"the resumed run keeps the tokenizer saved in {checkpoint}")
     return prepare_data(dataclasses.replace(data_args, tokenizer_name=str(checkpoint)), log=accelerator.print,
                         rank=accelerator.process_index, world_size=accelerator.num_processes)
-
-
-def same_tokenizer(a, b) -> bool:
-    """The same token ids for the same strings, and the same special tokens."""
-    return a.get_vocab() == b.get_vocab() and token_ids(a) == token_ids(b)
 
 
 # ----------------------------------------------------------------------------
