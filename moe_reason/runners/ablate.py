@@ -34,12 +34,12 @@ from ..errors import UserError, run_cli
 from ..training.arguments import arguments_from
 from .engine import ReportFiles, RunBudget, exit_status, run_runner, write_json
 from .run_folder import train_or_keep, waiting_runs
-from .study_file import (RunnerArguments, StudySettings, check_arguments, check_launch, load_runner_file,
-                         safe_name)
 from .grid_report import plot, summary_markdown
 from .records import GridReport, RunRecord, VariantSummary
 from .statistics import HOLM_RULE, holm, mean_std, welch
 from .statistics import RULE as STATISTICS_RULE
+from .study_file import (RunnerArguments, StudySettings, check_arguments, check_launch, load_runner_file,
+                         safe_name)
 
 OWN_KEYS = {"reference", "variants"}  # a grid file's keys beside the runners' shared ones
 USAGE = ("moe-reason-ablate GRID.yaml [--output_dir D] [--launcher in_process|accelerate] [--seeds 0 1] "

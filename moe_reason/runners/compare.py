@@ -55,18 +55,18 @@ from pathlib import Path
 
 from ..data.prepare import prepare_data
 from ..errors import UserError, run_cli
+from ..layout import TRANSFER_EVAL
 from ..training.arguments import arguments_from, build_config
 from ..training.metrics import training_flops_per_token
 from .comparison_report import ARM_TRAINING_FIELDS, METRICS, comparison_markdown, plot
-from ..layout import TRANSFER_EVAL
 from .engine import ReportFiles, RunBudget, exit_status, run_runner, write_json
 from .run_folder import last_checkpoint_within, same_first_steps, same_record, train_or_keep, waiting_runs
 from .run_results import score_task_run, task_argument_names, task_figures
-from .study_file import (RunnerArguments, StudySettings, check_arguments, check_launch, load_runner_file,
-                         model_argument_names, safe_name)
 from .records import Accounting, ComparisonReport, Depth, RunRecord, Side, Transfer, TrendPoint, Verdict
 from .statistics import RULE as STATISTICS_RULE
 from .statistics import mean_std, welch
+from .study_file import (RunnerArguments, StudySettings, check_arguments, check_launch, load_runner_file,
+                         model_argument_names, safe_name)
 
 LEGACY_ARMS = ("baseline", "recursive")
 EQUAL_FLOPS_REFERENCE = "reference"  # equal_flops: the cheaper arms also run at the reference arm's FLOPs

@@ -41,8 +41,8 @@ from ..locks import hold_folder
 from ..parallel.expert_parallel import make_expert_parallel
 from ..tasks.puzzles import make_task, render
 from ..tasks.scoring import answer_one
-from .arguments import ARGUMENT_CLASSES, build_config, parse_args, resolve_global_batch
 from .accelerator import configure_device, make_accelerator, trackers, zero_stage
+from .arguments import ARGUMENT_CLASSES, build_config, parse_args, resolve_global_batch
 from .build import build_model, config_drift, describe_drift, make_loaders, same_tokenizer, saved_config
 from .checkpointing import (bare_model, export_model, load_checkpoint, read_trainer_state, resolve_checkpoint,
                             save_checkpoint, unfinished_checkpoints_after)
