@@ -454,6 +454,27 @@ def test_an_equal_flops_run_goes_on_from_its_twins_last_checkpoint_and_ends_as_a
     assert "[skip] fresh/seed_0" in capsys.readouterr().out and again.stopped_at == 9
 
 
+def test_kinds_trains_every_arms_equal_steps_runs_first_and_the_equal_flops_runs_go_on_from_their_twins(
+        tmp_path, corpus, capsys):
+    # a study's seeds at equal steps on one command, its long equal-FLOPs runs on another: the second takes the
+    # twins from the report and still goes on from their last checkpoints
+    plateau_study(tmp_path, corpus, max_steps=6)
+    out, command = tmp_path / "cmp", [str(tmp_path / "c.yaml"), "--output_dir", str(tmp_path / "cmp")]
+    first = compare_main(command + ["--kinds", "equal_steps"])
+    printed = capsys.readouterr().out
+    assert "[later] left out by --kinds, and the report holds no finished run of them with these arguments: " \
+        "direct_equal_flops/seed_0\n" in printed and not (out / "direct_equal_flops").exists()
+    assert sorted(r.run for r in first.runs) == ["direct", "recursive"] and first.equal_flops["direct"].winner is None
+    second = compare_main(command + ["--kinds", "equal_flops"])
+    printed = capsys.readouterr().out
+    assert "[kept] direct/seed_0: left out by --kinds; from the report" in printed and printed.count("[start]") == 1
+    twin, run = (next(r for r in second.runs if r.run == name) for name in ("direct", "direct_equal_flops"))
+    assert run.started_from == f"{twin.output_dir}/checkpoint-6" and (run.stopped_by, run.stopped_at) == ("plateau", 9)
+    assert len(second.equal_flops["direct"].sides["direct_equal_flops"].values) == 1
+    with pytest.raises(ValueError, match="--kinds equal: not a kind of run; kinds: equal_steps equal_flops"):
+        compare_main(command + ["--kinds", "equal"])
+
+
 def test_an_equal_flops_run_whose_twin_plateaued_within_its_cap_is_the_twins_run(tmp_path, corpus, capsys):
     # the plateau rule (3 evaluations, a bar no run clears) stops the direct arm's 12-step run at step 9, under the
     # cap of its run at the recursion's FLOPs: that run would go on from the twin's step 9 and stop at once
@@ -504,7 +525,7 @@ def test_arms_trains_one_arm_now_and_the_others_count_from_the_report(tmp_path, 
     out, command = two_arm_study(tmp_path, corpus)
     first = compare_main(command + ["--arms", "direct"])
     printed = capsys.readouterr().out
-    assert "[later] not among --arms, and the report holds no finished run of them with these arguments: " \
+    assert "[later] left out by --arms, and the report holds no finished run of them with these arguments: " \
         "recursive/seed_0, recursive/seed_1\n" in printed and not (out / "recursive").exists()
     assert [(r.run, r.seed) for r in first.runs] == [("direct", 0), ("direct", 1)]
     assert first.equal_steps["direct"].sides == {} and first.equal_steps["direct"].winner is None

@@ -44,7 +44,8 @@ over seeds excludes 0 (moe_reason.runners.statistics).
 `--max_hours H` starts no run after H hours; `--report DIR` rebuilds the report from DIR/comparison.json.
 `--arms A ...` trains only those arms' runs (equal steps and equal FLOPs): the other arms' finished runs enter
 the verdicts from comparison.json and none trains, so a study's cheap arms can train on one machine and its
-costly arm on another, each command's report complete with what is done.
+costly arm on another, each command's report complete with what is done. `--kinds equal_steps` (or
+`equal_flops`) likewise trains only that kind of run.
 comparison.json is the comparison's record (moe_reason.runners.engine): a command narrowed by --seeds keeps the
 other finished runs in it, and a finished run whose folder is gone is kept from it while its arguments are unchanged.
 """
@@ -71,7 +72,8 @@ from .study_file import (RunnerArguments, StudySettings, check_arguments, check_
 LEGACY_ARMS = ("baseline", "recursive")
 EQUAL_FLOPS_REFERENCE = "reference"  # equal_flops: the cheaper arms also run at the reference arm's FLOPs
 OWN_KEYS = {"arms", "reference", "metric", "equal_flops", "equal_steps", "transfer", *LEGACY_ARMS}
-USAGE = ("moe-reason-compare CONFIG.yaml [--output_dir D] [--seeds 0 1 2] [--arms A B] "
+KINDS = ("equal_steps", "equal_flops")  # a planned run's kind: its arm's step cap, or the budget arm's FLOPs
+USAGE = ("moe-reason-compare CONFIG.yaml [--output_dir D] [--seeds 0 1 2] [--arms A B] [--kinds equal_steps] "
          "[--launcher in_process|accelerate] [--set name=value ...]")
 
 
@@ -80,6 +82,9 @@ class CompareArguments(RunnerArguments):
     arms: list[str] | None = dataclasses.field(default=None, metadata={"help": (
         "Train only these arms' runs now (equal steps and equal FLOPs); the other arms' finished runs count from "
         "comparison.json and none trains.")})
+    kinds: list[str] | None = dataclasses.field(default=None, metadata={"help": (
+        "Train only these kinds of runs now: equal_steps, equal_flops (default: both); the others' finished runs "
+        "count from comparison.json. E.g. --kinds equal_steps: every arm's seeds before any equal-FLOPs run.")})
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -92,6 +97,15 @@ class Comparison(StudySettings):
     equal_steps: bool = True
     transfer: dict = dataclasses.field(default_factory=dict)  # task arguments of the puzzles also scored
     training: list[str] | None = None  # the arms whose runs this command may train (None: every arm)
+    kinds: list[str] | None = None  # the kinds of runs (KINDS) this command may train (None: both)
+
+    def trains(self, item: "PlannedRun") -> bool:
+        """Whether this command may train planned run `item` (--arms and --kinds)."""
+        return (not self.training or item.arm in self.training) and (not self.kinds or item.kind in self.kinds)
+
+    def left_out_by(self) -> str:
+        """The options that leave runs to another command, for its messages."""
+        return " and ".join(flag for flag, given in (("--arms", self.training), ("--kinds", self.kinds)) if given)
 
 
 def load_comparison(path, args: CompareArguments | None = None) -> Comparison:
@@ -135,9 +149,12 @@ def load_comparison(path, args: CompareArguments | None = None) -> Comparison:
     unknown = sorted(set(args.arms or ()) - set(arms))
     if unknown:
         raise UserError(f"comparison {path}: --arms {' '.join(unknown)} names no arm; arms: {sorted(arms)}")
+    unknown = sorted(set(args.kinds or ()) - set(KINDS))
+    if unknown:
+        raise UserError(f"--kinds {' '.join(unknown)}: not a kind of run; kinds: {' '.join(KINDS)}")
     check_launch(settings.launcher, [{**settings.base, **fields} for fields in arms.values()], f"comparison {path}")
     return Comparison(**vars(settings), arms=arms, reference=reference, metric=metric, equal_flops=equal_flops,
-                      equal_steps=equal_steps, transfer=transfer, training=args.arms)
+                      equal_steps=equal_steps, transfer=transfer, training=args.arms, kinds=args.kinds)
 
 
 def arm_config(values: dict):
@@ -217,7 +234,7 @@ def run_comparison(cmp: Comparison) -> ComparisonReport:
     todo = run_order(plan, accounting, cmp.seeds)
     names = {item.name for item in plan}
     earlier = REPORT.earlier_runs(out, lambda r: r.run in names)
-    untrained = [(seed, item) for seed, item in todo if cmp.training and item.arm not in cmp.training]
+    untrained = [(seed, item) for seed, item in todo if not cmp.trains(item)]
     todo = [run for run in todo if run not in untrained]
     reported, earlier = not_trained_now(cmp, untrained, earlier)
     budget = RunBudget([(item.arm, item.steps) for _, item in todo], cmp.max_hours)
@@ -230,7 +247,7 @@ def run_comparison(cmp: Comparison) -> ComparisonReport:
         if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):
             break
         name, values, run_dir = item.name, run_values(cmp, seed, item), out / item.name / f"seed_{seed}"
-        twin, kept = twin_of(seed, item, runs, values), earlier.pop((name, seed), None)
+        twin, kept = twin_of(seed, item, reported + runs, values), earlier.pop((name, seed), None)
         if twin and ends_with_twin(twin, item) and not same_record(kept, values) and not run_dir.exists():
             record = twin_ended(twin, item, values)
         else:
@@ -241,7 +258,7 @@ def run_comparison(cmp: Comparison) -> ComparisonReport:
             record.transfer = transfer_figures(Path(record.output_dir), values, cmp.transfer)
         runs.append(record)
         write_json(out / REPORT.json, report_now().to_json())
-        budget.after(runs, earlier.values(), twin_starts(cmp, todo, [*runs, *earlier.values()]))
+        budget.after(runs, earlier.values(), twin_starts(cmp, todo, [*reported, *runs, *earlier.values()]))
     report = report_now()
     REPORT.write(report, out)
     for kind, verdicts in (("equal steps", report.equal_steps), ("equal FLOPs", report.equal_flops)):
@@ -253,16 +270,16 @@ def run_comparison(cmp: Comparison) -> ComparisonReport:
 
 def not_trained_now(cmp: Comparison, untrained: list[tuple[int, PlannedRun]], earlier: dict) \
         -> tuple[list[RunRecord], dict]:
-    """The finished runs of the arms left out by --arms, taken from `earlier` (the report's record) where their
+    """The finished runs left out by --arms or --kinds, taken from `earlier` (the report's record) where their
     arguments are this command's, and the rest of `earlier`; the others wait for a command that trains them."""
     kept, earlier = waiting_runs(earlier, planned_records(cmp, untrained))
     for record in kept:
-        print(f"[kept] {record.title}: not among --arms; from the report", flush=True)
+        print(f"[kept] {record.title}: left out by {cmp.left_out_by()}; from the report", flush=True)
     found = {(record.run, record.seed) for record in kept}
     later = [f"{item.name}/seed_{seed}" for seed, item in untrained if (item.name, seed) not in found]
     if later:
-        print(f"[later] not among --arms, and the report holds no finished run of them with these arguments: "
-              f"{', '.join(later)}", flush=True)
+        print(f"[later] left out by {cmp.left_out_by()}, and the report holds no finished run of them with these "
+              f"arguments: {', '.join(later)}", flush=True)
     return kept, earlier
 
 
