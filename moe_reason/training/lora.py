@@ -59,4 +59,8 @@ def load_lora_config(folder):
     """The LoraConfig a LoRA run saved in a checkpoint folder, or None for a run without LoRA."""
     if not (Path(folder) / ADAPTER_CONFIG).is_file():
         return None
-    return _peft().LoraConfig.from_pretrained(str(folder))
+    config = _peft().LoraConfig.from_pretrained(str(folder))
+    # the base model is the one rebuilt from the checkpoint, which holds its weights too: the name saved (the
+    # run's --init_from) would only make peft warn that it was renamed, and ask to check the base model
+    config.base_model_name_or_path = None
+    return config
