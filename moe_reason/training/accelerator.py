@@ -15,6 +15,8 @@ from .arguments import TRACKER_PACKAGES
 
 
 def make_accelerator(args, every_parameter_learns: bool) -> Accelerator:
+    """The run's Accelerator; `every_parameter_learns`: the model's config says whether every trainable parameter
+    gets a gradient at each step (DDP must be told when not)."""
     handlers = []
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # without this each CPU process initialises its own world and believes it is alone
