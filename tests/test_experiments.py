@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -25,7 +26,8 @@ from moe_reason.runners.engine import STUDY_IN_USE, RunBudget, exit_status, pars
 from moe_reason.runners.run_folder import run_training
 from moe_reason.runners.study_file import RUNNER_KEYS, RunnerArguments, load_study_mapping
 from moe_reason.runners.records import CURVE_POINTS, GridReport, RunRecord
-from moe_reason.layout import RESULTS, complete_checkpoints
+from moe_reason.layout import RESULTS, STUDY_LOCK, complete_checkpoints
+from moe_reason.locks import hold_folder
 from moe_reason.training.metrics import training_flops_per_token
 
 from conftest import REPO, eval_records, launch, tiny_model, train_args
@@ -475,6 +477,36 @@ def test_kinds_trains_every_arms_equal_steps_runs_first_and_the_equal_flops_runs
         compare_main(command + ["--kinds", "equal"])
 
 
+def test_status_says_where_each_run_stands_and_trains_nothing_beside_the_runner_at_work(tmp_path, corpus, capsys):
+    plateau_study(tmp_path, corpus, max_steps=6)
+    out, command = tmp_path / "cmp", [str(tmp_path / "c.yaml"), "--output_dir", str(tmp_path / "cmp"), "--status"]
+    compare_main(command)
+    printed = capsys.readouterr().out
+    assert "[new] recursive/seed_0: not started (cap 6)\n" in printed and not out.exists()
+    assert "[status] 0/3 runs finished; the 3 to train: no estimate yet for direct, recursive (no finished run)" \
+        in printed
+    compare_main(command[:-1] + ["--kinds", "equal_steps"])
+    cmp = load_comparison(tmp_path / "c.yaml")
+    item = next(item for _, item in run_order(*plan_runs(cmp), [0]) if item.name == "direct_equal_flops")
+    values = {**cmp.base, **cmp.arms["direct"], "seed": 0, "max_steps": item.steps}
+    with pytest.MonkeyPatch.context() as patch:  # went on from its twin's checkpoint-6, then was interrupted
+        patch.setattr(run_folder, "_train_in_process", lambda *args: "stopped")
+        run_training("direct_equal_flops", 0, values, out / "direct_equal_flops" / "seed_0",
+                     start_from=out / "direct" / "seed_0")
+    capsys.readouterr()
+    with hold_folder(out, STUDY_LOCK, STUDY_IN_USE):  # a runner at work on the study: --status still reads it
+        report = compare_main(command)
+    printed = capsys.readouterr().out
+    assert "[finished] direct/seed_0: hit its cap at step 6\n" in printed
+    assert f"[started] direct_equal_flops/seed_0: at step 6 of {item.steps:,} (its last checkpoint)\n" in printed
+    assert re.search(r"\[status\] 2/3 runs finished; the 1 to train: at most \d+\.\d h for 1 at their step caps\n",
+                     printed)
+    assert sorted(r.run for r in report.runs) == ["direct", "recursive"]
+    shutil.rmtree(out / "direct")  # a fresh checkout: the record is left, and the run is kept from it
+    assert "[kept] direct/seed_0: hit its cap at step 6 (the report's record; its folder is gone)" in \
+        (compare_main(command), capsys.readouterr().out)[1]
+
+
 def test_an_equal_flops_run_whose_twin_plateaued_within_its_cap_is_the_twins_run(tmp_path, corpus, capsys):
     # the plateau rule (3 evaluations, a bar no run clears) stops the direct arm's 12-step run at step 9, under the
     # cap of its run at the recursion's FLOPs: that run would go on from the twin's step 9 and stop at once
@@ -571,6 +603,12 @@ def test_a_stopped_command_reports_the_finished_runs_it_had_yet_to_reach(tmp_pat
     stopped = ablate_main(command + ["--max_hours", "1e-12"])
     assert sorted((r.run, r.seed) for r in stopped.runs) == [("a", 0), ("a", 1), ("b", 1)]
     assert stopped.other_runs == [] and stopped.variants["b"].seeds == [1]
+    capsys.readouterr()
+    ablate_main(command + ["--status"])  # the grid's --status: what the stopped command left
+    printed = capsys.readouterr().out
+    assert "[finished] a/seed_1: hit its cap at step 4\n" in printed
+    assert "[new] b/seed_0: not started (cap 4)\n" in printed
+    assert "[status] 3/4 runs finished; the 1 to train: at most " in printed
 
 
 def test_compare_refuses_training_settings_in_an_arm_except_its_own_learning_rate(tmp_path):

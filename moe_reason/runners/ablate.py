@@ -21,7 +21,8 @@ name by name. Writes into output_dir: one folder per run (VARIANT/seed_S), `resu
 every run), `ablation_comparison.png` and `SUMMARY.md`. A failed run is recorded with its
 error and the grid goes on; rerunning the command skips finished runs and resumes
 interrupted ones. `--max_hours H` starts no run after H hours (the report covers those done and
-names the variants it lacks), and a one-line ETA follows every run.
+names the variants it lacks), and a one-line ETA follows every run. `--status` trains nothing: it prints
+where each run stands and the hours left.
 
 results.json is the grid's record (moe_reason.runners.engine): a narrowed command keeps the other finished
 runs in it, and a finished run whose folder is gone is kept from it while its arguments are unchanged.
@@ -32,8 +33,8 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError, run_cli
 from ..training.arguments import arguments_from
-from .engine import ReportFiles, RunBudget, exit_status, run_runner, write_json
-from .run_folder import train_or_keep, waiting_runs
+from .engine import ReportFiles, RunBudget, exit_status, print_status, run_runner, write_json
+from .run_folder import run_state, train_or_keep, waiting_runs
 from .grid_report import plot, summary_markdown
 from .records import GridReport, RunRecord, VariantSummary
 from .statistics import HOLM_RULE, holm, mean_std, welch
@@ -87,7 +88,6 @@ def load_grid(path, args: AblateArguments | None = None) -> Grid:
 
 def run_grid(grid: Grid) -> GridReport:
     out = grid.output_dir
-    out.mkdir(parents=True, exist_ok=True)
     runs = []
     total = len(grid.variants) * len(grid.seeds)
     print(f"ablation {grid.path}: {len(grid.variants)} variants x {len(grid.seeds)} seeds = {total} runs "
@@ -104,6 +104,14 @@ def run_grid(grid: Grid) -> GridReport:
                                                                             "steps": caps[variant]})
                                                  for variant, overrides, seed, values in plan[len(runs):]])
         return grid_report(grid, runs + waiting, others)
+
+    if grid.status:  # where each run stands; nothing trains, nothing is written
+        print_status([(f"{variant}/seed_{seed}", variant, caps[variant], 0,
+                       run_state(out / variant / f"seed_{seed}", values, grid.launcher, grid.accelerate_config,
+                                 earlier.get((variant, seed)))) for variant, _, seed, values in plan],
+                     list(earlier.values()))
+        return report_now()
+    out.mkdir(parents=True, exist_ok=True)
 
     for variant, overrides, seed, values in plan:
         if budget.exhausted(len(runs), "the same command (finished runs are skipped)"):

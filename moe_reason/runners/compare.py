@@ -45,7 +45,8 @@ over seeds excludes 0 (moe_reason.runners.statistics).
 `--arms A ...` trains only those arms' runs (equal steps and equal FLOPs): the other arms' finished runs enter
 the verdicts from comparison.json and none trains, so a study's cheap arms can train on one machine and its
 costly arm on another, each command's report complete with what is done. `--kinds equal_steps` (or
-`equal_flops`) likewise trains only that kind of run.
+`equal_flops`) likewise trains only that kind of run. `--status` trains nothing: it prints where each planned
+run stands and the hours left (`run_folder.run_state`), holding no lock.
 comparison.json is the comparison's record (moe_reason.runners.engine): a command narrowed by --seeds keeps the
 other finished runs in it, and a finished run whose folder is gone is kept from it while its arguments are unchanged.
 """
@@ -60,8 +61,9 @@ from ..layout import TRANSFER_EVAL
 from ..training.arguments import arguments_from, build_config
 from ..training.metrics import training_flops_per_token
 from .comparison_report import ARM_TRAINING_FIELDS, METRICS, comparison_markdown, plot
-from .engine import ReportFiles, RunBudget, exit_status, run_runner, write_json
-from .run_folder import last_checkpoint_within, same_first_steps, same_record, train_or_keep, waiting_runs
+from .engine import ReportFiles, RunBudget, exit_status, print_status, run_runner, write_json
+from .run_folder import (last_checkpoint_within, run_state, same_first_steps, same_record, train_or_keep,
+                         waiting_runs)
 from .run_results import score_task_run, task_argument_names, task_figures
 from .records import Accounting, ComparisonReport, Depth, RunRecord, Side, Transfer, TrendPoint, Verdict
 from .statistics import RULE as STATISTICS_RULE
@@ -224,8 +226,10 @@ def run_order(plan: list[PlannedRun], accounting: Accounting, seeds: list[int]) 
 
 def run_comparison(cmp: Comparison) -> ComparisonReport:
     out = cmp.output_dir
-    out.mkdir(parents=True, exist_ok=True)
     plan, accounting = plan_runs(cmp)
+    if cmp.status:
+        return comparison_status(cmp, accounting, run_order(plan, accounting, cmp.seeds))
+    out.mkdir(parents=True, exist_ok=True)
     costs = ", ".join(f"{arm} {f:.3e} (x{accounting.flop_ratio[arm]:.2f})"
                       for arm, f in accounting.flops_per_token.items())
     print(f"comparison {cmp.path}: training FLOPs/token {costs}; equal steps: {accounting.steps}; equal FLOPs: "
@@ -266,6 +270,24 @@ def run_comparison(cmp: Comparison) -> ComparisonReport:
             print(f"{kind}, {arm}: {v.verdict}", flush=True)
     print(f"wrote {out / REPORT.json}, {out / REPORT.png}, {out / REPORT.markdown}", flush=True)
     return report
+
+
+def comparison_status(cmp: Comparison, accounting: Accounting, todo: list[tuple[int, PlannedRun]]) \
+        -> ComparisonReport:
+    """--status: where each planned run stands and the hours left, in the order the runs train; the report of the
+    finished runs is returned, not written."""
+    names = {item.name for _, item in todo}
+    earlier = REPORT.earlier_runs(cmp.output_dir, lambda r: r.run in names)
+    finished, others = waiting_runs(earlier, planned_records(cmp, todo))
+    starts = twin_starts(cmp, todo, finished)
+    rows = []
+    for i, (seed, item) in enumerate(todo):
+        state = run_state(cmp.output_dir / item.name / f"seed_{seed}", run_values(cmp, seed, item), cmp.launcher,
+                          cmp.accelerate_config, earlier.get((item.name, seed)))
+        rows.append((f"{item.name}/seed_{seed}", item.arm, item.steps, starts.get(i, 0), state))
+    print(f"comparison {cmp.path} -> {cmp.output_dir}: {len(todo)} runs planned", flush=True)
+    print_status(rows, finished)
+    return comparison_report(cmp, accounting, finished, others)
 
 
 def not_trained_now(cmp: Comparison, untrained: list[tuple[int, PlannedRun]], earlier: dict) \

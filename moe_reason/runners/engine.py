@@ -27,6 +27,7 @@ from ..layout import STUDY_LOCK, checkpoint_step
 from ..locks import hold_folder
 from ..training.trainer import UNRECORDED_MACHINE
 from .records import RunRecord
+from .run_folder import RunState
 from .statistics import mean_std
 from .study_file import RunnerArguments
 
@@ -48,7 +49,8 @@ def parse_runner_cli(argv: list[str] | None, arguments_class, usage: str) -> tup
 
 def run_runner(argv: list[str] | None, arguments_class, load, run, usage: str, report=None):
     """A runner's command line: FILE.yaml and its overrides -> load(file, overrides), validated, then run it
-    holding its output folder (a second runner on the same study is refused, naming the first); or --report
+    holding its output folder (a second runner on the same study is refused, naming the first; --status trains
+    nothing and holds nothing); or --report
     OUTPUT_DIR -> report(OUTPUT_DIR), which rebuilds the report from the JSON the runs left."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--report"]:
@@ -58,6 +60,8 @@ def run_runner(argv: list[str] | None, arguments_class, load, run, usage: str, r
             return report(Path(argv[1]))
     path, args = parse_runner_cli(argv, arguments_class, usage)
     study = load(path, args)
+    if study.status:  # reads the study's folder only, beside the runner that may hold it
+        return run(study)
     with hold_folder(study.output_dir, STUDY_LOCK, STUDY_IN_USE):
         return run(study)
 
@@ -98,22 +102,42 @@ class RunBudget:
         `starts`: {plan index: the step a run still to come will start at} for runs that go on from another's
         checkpoint (a comparison's equal-FLOPs run from its twin's last step)."""
         self.trained += not runs[-1].skipped
-        per_step = {}  # model -> seconds per step of each of its finished runs
-        for r in [*runs, *earlier]:  # a run that went on from another's checkpoint trained from that step only
-            steps = (r.stopped_at or r.steps or 0) - (checkpoint_step(r.started_from or "") or 0)
-            if r.finished and steps > 0 and r.wall_seconds:
-                per_step.setdefault(r.arm or r.run, []).append(r.wall_seconds / steps)
         starts = {i: step for i, step in (starts or {}).items() if i >= len(runs)}
-        left = list(enumerate(self.plan))[len(runs):]
-        priced = [sum(per_step[model]) / len(per_step[model]) * (cap - starts.get(i, 0))
-                  for i, (model, cap) in left if model in per_step]
-        unpriced = sorted({model for _, (model, _) in left if model not in per_step})
+        left = [(model, cap - starts.get(i, 0)) for i, (model, cap) in list(enumerate(self.plan))[len(runs):]]
         head_start = f" ({len(starts)} of them from their twin's last step)" if starts else ""
-        parts = [f"at most {sum(priced) / 3600:.1f} h for {len(priced)} at their step caps{head_start}"] \
-            if priced else []
-        parts += [f"no estimate yet for {', '.join(unpriced)} (no finished run)"] if unpriced else []
         print(f"[eta] {len(runs)}/{len(self.plan)} runs done, {(time.perf_counter() - self.start) / 60:.1f} min in "
-              f"this command" + (f"; the {len(left)} left: {'; '.join(parts)}" if left else ""), flush=True)
+              f"this command" + (f"; the {len(left)} left: {hours_left(left, [*runs, *earlier], head_start)}"
+                                 if left else ""), flush=True)
+
+
+def hours_left(left: list[tuple[str, int]], finished: Iterable[RunRecord], note: str = "") -> str:
+    """The time the runs `left` ([(model, steps it has to train)]) take, at the seconds per step their model's
+    `finished` runs took (a comparison's arm, a grid's variant): an upper bound where the plateau rule stops
+    runs before their caps."""
+    per_step = {}  # model -> seconds per step of each of its finished runs
+    for r in finished:  # a run that went on from another's checkpoint trained from that step only
+        steps = (r.stopped_at or r.steps or 0) - (checkpoint_step(r.started_from or "") or 0)
+        if r.finished and steps > 0 and r.wall_seconds:
+            per_step.setdefault(r.arm or r.run, []).append(r.wall_seconds / steps)
+    training = [(model, steps) for model, steps in left if steps > 0]
+    priced = [sum(per_step[model]) / len(per_step[model]) * steps for model, steps in training if model in per_step]
+    unpriced = sorted({model for model, _ in training if model not in per_step})
+    parts = [f"at most {sum(priced) / 3600:.1f} h for {len(priced)} at their step caps{note}"] if priced else []
+    parts += [f"no estimate yet for {', '.join(unpriced)} (no finished run)"] if unpriced else []
+    return "; ".join(parts) or "nothing to train"
+
+
+def print_status(rows: list[tuple[str, str, int, int, RunState]], finished: list[RunRecord]) -> None:
+    """--status: a line per planned run ([(title, model, step cap, the step it would start at if new, its state)]),
+    and the time those still to train take at the seconds per step of their models' `finished` runs."""
+    for title, _, cap, start, state in rows:
+        print(state.line(title, cap, start), flush=True)
+    done = sum(state.state in ("finished", "kept") for *_, state in rows)
+    drifted = sum(state.state == "drifted" for *_, state in rows)
+    left = [(model, state.steps_left(cap, start)) for _, model, cap, start, state in rows
+            if state.steps_left(cap, start) > 0]
+    print(f"[status] {done}/{len(rows)} runs finished" + (f", {drifted} refused" if drifted else "")
+          + (f"; the {len(left)} to train: {hours_left(left, finished)}" if left else ""), flush=True)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -57,9 +58,8 @@ def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str
     def finished_record(skipped: bool) -> RunRecord:
         return RunRecord(run, seed, "finished", config=config, skipped=skipped, **collect_run(run_dir))
 
-    values = {**values, "output_dir": str(run_dir)}
-    spec = {"values": values, "launcher": launcher, "accelerate_config": accelerate_config}
-    saved_spec = _spec_of(run_dir)
+    spec = run_spec(values, run_dir, launcher, accelerate_config)
+    values, saved_spec = spec["values"], _spec_of(run_dir)
     same_spec, earlier_cap = judge_folder(run_dir, saved_spec, spec)
     checkpoints = complete_checkpoints(run_dir) if same_spec or earlier_cap is not None else []
     finished = same_spec and (run_dir / RESULTS).is_file()
@@ -119,6 +119,66 @@ def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str
           f"acc {record.accuracy:.3f}, {record.tokens_per_s:,.0f} tok/s, {wall:.0f} s"
           f"{', NON-FINITE values seen' if record.nan else ''}", flush=True)
     return record
+
+
+def run_spec(values: dict, run_dir: Path, launcher: str, accelerate_config: str | None) -> dict:
+    """What a run folder's RUN_SPEC holds for the run of trainer arguments `values`: them, with its folder as
+    output_dir, and its launch."""
+    return {"values": {**values, "output_dir": str(run_dir)}, "launcher": launcher,
+            "accelerate_config": accelerate_config}
+
+
+@dataclass(frozen=True)
+class RunState:
+    """Where one planned run stands (a runner's --status), read from its folder and the study's record."""
+    state: str  # finished, kept (the record's; its folder is gone), started, drifted, other or new
+    step: int = 0  # where it stopped (finished, kept), or its last checkpoint's step (started)
+    note: str = ""  # what stopped it, or what its folder holds instead
+
+    def steps_left(self, cap: int, start: int = 0) -> int:
+        """The steps it has still to train under step cap `cap`: none once finished (or refused), from its last
+        checkpoint once started, from step 0 over another run's folder, else from `start` (its twin's step)."""
+        if self.state in ("finished", "kept", "drifted"):
+            return 0
+        return cap - {"started": self.step, "other": 0}.get(self.state, start)
+
+    def line(self, title: str, cap: int, start: int = 0) -> str:
+        """`[STATE] title: ...`, for a run capped at `cap` that will start at step `start` if it has not."""
+        stopped = {"plateau": "plateaued", "max_steps": "hit its cap"}.get(self.note, self.note)
+        return f"[{self.state}] {title}: " + {
+            "finished": f"{stopped} at step {self.step:,}",
+            "kept": f"{stopped} at step {self.step:,} (the report's record; its folder is gone)",
+            "started": f"at step {self.step:,} of {cap:,} (its last checkpoint)",
+            "drifted": f"its arguments now build a different model ({self.note}); the runner reports it failed",
+            "other": f"its folder holds a run made with other arguments ({self.note}): it trains again from step 0",
+            "new": f"not started (cap {cap:,})" if not start else
+                   f"not started; goes on from its twin's step {start:,} (cap {cap:,})" if start < cap else
+                   "not started; its twin plateaued within its cap, so its twin's run is its own",
+        }[self.state]
+
+
+def run_state(run_dir: Path, values: dict, launcher: str, accelerate_config: str | None,
+              kept: RunRecord | None) -> RunState:
+    """Where the run of trainer arguments `values` in `run_dir` stands, as `run_training` would find it (and
+    `kept`, the study's record of it, where its folder is gone); nothing is written."""
+    run_dir = Path(run_dir)
+    spec, saved = run_spec(values, run_dir, launcher, accelerate_config), _spec_of(run_dir)
+    same, earlier_cap = judge_folder(run_dir, saved, spec)
+    checkpoints = complete_checkpoints(run_dir) if same or earlier_cap is not None else []
+    finished = same and (run_dir / RESULTS).is_file()
+    if finished or checkpoints:
+        drift = model_drift(run_dir / FINAL if finished else checkpoints[-1], spec["values"])
+        if drift:
+            return RunState("drifted", note=describe_drift(drift))
+    if finished:
+        return RunState("finished", json.loads((run_dir / RESULTS).read_text())["step"], stopped_by(run_dir))
+    if checkpoints:
+        return RunState("started", checkpoint_step(checkpoints[-1]))
+    if same_record(kept, values) and not run_dir.exists():
+        return RunState("kept", kept.stopped_at or 0, kept.stopped_by or "")
+    if saved is not None and any(path.exists() for path in run_outputs(run_dir)):
+        return RunState("other", note=spec_changes(saved, spec))
+    return RunState("new")
 
 
 def same_record(record: RunRecord | None, values: dict) -> RunRecord | None:

@@ -29,6 +29,9 @@ class RunnerArguments:
         "NAME=VALUE trainer arguments for every run, space-separated; a second --set adds to the first.")})
     max_hours: float | None = field(default=None, metadata={"help": (
         "Start no run after this many hours; the report covers the runs done, and the same command continues.")})
+    status: bool = field(default=False, metadata={"help": (
+        "Print where each planned run stands (finished, at step N, not started) and the hours left, and train "
+        "nothing: it reads the study's folder, so it may run beside the runner at work on it.")})
 
 
 @dataclass(kw_only=True)
@@ -43,6 +46,7 @@ class StudySettings:
     accelerate_config: str | None = None
     output_dir: Path | None = None
     max_hours: float | None = None
+    status: bool = False  # --status: say where the runs stand, train nothing
 
 
 def load_runner_file(path, kind: str, own_keys: set[str], args: RunnerArguments, default_seeds: list[int],
@@ -56,7 +60,7 @@ def load_runner_file(path, kind: str, own_keys: set[str], args: RunnerArguments,
         seeds=check_seeds(args.seeds or spec.get("seeds", default_seeds)),
         launcher=check_launcher(args.launcher or spec.get("launcher", "in_process")),
         accelerate_config=args.accelerate_config or spec.get("accelerate_config"),
-        output_dir=Path(output_dir), max_hours=args.max_hours)
+        output_dir=Path(output_dir), max_hours=args.max_hours, status=args.status)
 
 
 def load_study_mapping(path, kind: str, allowed: set[str], seen: tuple[Path, ...] = ()) -> dict:
