@@ -498,7 +498,8 @@ def test_status_says_where_each_run_stands_and_trains_nothing_beside_the_runner_
         report = compare_main(command)
     printed = capsys.readouterr().out
     assert "[finished] direct/seed_0: hit its cap at step 6\n" in printed
-    assert f"[started] direct_equal_flops/seed_0: at step 6 of {item.steps:,} (its last checkpoint)\n" in printed
+    assert re.search(rf"\[started\] direct_equal_flops/seed_0: at step 6 of {item.steps:,} \(its last checkpoint; "
+                     r"\d+\.\d s a step so far\)\n", printed)
     assert re.search(r"\[status\] 2/3 runs finished; the 1 to train: at most \d+\.\d h for 1 at their step caps\n",
                      printed)
     assert sorted(r.run for r in report.runs) == ["direct", "recursive"]

@@ -110,11 +110,12 @@ class RunBudget:
                                  if left else ""), flush=True)
 
 
-def hours_left(left: list[tuple[str, int]], finished: Iterable[RunRecord], note: str = "") -> str:
+def hours_left(left: list[tuple[str, int]], finished: Iterable[RunRecord], note: str = "",
+               started: dict[str, list[float]] | None = None) -> str:
     """The time the runs `left` ([(model, steps it has to train)]) take, at the seconds per step their model's
-    `finished` runs took (a comparison's arm, a grid's variant): an upper bound where the plateau rule stops
-    runs before their caps."""
-    per_step = {}  # model -> seconds per step of each of its finished runs
+    `finished` runs took (a comparison's arm, a grid's variant) and its `started` ones so far ({model: seconds
+    per step}): an upper bound where the plateau rule stops runs before their caps."""
+    per_step = {model: list(rates) for model, rates in (started or {}).items()}  # model -> seconds per step, a run each
     for r in finished:  # a run that went on from another's checkpoint trained from that step only
         steps = (r.stopped_at or r.steps or 0) - (checkpoint_step(r.started_from or "") or 0)
         if r.finished and steps > 0 and r.wall_seconds:
@@ -129,15 +130,20 @@ def hours_left(left: list[tuple[str, int]], finished: Iterable[RunRecord], note:
 
 def print_status(rows: list[tuple[str, str, int, int, RunState]], finished: list[RunRecord]) -> None:
     """--status: a line per planned run ([(title, model, step cap, the step it would start at if new, its state)]),
-    and the time those still to train take at the seconds per step of their models' `finished` runs."""
+    and the time those still to train take at the seconds per step of their models' `finished` runs and of the
+    started ones up to their last checkpoints."""
     for title, _, cap, start, state in rows:
         print(state.line(title, cap, start), flush=True)
     done = sum(state.state in ("finished", "kept") for *_, state in rows)
     drifted = sum(state.state == "drifted" for *_, state in rows)
     left = [(model, state.steps_left(cap, start)) for _, model, cap, start, state in rows
             if state.steps_left(cap, start) > 0]
+    started = {}
+    for _, model, _, _, state in rows:
+        if state.seconds_per_step:
+            started.setdefault(model, []).append(state.seconds_per_step)
     print(f"[status] {done}/{len(rows)} runs finished" + (f", {drifted} refused" if drifted else "")
-          + (f"; the {len(left)} to train: {hours_left(left, finished)}" if left else ""), flush=True)
+          + (f"; the {len(left)} to train: {hours_left(left, finished, started=started)}" if left else ""), flush=True)
 
 
 @dataclass(frozen=True)

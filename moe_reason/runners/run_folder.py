@@ -36,7 +36,7 @@ import yaml
 from ..atomic import install, staged, write_text
 from ..layout import BEST, FINAL, METRICS, RESULTS, RUN_CONFIG, RUN_SPEC, STARTED_FROM, checkpoint_step, run_outputs
 from ..training.arguments import arguments_from, build_config
-from ..training.checkpointing import complete_checkpoints
+from ..training.checkpointing import complete_checkpoints, read_trainer_state
 from ..training.build import TOKENIZER_FIELDS, config_drift, describe_drift, saved_config
 from ..training.trainer import EXECUTION_ARGUMENTS, train
 from .records import RunRecord
@@ -134,6 +134,7 @@ class RunState:
     state: str  # finished, kept (the record's; its folder is gone), started, drifted, other or new
     step: int = 0  # where it stopped (finished, kept), or its last checkpoint's step (started)
     note: str = ""  # what stopped it, or what its folder holds instead
+    seconds_per_step: float | None = None  # started: its training loop's time per step up to its last checkpoint
 
     def steps_left(self, cap: int, start: int = 0) -> int:
         """The steps it has still to train under step cap `cap`: none once finished (or refused), from its last
@@ -148,7 +149,8 @@ class RunState:
         return f"[{self.state}] {title}: " + {
             "finished": f"{stopped} at step {self.step:,}",
             "kept": f"{stopped} at step {self.step:,} (the report's record; its folder is gone)",
-            "started": f"at step {self.step:,} of {cap:,} (its last checkpoint)",
+            "started": f"at step {self.step:,} of {cap:,} (its last checkpoint" + (
+                f"; {self.seconds_per_step:.1f} s a step so far)" if self.seconds_per_step else ")"),
             "drifted": f"its arguments now build a different model ({self.note}); the runner reports it failed",
             "other": f"its folder holds a run made with other arguments ({self.note}): it trains again from step 0",
             "new": f"not started (cap {cap:,})" if not start else
@@ -173,7 +175,9 @@ def run_state(run_dir: Path, values: dict, launcher: str, accelerate_config: str
     if finished:
         return RunState("finished", json.loads((run_dir / RESULTS).read_text())["step"], stopped_by(run_dir))
     if checkpoints:
-        return RunState("started", checkpoint_step(checkpoints[-1]))
+        step = checkpoint_step(checkpoints[-1])
+        seconds = read_trainer_state(checkpoints[-1]).get("train_seconds")
+        return RunState("started", step, seconds_per_step=seconds / step if seconds and step else None)
     if same_record(kept, values) and not run_dir.exists():
         return RunState("kept", kept.stopped_at or 0, kept.stopped_by or "")
     if saved is not None and any(path.exists() for path in run_outputs(run_dir)):
