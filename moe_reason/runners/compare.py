@@ -105,9 +105,9 @@ class Comparison(StudySettings):
         """Whether this command may train planned run `item` (--arms and --kinds)."""
         return (not self.training or item.arm in self.training) and (not self.kinds or item.kind in self.kinds)
 
-    def left_out_by(self) -> str:
-        """The options that leave runs to another command, for its messages."""
-        return " and ".join(flag for flag, given in (("--arms", self.training), ("--kinds", self.kinds)) if given)
+    def left_out_by(self, item: "PlannedRun") -> str:
+        """The option that leaves planned run `item` to another command, for its messages."""
+        return "--arms" if self.training and item.arm not in self.training else "--kinds"
 
 
 def load_comparison(path, args: CompareArguments | None = None) -> Comparison:
@@ -295,13 +295,15 @@ def not_trained_now(cmp: Comparison, untrained: list[tuple[int, PlannedRun]], ea
     """The finished runs left out by --arms or --kinds, taken from `earlier` (the report's record) where their
     arguments are this command's, and the rest of `earlier`; the others wait for a command that trains them."""
     kept, earlier = waiting_runs(earlier, planned_records(cmp, untrained))
-    for record in kept:
-        print(f"[kept] {record.title}: left out by {cmp.left_out_by()}; from the report", flush=True)
-    found = {(record.run, record.seed) for record in kept}
-    later = [f"{item.name}/seed_{seed}" for seed, item in untrained if (item.name, seed) not in found]
-    if later:
-        print(f"[later] left out by {cmp.left_out_by()}, and the report holds no finished run of them with these "
-              f"arguments: {', '.join(later)}", flush=True)
+    found, later = {(record.run, record.seed) for record in kept}, {}
+    for seed, item in untrained:
+        if (item.name, seed) in found:
+            print(f"[kept] {item.name}/seed_{seed}: left out by {cmp.left_out_by(item)}; from the report", flush=True)
+        else:
+            later.setdefault(cmp.left_out_by(item), []).append(f"{item.name}/seed_{seed}")
+    for flag, titles in later.items():
+        print(f"[later] left out by {flag}, and the report holds no finished run of them with these arguments: "
+              f"{', '.join(titles)}", flush=True)
     return kept, earlier
 
 
