@@ -113,8 +113,8 @@ class RunBudget:
 def hours_left(left: list[tuple[str, int]], finished: Iterable[RunRecord], note: str = "",
                started: dict[str, list[float]] | None = None) -> str:
     """The time the runs `left` ([(model, steps it has to train)]) take, at the seconds per step their model's
-    `finished` runs took (a comparison's arm, a grid's variant) and its `started` ones so far ({model: seconds
-    per step}): an upper bound where the plateau rule stops runs before their caps."""
+    `finished` runs took (a comparison's arm, a grid's variant) and its `started` ones so far ({model: [seconds
+    per step of each]}): an upper bound where the plateau rule stops runs before their caps."""
     per_step = {model: list(rates) for model, rates in (started or {}).items()}  # model -> seconds per step, a run each
     for r in finished:  # a run that went on from another's checkpoint trained from that step only
         steps = (r.stopped_at or r.steps or 0) - (checkpoint_step(r.started_from or "") or 0)
