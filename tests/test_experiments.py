@@ -23,7 +23,7 @@ from moe_reason.models.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.evaluation.evaluate import main as evaluate_main
 from moe_reason.runners import run_folder
 from moe_reason.runners.engine import STUDY_IN_USE, RunBudget, exit_status, parse_runner_cli
-from moe_reason.runners.run_folder import run_training
+from moe_reason.runners.run_folder import latest_evaluation, run_training
 from moe_reason.runners.study_file import RUNNER_KEYS, RunnerArguments, load_study_mapping
 from moe_reason.runners.records import CURVE_POINTS, GridReport, RunRecord
 from moe_reason.layout import RESULTS, STUDY_LOCK, complete_checkpoints
@@ -499,13 +499,22 @@ def test_status_says_where_each_run_stands_and_trains_nothing_beside_the_runner_
     printed = capsys.readouterr().out
     assert "[finished] direct/seed_0: hit its cap at step 6\n" in printed
     assert re.search(rf"\[started\] direct_equal_flops/seed_0: at step 6 of {item.steps:,} \(its last checkpoint; "
-                     r"\d+\.\d s a step so far\)\n", printed)
+                     r"exact \d+\.\d% at step 6; \d+\.\d s a step so far\)\n", printed)  # its twin's, copied with it
     assert re.search(r"\[status\] 2/3 runs finished; the 1 to train: at most \d+\.\d h for 1 at their step caps\n",
                      printed)
     assert sorted(r.run for r in report.runs) == ["direct", "recursive"]
     shutil.rmtree(out / "direct")  # a fresh checkout: the record is left, and the run is kept from it
     assert "[kept] direct/seed_0: hit its cap at step 6 (the report's record; its folder is gone)" in \
         (compare_main(command), capsys.readouterr().out)[1]
+
+
+def test_status_reads_a_started_runs_latest_evaluation_up_to_its_checkpoint(tmp_path):
+    records = [{"step": 5, "train/loss": 1.0}, {"step": 10, "eval/loss": 2.5},  # a later one is logged again
+               {"step": 20, "eval/loss": 2.25, "eval/exact_match": 0.125}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert latest_evaluation(tmp_path, 15) == "val loss 2.500 at step 10"
+    assert latest_evaluation(tmp_path, 20) == "exact 12.5% at step 20"
+    assert latest_evaluation(tmp_path, 5) == "" and latest_evaluation(tmp_path / "gone", 20) == ""
 
 
 def test_an_equal_flops_run_whose_twin_plateaued_within_its_cap_is_the_twins_run(tmp_path, corpus, capsys):

@@ -135,6 +135,7 @@ class RunState:
     step: int = 0  # where it stopped (finished, kept), or its last checkpoint's step (started)
     note: str = ""  # what stopped it, or what its folder holds instead
     seconds_per_step: float | None = None  # started: its training loop's time per step up to its last checkpoint
+    last_eval: str = ""  # started: its latest held-out evaluation up to its last checkpoint, e.g. "exact 10.2%"
 
     def steps_left(self, cap: int, start: int = 0) -> int:
         """The steps it has still to train under step cap `cap`: none once finished (or refused), from its last
@@ -149,8 +150,9 @@ class RunState:
         return f"[{self.state}] {title}: " + {
             "finished": f"{stopped} at step {self.step:,}",
             "kept": f"{stopped} at step {self.step:,} (the report's record; its folder is gone)",
-            "started": f"at step {self.step:,} of {cap:,} (its last checkpoint" + (
-                f"; {self.seconds_per_step:.1f} s a step so far)" if self.seconds_per_step else ")"),
+            "started": f"at step {self.step:,} of {cap:,} (its last checkpoint" + "".join(
+                f"; {part}" for part in (self.last_eval, self.seconds_per_step and
+                                         f"{self.seconds_per_step:.1f} s a step so far") if part) + ")",
             "drifted": f"its arguments now build a different model ({self.note}); the runner reports it failed",
             "other": f"its folder holds a run made with other arguments ({self.note}): it trains again from step 0",
             "new": f"not started (cap {cap:,})" if not start else
@@ -177,12 +179,29 @@ def run_state(run_dir: Path, values: dict, launcher: str, accelerate_config: str
     if checkpoints:
         step = checkpoint_step(checkpoints[-1])
         seconds = read_trainer_state(checkpoints[-1]).get("train_seconds")
-        return RunState("started", step, seconds_per_step=seconds / step if seconds and step else None)
+        return RunState("started", step, seconds_per_step=seconds / step if seconds and step else None,
+                        last_eval=latest_evaluation(run_dir, step))
     if same_record(kept, values) and not run_dir.exists():
         return RunState("kept", kept.stopped_at or 0, kept.stopped_by or "")
     if saved is not None and any(path.exists() for path in run_outputs(run_dir)):
         return RunState("other", note=spec_changes(saved, spec))
     return RunState("new")
+
+
+def latest_evaluation(run_dir: Path, step: int) -> str:
+    """A run's latest held-out evaluation at or before `step`, from its metrics file: "exact 10.2% at step 400"
+    for a task run (the share of puzzles solved), else "val loss 2.345 at step 400"; "" before the first."""
+    try:
+        records = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
+    except (OSError, ValueError):
+        return ""
+    evals = [r for r in records if "eval/loss" in r and r["step"] <= step]
+    if not evals:
+        return ""
+    last = evals[-1]
+    if last.get("eval/exact_match") is not None:
+        return f"exact {100 * last['eval/exact_match']:.1f}% at step {last['step']:,}"
+    return f"val loss {last['eval/loss']:.3f} at step {last['step']:,}"
 
 
 def same_record(record: RunRecord | None, values: dict) -> RunRecord | None:
