@@ -485,8 +485,16 @@ def test_status_says_where_each_run_stands_and_trains_nothing_beside_the_runner_
     assert "[new] recursive/seed_0: not started (cap 6)\n" in printed and not out.exists()
     assert "[status] 0/3 runs finished; the 3 to train: no estimate yet for direct, recursive (no finished run)" \
         in printed
-    compare_main(command[:-1] + ["--kinds", "equal_steps"])
     cmp = load_comparison(tmp_path / "c.yaml")
+    with pytest.MonkeyPatch.context() as patch:  # stopped before its first checkpoint: it starts again, as new
+        patch.setattr(run_folder, "_train_in_process", lambda *args: "stopped")
+        run_training("recursive", 0, {**cmp.base, **cmp.arms["recursive"], "seed": 0, "max_steps": 6},
+                     out / "recursive" / "seed_0")
+    (out / "recursive" / "seed_0" / "metrics.jsonl").write_text("")
+    capsys.readouterr()
+    compare_main(command)
+    assert "[new] recursive/seed_0: not started (cap 6)\n" in capsys.readouterr().out
+    compare_main(command[:-1] + ["--kinds", "equal_steps"])
     item = next(item for _, item in run_order(*plan_runs(cmp), [0]) if item.name == "direct_equal_flops")
     values = {**cmp.base, **cmp.arms["direct"], "seed": 0, "max_steps": item.steps}
     with pytest.MonkeyPatch.context() as patch:  # went on from its twin's checkpoint-6, then was interrupted

@@ -136,14 +136,15 @@ def print_status(rows: list[tuple[str, str, int, int, RunState]], finished: list
         print(state.line(title, cap, start), flush=True)
     done = sum(state.state in ("finished", "kept") for *_, state in rows)
     drifted = sum(state.state == "drifted" for *_, state in rows)
-    left = [(model, state.steps_left(cap, start)) for _, model, cap, start, state in rows
-            if state.steps_left(cap, start) > 0]
+    left = [(model, state.steps_left(cap, start)) for _, model, cap, start, state in rows]
+    training = [(model, steps) for model, steps in left if steps > 0]
     started = {}
     for _, model, _, _, state in rows:
         if state.seconds_per_step:
             started.setdefault(model, []).append(state.seconds_per_step)
     print(f"[status] {done}/{len(rows)} runs finished" + (f", {drifted} refused" if drifted else "")
-          + (f"; the {len(left)} to train: {hours_left(left, finished, started=started)}" if left else ""), flush=True)
+          + (f"; the {len(training)} to train: {hours_left(training, finished, started=started)}" if training else ""),
+          flush=True)
 
 
 @dataclass(frozen=True)

@@ -59,21 +59,15 @@ def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str
         return RunRecord(run, seed, "finished", config=config, skipped=skipped, **collect_run(run_dir))
 
     spec = run_spec(values, run_dir, launcher, accelerate_config)
-    values, saved_spec = spec["values"], _spec_of(run_dir)
-    same_spec, earlier_cap = judge_folder(run_dir, saved_spec, spec)
-    checkpoints = complete_checkpoints(run_dir) if same_spec or earlier_cap is not None else []
-    finished = same_spec and (run_dir / RESULTS).is_file()
-    resume = not finished and bool(checkpoints)
-    if finished or resume:  # a run made by earlier code: does today's code build the same model from its arguments?
-        saved = run_dir / FINAL if finished else checkpoints[-1]
-        drift = model_drift(saved, values)
-        if drift:
-            state = "finished earlier" if finished else f"interrupted earlier (at {saved.name})"
-            error = (f"{state}, but its arguments now build a different model ({describe_drift(drift)}): a "
-                     "default changed since. Pin the old value(s) in the experiment file to keep this run, or "
-                     f"delete {run_dir} to train it again with the new one(s)")
-            print(f"[FAILED] {name}: {error}", flush=True)
-            return failed_record(error, 0.0, skipped=True)  # nothing trained: the ETA must not count it
+    values, folder = spec["values"], read_folder(run_dir, spec)
+    finished, resume = folder.finished, folder.resume  # resume: also where it goes on from another run's checkpoint
+    if folder.drift:  # a run made by earlier code, whose arguments build another model with today's
+        state = "finished earlier" if finished else f"interrupted earlier (at {folder.checkpoints[-1].name})"
+        error = (f"{state}, but its arguments now build a different model ({describe_drift(folder.drift)}): a "
+                 "default changed since. Pin the old value(s) in the experiment file to keep this run, or "
+                 f"delete {run_dir} to train it again with the new one(s)")
+        print(f"[FAILED] {name}: {error}", flush=True)
+        return failed_record(error, 0.0, skipped=True)  # nothing trained: the ETA must not count it
     if finished:
         if values.get("task") and not scored(run_dir, values):
             score_task_run(run_dir, values)  # trained, but stopped before its scoring (or scored by older code)
@@ -81,18 +75,16 @@ def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str
         print(f"[skip] {name}: finished earlier, val loss {record.final_val_loss:.4f}", flush=True)
         return record
 
-    replaced = not (same_spec or resume) and saved_spec is not None and \
-        any(path.exists() for path in run_outputs(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_SPEC).write_text(json.dumps(spec, indent=2))
     how = " (resuming)" if resume else ""
-    if resume and earlier_cap is not None:
-        how = f" (resuming: its step cap rose from {earlier_cap} to {values['max_steps']})"
+    if resume and folder.earlier_cap is not None:
+        how = f" (resuming: its step cap rose from {folder.earlier_cap} to {values['max_steps']})"
         # the folder's spec now names the higher cap: the results of the lower one must not pass for this run's
         # if it stops before the end (it is then an interrupted run, resumed the next time)
         (run_dir / RESULTS).unlink(missing_ok=True)
-    if replaced:  # the trainer's --overwrite_output_dir is about to delete it: say why
-        how = f" (in place of the run its folder holds, made with other arguments: {spec_changes(saved_spec, spec)})"
+    if folder.replaced:  # the trainer's --overwrite_output_dir is about to delete it: say why
+        how = f" (in place of the run its folder holds, made with other arguments: {spec_changes(folder.saved, spec)})"
     if not resume:
         (run_dir / STARTED_FROM).unlink(missing_ok=True)  # this runner's own note of an earlier start
         if start_from is not None and not any(path.exists() for path in run_outputs(run_dir)):
@@ -126,6 +118,37 @@ def run_spec(values: dict, run_dir: Path, launcher: str, accelerate_config: str 
     output_dir, and its launch."""
     return {"values": {**values, "output_dir": str(run_dir)}, "launcher": launcher,
             "accelerate_config": accelerate_config}
+
+
+@dataclass(frozen=True)
+class Folder:
+    """What a run folder holds for one run (`run_spec`): how `run_training` acts on it, and `run_state` reports."""
+    saved: dict | None  # its RUN_SPEC, as written
+    earlier_cap: int | None  # the lower step cap the run goes on from (`judge_folder`)
+    checkpoints: list[Path]  # the complete checkpoints of this run
+    finished: bool  # this run, finished
+    resume: bool  # this run, interrupted at its last checkpoint
+    replaced: bool  # another run's outputs, which this run's start deletes
+    drift: dict  # where finished or resumed: the fields its arguments now build otherwise (`model_drift`)
+
+
+def read_folder(run_dir: Path, spec: dict) -> Folder:
+    """What `run_dir` holds of the run `spec` (`run_spec`), read without writing anything."""
+    saved = _spec_of(run_dir)
+    same, earlier_cap = judge_folder(run_dir, saved, spec)
+    checkpoints = complete_checkpoints(run_dir) if same or earlier_cap is not None else []
+    finished = same and (run_dir / RESULTS).is_file()
+    resume = not finished and bool(checkpoints)
+    replaced = not (same or resume) and saved is not None and any(path.exists() for path in run_outputs(run_dir))
+    drift = model_drift(run_dir / FINAL if finished else checkpoints[-1], spec["values"]) if finished or resume \
+        else {}
+    return Folder(saved, earlier_cap, checkpoints, finished, resume, replaced, drift)
+
+
+def kept_from_record(kept: RunRecord | None, values: dict, run_dir: Path) -> bool:
+    """Whether a study's record `kept` is the run of `values` in place of its folder: the folder is gone (deleted,
+    or a fresh checkout holding only the report) and the record ran with these arguments."""
+    return bool(same_record(kept, values)) and not Path(run_dir).exists()
 
 
 @dataclass(frozen=True)
@@ -166,25 +189,21 @@ def run_state(run_dir: Path, values: dict, launcher: str, accelerate_config: str
     """Where the run of trainer arguments `values` in `run_dir` stands, as `run_training` would find it (and
     `kept`, the study's record of it, where its folder is gone); nothing is written."""
     run_dir = Path(run_dir)
-    spec, saved = run_spec(values, run_dir, launcher, accelerate_config), _spec_of(run_dir)
-    same, earlier_cap = judge_folder(run_dir, saved, spec)
-    checkpoints = complete_checkpoints(run_dir) if same or earlier_cap is not None else []
-    finished = same and (run_dir / RESULTS).is_file()
-    if finished or checkpoints:
-        drift = model_drift(run_dir / FINAL if finished else checkpoints[-1], spec["values"])
-        if drift:
-            return RunState("drifted", note=describe_drift(drift))
-    if finished:
+    spec = run_spec(values, run_dir, launcher, accelerate_config)
+    folder = read_folder(run_dir, spec)
+    if folder.drift:
+        return RunState("drifted", note=describe_drift(folder.drift))
+    if folder.finished:
         return RunState("finished", json.loads((run_dir / RESULTS).read_text())["step"], stopped_by(run_dir))
-    if checkpoints:
-        step = checkpoint_step(checkpoints[-1])
-        seconds = read_trainer_state(checkpoints[-1]).get("train_seconds")
+    if folder.resume:
+        step = checkpoint_step(folder.checkpoints[-1])
+        seconds = read_trainer_state(folder.checkpoints[-1]).get("train_seconds")
         return RunState("started", step, seconds_per_step=seconds / step if seconds and step else None,
                         last_eval=latest_evaluation(run_dir, step))
-    if same_record(kept, values) and not run_dir.exists():
+    if kept_from_record(kept, values, run_dir):
         return RunState("kept", kept.stopped_at or 0, kept.stopped_by or "")
-    if saved is not None and any(path.exists() for path in run_outputs(run_dir)):
-        return RunState("other", note=spec_changes(saved, spec))
+    if folder.replaced:
+        return RunState("other", note=spec_changes(folder.saved, spec))
     return RunState("new")
 
 
@@ -226,7 +245,7 @@ def waiting_runs(earlier: dict, left: list[tuple[tuple[str, int], dict, dict]]) 
 def train_or_keep(run: str, seed: int, values: dict, run_dir: Path, launcher: str, accelerate_config: str | None,
                   kept: RunRecord | None, start_from: Path | None = None) -> RunRecord:
     """run_training, unless the run's folder is gone and its earlier record `kept` has the same arguments."""
-    if same_record(kept, values) and not Path(run_dir).exists():
+    if kept_from_record(kept, values, run_dir):
         owner = Path(kept.output_dir).parent.name  # OUTPUT_DIR/RUN/seed_N; another run's: a comparison's twin_ended
         folder = "its folder is gone" if owner == kept.run else f"it is {owner}'s run, as it ended"
         print(f"[kept] {kept.title}: {folder}; kept from the report (val loss {kept.final_val_loss:.4f}; a model "
