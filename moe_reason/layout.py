@@ -57,6 +57,12 @@ def stream_state_name(rank: int, world_size: int) -> str:
     return f"stream_state_{rank}_of_{world_size}.json"
 
 
+def carry_name(rank: int, world_size: int) -> str:
+    """The file a rank keeps the recursive model's training carry in, inside a checkpoint folder
+    (supervision_updates="per_step")."""
+    return f"supervision_carry_{rank}_of_{world_size}.safetensors"
+
+
 def saved_expert_parallel_sizes(folder) -> set[int]:
     """The expert-parallel sizes a checkpoint folder's shard files were written at ({1}: none)."""
     return {int(m.group(2)) for p in Path(folder).iterdir() if (m := EXPERT_SHARD.match(p.name))} or {1}

@@ -5,6 +5,7 @@ from .configuration_moe_reason import MoEReasonConfig, _is_int, require
 RECURSION_GRADIENTS = ("last_cycle", "one_step")
 HALT_TARGETS = ("loss_rank", "loss_gain", "accuracy")
 EVAL_HALTING = ("max_steps", "q_head")
+SUPERVISION_UPDATES = ("per_batch", "per_step")
 
 
 class RecursiveMoEReasonConfig(MoEReasonConfig):
@@ -53,6 +54,14 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
         eval_halt_threshold (`float`): with `"q_head"` at evaluation, halt an example when the Q-head gives
             "halt" at least this probability, in (0, 1). 0.5 is training's rule (logit > 0, TRM's); a higher
             one spends more steps to halt fewer examples that are not yet right.
+        supervision_updates (`str`): how deep supervision meets the optimizer in training. `"per_batch"`: one
+            forward runs every supervision step of the batch and the one update follows the sum of their
+            losses. `"per_step"` (HRM/TRM's training loop): one forward runs one supervision step on every
+            slot of the batch and the update follows it, so a batch's halt_max_steps steps make that many
+            updates for the same compute; each slot's state is carried to the next forward (`carry=`), and a
+            slot whose row halted takes the next batch's row in its place (the batch's other rows go
+            unused, as in TRM). Evaluation runs every step in one forward either way. Needs labels in
+            training, and a halt target known at once (not `"loss_gain"`).
     """
 
     model_type = "moe_reason_recursive"
@@ -70,6 +79,7 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
     input_norm: bool = True
     eval_halting: str = "max_steps"
     eval_halt_threshold: float = 0.5
+    supervision_updates: str = "per_batch"
     use_cache: bool = False  # generation recomputes the recursion over the whole prefix (no KV cache)
 
     @classmethod
@@ -90,16 +100,26 @@ class RecursiveMoEReasonConfig(MoEReasonConfig):
         require(self, "halt_target_accuracy", 0.0 < self.halt_target_accuracy <= 1.0, "a share in (0, 1]")
         require(self, "eval_halting", self.eval_halting in EVAL_HALTING, f"one of {EVAL_HALTING}")
         require(self, "eval_halt_threshold", 0.0 < self.eval_halt_threshold < 1.0, "a probability in (0, 1)")
+        require(self, "supervision_updates", self.supervision_updates in SUPERVISION_UPDATES,
+                f"one of {SUPERVISION_UPDATES}")
+        require(self, "supervision_updates", self.supervision_updates == "per_batch" or self.halt_target != "loss_gain",
+                "'per_batch' with halt_target 'loss_gain': its target of step k is known only at step k + 1, which "
+                "'per_step' runs in the next update")
         require(self, "use_cache", not self.use_cache, "False: the recursive model has no KV cache")
+
+    def training_supervision_steps(self) -> int:
+        """Supervision steps one training forward runs at most: all of them, or one (`supervision_updates`)."""
+        return self.halt_max_steps if self.supervision_updates == "per_batch" else 1
 
     def passes_per_step(self) -> int:
         """Decoder-stack passes of one training forward at most: per supervision step h*(l+1)."""
-        return self.h_cycles * (self.l_cycles + 1) * self.halt_max_steps
+        return self.h_cycles * (self.l_cycles + 1) * self.training_supervision_steps()
 
     def every_parameter_learns(self) -> bool:
         """The learned initial states get a gradient only where a pass with gradient reads them: with one H cycle,
         on the first supervision step (`LatentInit`). With more, every pass that reads them runs without
-        gradient, and they keep their initial value."""
+        gradient, and they keep their initial value. Under per-step updates every update's passes read them
+        (`torch.where` picks them for the slots starting a row), so they get a gradient, zero where none starts."""
         return self.h_cycles == 1
 
     def grad_passes_per_supervision_step(self) -> int:

@@ -24,7 +24,9 @@ a Q-head trained towards it learns never to halt. On puzzles, HRM/TRM's "the pre
 Binary cross-entropy either way (TRM: no extra continue pass). Halted examples leave the batch and
 cost no further compute.
 
-State belongs to one example and one forward call: nothing carries over to the next batch.
+State belongs to one example and one forward call: nothing carries over to the next batch, except in
+training with config.supervision_updates = "per_step" (HRM/TRM's loop): there a forward runs one supervision
+step, the optimizer updates after each, and `SupervisionCarry` hands the states to the next forward.
 """
 
 import math
@@ -49,10 +51,12 @@ class RecursiveCausalLMOutput(MoEReasonCausalLMOutput):
     prediction (comparable with the base model's); `recursion_steps` [B] counts the supervision
     steps each example ran; `halt_rate` is the share halted before halt_max_steps; `q_accuracy`
     the share of Q-head decisions (halt = logit > 0) that matched the target. As for the base
-    model, `logits` is None in training mode with labels (see `predict`).
+    model, `logits` is None in training mode with labels (see `predict`). `carry`: what the next training
+    forward continues from under supervision_updates="per_step" (else None).
     """
 
     act_loss: torch.FloatTensor | None = None
+    carry: "SupervisionCarry | None" = None
     recursion_steps: torch.FloatTensor | None = None
     halt_rate: torch.FloatTensor | None = None
     q_accuracy: torch.FloatTensor | None = None
@@ -157,6 +161,37 @@ class RecursionCarry:
 
 
 @dataclass
+class SupervisionCarry:
+    """What one training forward hands the next under supervision_updates="per_step" (TRM's carry across
+    batches): each slot's puzzle, its detached states, and how far it has come. A halted slot takes the next
+    batch's row in its place; the first forward (carry=None) starts every slot."""
+
+    data: dict  # {input_ids, labels, ...: [B, S]} the slots' current rows
+    z_H: torch.Tensor  # [B, S, H]
+    z_L: torch.Tensor  # [B, S, H]
+    steps: torch.Tensor  # [B] supervision steps run on the slot's current row
+    min_steps: torch.Tensor  # [B] the steps before the Q-head may halt it (exploration)
+    halted: torch.Tensor  # [B] bool: the slot takes a fresh row at the next forward
+
+    def fits(self, batch: dict) -> bool:
+        """Whether the next batch has this carry's rows (names and shapes): otherwise every slot starts afresh."""
+        return batch.keys() == self.data.keys() and all(batch[k].shape == self.data[k].shape for k in batch)
+
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Tensors only (saved with a checkpoint as safetensors, loaded by `from_state_dict`)."""
+        tensors = {f"data.{k}": v for k, v in self.data.items()}
+        tensors.update(z_H=self.z_H, z_L=self.z_L, steps=self.steps, min_steps=self.min_steps, halted=self.halted)
+        return {prefix + k: v.contiguous() for k, v in tensors.items()}
+
+    @staticmethod
+    def from_state_dict(tensors: dict, prefix: str = "") -> "SupervisionCarry":
+        mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        data = {k[len("data."):]: v for k, v in mine.items() if k.startswith("data.")}
+        return SupervisionCarry(data, mine["z_H"], mine["z_L"], mine["steps"], mine["min_steps"],
+                                mine["halted"].bool())
+
+
+@dataclass
 class Finished:
     """The examples that halted at one supervision step: batch rows [f], logits [f, S, V] and statistics [f, 3]
     (None where not computed)."""
@@ -244,10 +279,19 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
                 logits_to_keep: int = 0, halt_max_steps: int | None = None, eval_halting: str | None = None,
-                eval_halt_threshold: float | None = None, **kwargs) -> RecursiveCausalLMOutput:
+                eval_halt_threshold: float | None = None, carry: SupervisionCarry | None = None,
+                **kwargs) -> RecursiveCausalLMOutput:
         """`halt_max_steps`, `eval_halting` and `eval_halt_threshold` override the config's for this call only:
-        evaluation at another depth than the trained one (test-time compute) or with the Q-head halting."""
+        evaluation at another depth than the trained one (test-time compute) or with the Q-head halting.
+        In training under supervision_updates="per_step", one supervision step from `carry` (`carried_forward`)."""
         cfg = self.config
+        if self.training and cfg.supervision_updates == "per_step":
+            if labels is None or inputs_embeds is not None:
+                raise ValueError("supervision_updates='per_step' trains on input_ids with labels: a slot's row is "
+                                 "kept for its next supervision step")
+            batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                     "position_ids": position_ids}
+            return self.carried_forward(carry, {k: v for k, v in batch.items() if v is not None})
         max_steps = cfg.halt_max_steps if halt_max_steps is None else halt_max_steps
         eval_halting = cfg.eval_halting if eval_halting is None else eval_halting
         if max_steps < 1 or eval_halting not in EVAL_HALTING:
@@ -276,9 +320,7 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
             z_H, z_L, step_passes = self.supervision_step(here.x, carry.z_H, carry.z_L, here.position_embeddings,
                                                           here.mask, here.token_mask)
             passes += step_passes
-            q = None if self.q_head is None else self.q_head(
-                (z_H * here.token_mask[..., None]).sum(1) / here.token_mask.sum(1, keepdim=True).clamp(min=1)
-            ).squeeze(-1)  # [b] halt logits, from z_H pooled over the positions
+            q = self.halt_logits(z_H, here.token_mask)
             steps[carry.rows] = step
             halt = torch.full((len(carry.rows),), step == max_steps, dtype=torch.bool, device=device)
             logits, stats, lm_term = self.predict(z_H, None if labels is None else labels[carry.rows], logits_to_keep)
@@ -297,6 +339,61 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
                 break
         return self.output(finished, passes, halting, lm_sum, pairs, ghost_term, steps, max_steps, labels,
                            logits_to_keep)
+
+    def halt_logits(self, z_H, token_mask) -> torch.Tensor | None:
+        """[b] the Q-head's halt logits, from z_H [b, S, H] pooled over the real positions (None without ACT)."""
+        if self.q_head is None:
+            return None
+        pooled = (z_H * token_mask[..., None]).sum(1) / token_mask.sum(1, keepdim=True).clamp(min=1)  # [b, H]
+        return self.q_head(pooled).squeeze(-1)
+
+    @torch.compiler.disable(recursive=False)  # eager, as `forward`; what it calls compiles
+    def carried_forward(self, carry: SupervisionCarry | None, batch: dict) -> RecursiveCausalLMOutput:
+        """One supervision step on every slot (training under supervision_updates="per_step").
+
+        Slots that halted at the last forward (every slot at the first) take this batch's row, the learned
+        initial states and a fresh exploration draw; the others go on with their row and states. Every slot
+        runs the same step, so the ranks of a distributed run stay in step without ghost steps. The loss is
+        the step's, as `forward`'s is the mean over its steps: LM loss + act_loss_coef x halting loss, per row.
+        """
+        cfg, B = self.config, batch["input_ids"].shape[0]
+        device = batch["input_ids"].device
+        if carry is None or not carry.fits(batch):
+            empty = torch.zeros(B, dtype=torch.long, device=device)
+            carry = SupervisionCarry(batch, None, None, empty, empty, torch.ones(B, dtype=torch.bool, device=device))
+        fresh = carry.halted  # [B]
+        data = {k: torch.where(fresh.view(-1, *[1] * (v.ndim - 1)), v, carry.data[k]) for k, v in batch.items()}
+        inputs = self.step_inputs(data["input_ids"], None, data.get("attention_mask"), data.get("position_ids"))
+        z_init = self.z_init.weight.to(inputs.x.dtype)  # [2, H]
+        z_H = z_init[0].expand_as(inputs.x) if carry.z_H is None else torch.where(fresh[:, None, None], z_init[0],
+                                                                                  carry.z_H)
+        z_L = z_init[1].expand_as(inputs.x) if carry.z_L is None else torch.where(fresh[:, None, None], z_init[1],
+                                                                                  carry.z_L)
+        steps = torch.where(fresh, 0, carry.steps) + 1
+        min_steps = torch.where(fresh, self.minimum_steps(B, cfg.halt_max_steps, device), carry.min_steps)
+        z_H, z_L, passes = self.supervision_step(inputs.x, z_H, z_L, inputs.position_embeddings, inputs.mask,
+                                                 inputs.token_mask)
+        q = self.halt_logits(z_H, inputs.token_mask)
+        _, stats, lm_term = self.predict(z_H, data["labels"])
+        halting = HaltingLoss(cfg, inputs.x.new_zeros((), dtype=torch.float32))
+        if q is not None:
+            halting.observe(q, stats)
+        halt = steps >= cfg.halt_max_steps
+        if q is not None and cfg.halt_target == "accuracy":  # a relative target halts at evaluation only
+            halt = halt | ((q.detach() > 0) & (steps >= min_steps))
+        aux, z_loss, load = self.pass_router_losses(passes)
+        loss = self.combine_losses((lm_term + cfg.act_loss_coef * halting.sum) / B, aux, z_loss)
+        finished = halt.float()  # [B] the slots whose row ends with this step
+        metrics = {"finished_rows": finished.mean(), "finished_steps": (finished * steps).mean(),
+                   "finished_early": (finished * (steps < cfg.halt_max_steps)).mean()}
+        act_loss = halting.sum / B if q is not None else None
+        if act_loss is not None:
+            metrics.update(act_loss=act_loss.detach(), q_accuracy=halting.right / halting.decisions)
+        return RecursiveCausalLMOutput(
+            loss=loss, aux_loss=aux, lm_loss=stats[:, 0].sum() / stats[:, 1].sum().clamp(min=1), z_loss=z_loss,
+            expert_load=load, act_loss=act_loss, recursion_steps=steps.float(),
+            q_accuracy=metrics.get("q_accuracy"), training_metrics=metrics,
+            carry=SupervisionCarry(data, z_H.detach(), z_L.detach(), steps, min_steps, halt))
 
     @torch.compiler.disable(recursive=False)  # eager, as `forward`; what it calls compiles
     def step_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids) -> "StepInputs":

@@ -5,6 +5,7 @@
                        + each expert-parallel rank's shard of the experts
                        + config.json and the tokenizer (+ adapter_config.json of a LoRA run)
                        + each rank's stream position (--streaming)
+                       + each rank's training carry (a recursive model's supervision_updates="per_step")
     best/, final/      save_pretrained: model.safetensors + config.json + tokenizer files
 
 Every folder is written as NAME.tmp and renamed into place only when complete, and old
@@ -72,12 +73,13 @@ def bare_model(accelerator, model) -> torch.nn.Module:
 
 def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, total_limit: int, model=None,
                     expert_parallel: NoExpertParallel = NO_EXPERT_PARALLEL, tensor_files: dict | None = None,
-                    tokenizer=None, rank_files: dict[str, str] | None = None,
+                    tokenizer=None, rank_files: dict[str, str | dict] | None = None,
                     main_files: dict[str, str] | None = None) -> Path:
     """accelerator.save_state (+ the expert shards, + `tensor_files`: {file name: tensors} written by the
-    main process as safetensors, + `rank_files`: {file name: text} written by each rank under its own
-    name, + `main_files`: {file name: text} written by the main process, + the model's config and the
-    tokenizer, which `moe-reason-export` reads) into checkpoint-STEP.tmp, then rename and rotate.
+    main process as safetensors, + `rank_files`: {file name: text, or tensors as safetensors} written by
+    each rank under its own name, + `main_files`: {file name: text} written by the main process, + the
+    model's config and the tokenizer, which `moe-reason-export` reads) into checkpoint-STEP.tmp, then rename
+    and rotate.
 
     All ranks call this.
     """
@@ -89,9 +91,12 @@ def save_checkpoint(accelerator, output_dir, step: int, trainer_state: dict, tot
     with _quiet_tied_head_notice():
         accelerator.save_state(str(tmp))
     expert_parallel.save(model, tmp)
-    for name, text in (rank_files or {}).items():
+    for name, content in (rank_files or {}).items():
         tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / name).write_text(text)
+        if isinstance(content, str):
+            (tmp / name).write_text(content)
+        else:
+            save_file(content, tmp / name)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for name, tensors in (tensor_files or {}).items():

@@ -49,7 +49,7 @@ def forward_passes(config) -> tuple[int, int, int]:
     """(decoder passes, of which with gradient, LM-head applications) in one training forward."""
     if not hasattr(config, "passes_per_step"):
         return 1, 1, 1
-    steps = config.halt_max_steps
+    steps = config.training_supervision_steps()
     return config.passes_per_step(), config.grad_passes_per_supervision_step() * steps, steps
 
 
@@ -179,6 +179,9 @@ class LogWindow:
     """
 
     LOSSES = ("loss", "lm_loss", "aux_loss", "z_loss")
+    # figures of whole rows that one forward does not finish (supervision_updates="per_step"): a ratio of two
+    # window means, logged where some row finished in the window
+    RATIOS = {"recursion_steps": ("finished_steps", "finished_rows"), "halt_rate": ("finished_early", "finished_rows")}
 
     def __init__(self, rows_per_layer=lambda: None):
         # rows_per_layer(): [L] rows this rank's experts took in the last forward (expert parallelism), or None
@@ -226,6 +229,9 @@ class LogWindow:
         record = {f"train/{name}": float(accelerator.reduce(torch.as_tensor(value, device=accelerator.device).float(),
                                                             "mean")) / good
                   for name, value in sums.items()}
+        for name, (numerator, denominator) in self.RATIOS.items():
+            if record.get(f"train/{denominator}", 0) > 0:
+                record[f"train/{name}"] = record[f"train/{numerator}"] / record[f"train/{denominator}"]
         record.update({f"train/{name}": value for name, value in fields.items()})
         record.update({"train/tokens_per_s": tokens_per_s,
                        "train/mfu": tokens_per_s * flops_per_token / (peak * accelerator.num_processes),

@@ -102,6 +102,7 @@ class ModelArguments:
     input_norm: bool | None = model_field("input_norm")
     eval_halting: str | None = model_field("eval_halting")
     eval_halt_threshold: float | None = model_field("eval_halt_threshold")
+    supervision_updates: str | None = model_field("supervision_updates")
 
     def __post_init__(self):
         check_preset(self.model_preset)

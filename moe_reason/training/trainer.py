@@ -44,6 +44,7 @@ from ..tasks.scoring import answer_one
 from .accelerator import configure_device, make_accelerator, trackers, zero_stage
 from .arguments import ARGUMENT_CLASSES, build_config, parse_args, resolve_global_batch
 from .build import build_model, config_drift, describe_drift, make_loaders, same_tokenizer, saved_config
+from .carries import Carries
 from .checkpointing import (bare_model, export_model, load_checkpoint, read_trainer_state, resolve_checkpoint,
                             save_checkpoint, unfinished_checkpoints_after)
 from .ema import WeightEMA
@@ -278,7 +279,7 @@ class Trainer:
         self.is_deepspeed = False
         # `build`: what trains
         self.data = self.config = self.model = self.optimizer = self.scheduler = self.ema = None
-        self.train_loader = self.eval_loader = None
+        self.train_loader = self.eval_loader = self.carries = None
         self.parameters, self.streaming = 0, False
         # `start_logging`: what the log records need
         self.flops_per_token = self.tokens_per_micro_batch = self.peak = self.window = self.started = None
@@ -370,6 +371,7 @@ class Trainer:
             self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
                 model, optimizer, train_loader, eval_loader)
         self.ema = WeightEMA(bare_model(accelerator, self.model), args.ema_decay) if args.ema_decay else None
+        self.carries = Carries(self.config)
 
     def resume(self, checkpoint: Path) -> None:
         """Model, optimizer, schedule, RNG and the loop's state from a checkpoint, on the same or another
@@ -396,6 +398,10 @@ class Trainer:
             self.state.samples_in_epoch = saved["batches_in_epoch"] * args.per_device_train_batch_size \
                 * accelerator.num_processes
         micro_batches_to_skip(self.state, args.per_device_train_batch_size, accelerator.num_processes, checkpoint)
+        fresh = self.carries.load(checkpoint, accelerator.process_index, accelerator.num_processes,
+                                  accelerator.device)
+        if fresh:
+            accelerator.print(fresh)
         if LR_SCHEDULER in saved:
             self.scheduler.load_state_dict(saved[LR_SCHEDULER])
         else:  # a checkpoint from before the schedule was saved as JSON: it is a function of the step
@@ -519,9 +525,10 @@ class Trainer:
         """
         accelerator, args = self.accelerator, self.args
         ok, grad_norm, step_load = True, math.nan, None
-        for batch in micro_batches:
+        for position, batch in enumerate(micro_batches):
             with accelerator.accumulate(self.model):
-                output = self.model(**batch, use_cache=False)
+                output = self.model(**batch, use_cache=False, **self.carries.kwargs(position))
+                self.carries.keep(position, output)
                 if self.config.uses_router_bias():  # [L, E] tokens per expert: the balancing bias's evidence
                     load = output.expert_load.detach().float()
                     step_load = load if step_load is None else step_load + load
@@ -617,7 +624,8 @@ class Trainer:
         folder = save_checkpoint(self.accelerator, self.out, self.state.step, trainer_state,
                                  self.args.save_total_limit, bare_model(self.accelerator, self.model),
                                  self.expert_parallel, {EMA_WEIGHTS: self.ema.state_dict()} if self.ema else None,
-                                 self.data.tokenizer, self.stream_files(),
+                                 self.data.tokenizer, {**(self.stream_files() or {}), **self.carries.files(
+                                     self.accelerator.process_index, self.accelerator.num_processes)},
                                  {DATA_SOURCE: json.dumps(self.data.summary.get("files", []))})
         self.window.restart_clock()
         return folder
