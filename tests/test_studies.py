@@ -3,6 +3,7 @@ behind every verdict, mixed-difficulty puzzles, and a comparison that gives the 
 arm's FLOPs."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -138,10 +139,30 @@ def test_equal_flops_reference_gives_each_cheaper_arm_the_reference_arms_flops(t
                                                      ("equal_steps", "deep"), ("equal_flops", "direct"),
                                                      ("equal_flops", "deep")]
     assert accounting.depth["recursive"] == Depth(effective_depth=16, passes=8, gradient_passes=4,
-                                                  supervision_steps=8)
+                                                  supervision_steps=8, steps_per_update=8)
     with pytest.raises(ValueError, match="equal_flops='cheapest' is invalid"):
         spec.write_text(spec.read_text().replace('"reference", "base"', '"cheapest", "base"'))
         load_comparison(spec)
+
+
+def test_an_arm_updating_per_supervision_step_costs_one_steps_flops_and_its_report_says_so(tmp_path):
+    from moe_reason.runners.comparison_report import depth_table
+
+    spec = tmp_path / "c.yaml"
+    recursion = {"model_type": "recursive", "h_cycles": 2, "l_cycles": 3, "halt_max_steps": 8}
+    spec.write_text(json.dumps({
+        "seeds": [0, 1, 2], "metric": "exact_accuracy", "reference": "recursive", "equal_flops": "reference",
+        "base": {"task": "sudoku", "task_size": 4, "sudoku_blanks": 6, "task_train_puzzles": 20,
+                 "task_test_puzzles": 10, "data_cache_dir": str(tmp_path / "cache"), "model_preset": "debug",
+                 "max_steps": 100},
+        "arms": {"recursive": recursion, "per_step": {**recursion, "supervision_updates": "per_step"}}}))
+    plan, accounting = plan_runs(load_comparison(spec))
+    assert accounting.flops_per_token["recursive"] == accounting.flops_per_token["per_step"] * 8
+    assert accounting.equal_flops_steps["per_step"] == 800
+    assert accounting.depth["per_step"].steps_per_update == 1
+    table = depth_table(SimpleNamespace(accounting=accounting))  # the table reads the report's accounting only
+    assert table[1].endswith("| supervision steps per update |")
+    assert table[3:] == ["| recursive | 16 | 8 | 4 | 8 | 8 |", "| per_step | 16 | 8 | 4 | 8 | 1 |"]
 
 
 def test_a_grid_reports_each_variants_expert_load_against_the_references_with_its_interval():

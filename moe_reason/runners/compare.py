@@ -174,10 +174,11 @@ def depth_of(config) -> Depth:
     """The recursion's shape for a report's arm table (a direct model: its layers, one pass, one step)."""
     layers = config.num_hidden_layers
     if not hasattr(config, "h_cycles"):
-        return Depth(effective_depth=layers, passes=1, gradient_passes=1, supervision_steps=1)
+        return Depth(effective_depth=layers, passes=1, gradient_passes=1, supervision_steps=1, steps_per_update=1)
     passes = config.h_cycles * (config.l_cycles + 1)
     return Depth(effective_depth=passes * layers, passes=passes,
-                 gradient_passes=config.grad_passes_per_supervision_step(), supervision_steps=config.halt_max_steps)
+                 gradient_passes=config.grad_passes_per_supervision_step(), supervision_steps=config.halt_max_steps,
+                 steps_per_update=config.training_supervision_steps())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -110,15 +110,26 @@ def evenly(rows: list, most: int) -> list:
 
 
 def depth_table(p: ComparisonReport) -> list[str]:
-    """Each arm's depth: layers per supervision step, decoder passes (with gradient), supervision steps."""
+    """Each arm's depth: layers per supervision step, decoder passes (with gradient), supervision steps, and
+    (where any arm updates per supervision step) the supervision steps one update follows."""
     depth = p.accounting.depth
     if not depth:  # a report written before the depth was recorded
         return []
+    per_step = updates_per_supervision_step(p)
     lines = ["", "| arm | effective depth (layers per supervision step) | decoder passes per supervision step | "
-             "passes with gradient | supervision steps (most) |", "|---|---:|---:|---:|---:|"]
+             "passes with gradient | supervision steps (most) |" + (" supervision steps per update |" if per_step
+                                                                     else ""),
+             "|---|---:|---:|---:|---:|" + ("---:|" if per_step else "")]
     for arm, d in depth.items():
-        lines.append(f"| {arm} | {d.effective_depth} | {d.passes} | {d.gradient_passes} | {d.supervision_steps} |")
+        lines.append(f"| {arm} | {d.effective_depth} | {d.passes} | {d.gradient_passes} | {d.supervision_steps} |"
+                     + (f" {d.steps_per_update} |" if per_step else ""))
     return lines
+
+
+def updates_per_supervision_step(p: ComparisonReport) -> bool:
+    """Whether some arm updates after each supervision step (supervision_updates="per_step")."""
+    return any(d.steps_per_update is not None and d.steps_per_update < d.supervision_steps
+               for d in (p.accounting.depth or {}).values())
 
 
 def stops_text(done: list[RunRecord]) -> str:
@@ -267,8 +278,8 @@ def plot(p: ComparisonReport, path: Path) -> None:
     colors = dict(zip(names, plt.get_cmap("tab10").colors))
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     (by_step, by_flops), (final, last) = axes
-    learning_curves(by_step, by_flops, done, names, colors) if p.metric == "exact_accuracy" else \
-        loss_curves(by_step, by_flops, done, names, colors)
+    learning_curves(by_step, by_flops, done, names, colors, updates_per_supervision_step(p)) \
+        if p.metric == "exact_accuracy" else loss_curves(by_step, by_flops, done, names, colors)
     stats = [mean_std([getattr(r, key) for r in done if r.run == name]) for name in names]
     final.bar(names, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=5,
               color=[colors[name] for name in names])
@@ -281,9 +292,12 @@ def plot(p: ComparisonReport, path: Path) -> None:
     save_figure(fig, path)
 
 
-def learning_curves(by_seen, by_flops, done: list[RunRecord], names: list[str], colors: dict) -> None:
+def learning_curves(by_seen, by_flops, done: list[RunRecord], names: list[str], colors: dict,
+                    drawn: bool = False) -> None:
     """Held-out exact accuracy at every evaluation against puzzles seen and training FLOPs: one line per run
-    (arm and seed), so a run that plateaued early and one that hit its cap are both visible."""
+    (arm and seed), so a run that plateaued early and one that hit its cap are both visible. `drawn`: an arm
+    updates per supervision step, and keeps each row it draws for several updates (it draws a batch per
+    update, and trains fewer rows than it draws), so the axis says drawn."""
     for name in names:
         for i, r in enumerate(r for r in done if r.run == name):
             points = [(s, e) for s, _, _, e, *_ in (c + [None] for c in r.eval_curve) if e is not None]
@@ -294,7 +308,8 @@ def learning_curves(by_seen, by_flops, done: list[RunRecord], names: list[str], 
             for ax, x in ((by_seen, seen), (by_flops, flops)):
                 ax.plot(x, [e for _, e in points], color=colors[name], linewidth=1, alpha=0.8,
                         label=name if i == 0 else None)
-    by_seen.set_xlabel("training puzzles seen")
+    by_seen.set_xlabel("training puzzles drawn (a per-step arm trains on fewer)" if drawn else
+                       "training puzzles seen")
     by_flops.set_xlabel("training FLOPs")
     for ax in (by_seen, by_flops):
         ax.set_xscale("log")

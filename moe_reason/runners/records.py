@@ -165,11 +165,13 @@ class Verdict:
 @dataclass
 class Depth:
     """An arm's shape: layers per supervision step (its effective depth), decoder passes and passes with
-    gradient per supervision step, and supervision steps (1 for a direct model)."""
+    gradient per supervision step, supervision steps (1 for a direct model), and how many of them one
+    optimizer update follows (all: the default; 1: HRM/TRM's per-step updates; None in older reports)."""
     effective_depth: int
     passes: int
     gradient_passes: int
     supervision_steps: int
+    steps_per_update: int | None = None
 
 
 @dataclass
