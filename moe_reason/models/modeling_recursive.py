@@ -356,19 +356,18 @@ class RecursiveMoEReasonForCausalLM(MoEReasonForCausalLM):
         runs the same step, so the ranks of a distributed run stay in step without ghost steps. The loss is
         the step's, as `forward`'s is the mean over its steps: LM loss + act_loss_coef x halting loss, per row.
         """
-        cfg, B = self.config, batch["input_ids"].shape[0]
-        device = batch["input_ids"].device
-        if carry is None or not carry.fits(batch):
-            empty = torch.zeros(B, dtype=torch.long, device=device)
-            carry = SupervisionCarry(batch, None, None, empty, empty, torch.ones(B, dtype=torch.bool, device=device))
+        cfg, (B, S), device = self.config, batch["input_ids"].shape, batch["input_ids"].device
+        z_init = self.z_init.weight  # [2, H]
+        if carry is None or not carry.fits(batch):  # as if every slot had halted: each takes its row of this batch
+            start, zero = z_init.detach()[:, None, None].expand(2, B, S, -1), torch.zeros(B, dtype=torch.long,
+                                                                                           device=device)
+            carry = SupervisionCarry(batch, start[0], start[1], zero, zero, torch.ones_like(zero, dtype=torch.bool))
         fresh = carry.halted  # [B]
         data = {k: torch.where(fresh.view(-1, *[1] * (v.ndim - 1)), v, carry.data[k]) for k, v in batch.items()}
         inputs = self.step_inputs(data["input_ids"], None, data.get("attention_mask"), data.get("position_ids"))
-        z_init = self.z_init.weight.to(inputs.x.dtype)  # [2, H]
-        z_H = z_init[0].expand_as(inputs.x) if carry.z_H is None else torch.where(fresh[:, None, None], z_init[0],
-                                                                                  carry.z_H)
-        z_L = z_init[1].expand_as(inputs.x) if carry.z_L is None else torch.where(fresh[:, None, None], z_init[1],
-                                                                                  carry.z_L)
+        z_init = z_init.to(inputs.x.dtype)
+        z_H = torch.where(fresh[:, None, None], z_init[0], carry.z_H)  # [B, S, H]: the initial state where fresh
+        z_L = torch.where(fresh[:, None, None], z_init[1], carry.z_L)
         steps = torch.where(fresh, 0, carry.steps) + 1
         min_steps = torch.where(fresh, self.minimum_steps(B, cfg.halt_max_steps, device), carry.min_steps)
         z_H, z_L, passes = self.supervision_step(inputs.x, z_H, z_L, inputs.position_embeddings, inputs.mask,
