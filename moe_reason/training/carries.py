@@ -46,4 +46,3 @@ class Carries:
         positions = sorted({int(k.split(".", 1)[0]) for k in tensors})
         self.by_position = {p: SupervisionCarry.from_state_dict(tensors, f"{p}.") for p in positions}
         return None
-
