@@ -624,18 +624,18 @@ class Trainer:
         folder = save_checkpoint(self.accelerator, self.out, self.state.step, trainer_state,
                                  self.args.save_total_limit, bare_model(self.accelerator, self.model),
                                  self.expert_parallel, {EMA_WEIGHTS: self.ema.state_dict()} if self.ema else None,
-                                 self.data.tokenizer, {**(self.stream_files() or {}), **self.carries.files(
-                                     self.accelerator.process_index, self.accelerator.num_processes)},
+                                 self.data.tokenizer, self.rank_files(),
                                  {DATA_SOURCE: json.dumps(self.data.summary.get("files", []))})
         self.window.restart_clock()
         return folder
 
-    def stream_files(self) -> dict[str, str] | None:
-        """This rank's stream position, to save with a checkpoint (None without --streaming)."""
-        if not self.streaming:
-            return None
-        name = stream_state_name(self.accelerator.process_index, self.accelerator.num_processes)
-        return {name: json.dumps(self.data.train.state_dict())}
+    def rank_files(self) -> dict[str, str | dict]:
+        """This rank's own files for a checkpoint: its stream position (--streaming) and its training carries
+        (a recursive model updating per supervision step)."""
+        rank, world_size = self.accelerator.process_index, self.accelerator.num_processes
+        stream = {stream_state_name(rank, world_size): json.dumps(self.data.train.state_dict())} if self.streaming \
+            else {}
+        return {**stream, **self.carries.files(rank, world_size)}
 
     def export(self, name: str) -> Path:
         """The full model (gathered under ZeRO-3 and expert parallelism; the moving average with --ema_decay;
