@@ -2,6 +2,7 @@
 behind every verdict, mixed-difficulty puzzles, and a comparison that gives the cheap arms the costly
 arm's FLOPs."""
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from moe_reason.runners.compare import load_comparison, plan_runs
+from moe_reason.runners.compare import CompareArguments, load_comparison, plan_runs
 from moe_reason.runners.records import Depth
 from moe_reason.data.prepare import DataArguments
 from moe_reason.training.plateau import plateaued
@@ -163,6 +164,47 @@ def test_an_arm_updating_per_supervision_step_costs_one_steps_flops_and_its_repo
     table = depth_table(SimpleNamespace(accounting=accounting))  # the table reads the report's accounting only
     assert table[1].endswith("| supervision steps per update |")
     assert table[3:] == ["| recursive | 16 | 8 | 4 | 8 | 8 |", "| per_step | 16 | 8 | 4 | 8 | 1 |"]
+
+
+def test_a_per_step_reference_at_8x_the_cap_gives_the_other_arms_a_per_batch_references_budget(tmp_path):
+    """An arm may set its own step cap and evaluation interval: a recursion updating per supervision step spends
+    in 8x the steps what the per-batch one spends, so the other arms' equal-FLOPs budgets do not change."""
+    from moe_reason.runners.comparison_report import own_settings
+    from moe_reason.runners.records import Accounting
+
+    spec = tmp_path / "c.yaml"
+    recursion = {"model_type": "recursive", "h_cycles": 2, "l_cycles": 3, "halt_max_steps": 8}
+    study = {"seeds": [0, 1, 2], "metric": "exact_accuracy", "reference": "recursive", "equal_flops": "reference",
+             "base": {"task": "sudoku", "task_size": 4, "sudoku_blanks": 6, "task_train_puzzles": 20,
+                      "task_test_puzzles": 10, "data_cache_dir": str(tmp_path / "cache"), "model_preset": "debug",
+                      "max_steps": 100, "eval_interval": 10},
+             "arms": {"recursive": recursion, "direct": {"model_type": "base"},
+                      "deep": {"model_type": "base", "num_hidden_layers": 16}}}
+    spec.write_text(json.dumps(study))
+    per_batch_plan, per_batch = plan_runs(load_comparison(spec))
+    study["arms"]["recursive"] = {**recursion, "supervision_updates": "per_step", "max_steps": 800,
+                                  "eval_interval": 80}
+    spec.write_text(json.dumps(study))
+    plan, accounting = plan_runs(load_comparison(spec))
+    assert accounting.equal_flops_steps == per_batch.equal_flops_steps  # the same budgets, to the step
+    assert [(r.kind, r.arm, r.steps) for r in plan] == [
+        ("equal_steps", "recursive", 800), ("equal_steps", "direct", 100), ("equal_steps", "deep", 100),
+        *[(r.kind, r.arm, r.steps) for r in per_batch_plan if r.kind == "equal_flops"]]
+    assert accounting.arm_steps == {"recursive": 800, "direct": 100, "deep": 100} and per_batch.arm_steps is None
+    assert Accounting.from_json(json.loads(json.dumps(dataclasses.asdict(accounting)))) == accounting
+    report = SimpleNamespace(accounting=accounting, arms=load_comparison(spec).arms)
+    note = own_settings(report)[1]
+    assert note.startswith("Training settings of their own: `recursive` max_steps 800, eval_interval 80 (the other")
+    assert f"`recursive` {800 * accounting.flops_per_token['recursive']:.4g}" in note
+    assert own_settings(SimpleNamespace(accounting=per_batch, arms=study["arms"] | {"recursive": recursion})) == []
+    # the command line beats the file, an arm's own cap too: --set max_steps=10 gives every arm 10 steps
+    cmp = load_comparison(spec, CompareArguments(set=["max_steps=10"]))
+    assert {r.arm: r.steps for r in plan_runs(cmp)[0] if r.kind == "equal_steps"} == {
+        "recursive": 10, "direct": 10, "deep": 10}
+    study["arms"]["recursive"]["warmup_steps"] = 5  # a training setting an arm may not set: one line says which
+    spec.write_text(json.dumps(study))
+    with pytest.raises(ValueError, match="eval_interval, learning_rate, max_steps only"):
+        load_comparison(spec)
 
 
 def test_a_grid_reports_each_variants_expert_load_against_the_references_with_its_interval():

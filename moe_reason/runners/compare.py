@@ -24,7 +24,10 @@ A comparison file:
 `baseline:` and `recursive:` at the top level are the two-arm form (reference: baseline). `extends: OTHER.yaml`
 builds on another comparison file (`study_file.load_study_mapping`): its keys, the base updated name by name.
 The arms may set model fields, and `learning_rate` where each arm is to train at its own best
-one (the report names each arm's); batch, schedule, data and seed are the base's.
+one (the report names each arm's); batch, schedule, data and seed are the base's, but for the step cap
+and the evaluation interval (`max_steps`, `eval_interval`) of an arm whose update costs a fraction of the
+others' (`supervision_updates: per_step` runs one of 8 supervision steps per update: 8x the cap spends the
+same FLOPs). `--set NAME=VALUE` sets NAME for the arms that set their own too.
 Runs per seed (the equal-steps runs of every seed first, then the equal-FLOPs runs): every arm at
 `max_steps` (equal steps) and, with `equal_flops`, each costlier arm
 at the steps that spend the cheapest arm's FLOPs (its own full schedule: a base `warmup_steps` is the
@@ -69,7 +72,7 @@ from .records import Accounting, ComparisonReport, Depth, RunRecord, Side, Trans
 from .statistics import RULE as STATISTICS_RULE
 from .statistics import mean_std, welch
 from .study_file import (RunnerArguments, StudySettings, check_arguments, check_launch, load_runner_file,
-                         model_argument_names, safe_name)
+                         model_argument_names, parse_overrides, safe_name)
 
 LEGACY_ARMS = ("baseline", "recursive")
 EQUAL_FLOPS_REFERENCE = "reference"  # equal_flops: the cheaper arms also run at the reference arm's FLOPs
@@ -122,10 +125,14 @@ def load_comparison(path, args: CompareArguments | None = None) -> Comparison:
         raise UserError(f"comparison {path} needs both '{LEGACY_ARMS[0]}:' and '{LEGACY_ARMS[1]}:' mappings")
     if not isinstance(raw, dict) or len(raw) < 2:
         raise UserError(f"comparison {path}: 'arms:' must map two or more arm names to model fields")
-    arms = {safe_name(name): check_arguments(fields, f"comparison {path}: arm {name} (model fields and "
-                                             "learning_rate only, so every arm trains with the same settings)",
+    allowed = ", ".join(sorted(ARM_TRAINING_FIELDS))
+    arms = {safe_name(name): check_arguments(fields, f"comparison {path}: arm {name} (model fields and {allowed} "
+                                             "only, so every arm trains with the same settings)",
                                              model_argument_names() | ARM_TRAINING_FIELDS)
             for name, fields in raw.items()}
+    overrides = parse_overrides(args.set)  # the command line beats the file, an arm's own settings too
+    arms = {name: {**fields, **{k: v for k, v in overrides.items() if k in fields and k in ARM_TRAINING_FIELDS}}
+            for name, fields in arms.items()}
     if not legacy and not all("model_type" in fields for fields in arms.values()):
         raise UserError(f"comparison {path}: every arm must name its model_type (base or recursive)")
     arms.get("baseline", {}).setdefault("model_type", "base")
@@ -196,21 +203,25 @@ class PlannedRun:
 
 def plan_runs(cmp: Comparison) -> tuple[list[PlannedRun], Accounting]:
     """The runs (kind, arm, steps) per seed and the FLOP accounting behind the equal-FLOPs budgets."""
-    flops, depth = {}, {}
+    flops, depth, steps = {}, {}, {}
     for arm, fields in cmp.arms.items():
-        config, block, steps = arm_config({**cmp.base, **fields})
+        config, block, steps[arm] = arm_config({**cmp.base, **fields})
         flops[arm], depth[arm] = training_flops_per_token(config, block), depth_of(config)
-    cheapest = min(flops, key=flops.get)
+    run_flops = {arm: steps[arm] * f for arm, f in flops.items()}  # per token over an equal-steps run
+    cheapest = min(run_flops, key=run_flops.get)
     # equal_flops: reference gives the cheaper arms the reference's FLOPs; true, the costlier arms the cheapest's
     toward_reference = cmp.equal_flops == EQUAL_FLOPS_REFERENCE
     budget_arm = cmp.reference if toward_reference else cheapest
-    budgeted = [arm for arm, f in flops.items() if (f < flops[budget_arm] if toward_reference else
-                                                     f > flops[budget_arm] and cmp.equal_flops)]
-    equal_flops_steps = {arm: max(1, math.floor(steps * flops[budget_arm] / flops[arm])) for arm in budgeted}
-    plan = [PlannedRun("equal_steps", arm, steps) for arm in cmp.arms if cmp.equal_steps or arm == budget_arm]
+    budget = run_flops[budget_arm]
+    budgeted = [arm for arm, f in run_flops.items() if (f < budget if toward_reference else
+                                                         f > budget and cmp.equal_flops)]
+    equal_flops_steps = {arm: max(1, math.floor(budget / flops[arm])) for arm in budgeted}
+    plan = [PlannedRun("equal_steps", arm, steps[arm]) for arm in cmp.arms if cmp.equal_steps or arm == budget_arm]
     plan += [PlannedRun("equal_flops", arm, n) for arm, n in equal_flops_steps.items()]
-    return plan, Accounting(flops, steps, cheapest, budget_arm, {arm: f / flops[cheapest] for arm, f in flops.items()},
-                            equal_flops_steps, depth)
+    shared = steps[budget_arm] if len(set(steps.values())) == 1 else None
+    return plan, Accounting(flops, steps[budget_arm], cheapest, budget_arm,
+                            {arm: f / flops[cheapest] for arm, f in flops.items()}, equal_flops_steps, depth,
+                            arm_steps=None if shared else steps)
 
 
 def run_order(plan: list[PlannedRun], accounting: Accounting, seeds: list[int]) -> list[tuple[int, PlannedRun]]:
@@ -233,8 +244,9 @@ def run_comparison(cmp: Comparison) -> ComparisonReport:
     out.mkdir(parents=True, exist_ok=True)
     costs = ", ".join(f"{arm} {f:.3e} (x{accounting.flop_ratio[arm]:.2f})"
                       for arm, f in accounting.flops_per_token.items())
-    print(f"comparison {cmp.path}: training FLOPs/token {costs}; equal steps: {accounting.steps}; equal FLOPs: "
-          f"{accounting.equal_flops_steps or 'none'}; seeds {cmp.seeds} -> {out}", flush=True)
+    print(f"comparison {cmp.path}: training FLOPs/token {costs}; equal steps: "
+          f"{accounting.arm_steps or accounting.steps}; equal FLOPs: {accounting.equal_flops_steps or 'none'}; "
+          f"seeds {cmp.seeds} -> {out}", flush=True)
     runs = []
     todo = run_order(plan, accounting, cmp.seeds)
     names = {item.name for item in plan}

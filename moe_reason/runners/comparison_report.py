@@ -12,7 +12,9 @@ METRICS = {"loss": ("final_val_loss", "validation loss", False),  # metric -> (r
            "exact_accuracy": ("exact_accuracy", "exact accuracy on held-out puzzles", True)}
 TRANSFER_CURVES = ("exact_accuracy_by_steps", "q_head_by_steps", "q_head")  # a transfer score's steps curve
 TREND_ROWS = 21  # most rows of an equal-FLOPs trend table: 5% of the budget apart when it has more
-ARM_TRAINING_FIELDS = {"learning_rate"}  # the one training setting an arm may set: its own best learning rate
+# the training settings an arm may set: its own best learning rate, and the step cap and evaluation interval of an
+# arm whose update costs a fraction of the others' (supervision_updates: per_step), so it spends the same FLOPs
+ARM_TRAINING_FIELDS = {"learning_rate", "max_steps", "eval_interval"}
 
 
 def budget_words(accounting: Accounting) -> str:
@@ -43,9 +45,11 @@ def comparison_markdown(p: ComparisonReport) -> str:
         lines += [p.description.strip(), ""]
     lines += settings_line(p.base)
     own_lr = any("learning_rate" in fields for fields in p.arms.values())
+    own_caps = any(set(fields) & ARM_TRAINING_FIELDS - {"learning_rate"} for fields in p.arms.values())
     shared = "batch, schedule, data, data order" + ("" if own_lr else ", learning rate")
     lines += [f"Every arm shares every training setting ({shared}) and the seeds {p.seeds}; they differ "
-              f"only in model fields{' and learning rate' if own_lr else ''}. The reference arm is "
+              f"only in model fields{' and learning rate' if own_lr else ''}"
+              f"{' (and the step caps below)' if own_caps else ''}. The reference arm is "
               f"`{p.reference}`.", "",
               "| arm | model fields | learning rate | parameters | training FLOPs / token | steps (equal steps) | "
               "steps (equal FLOPs) |", "|---|---|---:|---:|---:|---:|---:|"]
@@ -56,6 +60,7 @@ def comparison_markdown(p: ComparisonReport) -> str:
         lines.append(f"| {arm} | `{model_fields}` | {lr} | {f'{params:,}' if params else '—'} | "
                      f"{acc.flops_per_token[arm]:.4g} | {full_steps(p, arm)} | "
                      f"{acc.equal_flops_steps.get(arm, '—')} |")
+    lines += own_settings(p)
     lines += depth_table(p)
     lines += ["", "Recursive FLOPs count every supervision step (halting can only make it cheaper) and the backward "
               f"of the passes that carry gradient only. An equal-FLOPs run spends the {budget_words(acc)} "
@@ -191,7 +196,22 @@ def threshold_table(runs: list[RunRecord]) -> list[str]:
 def full_steps(p: ComparisonReport, arm: str):
     """The arm's equal-steps run length, or — where `equal_steps: false` left it out."""
     ran = p.equal_steps_runs or arm == p.accounting.budget_arm
-    return p.accounting.steps if ran else "—"
+    return p.accounting.steps_of(arm) if ran else "—"
+
+
+def own_settings(p: ComparisonReport) -> list[str]:
+    """A note on the arms that set a training setting besides the learning rate (a step cap of their own)."""
+    own = {arm: {k: v for k, v in fields.items() if k in ARM_TRAINING_FIELDS - {"learning_rate"}}
+           for arm, fields in p.arms.items()}
+    own = {arm: settings for arm, settings in own.items() if settings}
+    if not own:
+        return []
+    return ["", "Training settings of their own: " + "; ".join(
+        f"`{arm}` " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in settings.items())
+        for arm, settings in own.items()) + " (the other arms: the base's). Each arm's equal-steps run trains to its "
+        "own step cap, and the equal-steps verdicts compare the arms at their caps, which spend these training "
+        "FLOPs per token of a whole run: " + ", ".join(f"`{arm}` {p.accounting.steps_of(arm) * f:.4g}"
+                                                      for arm, f in p.accounting.flops_per_token.items()) + "."]
 
 
 def run_table(p: ComparisonReport, key: str, metric_label: str, higher: bool) -> list[str]:

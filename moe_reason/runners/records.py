@@ -178,12 +178,17 @@ class Depth:
 class Accounting:
     """A comparison's FLOP accounting: each arm's training FLOPs per token, and the budgets made from them."""
     flops_per_token: dict[str, int]
-    steps: int  # the equal-steps runs' steps
+    steps: int  # the equal-steps runs' steps (the budget arm's, where arm_steps gives each arm its own)
     cheapest_arm: str
     budget_arm: str  # whose training FLOPs the equal-FLOPs runs spend: the cheapest arm's, or the reference's
     flop_ratio: dict[str, float]  # arm -> its FLOPs per token over the cheapest arm's
     equal_flops_steps: dict[str, int]  # arm -> the steps of its equal-FLOPs run
     depth: dict[str, Depth] | None = None  # None in reports written before the depth was recorded
+    arm_steps: dict[str, int] | None = None  # arm -> its own step cap, where the arms' caps differ; None: `steps`
+
+    def steps_of(self, arm: str) -> int:
+        """The step cap of `arm`'s equal-steps run."""
+        return self.arm_steps[arm] if self.arm_steps else self.steps
 
     @classmethod
     def from_json(cls, values: dict) -> Accounting:
