@@ -779,8 +779,18 @@ def test_the_ladders_files_build_on_each_other_without_changing_a_rung():
     recipe = {name: four.base[name] for name in ("model_preset", "hidden_size", "learning_rate", "ema_decay",
                                                   "stop_on_plateau", "eval_interval", "save_total_limit")}
     for study in (six, harder, nine, maze, maze8):
-        assert {name: study.base[name] for name in recipe} == recipe and study.arms == four.arms
+        assert {name: study.base[name] for name in recipe} == recipe
         assert study.seeds == [0, 1, 2] and study.equal_flops == "reference"
+    for study in (six, maze):
+        assert study.arms == four.arms and study.reference == "recursive"
+    # the open rungs' recursion updates per supervision step: the same arm, 8x the steps for the same FLOPs
+    for study in (harder, nine, maze8):
+        per_step = study.arms["recursive_per_step"]
+        assert study.reference == "recursive_per_step" and study.arms["direct_deep"] == four.arms["direct_deep"]
+        assert {k: v for k, v in per_step.items() if k not in ("supervision_updates", "max_steps", "eval_interval")} \
+            == four.arms["recursive"] and per_step["supervision_updates"] == "per_step"
+        assert per_step["max_steps"] == 8 * study.base["max_steps"] and per_step["eval_interval"] == 400
+        assert study.arms["direct_same_params"] == four.arms["direct_same_params"] and len(study.arms) == 3
     assert (six.base["task_size"], six.base["sudoku_blanks"], "sudoku_blanks_max" in six.base) == (6, 20, False)
     assert {**six.base, "sudoku_blanks": 24} == harder.base
     assert (nine.base["task_size"], nine.base["sudoku_blanks"], nine.base["max_steps"]) == (9, 30, 6000)
