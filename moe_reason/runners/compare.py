@@ -218,10 +218,9 @@ def plan_runs(cmp: Comparison) -> tuple[list[PlannedRun], Accounting]:
     equal_flops_steps = {arm: max(1, math.floor(budget / flops[arm])) for arm in budgeted}
     plan = [PlannedRun("equal_steps", arm, steps[arm]) for arm in cmp.arms if cmp.equal_steps or arm == budget_arm]
     plan += [PlannedRun("equal_flops", arm, n) for arm, n in equal_flops_steps.items()]
-    shared = steps[budget_arm] if len(set(steps.values())) == 1 else None
     return plan, Accounting(flops, steps[budget_arm], cheapest, budget_arm,
                             {arm: f / flops[cheapest] for arm, f in flops.items()}, equal_flops_steps, depth,
-                            arm_steps=None if shared else steps)
+                            arm_steps=None if len(set(steps.values())) == 1 else steps)
 
 
 def run_order(plan: list[PlannedRun], accounting: Accounting, seeds: list[int]) -> list[tuple[int, PlannedRun]]:
