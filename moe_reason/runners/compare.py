@@ -127,7 +127,7 @@ def load_comparison(path, args: CompareArguments | None = None) -> Comparison:
         raise UserError(f"comparison {path}: 'arms:' must map two or more arm names to model fields")
     allowed = ", ".join(sorted(ARM_TRAINING_FIELDS))
     arms = {safe_name(name): check_arguments(fields, f"comparison {path}: arm {name} (model fields and {allowed} "
-                                             "only, so every arm trains with the same settings)",
+                                             "only: every other training setting is the base's)",
                                              model_argument_names() | ARM_TRAINING_FIELDS)
             for name, fields in raw.items()}
     overrides = parse_overrides(args.set)  # the command line beats the file, an arm's own settings too
