@@ -629,9 +629,10 @@ def test_a_stopped_command_reports_the_finished_runs_it_had_yet_to_reach(tmp_pat
     assert "[status] 3/4 runs finished; the 1 to train: at most " in printed
 
 
-def test_compare_refuses_training_settings_in_an_arm_except_its_own_learning_rate(tmp_path):
+def test_compare_refuses_training_settings_in_an_arm_except_its_own_learning_rate_cap_and_interval(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": {}, "baseline": {"warmup_steps": 5}, "recursive": {}}))
-    with pytest.raises(ValueError, match=r"model fields and learning_rate only.*\['warmup_steps'\]"):
+    with pytest.raises(ValueError, match=r"model fields and eval_interval, learning_rate, max_steps only: every "
+                                         r"other training setting is the base's\) .*\['warmup_steps'\]"):
         load_comparison(tmp_path / "c.yaml")
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": {"learning_rate": 3e-4}, "reference": "direct", "arms": {
         "direct": {"model_type": "base", "learning_rate": 6e-4}, "recursive": {"model_type": "recursive"}}}))
@@ -722,7 +723,7 @@ def test_compare_takes_any_number_of_named_arms_and_refuses_a_reference_that_nam
     for change, error in [({"reference": "baseline"}, "reference='baseline' names no arm"),
                           ({"metric": "exact_accuracy"}, "metric exact_accuracy needs a task in base"),
                           ({"arms": {"only": {"model_type": "base"}}}, "two or more arm names"),
-                          ({"arms": {**arms, "b": {"model_type": "base", "max_steps": 10}}}, "and learning_rate only"),
+                          ({"arms": {**arms, "b": {"model_type": "base", "seed": 10}}}, "max_steps only"),
                           ({"baseline": {}}, "either 'arms:' or the two-arm form"),
                           ({"transfer": {"task_size": 8}},
                            "transfer scores task runs on other puzzles; base has no task"),
