@@ -12,9 +12,10 @@ METRICS = {"loss": ("final_val_loss", "validation loss", False),  # metric -> (r
            "exact_accuracy": ("exact_accuracy", "exact accuracy on held-out puzzles", True)}
 TRANSFER_CURVES = ("exact_accuracy_by_steps", "q_head_by_steps", "q_head")  # a transfer score's steps curve
 TREND_ROWS = 21  # most rows of an equal-FLOPs trend table: 5% of the budget apart when it has more
-# the training settings an arm may set: its own best learning rate, and the step cap and evaluation interval of an
-# arm whose update costs a fraction of the others' (supervision_updates: per_step), so it spends the same FLOPs
-ARM_TRAINING_FIELDS = {"learning_rate", "max_steps", "eval_interval"}
+# the step cap and evaluation interval an arm may set when its update costs a fraction of the others'
+# (supervision_updates: per_step), so it spends the same FLOPs
+ARM_BUDGET_FIELDS = {"max_steps", "eval_interval"}
+ARM_TRAINING_FIELDS = {"learning_rate"} | ARM_BUDGET_FIELDS  # and its own best learning rate
 
 
 def budget_words(accounting: Accounting) -> str:
@@ -45,7 +46,7 @@ def comparison_markdown(p: ComparisonReport) -> str:
         lines += [p.description.strip(), ""]
     lines += settings_line(p.base)
     own_lr = any("learning_rate" in fields for fields in p.arms.values())
-    own_caps = any(set(fields) & ARM_TRAINING_FIELDS - {"learning_rate"} for fields in p.arms.values())
+    own_caps = any(set(fields) & ARM_BUDGET_FIELDS for fields in p.arms.values())
     shared = "batch, schedule, data, data order" + ("" if own_lr else ", learning rate")
     lines += [f"Every arm shares every training setting ({shared}) and the seeds {p.seeds}; they differ "
               f"only in model fields{' and learning rate' if own_lr else ''}"
@@ -201,7 +202,7 @@ def full_steps(p: ComparisonReport, arm: str):
 
 def own_settings(p: ComparisonReport) -> list[str]:
     """A note on the arms that set a training setting besides the learning rate (a step cap of their own)."""
-    own = {arm: {k: v for k, v in fields.items() if k in ARM_TRAINING_FIELDS - {"learning_rate"}}
+    own = {arm: {k: v for k, v in fields.items() if k in ARM_BUDGET_FIELDS}
            for arm, fields in p.arms.items()}
     own = {arm: settings for arm, settings in own.items() if settings}
     if not own:
