@@ -18,11 +18,11 @@ from moe_reason.training.arguments import arguments_from, build_config, parse_ar
 from moe_reason.runners.compare import OWN_KEYS as COMPARISON_KEYS
 from moe_reason.runners.compare import (budget_trend, load_comparison, main as compare_main, plan_runs, run_order,
                                         same_first_steps, twin_starts)
-from moe_reason.runners.comparison_report import evenly, trend_verdict
+from moe_reason.runners.comparison_report import evenly, learning_curves, stored_answer_note, trend_verdict
 from moe_reason.models.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.evaluation.evaluate import main as evaluate_main
 from moe_reason.runners import run_folder
-from moe_reason.runners.engine import STUDY_IN_USE, RunBudget, exit_status, parse_runner_cli
+from moe_reason.runners.engine import STUDY_IN_USE, RunBudget, exit_status, parse_runner_cli, pyplot
 from moe_reason.runners.run_folder import latest_evaluation, run_training
 from moe_reason.runners.study_file import RUNNER_KEYS, RunnerArguments, load_study_mapping
 from moe_reason.runners.records import CURVE_POINTS, GridReport, RunRecord
@@ -523,6 +523,31 @@ def test_status_reads_a_started_runs_latest_evaluation_up_to_its_checkpoint(tmp_
     assert latest_evaluation(tmp_path, 15) == "val loss 2.500 at step 10"
     assert latest_evaluation(tmp_path, 20) == "exact 12.5% at step 20"
     assert latest_evaluation(tmp_path, 5) == "" and latest_evaluation(tmp_path / "gone", 20) == ""
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # the task's validator's verdict, where the trainer gave one
+        f.write(json.dumps({"step": 30, "eval/loss": 2.0, "eval/exact_match": 0.125, "eval/solved": 0.25}) + "\n")
+    assert latest_evaluation(tmp_path, 30) == "exact 25.0% at step 30"
+
+
+def test_a_maze_runs_curve_scored_against_its_stored_path_is_named_and_dotted():
+    def run(name, task, curve, validated_from=None):
+        return RunRecord(name, 0, "finished", f"out/{name}/seed_0", config={"task": task}, eval_curve=curve,
+                         curve_validated_from=validated_from, sequences_per_step=64, tokens_per_step=4096,
+                         flops_per_token=1000)
+
+    curve = [[100, 1.0, 0.5, 0.1], [200, 0.9, 0.6, 0.2], [300, 0.8, 0.7, 0.5], [400, 0.7, 0.8, 0.6]]
+    runs = [run("old", "maze", curve), run("resumed", "maze", curve, validated_from=300),
+            run("new", "maze", curve, validated_from=100), run("sudoku", "sudoku", curve), run("text", None, curve)]
+    note = " ".join(stored_answer_note(runs))
+    assert "(dotted in the figure): the whole curve of old/seed_0; resumed/seed_0's to step 200." in note
+    assert "new/seed_0" not in note and "sudoku" not in note and "text" not in note  # validated, or one answer
+    assert stored_answer_note(runs[2:]) == []
+    figure, (by_seen, by_flops) = pyplot().subplots(1, 2)
+    names = ["old", "resumed", "new"]
+    learning_curves(by_seen, by_flops, runs[:3], names, {name: "C0" for name in names})
+    styles = [(line.get_linestyle(), len(line.get_xdata())) for line in by_seen.lines]
+    # dotted to the last stored-answer point and on to the first validated one, solid from there (empty: labelled)
+    assert styles == [(":", 4), ("-", 0), (":", 3), ("-", 2), ("-", 4)]
+    pyplot().close(figure)
 
 
 def test_an_equal_flops_run_whose_twin_plateaued_within_its_cap_is_the_twins_run(tmp_path, corpus, capsys):

@@ -1,7 +1,9 @@
 """Reasoning tasks: generators, validators, splits, the grid formulation, puzzle files, training on
 puzzles through the real trainer, and the weights' moving average."""
 
+import functools
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from moe_reason import MoEReasonConfig, MoEReasonForCausalLM, RecursiveMoEReasonConfig, RecursiveMoEReasonForCausalLM
 from moe_reason.tasks import maze, sudoku
 from moe_reason.data.prepare import DataArguments, DrawSampler
-from moe_reason.tasks.scoring import evaluate_puzzles, score
+from moe_reason.evaluation.loss import evaluate_model
+from moe_reason.tasks.scoring import evaluate_puzzles, score, solved_rows
 from moe_reason.tasks.files import read_sudoku_file
 from moe_reason.tasks.puzzles import (GridFormulation, MazeTask, PuzzleDraws, SudokuTask, generate_splits,
                                       load_or_generate, make_task)
@@ -75,6 +78,35 @@ def test_maze_labels_are_shortest_paths_and_the_validator_judges_them():
             assert not maze.is_valid(puzzle, longer)
         for k in range(8):  # every symmetry keeps a valid answer valid
             assert maze.is_valid(maze.dihedral(puzzle, k), maze.dihedral(answer, k))
+
+
+def test_the_evaluation_counts_a_maze_solved_by_any_shortest_path_where_exact_match_wants_the_stored_one():
+    task = MazeTask(3, maze_min_path=5, maze_wall_share=0.0)
+    puzzle = np.full((3, 3), maze.FREE, dtype=np.int8)
+    puzzle[0, 0], puzzle[2, 2] = maze.START, maze.GOAL
+
+    def marked(*cells):
+        grid = puzzle.copy()
+        for cell in cells:
+            grid[cell] = maze.PATH
+        return grid
+
+    stored = marked((0, 1), (0, 2), (1, 2))
+    answers = [stored, marked((1, 0), (2, 0), (2, 1)), marked((0, 1), (1, 1), (1, 2), (2, 1))]  # 2 shortest, 1 not
+    ids = torch.tensor(np.stack([task.to_tokens(puzzle)] * 3))  # [3, 9]
+    predicted = torch.tensor(np.stack([task.to_tokens(a) for a in answers]))  # [3, 9]
+
+    class Answers(torch.nn.Module):  # a grid model whose argmax is `predicted`
+        def forward(self, input_ids, use_cache):
+            return SimpleNamespace(logits=torch.nn.functional.one_hot(predicted, 6).float())
+
+    config = SimpleNamespace(bidirectional=True, stablemax_loss=False, vocab_size=6, num_experts=1)
+    batch = {"input_ids": ids, "labels": torch.tensor(np.stack([task.to_tokens(stored)] * 3))}
+    assert solved_rows(task, ids, predicted).tolist() == [True, True, False]
+    result = evaluate_model(Answers(), [batch], config, validate=functools.partial(solved_rows, task))
+    assert result["exact_match"] == pytest.approx(1 / 3) and result["solved"] == pytest.approx(2 / 3)
+    assert "solved" not in evaluate_model(Answers(), [batch], config)  # no validator: text, or a prompt model
+    assert not MazeTask.unique_answers and SudokuTask.unique_answers
 
 
 @pytest.mark.parametrize("task", [SudokuTask(9, 40), SudokuTask(4, 8), MazeTask(6, 8), MazeTask(5, 8, maze_canvas=8)],
@@ -241,6 +273,8 @@ def test_recursive_model_overfits_32_puzzles_and_the_ema_is_exported_and_resumed
     assert all(torch.allclose(resumed[k], average[k], atol=1e-6, rtol=0) for k in average)
     evals = [json.loads(line) for line in open(ema / "metrics.jsonl") if "eval/exact_match" in line]
     assert evals and 0.0 <= evals[-1]["eval/exact_match"] <= 1.0
+    # the validator's verdict beside it: a Sudoku's one solution is its stored answer, so they agree
+    assert all(e["eval/solved"] == e["eval/exact_match"] for e in evals)
 
 
 @pytest.mark.slow

@@ -30,25 +30,31 @@ def load_summary(load: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_model(model, batches, config, gather=lambda t: t, progress: bool = False) -> dict:
+def evaluate_model(model, batches, config, gather=lambda t: t, progress: bool = False, validate=None) -> dict:
     """Loss, perplexity, accuracy, exact match (and recursion steps) over `batches`; `gather` joins ranks' tensors.
 
     `model` may be wrapped (DDP, a DeepSpeed engine), so its config is passed in.
     Statistics are computed from fp32 logits and summed in float64, never in bf16.
+    `validate(input_ids [B, S], argmax [B, S]) -> [B] bool`, for a grid model, judges each answer (a task's
+    validator): its share is `solved`, where exact match compares with the one stored answer.
     """
     was_training = model.training
     model.eval()
-    stats, recursion_steps, load = [], [], None
+    stats, recursion_steps, load, solved = [], [], None, []
     for batch in tqdm(batches, desc="evaluating", disable=not progress, dynamic_ncols=True):
         out = model(input_ids=batch["input_ids"], use_cache=False)
         stats.append(gather(next_token_statistics(out.logits, batch["labels"], not config.bidirectional,
                                                   config.stablemax_loss)))
+        if validate is not None:
+            solved.append(gather(validate(batch["input_ids"], out.logits.argmax(-1)).long()))  # gloo: no bool
         if getattr(out, "recursion_steps", None) is not None:
             recursion_steps.append(gather(out.recursion_steps.float().reshape(-1)))
         if getattr(out, "expert_load", None) is not None:
             load = out.expert_load.float() if load is None else load + out.expert_load.float()
     model.train(was_training)
     result = summarise_eval(torch.cat(stats), config.vocab_size)
+    if solved:
+        result["solved"] = float(torch.cat(solved).double().mean())
     if load is not None and config.num_experts > 1:
         result.update(load_summary(load))
     if recursion_steps:

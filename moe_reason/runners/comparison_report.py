@@ -4,6 +4,7 @@ writes it), so `--report DIR` rebuilds them without training."""
 import dataclasses
 from pathlib import Path
 
+from ..tasks.puzzles import TASK_CLASSES
 from .engine import mean_curve, pyplot, save_figure, settings_line, throughput_lines
 from .records import Accounting, ComparisonReport, RunRecord, TrendPoint
 from .statistics import mean_std, mean_std_text, welch
@@ -69,7 +70,7 @@ def comparison_markdown(p: ComparisonReport) -> str:
     if p.ln_vocab and p.metric == "loss":
         lines += [f"Losses are validation cross-entropy in nats per token; chance (uniform guessing) is "
                   f"ln(vocab) = {p.ln_vocab:.3f}.", ""]
-    lines += run_table(p, key, metric_label, higher) + [""]
+    lines += run_table(p, key, metric_label, higher) + stored_answer_note(runs) + [""]
     lines += [f"**Equal steps, {arm} vs {p.reference}:** {v.verdict}." for arm, v in p.equal_steps.items()]
     lines += [f"**Equal FLOPs, {arm} vs {acc.budget_arm}:** {v.verdict}."
               for arm, v in p.equal_flops.items()]
@@ -243,6 +244,32 @@ def run_table(p: ComparisonReport, key: str, metric_label: str, higher: bool) ->
     return lines
 
 
+def stored_answer_to(r: RunRecord) -> int | None:
+    """The last step where `r`'s learning curve counts only the stored answer though another may be right
+    (a maze run evaluated before the trainer used the validator), else None."""
+    task = r.config.get("task")
+    if not r.finished or task is None or TASK_CLASSES[task].unique_answers or not r.eval_curve:
+        return None
+    stored = [step for step, _, _, exact, *_ in (c + [None] for c in r.eval_curve)  # older curves: 3 columns
+              if exact is not None and (r.curve_validated_from is None or step < r.curve_validated_from)]
+    return max(stored, default=None)
+
+
+def stored_answer_note(runs: list[RunRecord]) -> list[str]:
+    """Which learning curves (dotted in the figure) read low: they count a puzzle solved only when the answer is
+    the stored one."""
+    low = {r.title: (stored_answer_to(r), r.curve_validated_from) for r in runs if stored_answer_to(r) is not None}
+    if not low:
+        return []
+    whole = [title for title, (_, validated) in low.items() if validated is None]
+    part = [f"{title}'s to step {step:,}" for title, (step, validated) in low.items() if validated is not None]
+    named = ([f"the whole curve{'s' if len(whole) > 1 else ''} of {', '.join(whole)}"] if whole else []) + part
+    return ["", "A maze may have several shortest paths, and the task's validator accepts any. So does the exact "
+            "accuracy in the table, and in the learning curves of the runs evaluated since the trainer used the "
+            "validator. These curves count a maze solved only when the answer is its stored path, and read low "
+            "(dotted in the figure): " + "; ".join(named) + "."]
+
+
 def steps_curve_table(runs: list[RunRecord],
                       title: str = "## Exact accuracy by supervision steps at evaluation") -> list[str]:
     """Exact accuracy after each number of supervision steps scored, from 1 to 4 x halt_max_steps (recursive task
@@ -326,8 +353,13 @@ def learning_curves(by_seen, by_flops, done: list[RunRecord], names: list[str], 
                 continue
             seen = [s * r.sequences_per_step for s, _ in points]
             flops = [s * r.tokens_per_step * r.flops_per_token for s, _ in points]
+            stored = stored_answer_to(r) or -1  # up to here (dotted) the curve counts the stored answer only
+            low = sum(s <= stored for s, _ in points)  # points [:low] read low; the line joins them to the rest
             for ax, x in ((by_seen, seen), (by_flops, flops)):
-                ax.plot(x, [e for _, e in points], color=colors[name], linewidth=1, alpha=0.8,
+                y = [e for _, e in points]
+                if low:
+                    ax.plot(x[:low + 1], y[:low + 1], color=colors[name], linewidth=1, alpha=0.8, linestyle=":")
+                ax.plot(x[low:], y[low:], color=colors[name], linewidth=1, alpha=0.8,
                         label=name if i == 0 else None)
     by_seen.set_xlabel("training puzzles drawn (a per-step arm trains on fewer)" if drawn else
                        "training puzzles seen")

@@ -60,7 +60,10 @@ class RunRecord:
     parameters: int | None = None
     train_loss_curve: list | None = None  # [[step, language-model loss], ...], at most CURVE_POINTS (thinned)
     grad_norm_curve: list | None = None  # [[step, gradient norm], ...], as thinned
-    eval_curve: list | None = None  # [[step, loss, token accuracy, exact match or None], ...]
+    eval_curve: list | None = None  # [[step, loss, token accuracy, exact accuracy or None], ...]
+    # its first evaluation scored by the task's validator; before it (and in runs made before the trainer
+    # recorded it: None), exact accuracy on the curve is the match with the stored answer
+    curve_validated_from: int | None = None
     stopped_by: str | None = None  # "plateau" or "max_steps"
     stopped_at: int | None = None  # the step it ended at
     nan: bool | None = None  # a non-finite loss or a skipped step was seen

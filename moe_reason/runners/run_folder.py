@@ -40,7 +40,7 @@ from ..training.checkpointing import complete_checkpoints, read_trainer_state
 from ..training.build import TOKENIZER_FIELDS, config_drift, describe_drift, saved_config
 from ..training.trainer import EXECUTION_ARGUMENTS, train
 from .records import RunRecord
-from .run_results import collect_run, score_task_run, scored
+from .run_results import collect_run, score_task_run, scored, solved_share
 
 
 def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str = "in_process",
@@ -218,8 +218,8 @@ def latest_evaluation(run_dir: Path, step: int) -> str:
     if not evals:
         return ""
     last = evals[-1]
-    if last.get("eval/exact_match") is not None:
-        return f"exact {100 * last['eval/exact_match']:.1f}% at step {last['step']:,}"
+    if solved_share(last) is not None:
+        return f"exact {100 * solved_share(last):.1f}% at step {last['step']:,}"
     return f"val loss {last['eval/loss']:.3f} at step {last['step']:,}"
 
 

@@ -41,14 +41,21 @@ def collect_run(run_dir) -> dict:
         # the language-model cross-entropy, comparable across variants that change the auxiliary losses
         "train_loss_curve": [[r["step"], r["train/lm_loss"]] for r in train],
         "grad_norm_curve": [[r["step"], r["train/grad_norm"]] for r in train],
-        # [step, loss, token accuracy, exact match]: a task run's learning curve is its fourth column
-        "eval_curve": [[r["step"], r["eval/loss"], r["eval/accuracy"], r.get("eval/exact_match")] for r in evals],
+        # [step, loss, token accuracy, exact accuracy]: a task run's learning curve is its fourth column
+        "eval_curve": [[r["step"], r["eval/loss"], r["eval/accuracy"], solved_share(r)] for r in evals],
+        "curve_validated_from": min((r["step"] for r in evals if "eval/solved" in r), default=None),
         "stopped_by": results.get("stopped_by", "max_steps"), "stopped_at": results["step"],
         "nan": nan, "machines": results.get("machines"),
         "started_from": (json.loads((run_dir / STARTED_FROM).read_text())["started_from"]
                          if (run_dir / STARTED_FROM).is_file() else None),
         **task_figures(run_dir),
     }
+
+
+def solved_share(evaluation: dict) -> float | None:
+    """An evaluation's exact accuracy (metrics.jsonl record): the task's validator's verdict, or where the
+    trainer did not record one (a run evaluated before it did), the match with the stored answer."""
+    return evaluation.get("eval/solved", evaluation.get("eval/exact_match"))
 
 
 def task_figures(run_dir: Path, scores: str = TASK_EVAL) -> dict:

@@ -130,6 +130,8 @@ class TaskArguments:
 class SudokuTask:
     """Cells: 0 blank, 1..n digits. Tokens: code + 1 (1 = blank), so the vocabulary is <pad> . 1 .. n."""
 
+    unique_answers = True  # generated puzzles have proved-unique solutions: the stored one is the only one
+
     def __init__(self, task_size: int = 9, sudoku_blanks: int = 45, sudoku_blanks_max: int | None = None, **_):
         self.n, self.blanks, self.blanks_max = task_size, sudoku_blanks, sudoku_blanks_max
         self.symbols = "." + "123456789"[: self.n]
@@ -171,6 +173,8 @@ class MazeTask:
     """Cells and tokens: 1 wall #, 2 free ., 3 start S, 4 goal G, 5 path o. `n` is the grid's side: the
     canvas's where there is one (the maze itself is `size` x `size`)."""
 
+    unique_answers = False  # a maze may have several shortest paths; its stored answer marks one
+
     def __init__(self, task_size: int, maze_min_path: int = 16, maze_wall_share: float = 0.3,
                  maze_canvas: int | None = None, **_):
         self.size, self.min_path, self.wall_share = task_size, maze_min_path, maze_wall_share
@@ -206,9 +210,12 @@ class MazeTask:
         return {"path_cells_mean": float(lengths.mean()), "path_cells_max": int(lengths.max())}
 
 
+TASK_CLASSES = {"sudoku": SudokuTask, "maze": MazeTask}  # by --task name (TASKS)
+
+
 def make_task(settings: dict):
     """`TaskArguments.task_settings()` (or a model config's `task`) -> the task object."""
-    cls = {"sudoku": SudokuTask, "maze": MazeTask}[settings["task"]]
+    cls = TASK_CLASSES[settings["task"]]
     return cls(**{k: v for k, v in settings.items() if k != "task"})  # each takes the settings it needs
 
 

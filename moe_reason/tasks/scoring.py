@@ -46,6 +46,15 @@ def predict_answers(model, task, puzzles: np.ndarray, batch_size: int = 64,
     return np.stack(answers), np.concatenate(steps)
 
 
+def solved_rows(task, input_ids: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """A grid model's batch: the puzzles' tokens [B, n*n] and its argmax tokens [B, n*n] -> [B] bool on their
+    device, whether the task's validator accepts each answer. The labels hold one answer; a maze may have
+    several shortest paths, and any of them is solved."""
+    puzzles, answers = input_ids.cpu().numpy(), predicted.cpu().numpy()
+    valid = [task.is_valid(task.from_tokens(p), task.from_tokens(a)) for p, a in zip(puzzles, answers)]
+    return torch.tensor(valid, device=input_ids.device)
+
+
 def answer_one(model, task, puzzle: np.ndarray) -> tuple[np.ndarray, bool]:
     """One puzzle [n, n] -> (the model's answer [n, n], whether the task's validator accepts it)."""
     answer = predict_answers(model, task, puzzle[None])[0][0]

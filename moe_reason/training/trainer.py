@@ -14,6 +14,7 @@ Expert parallelism is one object built at set-up (`make_expert_parallel`), a no-
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -40,7 +41,7 @@ from ..evaluation.loss import evaluate_model
 from ..locks import hold_folder
 from ..parallel.expert_parallel import make_expert_parallel
 from ..tasks.puzzles import make_task, render
-from ..tasks.scoring import answer_one
+from ..tasks.scoring import answer_one, solved_rows
 from .accelerator import configure_device, make_accelerator, trackers, zero_stage
 from .arguments import ARGUMENT_CLASSES, build_config, parse_args, resolve_global_batch
 from .build import build_model, config_drift, describe_drift, make_loaders, same_tokenizer, saved_config
@@ -596,13 +597,15 @@ class Trainer:
         """Loss, perplexity and accuracy on the fixed validation slice; a new best is exported to best/."""
         state = self.state
         with self.ema_applied():
-            result = evaluate_model(self.model, self.eval_loader, self.config, self.accelerator.gather_for_metrics)
+            result = evaluate_model(self.model, self.eval_loader, self.config, self.accelerator.gather_for_metrics,
+                                    validate=self.validator())
+        solved = result.get("solved", result["exact_match"])
         self.log({f"eval/{k}": v for k, v in result.items()})
         self.accelerator.print(f"step {state.step}: val loss {result['loss']:.4f} (ln vocab {result['ln_vocab']:.2f}), "
                                f"ppl {result['perplexity']:.1f}, acc {result['accuracy']:.3f}"
-                               + (f", puzzles solved {result['exact_match']:.3f}" if self.data_args.task else ""))
+                               + (f", puzzles solved {solved:.3f}" if self.data_args.task else ""))
         state.last_eval = {"step": state.step, **result}
-        state.evals.append([state.step, result["exact_match"], result["accuracy"]])
+        state.evals.append([state.step, solved, result["accuracy"]])
         rule = (self.args.plateau_min_evals, self.args.plateau_delta, self.args.plateau_min_window)
         if self.args.stop_on_plateau and plateaued(state.evals, *rule):
             state.plateau_step = state.step
@@ -614,6 +617,14 @@ class Trainer:
             self.export(BEST)
         self.window.restart_clock()  # evaluation time is not training time
         return result
+
+    def validator(self):
+        """A grid task's validator for the evaluation's argmax answers (`solved`); None for text, and for the
+        prompt formulation, whose teacher-forced argmax is not the answer `generate` would write."""
+        task = self.data_args.task_settings() if self.data_args.task else None
+        if task is None or not self.config.bidirectional:
+            return None
+        return functools.partial(solved_rows, make_task(task))
 
     def save(self) -> Path:
         """A resumable checkpoint of this step (the state saved says so)."""
