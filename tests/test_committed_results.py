@@ -137,22 +137,24 @@ def puzzle_rows(name: str) -> list[str]:
 
 
 def halting_rows(name: str) -> list[str]:
-    """The reference arm's halting: every step, the Q-head at each threshold (share of the steps), on every
-    held-out puzzle; and the trained, 2x and 4x supervision steps on the first N (the depth curve's puzzles)."""
+    """Each recursive run's halting (every run kind with Q-head figures: the reference arm, and a per-step
+    arm beside it): every step, the Q-head at each threshold (share of the steps), on every held-out puzzle;
+    and the trained, 2x and 4x supervision steps on the first N (the depth curve's puzzles)."""
     p = report(name)
-    runs = [r for r in p["runs"] if r["status"] == "finished" and r["run"] == p["reference"]
-            and r.get("q_head_thresholds")]
-    if not runs:
-        return []
-    trained = runs[0]["q_head"]["halt_max_steps"]
-    cells = [points(mean(r["q_head"]["all_steps_exact_accuracy"] for r in runs))]
-    for threshold in runs[0]["q_head_thresholds"]:
-        at = [r["q_head_thresholds"][threshold] for r in runs]
-        cells.append(f"{points(mean(x['exact_accuracy'] for x in at))} "
-                     f"({mean(x['share_of_steps'] for x in at):.0%})")
-    depths = [points(mean(r["exact_accuracy_by_steps"][str(k * trained)] for r in runs)) for k in (1, 2, 4)]
-    return [f"| `{name}` | {len(runs)} | {trained} | " + " | ".join(cells) + f" | {' / '.join(depths)} "
-            f"({runs[0]['curve_puzzles']}) |"]
+    done = [r for r in p["runs"] if r["status"] == "finished" and r.get("q_head_thresholds")]
+    rows = []
+    for label in dict.fromkeys(r["run"] for r in done):
+        runs = [r for r in done if r["run"] == label]
+        trained = runs[0]["q_head"]["halt_max_steps"]
+        cells = [points(mean(r["q_head"]["all_steps_exact_accuracy"] for r in runs))]
+        for threshold in runs[0]["q_head_thresholds"]:
+            at = [r["q_head_thresholds"][threshold] for r in runs]
+            cells.append(f"{points(mean(x['exact_accuracy'] for x in at))} "
+                         f"({mean(x['share_of_steps'] for x in at):.0%})")
+        depths = [points(mean(r["exact_accuracy_by_steps"][str(k * trained)] for r in runs)) for k in (1, 2, 4)]
+        rows.append(f"| `{name}` | {label} | {len(runs)} | {trained} | " + " | ".join(cells)
+                    + f" | {' / '.join(depths)} ({runs[0]['curve_puzzles']}) |")
+    return rows
 
 
 def puzzle_block() -> str:
@@ -162,9 +164,9 @@ def puzzle_block() -> str:
     lines += [row for name in TRM_STUDIES for row in puzzle_rows(name)]
     halting = [row for name in TRM_STUDIES for row in halting_rows(name)]
     if halting:
-        lines += ["", "Halting and test-time depth, recursive arm, exact % (share of the supervision steps used):", "",
-                  "| study | seeds | trained steps | every step | Q-head ≥ 0.5 | Q-head ≥ 0.9 | Q-head ≥ 0.99 | "
-                  "trained, 2×, 4× steps (on the first N held-out) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        lines += ["", "Halting and test-time depth, recursive runs, exact % (share of the supervision steps used):", "",
+                  "| study | run | seeds | trained steps | every step | Q-head ≥ 0.5 | Q-head ≥ 0.9 | Q-head ≥ 0.99 | "
+                  "trained, 2×, 4× steps (on the first N held-out) |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
         lines += halting
     return "\n".join(lines) + "\n"
 
