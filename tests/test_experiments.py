@@ -448,7 +448,8 @@ def test_an_equal_flops_run_goes_on_from_its_twins_last_checkpoint_and_ends_as_a
     assert f"[start] direct/seed_0 (resuming: its step cap rose from 6 to {run.steps})" in capsys.readouterr().out
     assert not (folder / RESULTS).exists() and (folder / "checkpoint-6").is_dir()
     longer = run_training("direct", 0, raised, folder)
-    assert "[start] direct/seed_0 (resuming) ->" in capsys.readouterr().out
+    assert re.search(rf"\[start\] direct/seed_0 \(resuming at step 6 of {run.steps:,}; val loss \d\.\d{{3}} at "
+                     r"step 6\) ->", capsys.readouterr().out)
     assert (longer.stopped_by, longer.stopped_at) == ("plateau", 9)
     assert [loss for _, loss, *_ in longer.eval_curve] == pytest.approx([loss for _, loss, *_ in fresh.eval_curve],
                                                                           rel=1e-4)
@@ -507,7 +508,7 @@ def test_status_says_where_each_run_stands_and_trains_nothing_beside_the_runner_
     printed = capsys.readouterr().out
     assert "[finished] direct/seed_0: hit its cap at step 6\n" in printed
     assert re.search(rf"\[started\] direct_equal_flops/seed_0: at step 6 of {item.steps:,} \(its last checkpoint; "
-                     r"exact \d+\.\d% at step 6; \d+\.\d s a step so far\)\n", printed)  # its twin's, copied with it
+                     r"val loss \d\.\d{3} at step 6; \d+\.\d s a step so far\)\n", printed)  # its twin's, copied
     assert re.search(r"\[status\] 2/3 runs finished; the 1 to train: at most \d+\.\d h for 1 at their step caps\n",
                      printed)
     assert sorted(r.run for r in report.runs) == ["direct", "recursive"]
@@ -520,12 +521,13 @@ def test_status_reads_a_started_runs_latest_evaluation_up_to_its_checkpoint(tmp_
     records = [{"step": 5, "train/loss": 1.0}, {"step": 10, "eval/loss": 2.5},  # a later one is logged again
                {"step": 20, "eval/loss": 2.25, "eval/exact_match": 0.125}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert latest_evaluation(tmp_path, 15) == "val loss 2.500 at step 10"
-    assert latest_evaluation(tmp_path, 20) == "exact 12.5% at step 20"
-    assert latest_evaluation(tmp_path, 5) == "" and latest_evaluation(tmp_path / "gone", 20) == ""
+    assert latest_evaluation(tmp_path, 15, task=True) == "val loss 2.500 at step 10"
+    assert latest_evaluation(tmp_path, 20, task=True) == "exact 12.5% at step 20"
+    assert latest_evaluation(tmp_path, 20, task=False) == "val loss 2.250 at step 20"  # text: no puzzle to solve
+    assert latest_evaluation(tmp_path, 5, task=True) == "" and latest_evaluation(tmp_path / "gone", 20, task=True) == ""
     with open(tmp_path / "metrics.jsonl", "a") as f:  # the task's validator's verdict, where the trainer gave one
         f.write(json.dumps({"step": 30, "eval/loss": 2.0, "eval/exact_match": 0.125, "eval/solved": 0.25}) + "\n")
-    assert latest_evaluation(tmp_path, 30) == "exact 25.0% at step 30"
+    assert latest_evaluation(tmp_path, 30, task=True) == "exact 25.0% at step 30"
 
 
 def test_a_maze_runs_curve_scored_against_its_stored_path_is_named_and_dotted():

@@ -77,7 +77,7 @@ def run_training(run: str, seed: int, values: dict, run_dir: Path, launcher: str
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_SPEC).write_text(json.dumps(spec, indent=2))
-    how = " (resuming)" if resume else ""
+    how = f" (resuming{resumed_at(run_dir, folder.checkpoints, values)})" if resume else ""
     if resume and folder.earlier_cap is not None:
         how = f" (resuming: its step cap rose from {folder.earlier_cap} to {values['max_steps']})"
         # the folder's spec now names the higher cap: the results of the lower one must not pass for this run's
@@ -199,7 +199,7 @@ def run_state(run_dir: Path, values: dict, launcher: str, accelerate_config: str
         step = checkpoint_step(folder.checkpoints[-1])
         seconds = read_trainer_state(folder.checkpoints[-1]).get("train_seconds")
         return RunState("started", step, seconds_per_step=seconds / step if seconds and step else None,
-                        last_eval=latest_evaluation(run_dir, step))
+                        last_eval=latest_evaluation(run_dir, step, bool(values.get("task"))))
     if kept_from_record(kept, values, run_dir):
         return RunState("kept", kept.stopped_at or 0, kept.stopped_by or "")
     if folder.replaced:
@@ -207,9 +207,19 @@ def run_state(run_dir: Path, values: dict, launcher: str, accelerate_config: str
     return RunState("new")
 
 
-def latest_evaluation(run_dir: Path, step: int) -> str:
+def resumed_at(run_dir: Path, checkpoints: list[Path], values: dict) -> str:
+    """Where a resumed run of trainer arguments `values` goes on, and how it stood:
+    ' at step 3,094 of 24,000; exact 2.7% at step 2,800'."""
+    if not checkpoints:
+        return ""
+    step = checkpoint_step(checkpoints[-1].name)
+    last = latest_evaluation(run_dir, step, bool(values.get("task")))
+    return f" at step {step:,} of {values['max_steps']:,}" + (f"; {last}" if last else "")
+
+
+def latest_evaluation(run_dir: Path, step: int, task: bool) -> str:
     """A run's latest held-out evaluation at or before `step`, from its metrics file: "exact 10.2% at step 400"
-    for a task run (the share of puzzles solved), else "val loss 2.345 at step 400"; "" before the first."""
+    for a `task` run (the share of puzzles solved), else "val loss 2.345 at step 400"; "" before the first."""
     try:
         records = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
     except (OSError, ValueError):
@@ -218,7 +228,7 @@ def latest_evaluation(run_dir: Path, step: int) -> str:
     if not evals:
         return ""
     last = evals[-1]
-    if solved_share(last) is not None:
+    if task and solved_share(last) is not None:
         return f"exact {100 * solved_share(last):.1f}% at step {last['step']:,}"
     return f"val loss {last['eval/loss']:.3f} at step {last['step']:,}"
 
