@@ -23,7 +23,7 @@ from moe_reason.models.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.evaluation.evaluate import main as evaluate_main
 from moe_reason.runners import run_folder
 from moe_reason.runners.engine import STUDY_IN_USE, RunBudget, exit_status, parse_runner_cli, pyplot
-from moe_reason.runners.run_folder import latest_evaluation, run_training
+from moe_reason.runners.run_folder import RunState, latest_evaluation, run_training
 from moe_reason.runners.study_file import RUNNER_KEYS, RunnerArguments, load_study_mapping
 from moe_reason.runners.records import CURVE_POINTS, GridReport, RunRecord
 from moe_reason.layout import RESULTS, STUDY_LOCK, complete_checkpoints
@@ -161,12 +161,10 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     ablate_main([str(tmp_path / "grid.yaml"), "--output_dir", str(out)])  # restarted: finished runs are skipped
     printed = capsys.readouterr().out
     assert printed.count("[skip]") == 4 and printed.count("[FAILED]") == 2 and printed.count("[eta]") == 6
-    # the runs left priced at their caps by their variant's finished runs (earlier ones too); a failed variant not
+    # the runs left: no_aux's seed 1 finished earlier and trains nothing; a failed variant has no price
     eta = [line for line in printed.splitlines() if line.startswith("[eta]")]
-    per_step = sum(r["wall_seconds"] / r["stopped_at"] for r in runs[2:4]) / 2  # no_aux's, both seeds in the report
     assert eta[2].startswith("[eta] 3/6 runs done") and eta[2].endswith(
-        f"; the 3 left: at most {per_step * 4 / 3600:.1f} h for 1 at their step caps; no estimate yet for broken "
-        "(no finished run)")
+        "; the 3 left: no estimate yet for broken (no run trained so far)")
     assert eta[-1].startswith("[eta] 6/6 runs done") and "left" not in eta[-1]
     assert json.loads((out / "results.json").read_text())["variants"]["baseline"]["val_loss_mean"] == \
         results["variants"]["baseline"]["val_loss_mean"]
@@ -269,7 +267,7 @@ def test_a_spent_budget_still_trains_one_run_and_a_report_with_no_finished_run_p
     budget.after(runs)  # stopped at step 80 in 12 min: 9 s per step, so the 50-step run left takes 7.5 min
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("[eta] 1/3 runs done") and printed[0].endswith(
-        "; the 2 left: no estimate yet for a (no finished run)")
+        "; the 2 left: no estimate yet for a (no run trained so far)")
     assert printed[-1].endswith("; the 1 left: at most 0.1 h for 1 at their step caps")
     report = GridReport(grid="g.yaml", description="", reference="a", seeds=[0], base={}, ln_vocab=None, ranking=[],
                         variants={}, not_in_report=["a"], runs=[failed], spread_rule="", other_runs=[])
@@ -288,6 +286,19 @@ def test_the_eta_prices_only_the_steps_a_run_trains(tmp_path, capsys):
     budget.after([went_on], starts={2: 300})  # 9 s for each of steps 61-100; the last run trains 100 steps
     assert capsys.readouterr().out.strip().endswith(
         "; the 2 left: at most 0.5 h for 2 at their step caps (1 of them from their twin's last step)")
+    # a run still to come that has started (its own checkpoint) trains from there, and prices a model none of
+    # whose runs has finished at its own pace so far; one that finished earlier trains nothing
+    budget = RunBudget([("a", 100), ("b", 1000), ("c", 100), ("a", 100), ("d", 100)], max_hours=None)
+    states = {1: RunState("started", 400, seconds_per_step=18.0), 2: RunState("new"),
+              3: RunState("finished", 100, "plateau"), 4: RunState("new")}
+    budget.after([went_on], states=states)
+    assert capsys.readouterr().out.strip().endswith(
+        "; the 4 left: at most 3.0 h for 1 at their step caps; no estimate yet for c, d (no run trained so far)")
+    # and the report's finished runs this command has yet to reach price their model too: 36 s a step
+    earlier = RunRecord("d", 1, "finished", str(tmp_path / "d"), wall_seconds=3600.0, stopped_at=100, steps=100)
+    budget.after([went_on], [earlier], states=states)
+    assert capsys.readouterr().out.strip().endswith(
+        "; the 4 left: at most 4.0 h for 2 at their step caps; no estimate yet for c (no run trained so far)")
 
 
 @pytest.mark.slow
@@ -484,7 +495,7 @@ def test_status_says_where_each_run_stands_and_trains_nothing_beside_the_runner_
     compare_main(command)
     printed = capsys.readouterr().out
     assert "[new] recursive/seed_0: not started (cap 6)\n" in printed and not out.exists()
-    assert "[status] 0/3 runs finished; the 3 to train: no estimate yet for direct, recursive (no finished run)" \
+    assert "[status] 0/3 runs finished; the 3 to train: no estimate yet for direct, recursive (no run trained so far)" \
         in printed
     cmp = load_comparison(tmp_path / "c.yaml")
     with pytest.MonkeyPatch.context() as patch:  # stopped before its first checkpoint: it starts again, as new

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from ..errors import UserError, run_cli
 from ..training.arguments import arguments_from
 from .engine import ReportFiles, RunBudget, exit_status, print_status, run_runner, write_json
-from .run_folder import run_state, train_or_keep, waiting_runs
+from .run_folder import RunState, run_state, train_or_keep, waiting_runs
 from .grid_report import plot, summary_markdown
 from .records import GridReport, RunRecord, VariantSummary
 from .statistics import HOLM_RULE, holm, mean_std, welch
@@ -105,11 +105,14 @@ def run_grid(grid: Grid) -> GridReport:
                                                  for variant, overrides, seed, values in plan[len(runs):]])
         return grid_report(grid, runs + waiting, others)
 
+    def states(first: int) -> dict[int, RunState]:  # where the planned runs from `first` on stand
+        return {i: run_state(out / variant / f"seed_{seed}", values, grid.launcher, grid.accelerate_config,
+                             earlier.get((variant, seed)))
+                for i, (variant, _, seed, values) in list(enumerate(plan))[first:]}
+
     if grid.status:  # where each run stands; nothing trains, nothing is written
-        print_status([(f"{variant}/seed_{seed}", variant, caps[variant], 0,
-                       run_state(out / variant / f"seed_{seed}", values, grid.launcher, grid.accelerate_config,
-                                 earlier.get((variant, seed)))) for variant, _, seed, values in plan],
-                     list(earlier.values()))
+        print_status([(f"{variant}/seed_{seed}", variant, caps[variant], 0, state)
+                      for (variant, _, seed, _), state in zip(plan, states(0).values())], list(earlier.values()))
         return report_now()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -120,7 +123,7 @@ def run_grid(grid: Grid) -> GridReport:
                                grid.accelerate_config, earlier.pop((variant, seed), None))
         runs.append(dataclasses.replace(record, overrides=overrides, steps=caps[variant]))
         write_json(out / REPORT.json, report_now().to_json())
-        budget.after(runs, earlier.values())
+        budget.after(runs, earlier.values(), states=states(len(runs)))
     report = report_now()
     REPORT.write(report, out)
     failed = [r.title for r in runs if not r.finished]

@@ -65,7 +65,7 @@ from ..training.arguments import arguments_from, build_config
 from ..training.metrics import training_flops_per_token
 from .comparison_report import ARM_TRAINING_FIELDS, METRICS, comparison_markdown, plot
 from .engine import ReportFiles, RunBudget, exit_status, print_status, run_runner, write_json
-from .run_folder import (last_checkpoint_within, run_state, same_first_steps, same_record, train_or_keep,
+from .run_folder import (RunState, last_checkpoint_within, run_state, same_first_steps, same_record, train_or_keep,
                          waiting_runs)
 from .run_results import score_task_run, task_argument_names, task_figures
 from .records import Accounting, ComparisonReport, Depth, RunRecord, Side, Transfer, TrendPoint, Verdict
@@ -274,7 +274,8 @@ def run_comparison(cmp: Comparison) -> ComparisonReport:
             record.transfer = transfer_figures(Path(record.output_dir), values, cmp.transfer)
         runs.append(record)
         write_json(out / REPORT.json, report_now().to_json())
-        budget.after(runs, earlier.values(), twin_starts(cmp, todo, [*reported, *runs, *earlier.values()]))
+        budget.after(runs, earlier.values(), twin_starts(cmp, todo, [*reported, *runs, *earlier.values()]),
+                     dict(enumerate(run_states(cmp, todo[len(runs):], earlier), len(runs))))
     report = report_now()
     REPORT.write(report, out)
     for kind, verdicts in (("equal steps", report.equal_steps), ("equal FLOPs", report.equal_flops)):
@@ -292,14 +293,17 @@ def comparison_status(cmp: Comparison, accounting: Accounting, todo: list[tuple[
     earlier = REPORT.earlier_runs(cmp.output_dir, lambda r: r.run in names)
     finished, others = waiting_runs(earlier, planned_records(cmp, todo))
     starts = twin_starts(cmp, todo, finished)
-    rows = []
-    for i, (seed, item) in enumerate(todo):
-        state = run_state(cmp.output_dir / item.name / f"seed_{seed}", run_values(cmp, seed, item), cmp.launcher,
-                          cmp.accelerate_config, earlier.get((item.name, seed)))
-        rows.append((f"{item.name}/seed_{seed}", item.arm, item.steps, starts.get(i, 0), state))
+    rows = [(f"{item.name}/seed_{seed}", item.arm, item.steps, starts.get(i, 0), state)
+            for i, ((seed, item), state) in enumerate(zip(todo, run_states(cmp, todo, earlier)))]
     print(f"comparison {cmp.path} -> {cmp.output_dir}: {len(todo)} runs planned", flush=True)
     print_status(rows, finished)
     return comparison_report(cmp, accounting, finished, others)
+
+
+def run_states(cmp: Comparison, todo: list[tuple[int, PlannedRun]], earlier: dict) -> list[RunState]:
+    """Where each planned run stands (`run_state`), `earlier` being the report's finished runs not yet reached."""
+    return [run_state(cmp.output_dir / item.name / f"seed_{seed}", run_values(cmp, seed, item), cmp.launcher,
+                      cmp.accelerate_config, earlier.get((item.name, seed))) for seed, item in todo]
 
 
 def not_trained_now(cmp: Comparison, untrained: list[tuple[int, PlannedRun]], earlier: dict) \

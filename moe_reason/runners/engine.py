@@ -78,10 +78,11 @@ def exit_status(report) -> int:
 class RunBudget:
     """Between runs: whether --max_hours leaves time to start another, and a one-line ETA after each run.
 
-    The ETA prices each run still to come at the steps from where it starts (step 0, or the step of the
-    checkpoint it goes on from) to its step cap, times the seconds per step its model's finished runs took (a
-    comparison's arm, a grid's variant; this command's runs or earlier ones, on whatever machine ran them): an
-    upper bound where the plateau rule stops runs before their caps.
+    The ETA prices each run still to come at the steps from where it starts (step 0, its own last checkpoint,
+    or the step of another's checkpoint it goes on from) to its step cap, times the seconds per step its
+    model's runs took (a comparison's arm, a grid's variant; the finished ones, this command's or earlier, on
+    whatever machine ran them, and the started ones so far): an upper bound where the plateau rule stops runs
+    before their caps.
     """
 
     def __init__(self, plan: list[tuple[str, int]], max_hours: float | None):
@@ -97,17 +98,28 @@ class RunBudget:
               f"reporting the runs done; continue with:\n  {command}", flush=True)
         return True
 
-    def after(self, runs: list[RunRecord], earlier: Iterable[RunRecord] = (), starts: dict[int, int] | None = None):
+    def after(self, runs: list[RunRecord], earlier: Iterable[RunRecord] = (), starts: dict[int, int] | None = None,
+              states: dict[int, RunState] | None = None):
         """The ETA once `runs` are done; `earlier`: the report's finished runs this command has yet to reach;
         `starts`: {plan index: the step a run still to come will start at} for runs that go on from another's
-        checkpoint (a comparison's equal-FLOPs run from its twin's last step)."""
+        checkpoint (a comparison's equal-FLOPs run from its twin's last step); `states`: {plan index: where a
+        run still to come stands} (`run_folder.run_state`): a started one trains from its last checkpoint, at
+        the seconds per step it took so far, which price its model until one of its runs finishes."""
         self.trained += not runs[-1].skipped
         starts = {i: step for i, step in (starts or {}).items() if i >= len(runs)}
-        left = [(model, cap - starts.get(i, 0)) for i, (model, cap) in list(enumerate(self.plan))[len(runs):]]
+        states = {i: state for i, state in (states or {}).items() if i >= len(runs)}
+        todo = list(enumerate(self.plan))[len(runs):]
+        left = [(model, states[i].steps_left(cap, starts.get(i, 0)) if i in states else cap - starts.get(i, 0))
+                for i, (model, cap) in todo]
+        started = {}
+        for i, (model, _) in todo:
+            if i in states and states[i].seconds_per_step:
+                started.setdefault(model, []).append(states[i].seconds_per_step)
         head_start = f" ({len(starts)} of them from their twin's last step)" if starts else ""
         print(f"[eta] {len(runs)}/{len(self.plan)} runs done, {(time.perf_counter() - self.start) / 60:.1f} min in "
-              f"this command" + (f"; the {len(left)} left: {hours_left(left, [*runs, *earlier], head_start)}"
-                                 if left else ""), flush=True)
+              f"this command" + (f"; the {len(left)} left: "
+                                 f"{hours_left(left, [*runs, *earlier], head_start, started)}" if left else ""),
+              flush=True)
 
 
 def hours_left(left: list[tuple[str, int]], finished: Iterable[RunRecord], note: str = "",
@@ -124,7 +136,7 @@ def hours_left(left: list[tuple[str, int]], finished: Iterable[RunRecord], note:
     priced = [sum(per_step[model]) / len(per_step[model]) * steps for model, steps in training if model in per_step]
     unpriced = sorted({model for model, _ in training if model not in per_step})
     parts = [f"at most {sum(priced) / 3600:.1f} h for {len(priced)} at their step caps{note}"] if priced else []
-    parts += [f"no estimate yet for {', '.join(unpriced)} (no finished run)"] if unpriced else []
+    parts += [f"no estimate yet for {', '.join(unpriced)} (no run trained so far)"] if unpriced else []
     return "; ".join(parts) or "nothing to train"
 
 
