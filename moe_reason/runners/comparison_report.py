@@ -258,7 +258,7 @@ def stored_answer_to(r: RunRecord) -> int | None:
 def stored_answer_note(runs: list[RunRecord]) -> list[str]:
     """Which learning curves (dotted in the figure) read low: they count a puzzle solved only when the answer is
     the stored one."""
-    low = {r.title: (stored_answer_to(r), r.curve_validated_from) for r in runs if stored_answer_to(r) is not None}
+    low = {r.title: (step, r.curve_validated_from) for r in runs if (step := stored_answer_to(r)) is not None}
     if not low:
         return []
     whole = [title for title, (_, validated) in low.items() if validated is None]
