@@ -210,7 +210,7 @@ class MazeTask:
         return {"path_cells_mean": float(lengths.mean()), "path_cells_max": int(lengths.max())}
 
 
-TASK_CLASSES = {"sudoku": SudokuTask, "maze": MazeTask}  # by --task name (TASKS)
+TASK_CLASSES = dict(zip(TASKS, (SudokuTask, MazeTask), strict=True))  # by --task name
 
 
 def make_task(settings: dict):
