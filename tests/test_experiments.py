@@ -391,7 +391,10 @@ def test_compare_writes_its_artefacts_with_equal_steps_and_equal_flops(tmp_path,
     # seed 0's runs, left out by --seeds 1, stay in the record; its equal-FLOPs run comes back from it
     assert {(r.run, r.seed) for r in again.other_runs} == {
         ("baseline", 0), ("recursive", 0), ("recursive_equal_flops", 0)}
+    assert ("not counted here (seeds the command left out with --seeds, or runs trained with other arguments): "
+            "baseline/seed_0, recursive/seed_0, recursive_equal_flops/seed_0.") in (out / "COMPARISON.md").read_text()
     assert compare_main([str(tmp_path / "cmp.yaml"), "--output_dir", str(out)]).equal_flops == payload.equal_flops
+    assert "not counted here" not in (out / "COMPARISON.md").read_text()
     assert not (out / "recursive_equal_flops").exists()
 
 
