@@ -22,7 +22,7 @@ from moe_reason.runners.comparison_report import evenly, learning_curves, stored
 from moe_reason.models.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.evaluation.evaluate import main as evaluate_main
 from moe_reason.runners import run_folder
-from moe_reason.runners.engine import STUDY_IN_USE, RunBudget, exit_status, parse_runner_cli, pyplot
+from moe_reason.runners.engine import STUDY_IN_USE, RunBudget, exit_status, parse_runner_cli, pyplot, settings_line
 from moe_reason.runners.run_folder import RunState, latest_evaluation, run_training
 from moe_reason.runners.study_file import RUNNER_KEYS, RunnerArguments, load_study_mapping
 from moe_reason.runners.records import CURVE_POINTS, GridReport, RunRecord
@@ -206,6 +206,14 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
         "build a different model (rms_norm_eps: 0.001 there, 1e-06 now)" in printed and "[start]" not in printed
     assert json.loads(saved.read_text())["rms_norm_eps"] == 1e-3
     assert not (out / "baseline" / "seed_0" / RESULTS).exists()
+
+
+def test_a_reports_settings_name_how_the_last_command_ran_apart_from_what_ran():
+    """Threads and compilation change how a run computes, not what: a study's runs may differ in them, so the
+    report does not list them as every run's arguments."""
+    line = settings_line({"max_steps": 4, "cpu_threads": 2, "torch_compile": True})[0]
+    assert "override them): `max_steps=4`. The last command ran with `cpu_threads=2`, `torch_compile=True`:" in line
+    assert "last command" not in settings_line({"max_steps": 4})[0]
 
 
 def test_a_run_whose_folder_is_gone_is_kept_from_results_json_while_its_arguments_hold(tmp_path, corpus, capsys):

@@ -25,7 +25,7 @@ from ..atomic import write_text
 from ..errors import MissingFileError, UserError
 from ..layout import STUDY_LOCK, checkpoint_step
 from ..locks import hold_folder
-from ..training.trainer import UNRECORDED_MACHINE
+from ..training.trainer import EXECUTION_ARGUMENTS, UNRECORDED_MACHINE
 from .records import RunRecord
 from .run_folder import RunState
 from .statistics import mean_std
@@ -234,10 +234,19 @@ def throughput_lines(runs: list[RunRecord]) -> list[str]:
 
 def settings_line(base: dict) -> list[str]:
     """A report's paragraph naming the trainer arguments each run starts from: the file's `base` with any
-    `--set`, so a report made from a file with overrides says what ran."""
-    shared = ", ".join(f"`{name}={value}`" for name, value in base.items())
-    return [f"Base trainer arguments (the file's `base` with any `--set`; an arm's or variant's own fields, and "
-            f"an equal-FLOPs run's step cap, override them): {shared or 'none'}.", ""]
+    `--set`, so a report made from a file with overrides says what ran. Those that change how a run computes,
+    not what (`EXECUTION_ARGUMENTS`), are named apart: they are the last command's, and a study's earlier runs
+    may have had others."""
+    def listed(execution: bool) -> str:
+        return ", ".join(f"`{name}={value}`" for name, value in base.items()
+                         if (name in EXECUTION_ARGUMENTS) == execution)
+
+    line = (f"Base trainer arguments (the file's `base` with any `--set`; an arm's or variant's own fields, and an "
+            f"equal-FLOPs run's step cap, override them): {listed(False) or 'none'}.")
+    if listed(True):
+        line += (f" The last command ran with {listed(True)}: these change how a run computes, not what, and "
+                 "earlier runs may have had others.")
+    return [line, ""]
 
 
 def mean_curve(curves: list[list[list[float]]], column: int = 1) -> tuple[list[float], list[float], list[float]]:
