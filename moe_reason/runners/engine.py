@@ -243,8 +243,8 @@ def settings_line(base: dict) -> list[str]:
 
     line = (f"Base trainer arguments (the file's `base` with any `--set`; an arm's or variant's own fields, and an "
             f"equal-FLOPs run's step cap, override them): {listed(False) or 'none'}.")
-    if listed(True):
-        line += (f" The last command ran with {listed(True)}: these change how a run computes, not what, and "
+    if execution := listed(True):
+        line += (f" The last command ran with {execution}: these change how a run computes, not what, and "
                  "earlier runs may have had others.")
     return [line, ""]
 
