@@ -534,6 +534,10 @@ def test_status_says_where_each_run_stands_and_trains_nothing_beside_the_runner_
     assert re.search(r"\[status\] 2/3 runs finished; the 1 to train: at most \d+\.\d h for 1 at their step caps\n",
                      printed)
     assert sorted(r.run for r in report.runs) == ["direct", "recursive"]
+    compare_main(command + ["--seeds", "1", "0"])  # seed 0's run stopped part-way trains before seed 1's of its kind
+    assert re.findall(r"^\[\w+\] (\S+): ", capsys.readouterr().out, re.M) == [
+        "direct/seed_1", "recursive/seed_1", "direct/seed_0", "recursive/seed_0", "direct_equal_flops/seed_0",
+        "direct_equal_flops/seed_1"]
     shutil.rmtree(out / "direct")  # a fresh checkout: the record is left, and the run is kept from it
     assert "[kept] direct/seed_0: hit its cap at step 6 (the report's record; its folder is gone)" in \
         (compare_main(command), capsys.readouterr().out)[1]

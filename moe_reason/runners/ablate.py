@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError, run_cli
 from ..training.arguments import arguments_from
-from .engine import ReportFiles, RunBudget, exit_status, print_status, run_runner, write_json
+from .engine import ReportFiles, RunBudget, exit_status, print_status, run_runner, started_first, write_json
 from .run_folder import RunState, run_state, train_or_keep, waiting_runs
 from .grid_report import plot, summary_markdown
 from .records import GridReport, RunRecord, VariantSummary
@@ -97,6 +97,8 @@ def run_grid(grid: Grid) -> GridReport:
             for variant, overrides in grid.variants.items()}
     plan = [(variant, overrides, seed, {**grid.base, **overrides, "seed": seed})
             for variant, overrides in grid.variants.items() for seed in grid.seeds]
+    plan = started_first(plan, [run_state(out / variant / f"seed_{seed}", values, grid.launcher,
+                                          grid.accelerate_config, None) for variant, _, seed, values in plan])
     budget = RunBudget([(variant, caps[variant]) for variant, *_ in plan], grid.max_hours)
 
     def report_now() -> GridReport:  # the runs reached, and the finished ones still to reach

@@ -64,7 +64,7 @@ from ..layout import TRANSFER_EVAL
 from ..training.arguments import arguments_from, build_config
 from ..training.metrics import training_flops_per_token
 from .comparison_report import ARM_TRAINING_FIELDS, METRICS, comparison_markdown, plot
-from .engine import ReportFiles, RunBudget, exit_status, print_status, run_runner, write_json
+from .engine import ReportFiles, RunBudget, exit_status, print_status, run_runner, started_first, write_json
 from .run_folder import (RunState, last_checkpoint_within, run_state, same_first_steps, same_record, train_or_keep,
                          waiting_runs)
 from .run_results import score_task_run, task_argument_names, task_figures
@@ -235,11 +235,18 @@ def run_order(plan: list[PlannedRun], accounting: Accounting, seeds: list[int]) 
             for item in sorted((item for item in plan if item.kind == kind), key=cost)]
 
 
+def training_order(cmp: Comparison, plan: list[PlannedRun], accounting: Accounting) -> list[tuple[int, PlannedRun]]:
+    """`run_order`, with the runs stopped part-way first within each kind (`started_first`): an equal-FLOPs run
+    still waits for every equal-steps one, its twin among them."""
+    todo = run_order(plan, accounting, cmp.seeds)
+    return started_first(todo, run_states(cmp, todo, {}), stage=lambda run: run[1].kind != "equal_steps")
+
+
 def run_comparison(cmp: Comparison) -> ComparisonReport:
     out = cmp.output_dir
     plan, accounting = plan_runs(cmp)
     if cmp.status:
-        return comparison_status(cmp, accounting, run_order(plan, accounting, cmp.seeds))
+        return comparison_status(cmp, accounting, training_order(cmp, plan, accounting))
     out.mkdir(parents=True, exist_ok=True)
     costs = ", ".join(f"{arm} {f:.3e} (x{accounting.flop_ratio[arm]:.2f})"
                       for arm, f in accounting.flops_per_token.items())
@@ -247,7 +254,7 @@ def run_comparison(cmp: Comparison) -> ComparisonReport:
           f"{accounting.arm_steps or accounting.steps}; equal FLOPs: {accounting.equal_flops_steps or 'none'}; "
           f"seeds {cmp.seeds} -> {out}", flush=True)
     runs = []
-    todo = run_order(plan, accounting, cmp.seeds)
+    todo = training_order(cmp, plan, accounting)
     names = {item.name for item in plan}
     earlier = REPORT.earlier_runs(out, lambda r: r.run in names)
     untrained = [(seed, item) for seed, item in todo if not cmp.trains(item)]

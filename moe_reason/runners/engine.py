@@ -122,6 +122,14 @@ class RunBudget:
               flush=True)
 
 
+def started_first(todo: list, states: list[RunState], stage: Callable[[object], int] = lambda run: 0) -> list:
+    """`todo` with the runs stopped part-way (a checkpoint in their folder, `states[i]`) first within each
+    `stage`, the rest in their order: a run left part-way (by a command narrowed with --seeds, or stopped while
+    another came first) finishes before a new one starts, instead of its steps sitting idle."""
+    order = sorted(range(len(todo)), key=lambda i: (stage(todo[i]), states[i].state != "started"))
+    return [todo[i] for i in order]
+
+
 def hours_left(left: list[tuple[str, int]], finished: Iterable[RunRecord], note: str = "",
                started: dict[str, list[float]] | None = None) -> str:
     """The time the runs `left` ([(model, steps it has to train)]) take, at the seconds per step their model's
