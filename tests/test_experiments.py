@@ -241,6 +241,8 @@ def test_a_run_whose_folder_is_gone_is_kept_from_results_json_while_its_argument
 
     ablate_main(command + ["--variants", "a"])  # a narrowed command keeps b in the grid's record
     assert [r["run"] for r in json.loads((out / "results.json").read_text())["other_runs"]] == ["b"]
+    assert "Also in results.json, not counted here (seeds or variants the command left out with --seeds or " \
+        "--variants, or runs trained with other arguments): b/seed_0." in (out / "SUMMARY.md").read_text()
     assert ablate_main(command).variants["b"] == first.variants["b"]
     assert "[kept] b/seed_0" in capsys.readouterr().out
 

@@ -5,7 +5,7 @@ import dataclasses
 from pathlib import Path
 
 from ..tasks.puzzles import TASK_CLASSES
-from .engine import mean_curve, pyplot, save_figure, settings_line, throughput_lines
+from .engine import mean_curve, other_runs_note, pyplot, save_figure, settings_line, throughput_lines
 from .records import Accounting, ComparisonReport, RunRecord, TrendPoint
 from .statistics import mean_std, mean_std_text, welch
 
@@ -70,7 +70,8 @@ def comparison_markdown(p: ComparisonReport) -> str:
     if p.ln_vocab and p.metric == "loss":
         lines += [f"Losses are validation cross-entropy in nats per token; chance (uniform guessing) is "
                   f"ln(vocab) = {p.ln_vocab:.3f}.", ""]
-    lines += run_table(p, key, metric_label, higher) + stored_answer_note(runs) + other_runs_note(p) + [""]
+    lines += run_table(p, key, metric_label, higher) + stored_answer_note(runs) + other_runs_note(
+        p.other_runs, "comparison.json", "seeds the command left out with --seeds", "--seeds") + [""]
     lines += [f"**Equal steps, {arm} vs {p.reference}:** {v.verdict}." for arm, v in p.equal_steps.items()]
     lines += [f"**Equal FLOPs, {arm} vs {acc.budget_arm}:** {v.verdict}."
               for arm, v in p.equal_flops.items()]
@@ -268,17 +269,6 @@ def stored_answer_note(runs: list[RunRecord]) -> list[str]:
             "accuracy in the table, and in the learning curves of the runs evaluated since the trainer used the "
             "validator. These curves count a maze solved only when the answer is its stored path, and read low "
             "(dotted in the figure): " + "; ".join(named) + "."]
-
-
-def other_runs_note(p: ComparisonReport) -> list[str]:
-    """The finished runs the record keeps that these figures leave out, so that a report narrowed by --seeds
-    does not read as the whole study."""
-    if not p.other_runs:
-        return []
-    titles = ", ".join(sorted(r.title for r in p.other_runs))
-    return ["", f"Also in comparison.json, not counted here (seeds the command left out with --seeds, or runs "
-            f"trained with other arguments): {titles}. The file's command without --seeds counts those whose "
-            "arguments are its own."]
 
 
 def steps_curve_table(runs: list[RunRecord],

@@ -240,6 +240,17 @@ def throughput_lines(runs: list[RunRecord]) -> list[str]:
     return lines + ["", f"Machines: {trained}."]
 
 
+def other_runs_note(others: list[RunRecord], record: str, left_out: str, flags: str) -> list[str]:
+    """A report's line naming the finished runs its `record` file keeps and its figures leave out (`left_out` by
+    the command's `flags`, or trained with other arguments), so that a narrowed report does not read as the
+    whole study."""
+    if not others:
+        return []
+    titles = ", ".join(sorted(r.title for r in others))
+    return ["", f"Also in {record}, not counted here ({left_out}, or runs trained with other arguments): {titles}. "
+            f"The file's command without {flags} counts those whose arguments are its own."]
+
+
 def settings_line(base: dict) -> list[str]:
     """A report's paragraph naming the trainer arguments each run starts from: the file's `base` with any
     `--set`, so a report made from a file with overrides says what ran. Those that change how a run computes,

@@ -3,7 +3,7 @@
 
 from pathlib import Path
 
-from .engine import mean_curve, pyplot, save_figure, settings_line, throughput_lines
+from .engine import mean_curve, other_runs_note, pyplot, save_figure, settings_line, throughput_lines
 from .records import GridReport, VariantSummary
 
 
@@ -43,6 +43,8 @@ def summary_markdown(report: GridReport) -> str:
         lines.append(f"| {rank} | {name}{nan} | {v.val_loss_mean:.4f} ± {v.val_loss_std:.4f} | {delta} | "
                      f"{interval} | {real} | {load}{v.perplexity_mean:.2f} | {v.accuracy_mean:.3f} | "
                      f"{v.tokens_per_s_mean:,.0f} | {v.wall_seconds_mean:.0f} |")
+    lines += other_runs_note(report.other_runs, "results.json", "seeds or variants the command left out with --seeds "
+                             "or --variants", "--seeds and --variants")
     lines += ["", f"Rule: {report.spread_rule}."] + throughput_lines(runs)
     failed = [r for r in runs if not r.finished]
     if failed:
