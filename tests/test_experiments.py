@@ -161,11 +161,11 @@ def test_ablation_grid_writes_its_artefacts_skips_finished_runs_and_records_a_fa
     ablate_main([str(tmp_path / "grid.yaml"), "--output_dir", str(out)])  # restarted: finished runs are skipped
     printed = capsys.readouterr().out
     assert printed.count("[skip]") == 4 and printed.count("[FAILED]") == 2 and printed.count("[eta]") == 6
-    # the runs left: no_aux's seed 1 finished earlier and trains nothing; a failed variant has no price
+    # the runs to train: not no_aux's seed 1, finished earlier; a failed variant trains again, unpriced
     eta = [line for line in printed.splitlines() if line.startswith("[eta]")]
     assert eta[2].startswith("[eta] 3/6 runs done") and eta[2].endswith(
-        "; the 3 left: no estimate yet for broken (no run trained so far)")
-    assert eta[-1].startswith("[eta] 6/6 runs done") and "left" not in eta[-1]
+        "; the 2 to train: no estimate yet for broken (no run trained so far)")
+    assert eta[-1].startswith("[eta] 6/6 runs done") and "to train" not in eta[-1]
     assert json.loads((out / "results.json").read_text())["variants"]["baseline"]["val_loss_mean"] == \
         results["variants"]["baseline"]["val_loss_mean"]
 
@@ -277,8 +277,8 @@ def test_a_spent_budget_still_trains_one_run_and_a_report_with_no_finished_run_p
     budget.after(runs)  # stopped at step 80 in 12 min: 9 s per step, so the 50-step run left takes 7.5 min
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("[eta] 1/3 runs done") and printed[0].endswith(
-        "; the 2 left: no estimate yet for a (no run trained so far)")
-    assert printed[-1].endswith("; the 1 left: at most 0.1 h for 1 at their step caps")
+        "; the 2 to train: no estimate yet for a (no run trained so far)")
+    assert printed[-1].endswith("; the 1 to train: at most 0.1 h for 1 at their step caps")
     report = GridReport(grid="g.yaml", description="", reference="a", seeds=[0], base={}, ln_vocab=None, ranking=[],
                         variants={}, not_in_report=["a"], runs=[failed], spread_rule="", other_runs=[])
     with warnings.catch_warnings():
@@ -295,20 +295,20 @@ def test_the_eta_prices_only_the_steps_a_run_trains(tmp_path, capsys):
                         stopped_at=100, steps=100, started_from=f"{tmp_path}/a/seed_0/checkpoint-60")
     budget.after([went_on], starts={2: 300})  # 9 s for each of steps 61-100; the last run trains 100 steps
     assert capsys.readouterr().out.strip().endswith(
-        "; the 2 left: at most 0.5 h for 2 at their step caps (1 of them from their twin's last step)")
+        "; the 2 to train: at most 0.5 h for 2 at their step caps (1 of them from their twin's last step)")
     # a run still to come that has started (its own checkpoint) trains from there, and prices a model none of
     # whose runs has finished at its own pace so far; one that finished earlier trains nothing
     budget = RunBudget([("a", 100), ("b", 1000), ("c", 100), ("a", 100), ("d", 100)], max_hours=None)
     states = {1: RunState("started", 400, seconds_per_step=18.0), 2: RunState("new"),
               3: RunState("finished", 100, "plateau"), 4: RunState("new")}
-    budget.after([went_on], states=states)
+    budget.after([went_on], states=states, starts={3: 50})  # the finished run's twin start is spent
     assert capsys.readouterr().out.strip().endswith(
-        "; the 4 left: at most 3.0 h for 1 at their step caps; no estimate yet for c, d (no run trained so far)")
+        "; the 3 to train: at most 3.0 h for 1 at their step caps; no estimate yet for c, d (no run trained so far)")
     # and the report's finished runs this command has yet to reach price their model too: 36 s a step
     earlier = RunRecord("d", 1, "finished", str(tmp_path / "d"), wall_seconds=3600.0, stopped_at=100, steps=100)
     budget.after([went_on], [earlier], states=states)
     assert capsys.readouterr().out.strip().endswith(
-        "; the 4 left: at most 4.0 h for 2 at their step caps; no estimate yet for c (no run trained so far)")
+        "; the 3 to train: at most 4.0 h for 2 at their step caps; no estimate yet for c (no run trained so far)")
 
 
 @pytest.mark.slow

@@ -115,11 +115,12 @@ class RunBudget:
         for i, (model, _) in todo:
             if i in states and states[i].seconds_per_step:
                 started.setdefault(model, []).append(states[i].seconds_per_step)
-        head_start = f" ({len(starts)} of them from their twin's last step)" if starts else ""
+        training = [(i, model, steps) for (i, _), (model, steps) in zip(todo, left) if steps > 0]
+        from_twin = sum(i in starts and (i not in states or states[i].state == "new") for i, *_ in training)
+        head_start = f" ({from_twin} of them from their twin's last step)" if from_twin else ""
+        price = hours_left(left, [*runs, *earlier], head_start, started)
         print(f"[eta] {len(runs)}/{len(self.plan)} runs done, {(time.perf_counter() - self.start) / 60:.1f} min in "
-              f"this command" + (f"; the {len(left)} left: "
-                                 f"{hours_left(left, [*runs, *earlier], head_start, started)}" if left else ""),
-              flush=True)
+              f"this command" + (f"; the {len(training)} to train: {price}" if training else ""), flush=True)
 
 
 def started_first(todo: list, states: list[RunState], stage: Callable[[object], int] = lambda run: 0) -> list:
