@@ -115,8 +115,8 @@ class RunBudget:
         for i, (model, _) in todo:
             if i in states and states[i].seconds_per_step:
                 started.setdefault(model, []).append(states[i].seconds_per_step)
-        training = [(i, model, steps) for (i, _), (model, steps) in zip(todo, left) if steps > 0]
-        from_twin = sum(i in starts and (i not in states or states[i].state == "new") for i, *_ in training)
+        training = [i for (i, _), (_, steps) in zip(todo, left) if steps > 0]
+        from_twin = sum(i in starts and (i not in states or states[i].state == "new") for i in training)
         head_start = f" ({from_twin} of them from their twin's last step)" if from_twin else ""
         price = hours_left(left, [*runs, *earlier], head_start, started)
         print(f"[eta] {len(runs)}/{len(self.plan)} runs done, {(time.perf_counter() - self.start) / 60:.1f} min in "
