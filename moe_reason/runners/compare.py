@@ -72,7 +72,7 @@ from .records import Accounting, ComparisonReport, Depth, RunRecord, Side, Trans
 from .statistics import RULE as STATISTICS_RULE
 from .statistics import mean_std, welch
 from .study_file import (RunnerArguments, StudySettings, check_arguments, check_launch, load_runner_file,
-                         model_argument_names, parse_overrides, safe_name)
+                         model_argument_names, safe_name)
 
 LEGACY_ARMS = ("baseline", "recursive")
 EQUAL_FLOPS_REFERENCE = "reference"  # equal_flops: the cheaper arms also run at the reference arm's FLOPs
@@ -130,7 +130,7 @@ def load_comparison(path, args: CompareArguments | None = None) -> Comparison:
                                              "only: every other training setting is the base's)",
                                              model_argument_names() | ARM_TRAINING_FIELDS)
             for name, fields in raw.items()}
-    overrides = parse_overrides(args.set)  # the command line beats the file, an arm's own settings too
+    overrides = settings.overrides  # the command line beats the file, an arm's own settings too
     arms = {name: {**fields, **{k: v for k, v in overrides.items() if k in fields and k in ARM_TRAINING_FIELDS}}
             for name, fields in arms.items()}
     if not legacy and not all("model_type" in fields for fields in arms.values()):

@@ -42,6 +42,7 @@ class StudySettings:
     description: str
     seeds: list[int]
     base: dict  # trainer arguments every run shares: NAME -> value as a file gives it (the trainer parses them)
+    overrides: dict = field(default_factory=dict)  # the command line's --set, parsed: already in base
     launcher: str = "in_process"
     accelerate_config: str | None = None
     output_dir: Path | None = None
@@ -54,9 +55,10 @@ def load_runner_file(path, kind: str, own_keys: set[str], args: RunnerArguments,
     """An experiment file -> (its raw mapping, the settings every runner shares), validated before any run."""
     spec = load_study_mapping(path, kind, RUNNER_KEYS | own_keys)
     output_dir = args.output_dir or spec.get("output_dir") or f"outputs/{output_prefix}_{Path(path).stem}"
+    overrides = parse_overrides(args.set)
     return spec, StudySettings(
         path=str(path), description=spec.get("description", ""),
-        base={**check_arguments(spec.get("base"), f"{kind} {path}: base"), **parse_overrides(args.set)},
+        base={**check_arguments(spec.get("base"), f"{kind} {path}: base"), **overrides}, overrides=overrides,
         seeds=check_seeds(args.seeds or spec.get("seeds", default_seeds)),
         launcher=check_launcher(args.launcher or spec.get("launcher", "in_process")),
         accelerate_config=args.accelerate_config or spec.get("accelerate_config"),
