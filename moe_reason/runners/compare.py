@@ -235,18 +235,21 @@ def run_order(plan: list[PlannedRun], accounting: Accounting, seeds: list[int]) 
             for item in sorted((item for item in plan if item.kind == kind), key=cost)]
 
 
-def training_order(cmp: Comparison, plan: list[PlannedRun], accounting: Accounting) -> list[tuple[int, PlannedRun]]:
-    """`run_order`, with the runs stopped part-way first within each kind (`started_first`): an equal-FLOPs run
-    still waits for every equal-steps one, its twin among them."""
+def training_order(cmp: Comparison, plan: list[PlannedRun], accounting: Accounting, earlier: dict) \
+        -> list[tuple[tuple[int, PlannedRun], RunState]]:
+    """[((seed, run), where it stands)] in `run_order`, with the runs stopped part-way first within each kind
+    (`started_first`): an equal-FLOPs run still waits for every equal-steps one, its twin among them. `earlier`:
+    the report's finished runs (`run_states`)."""
     todo = run_order(plan, accounting, cmp.seeds)
-    return started_first(todo, run_states(cmp, todo, {}), stage=lambda run: run[1].kind != "equal_steps")
+    states = run_states(cmp, todo, earlier)
+    return started_first(list(zip(todo, states)), states, stage=lambda run: run[0][1].kind != "equal_steps")
 
 
 def run_comparison(cmp: Comparison) -> ComparisonReport:
     out = cmp.output_dir
     plan, accounting = plan_runs(cmp)
     if cmp.status:
-        return comparison_status(cmp, accounting, training_order(cmp, plan, accounting))
+        return comparison_status(cmp, accounting, plan)
     out.mkdir(parents=True, exist_ok=True)
     costs = ", ".join(f"{arm} {f:.3e} (x{accounting.flop_ratio[arm]:.2f})"
                       for arm, f in accounting.flops_per_token.items())
@@ -254,9 +257,9 @@ def run_comparison(cmp: Comparison) -> ComparisonReport:
           f"{accounting.arm_steps or accounting.steps}; equal FLOPs: {accounting.equal_flops_steps or 'none'}; "
           f"seeds {cmp.seeds} -> {out}", flush=True)
     runs = []
-    todo = training_order(cmp, plan, accounting)
     names = {item.name for item in plan}
     earlier = REPORT.earlier_runs(out, lambda r: r.run in names)
+    todo = [run for run, _ in training_order(cmp, plan, accounting, earlier)]
     untrained = [(seed, item) for seed, item in todo if not cmp.trains(item)]
     todo = [run for run in todo if run not in untrained]
     reported, earlier = not_trained_now(cmp, untrained, earlier)
@@ -292,16 +295,17 @@ def run_comparison(cmp: Comparison) -> ComparisonReport:
     return report
 
 
-def comparison_status(cmp: Comparison, accounting: Accounting, todo: list[tuple[int, PlannedRun]]) \
-        -> ComparisonReport:
+def comparison_status(cmp: Comparison, accounting: Accounting, plan: list[PlannedRun]) -> ComparisonReport:
     """--status: where each planned run stands and the hours left, in the order the runs train; the report of the
     finished runs is returned, not written."""
-    names = {item.name for _, item in todo}
+    names = {item.name for item in plan}
     earlier = REPORT.earlier_runs(cmp.output_dir, lambda r: r.run in names)
+    ordered = training_order(cmp, plan, accounting, earlier)
+    todo = [run for run, _ in ordered]
     finished, others = waiting_runs(earlier, planned_records(cmp, todo))
     starts = twin_starts(cmp, todo, finished)
     rows = [(f"{item.name}/seed_{seed}", item.arm, item.steps, starts.get(i, 0), state)
-            for i, ((seed, item), state) in enumerate(zip(todo, run_states(cmp, todo, earlier)))]
+            for i, ((seed, item), state) in enumerate(ordered)]
     print(f"comparison {cmp.path} -> {cmp.output_dir}: {len(todo)} runs planned", flush=True)
     print_status(rows, finished)
     return comparison_report(cmp, accounting, finished, others)
