@@ -82,11 +82,11 @@ def test_the_long_runs_trend_table_is_the_reports_trend():
     lines = text("docs/exp8.md").splitlines()
     for row in trend:
         cells = (f"| {row['share']:.0%} | {row['reference_step']:.0f} | {row['arm_step']} | "
-                 f"{row['reference_loss'][0]:.4f}")
+                 f"{row['reference_value'][0]:.4f}")
         gap = f"{row['gap'][0]:+.4f} ± {row['gap'][1]:.4f} |"
         line = next((line for line in lines if line.startswith(cells)), None)
         assert line is not None and line.endswith(gap), f"no docs/exp8.md row {cells} ... {gap}"
-        assert f"| {row['arm_loss'][0]:.4f}" in line, line
+        assert f"| {row['arm_value'][0]:.4f}" in line, line
 
 
 def test_the_first_puzzle_studys_table_is_its_reports():

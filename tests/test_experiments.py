@@ -25,7 +25,7 @@ from moe_reason.runners import run_folder
 from moe_reason.runners.engine import STUDY_IN_USE, RunBudget, exit_status, parse_runner_cli, pyplot, settings_line
 from moe_reason.runners.run_folder import RunState, latest_evaluation, run_training
 from moe_reason.runners.study_file import RUNNER_KEYS, RunnerArguments, load_study_mapping
-from moe_reason.runners.records import CURVE_POINTS, GridReport, RunRecord
+from moe_reason.runners.records import CURVE_POINTS, GridReport, RunRecord, TrendPoint
 from moe_reason.layout import RESULTS, STUDY_LOCK, complete_checkpoints
 from moe_reason.locks import hold_folder
 from moe_reason.training.metrics import training_flops_per_token
@@ -719,16 +719,29 @@ def test_the_equal_flops_gap_along_the_budget_pairs_seeds_at_the_same_share_of_t
             run("recursive_equal_flops", 0, 8, [[1, 9.0, 0], [4, 3.5, 0], [6, 2.0, 0], [8, 1.0, 0]]),
             run("recursive_equal_flops", 1, 8, [[1, 9.0, 0], [4, 4.5, 0], [6, 3.2, 0], [8, 2.0, 0]]),
             run("recursive_equal_flops", 2, 8, [[4, 0.0, 0]])]  # no baseline run of seed 2: left out
-    rows = budget_trend(runs, "baseline", "recursive_equal_flops")
+    rows = budget_trend(runs, "baseline", "recursive_equal_flops", "loss")
     assert [(r.share, r.arm_step, r.reference_step) for r in rows] == \
         [(0.5, 4, 20), (0.75, 6, 30), (1.0, 8, 40)]
-    assert rows[0].seeds == [0, 1] and rows[0].reference_loss == [3.5, pytest.approx(0.5 ** 0.5)]
+    assert rows[0].seeds == [0, 1] and rows[0].reference_value == [3.5, pytest.approx(0.5 ** 0.5)]
     assert [r.gap[0] for r in rows] == pytest.approx([0.5, 0.1, 0.0])  # seed 0: 0.5, 0, 0; seed 1: 0.5, 0.2, 0
     assert trend_verdict(rows).startswith("the gap shrinks: from +0.5000 ± 0.0000 at 50% of the budget to +0.0000")
     # a baseline evaluated between the recursive run's evaluations is interpolated
     runs[0].eval_curve = runs[1].eval_curve = [[10, 4.0, 0], [40, 1.0, 0]]
-    assert budget_trend(runs, "baseline", "recursive_equal_flops")[0].reference_loss[0] == pytest.approx(3.0)
+    assert budget_trend(runs, "baseline", "recursive_equal_flops", "loss")[0].reference_value[0] == pytest.approx(3.0)
     assert trend_verdict(rows[:1]) == "too few shared evaluations to tell"
+    # a puzzle study's trend is in its metric, exact accuracy (the curve's fourth column); an unscored point is left
+    puzzles = [run("baseline", 0, 40, [[10, 4.0, 0.5, 0.1], [40, 1.0, 0.9, 0.7]]),
+               run("recursive_equal_flops", 0, 8, [[2, 9.0, 0.2, None], [4, 3.0, 0.6, 0.5], [8, 1.0, 0.9, 0.6]])]
+    rows = budget_trend(puzzles, "baseline", "recursive_equal_flops", "exact_accuracy")
+    assert [r.arm_step for r in rows] == [4, 8]
+    assert [value for r in rows for value in (r.reference_value[0], r.arm_value[0])] == pytest.approx(
+        [0.3, 0.5, 0.7, 0.6])  # the baseline's step 20 interpolated: 0.1 + 0.6 / 3
+    assert [r.gap[0] for r in rows] == pytest.approx([0.2, -0.1])
+    assert trend_verdict(rows).startswith("the gap goes from +0.2000 ± 0.0000 at 50% of the budget to -0.1000")
+    # a report written before the trend took its metric (val loss under other names) still reads
+    assert TrendPoint.from_json({"share": 0.5, "arm_step": 4, "reference_step": 20, "reference_loss": [3.5, 0.0],
+                                 "arm_loss": [4.0, 0.0], "gap": [0.5, 0.0], "seeds": [0]}) == \
+        TrendPoint(0.5, 4, 20, [3.5, 0.0], [4.0, 0.0], [0.5, 0.0], [0])
 
 
 def test_a_long_runs_training_curves_are_thinned_so_that_seeds_still_share_their_steps():

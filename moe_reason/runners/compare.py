@@ -67,7 +67,7 @@ from .comparison_report import ARM_TRAINING_FIELDS, METRICS, comparison_markdown
 from .engine import ReportFiles, RunBudget, exit_status, print_status, run_runner, started_first, write_json
 from .run_folder import (RunState, last_checkpoint_within, run_state, same_first_steps, same_record, train_or_keep,
                          waiting_runs)
-from .run_results import score_task_run, task_argument_names, task_figures
+from .run_results import CURVE_COLUMNS, score_task_run, task_argument_names, task_figures
 from .records import Accounting, ComparisonReport, Depth, RunRecord, Side, Transfer, TrendPoint, Verdict
 from .statistics import RULE as STATISTICS_RULE
 from .statistics import mean_std, welch
@@ -414,16 +414,18 @@ def verdict(name_a: str, a: list[float], name_b: str, b: list[float], higher_is_
                    difference=d.diff, interval=[d.low, d.high], p_value=d.p_value)
 
 
-def budget_trend(runs: list[RunRecord], reference: str, name: str) -> list[TrendPoint]:
+def budget_trend(runs: list[RunRecord], reference: str, name: str, metric: str) -> list[TrendPoint]:
     """The equal-FLOPs gap along the shared budget, for a long study's "does the gap shrink with training?".
 
     At each evaluation of the `name` runs (a share of their own schedule, and so of the FLOPs both
-    sides spend in all), their val loss minus the `reference` run's of the same seed at the same share
-    of its schedule (interpolated between its evaluations); mean ± std over the seeds both finished.
+    sides spend in all), their value of `metric` (a METRICS key) minus the `reference` run's of the same
+    seed at the same share of its schedule (interpolated between its evaluations); mean ± std over the
+    seeds both finished.
     """
     def by_seed(run):
         return {r.seed: r for r in runs if r.run == run and r.finished}
 
+    column = CURVE_COLUMNS[metric]
     ref, arm = by_seed(reference), by_seed(name)
     seeds = sorted(set(ref) & set(arm))
     if not seeds:
@@ -432,31 +434,33 @@ def budget_trend(runs: list[RunRecord], reference: str, name: str) -> list[Trend
     rows = []
     for step in steps:
         share = step / arm[seeds[0]].steps
-        ref_losses = [interpolate(ref[seed].eval_curve, share * ref[seed].steps) for seed in seeds]
-        if None in ref_losses:  # before the reference's first evaluation
+        ref_values = [interpolate(ref[seed].eval_curve, share * ref[seed].steps, column) for seed in seeds]
+        arm_values = [next(point[column] for point in arm[seed].eval_curve if point[0] == step) for seed in seeds]
+        if None in ref_values + arm_values:  # before the reference's first evaluation, or one unscored
             continue
-        arm_losses = [next(loss for s, loss, *_ in arm[seed].eval_curve if s == step) for seed in seeds]
-        gap = [a - r for a, r in zip(arm_losses, ref_losses)]
-        rows.append(TrendPoint(share, step, share * ref[seeds[0]].steps, list(mean_std(ref_losses)),
-                               list(mean_std(arm_losses)), list(mean_std(gap)), seeds))
+        gap = [a - r for a, r in zip(arm_values, ref_values)]
+        rows.append(TrendPoint(share, step, share * ref[seeds[0]].steps, list(mean_std(ref_values)),
+                               list(mean_std(arm_values)), list(mean_std(gap)), seeds))
     return rows
 
 
-def interpolate(curve: list[list[float]], step: float) -> float | None:
-    """A [[step, value, ...], ...] curve's value at `step`, linear between its points; None outside them."""
-    exact = [point[1] for point in curve if point[0] == step]
+def interpolate(curve: list[list[float]], step: float, column: int = 1) -> float | None:
+    """A [[step, value, ...], ...] curve's `column` at `step`, linear between its points; None outside them
+    (or where a point has no value there)."""
+    exact = [point[column] for point in curve if point[0] == step]
     if exact:
         return exact[-1]
-    for (s0, v0, *_), (s1, v1, *_) in zip(curve, curve[1:]):
+    for before, after in zip(curve, curve[1:]):
+        (s0, v0), (s1, v1) = (before[0], before[column]), (after[0], after[column])
         if s0 < step < s1:
-            return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+            return None if v0 is None or v1 is None else v0 + (v1 - v0) * (step - s0) / (s1 - s0)
     return None
 
 
 def comparison_report(cmp: Comparison, accounting: Accounting, runs: list[RunRecord], earlier: dict | None = None) \
         -> ComparisonReport:
     """The verdicts from `runs`; `other_runs` keeps the earlier finished runs this command did not plan or reach."""
-    key, _, higher = METRICS[cmp.metric]
+    key, _, higher, _ = METRICS[cmp.metric]
 
     def values(name):
         return [getattr(r, key) for r in runs if r.run == name and r.finished and getattr(r, key) is not None]
@@ -477,7 +481,7 @@ def comparison_report(cmp: Comparison, accounting: Accounting, runs: list[RunRec
         config=cmp.path, description=cmp.description, seeds=cmp.seeds, base=cmp.base, arms=cmp.arms,
         reference=reference, metric=cmp.metric, accounting=accounting, equal_steps_runs=cmp.equal_steps,
         equal_steps=equal_steps, equal_flops=equal_flops, transfer=transfer,
-        equal_flops_trend={arm: budget_trend(runs, budget, f"{arm}_equal_flops")
+        equal_flops_trend={arm: budget_trend(runs, budget, f"{arm}_equal_flops", cmp.metric)
                            for arm in accounting.equal_flops_steps},
         ln_vocab=next((r.ln_vocab for r in runs if r.finished), None), runs=runs, spread_rule=STATISTICS_RULE,
         other_runs=list((earlier or {}).values()))

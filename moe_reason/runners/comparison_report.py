@@ -9,8 +9,9 @@ from .engine import mean_curve, other_runs_note, pyplot, save_figure, settings_l
 from .records import Accounting, ComparisonReport, RunRecord, TrendPoint
 from .statistics import mean_std, mean_std_text, welch
 
-METRICS = {"loss": ("final_val_loss", "validation loss", False),  # metric -> (record field, label, higher is better)
-           "exact_accuracy": ("exact_accuracy", "exact accuracy on held-out puzzles", True)}
+# metric -> (record field, label, higher is better, a table column's label)
+METRICS = {"loss": ("final_val_loss", "validation loss", False, "val loss"),
+           "exact_accuracy": ("exact_accuracy", "exact accuracy on held-out puzzles", True, "exact accuracy")}
 TRANSFER_CURVES = ("exact_accuracy_by_steps", "q_head_by_steps", "q_head")  # a transfer score's steps curve
 TREND_ROWS = 21  # most rows of an equal-FLOPs trend table: 5% of the budget apart when it has more
 # the step cap and evaluation interval an arm may set when its update costs a fraction of the others'
@@ -41,7 +42,7 @@ def trend_verdict(rows: list[TrendPoint]) -> str:
 
 def comparison_markdown(p: ComparisonReport) -> str:
     acc, runs = p.accounting, p.runs
-    key, metric_label, higher = METRICS[p.metric]
+    key, metric_label, higher, _ = METRICS[p.metric]
     lines = [f"# Comparison: {p.config}", ""]
     if p.description:
         lines += [p.description.strip(), ""]
@@ -89,23 +90,23 @@ def comparison_markdown(p: ComparisonReport) -> str:
 
 def trend_section(p: ComparisonReport) -> list[str]:
     """The equal-FLOPs gap at each shared evaluation along the budget (`budget_trend`), one table per arm."""
-    lines, reference = [], p.accounting.budget_arm
+    lines, reference, label = [], p.accounting.budget_arm, METRICS[p.metric][3]
     for arm, rows in p.equal_flops_trend.items():
         if not rows:
             continue
         lines += ["", f"## The equal-FLOPs gap along the budget: {arm} vs {reference}", "",
-                  f"At each evaluation of `{arm}_equal_flops`, against `{reference}` at the same share of the "
-                  "FLOPs both spend (its loss interpolated between its evaluations), per seed: "
+                  f"At each evaluation of `{arm}_equal_flops`, its {label} against `{reference}`'s at the same "
+                  f"share of the FLOPs both spend (interpolated between its evaluations), per seed: "
                   f"**{trend_verdict(rows)}**.", ""]
         shown = evenly(rows, TREND_ROWS)
         if len(shown) < len(rows):
             lines += [f"{len(shown)} of the {len(rows)} shared evaluations, evenly spaced, the first and the last "
                       "among them (comparison.json keeps them all).", ""]
-        lines += [f"| share of the budget | {arm} step | {reference} step | {reference} val loss | {arm} val loss | "
+        lines += [f"| share of the budget | {arm} step | {reference} step | {reference} {label} | {arm} {label} | "
                   "gap (mean ± std) |", "|---:|---:|---:|---:|---:|---:|"]
         for row in shown:
             lines.append(f"| {row.share:.0%} | {row.arm_step} | {row.reference_step:.0f} | "
-                         f"{row.reference_loss[0]:.4f} | {row.arm_loss[0]:.4f} | "
+                         f"{row.reference_value[0]:.4f} | {row.arm_value[0]:.4f} | "
                          f"{row.gap[0]:+.4f} ± {row.gap[1]:.4f} |")
     return lines
 
@@ -321,7 +322,7 @@ def plot(p: ComparisonReport, path: Path) -> None:
     """Val loss vs steps and vs training FLOPs, the final metric per run, and the steps curve (task runs)
     or the throughput."""
     plt = pyplot()
-    key, metric_label, _ = METRICS[p.metric]
+    key, metric_label, *_ = METRICS[p.metric]
     done = [r for r in p.runs if r.finished]
     names = list(dict.fromkeys(r.run for r in done))
     colors = dict(zip(names, plt.get_cmap("tab10").colors))

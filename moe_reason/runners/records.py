@@ -203,14 +203,19 @@ class Accounting:
 @dataclass
 class TrendPoint:
     """The equal-FLOPs gap at one shared evaluation: a share of the budget both sides spend, each side's step
-    there, and val losses as [mean, std] over the seeds both finished."""
+    there, and their values of the comparison's metric as [mean, std] over the seeds both finished."""
     share: float
     arm_step: int
     reference_step: float
-    reference_loss: list[float]
-    arm_loss: list[float]
-    gap: list[float]  # the arm's loss minus the reference's
+    reference_value: list[float]
+    arm_value: list[float]
+    gap: list[float]  # the arm's value minus the reference's
     seeds: list[int]
+
+    @classmethod
+    def from_json(cls, values: dict) -> TrendPoint:
+        legacy = {"reference_loss": "reference_value", "arm_loss": "arm_value"}  # older reports: val loss always
+        return cls(**{legacy.get(name, name): value for name, value in values.items()})
 
 
 @dataclass
@@ -309,7 +314,7 @@ class ComparisonReport:
         values = checked(cls, {"other_runs": [], "equal_steps_runs": True, **values}, where)
         transfer = values["transfer"]
         return cls(**{**values, "accounting": Accounting.from_json(values["accounting"]),
-                      "equal_flops_trend": {arm: [TrendPoint(**point) for point in points]
+                      "equal_flops_trend": {arm: [TrendPoint.from_json(point) for point in points]
                                             for arm, points in values["equal_flops_trend"].items()},
                       "equal_steps": verdicts_from_json(values["equal_steps"]),
                       "equal_flops": verdicts_from_json(values["equal_flops"]),
