@@ -7,6 +7,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -18,7 +19,8 @@ from moe_reason.training.arguments import arguments_from, build_config, parse_ar
 from moe_reason.runners.compare import OWN_KEYS as COMPARISON_KEYS
 from moe_reason.runners.compare import (budget_trend, load_comparison, main as compare_main, plan_runs, run_order,
                                         same_first_steps, twin_starts)
-from moe_reason.runners.comparison_report import evenly, learning_curves, stored_answer_note, trend_verdict
+from moe_reason.runners.comparison_report import (evenly, learning_curves, stored_answer_note, trend_section,
+                                                  trend_verdict)
 from moe_reason.models.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.evaluation.evaluate import main as evaluate_main
 from moe_reason.runners import run_folder
@@ -578,6 +580,14 @@ def test_a_maze_runs_curve_scored_against_its_stored_path_is_named_and_dotted():
     # dotted to the last stored-answer point and on to the first validated one, solid from there (empty: labelled)
     assert styles == [(":", 4), ("-", 0), (":", 3), ("-", 2), ("-", 4)]
     pyplot().close(figure)
+    # the equal-FLOPs gap along the budget names the curves of its runs that read low
+    runs = [run("old", "maze", curve), run("new_equal_flops", "maze", curve, validated_from=100)]
+    trend = {"new": [TrendPoint(0.5, 200, 200, [0.2, 0.0], [0.2, 0.0], [0.0, 0.0], [0])]}
+    report = SimpleNamespace(accounting=SimpleNamespace(budget_arm="old"), equal_flops_trend=trend, runs=runs,
+                             metric="exact_accuracy")
+    assert "The curves of old/seed_0 count a maze solved only when" in " ".join(trend_section(report))
+    report.runs = runs[1:]
+    assert "count a maze solved" not in " ".join(trend_section(report))
 
 
 def test_an_equal_flops_run_whose_twin_plateaued_within_its_cap_is_the_twins_run(tmp_path, corpus, capsys):
