@@ -67,7 +67,7 @@ from .comparison_report import ARM_TRAINING_FIELDS, METRICS, comparison_markdown
 from .engine import ReportFiles, RunBudget, exit_status, print_status, run_runner, started_first, write_json
 from .run_folder import (RunState, last_checkpoint_within, run_state, same_first_steps, same_record, train_or_keep,
                          waiting_runs)
-from .run_results import CURVE_COLUMNS, score_task_run, task_argument_names, task_figures
+from .run_results import score_task_run, task_argument_names, task_figures
 from .records import Accounting, ComparisonReport, Depth, RunRecord, Side, Transfer, TrendPoint, Verdict
 from .statistics import RULE as STATISTICS_RULE
 from .statistics import mean_std, welch
@@ -425,7 +425,7 @@ def budget_trend(runs: list[RunRecord], reference: str, name: str, metric: str) 
     def by_seed(run):
         return {r.seed: r for r in runs if r.run == run and r.finished}
 
-    column = CURVE_COLUMNS[metric]
+    column = METRICS[metric].curve_column
     ref, arm = by_seed(reference), by_seed(name)
     seeds = sorted(set(ref) & set(arm))
     if not seeds:
@@ -460,7 +460,7 @@ def interpolate(curve: list[list[float]], step: float, column: int = 1) -> float
 def comparison_report(cmp: Comparison, accounting: Accounting, runs: list[RunRecord], earlier: dict | None = None) \
         -> ComparisonReport:
     """The verdicts from `runs`; `other_runs` keeps the earlier finished runs this command did not plan or reach."""
-    key, _, higher, _ = METRICS[cmp.metric]
+    key, higher = METRICS[cmp.metric].field, METRICS[cmp.metric].higher_is_better
 
     def values(name):
         return [getattr(r, key) for r in runs if r.run == name and r.finished and getattr(r, key) is not None]

@@ -3,15 +3,25 @@ writes it), so `--report DIR` rebuilds them without training."""
 
 import dataclasses
 from pathlib import Path
+from typing import NamedTuple
 
 from ..tasks.puzzles import TASK_CLASSES
 from .engine import mean_curve, other_runs_note, pyplot, save_figure, settings_line, throughput_lines
 from .records import Accounting, ComparisonReport, RunRecord, TrendPoint
 from .statistics import mean_std, mean_std_text, welch
 
-# metric -> (record field, label, higher is better, a table column's label)
-METRICS = {"loss": ("final_val_loss", "validation loss", False, "val loss"),
-           "exact_accuracy": ("exact_accuracy", "exact accuracy on held-out puzzles", True, "exact accuracy")}
+
+class Metric(NamedTuple):
+    """What a comparison compares its runs by."""
+    field: str  # the RunRecord field of a run's final value
+    label: str
+    higher_is_better: bool
+    column_label: str  # a table column's
+    curve_column: int  # its column in a RunRecord's eval_curve ([step, loss, token accuracy, exact accuracy])
+
+
+METRICS = {"loss": Metric("final_val_loss", "validation loss", False, "val loss", 1),
+           "exact_accuracy": Metric("exact_accuracy", "exact accuracy on held-out puzzles", True, "exact accuracy", 3)}
 TRANSFER_CURVES = ("exact_accuracy_by_steps", "q_head_by_steps", "q_head")  # a transfer score's steps curve
 TREND_ROWS = 21  # most rows of an equal-FLOPs trend table: 5% of the budget apart when it has more
 # the step cap and evaluation interval an arm may set when its update costs a fraction of the others'
@@ -42,7 +52,6 @@ def trend_verdict(rows: list[TrendPoint]) -> str:
 
 def comparison_markdown(p: ComparisonReport) -> str:
     acc, runs = p.accounting, p.runs
-    key, metric_label, higher, _ = METRICS[p.metric]
     lines = [f"# Comparison: {p.config}", ""]
     if p.description:
         lines += [p.description.strip(), ""]
@@ -71,7 +80,7 @@ def comparison_markdown(p: ComparisonReport) -> str:
     if p.ln_vocab and p.metric == "loss":
         lines += [f"Losses are validation cross-entropy in nats per token; chance (uniform guessing) is "
                   f"ln(vocab) = {p.ln_vocab:.3f}.", ""]
-    lines += run_table(p, key, metric_label, higher) + stored_answer_note(runs) + other_runs_note(
+    lines += run_table(p) + stored_answer_note(runs) + other_runs_note(
         p.other_runs, "comparison.json", "seeds the command left out with --seeds", "--seeds") + [""]
     lines += [f"**Equal steps, {arm} vs {p.reference}:** {v.verdict}." for arm, v in p.equal_steps.items()]
     lines += [f"**Equal FLOPs, {arm} vs {acc.budget_arm}:** {v.verdict}."
@@ -90,7 +99,7 @@ def comparison_markdown(p: ComparisonReport) -> str:
 
 def trend_section(p: ComparisonReport) -> list[str]:
     """The equal-FLOPs gap at each shared evaluation along the budget (`budget_trend`), one table per arm."""
-    lines, reference, label = [], p.accounting.budget_arm, METRICS[p.metric][3]
+    lines, reference, label = [], p.accounting.budget_arm, METRICS[p.metric].column_label
     for arm, rows in p.equal_flops_trend.items():
         if not rows:
             continue
@@ -223,10 +232,10 @@ def own_settings(p: ComparisonReport) -> list[str]:
                                                       for arm, f in p.accounting.flops_per_token.items()) + "."]
 
 
-def run_table(p: ComparisonReport, key: str, metric_label: str, higher: bool) -> list[str]:
-    task = p.metric == "exact_accuracy"
+def run_table(p: ComparisonReport) -> list[str]:
+    metric, task = METRICS[p.metric], p.metric == "exact_accuracy"
     stops = any(r.stopped_by is not None for r in p.runs)  # runs made before the plateau rule have no such field
-    lines = [f"| run | seeds | {metric_label} (mean ± std) | " + ("cell accuracy | " if task else "")
+    lines = [f"| run | seeds | {metric.label} (mean ± std) | " + ("cell accuracy | " if task else "")
              + "val loss | token accuracy | tokens/s | recursion steps |" + (" stopped, per seed |" if stops else ""),
              "|---|---:|---|" + ("---:|" if task else "") + "---:|---:|---:|---:|" + ("---|" if stops else "")]
     for name in dict.fromkeys(r.run for r in p.runs):
@@ -236,7 +245,7 @@ def run_table(p: ComparisonReport, key: str, metric_label: str, higher: bool) ->
             continue
         cells = f" {mean_std([r.cell_accuracy for r in done])[0]:.3f} |" if task else ""
         steps = [r.recursion_steps for r in done if r.recursion_steps is not None]
-        lines.append(f"| {name} | {len(done)} | {mean_std_text([getattr(r, key) for r in done])} |{cells} "
+        lines.append(f"| {name} | {len(done)} | {mean_std_text([getattr(r, metric.field) for r in done])} |{cells} "
                      f"{mean_std([r.final_val_loss for r in done])[0]:.4f} | "
                      f"{mean_std([r.accuracy for r in done])[0]:.3f} | "
                      f"{mean_std([r.tokens_per_s for r in done])[0]:,.0f} | "
@@ -327,7 +336,7 @@ def plot(p: ComparisonReport, path: Path) -> None:
     """Val loss vs steps and vs training FLOPs, the final metric per run, and the steps curve (task runs)
     or the throughput."""
     plt = pyplot()
-    key, metric_label, *_ = METRICS[p.metric]
+    metric = METRICS[p.metric]
     done = [r for r in p.runs if r.finished]
     names = list(dict.fromkeys(r.run for r in done))
     colors = dict(zip(names, plt.get_cmap("tab10").colors))
@@ -335,11 +344,11 @@ def plot(p: ComparisonReport, path: Path) -> None:
     (by_step, by_flops), (final, last) = axes
     learning_curves(by_step, by_flops, done, names, colors, updates_per_supervision_step(p)) \
         if p.metric == "exact_accuracy" else loss_curves(by_step, by_flops, done, names, colors)
-    stats = [mean_std([getattr(r, key) for r in done if r.run == name]) for name in names]
+    stats = [mean_std([getattr(r, metric.field) for r in done if r.run == name]) for name in names]
     final.bar(names, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=5,
               color=[colors[name] for name in names])
-    final.set_ylabel(metric_label + ", mean ± std")
-    final.set_title(metric_label.capitalize())
+    final.set_ylabel(metric.label + ", mean ± std")
+    final.set_title(metric.label.capitalize())
     final.tick_params(axis="x", labelrotation=20, labelsize=8)
     final.grid(axis="y", alpha=0.3)
     plot_steps_curve(last, done, names, colors)

@@ -13,7 +13,6 @@ from ..evaluation.evaluate import EvaluateArguments, evaluate
 from ..layout import FINAL, METRICS, RESULTS, STARTED_FROM, TASK_EVAL, TRANSFER_EVAL
 from ..tasks.puzzles import TaskArguments
 
-CURVE_COLUMNS = {"loss": 1, "exact_accuracy": 3}  # a comparison metric -> its column in a record's eval_curve
 CURVE_PUZZLES = 200  # a task run's accuracy-by-steps curve: its first held-out puzzles (all of them are scored)
 
 
@@ -42,7 +41,7 @@ def collect_run(run_dir) -> dict:
         # the language-model cross-entropy, comparable across variants that change the auxiliary losses
         "train_loss_curve": [[r["step"], r["train/lm_loss"]] for r in train],
         "grad_norm_curve": [[r["step"], r["train/grad_norm"]] for r in train],
-        # [step, loss, token accuracy, exact accuracy] (CURVE_COLUMNS): a task run's learning curve is its fourth
+        # [step, loss, token accuracy, exact accuracy] (a Metric's curve_column): a task run's curve is its fourth
         "eval_curve": [[r["step"], r["eval/loss"], r["eval/accuracy"], solved_share(r)] for r in evals],
         "curve_validated_from": min((r["step"] for r in evals if "eval/solved" in r), default=None),
         "stopped_by": results.get("stopped_by", "max_steps"), "stopped_at": results["step"],
