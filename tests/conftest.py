@@ -184,7 +184,7 @@ def clean_env() -> dict:
 
 
 def read_metrics(output_dir) -> list[dict]:
-    return [json.loads(line) for line in open(Path(output_dir) / "metrics.jsonl")]
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def train_losses(output_dir) -> dict[int, float]:

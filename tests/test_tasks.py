@@ -20,7 +20,7 @@ from moe_reason.tasks.files import read_sudoku_file
 from moe_reason.tasks.puzzles import (GridFormulation, MazeTask, PuzzleDraws, SudokuTask, generate_splits,
                                       load_or_generate, make_task)
 
-from conftest import assert_export_cli_matches_final, main_cases, task_argv
+from conftest import assert_export_cli_matches_final, main_cases, read_metrics, task_argv
 
 
 # ---- generators and validators
@@ -271,7 +271,7 @@ def test_recursive_model_overfits_32_puzzles_and_the_ema_is_exported_and_resumed
     assert_export_cli_matches_final(ema)  # the export command takes the average too
     resumed = load_file(halves / "checkpoint-8" / "ema.safetensors")
     assert all(torch.allclose(resumed[k], average[k], atol=1e-6, rtol=0) for k in average)
-    evals = [json.loads(line) for line in open(ema / "metrics.jsonl") if "eval/exact_match" in line]
+    evals = [r for r in read_metrics(ema) if "eval/exact_match" in r]
     assert evals and 0.0 <= evals[-1]["eval/exact_match"] <= 1.0
     # the validator's verdict beside it: a Sudoku's one solution is its stored answer, so they agree
     assert all(e["eval/solved"] == e["eval/exact_match"] for e in evals)
@@ -288,8 +288,7 @@ def test_the_mlp_token_mixer_trains_on_grids_for_both_models_and_its_exports_rel
                          task_argv(tmp_path, recursive, **quick, model_type="recursive", h_cycles=2, l_cycles=1)])
     assert errors == [None, None]
     for folder in (direct, recursive):
-        losses = [json.loads(line)["train/lm_loss"] for line in open(folder / "metrics.jsonl")
-                  if "train/lm_loss" in line]
+        losses = [r["train/lm_loss"] for r in read_metrics(folder) if "train/lm_loss" in r]
         first, last = losses[0], losses[-1]
         assert last < first - 0.1, (folder, first, last)
         model = AutoModelForCausalLM.from_pretrained(folder / "final").eval()

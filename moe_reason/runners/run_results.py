@@ -20,7 +20,7 @@ def collect_run(run_dir) -> dict:
     """A finished run's figures, from its results and metrics files: RunRecord fields by name."""
     run_dir = Path(run_dir)
     results = json.loads((run_dir / RESULTS).read_text())
-    records = [json.loads(line) for line in open(run_dir / METRICS)]
+    records = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
     train = [r for r in records if "train/loss" in r]
     evals = [r for r in records if "eval/loss" in r]
     final = results["final_eval"]
