@@ -460,15 +460,17 @@ def interpolate(curve: list[list[float]], step: float, column: int = 1) -> float
 def comparison_report(cmp: Comparison, accounting: Accounting, runs: list[RunRecord], earlier: dict | None = None) \
         -> ComparisonReport:
     """The verdicts from `runs`; `other_runs` keeps the earlier finished runs this command did not plan or reach."""
-    key, higher = METRICS[cmp.metric].field, METRICS[cmp.metric].higher_is_better
+    metric = METRICS[cmp.metric]
 
     def values(name):
-        return [getattr(r, key) for r in runs if r.run == name and r.finished and getattr(r, key) is not None]
+        return [getattr(r, metric.field) for r in runs
+                if r.run == name and r.finished and getattr(r, metric.field) is not None]
 
     reference, budget = cmp.reference, accounting.budget_arm
-    equal_steps = {arm: verdict(reference, values(reference), arm, values(arm), higher)
+    equal_steps = {arm: verdict(reference, values(reference), arm, values(arm), metric.higher_is_better)
                    for arm in cmp.arms if arm != reference} if cmp.equal_steps else {}
-    equal_flops = {arm: verdict(budget, values(budget), f"{arm}_equal_flops", values(f"{arm}_equal_flops"), higher)
+    equal_flops = {arm: verdict(budget, values(budget), f"{arm}_equal_flops", values(f"{arm}_equal_flops"),
+                                metric.higher_is_better)
                    for arm in accounting.equal_flops_steps}
     transfer = None
     if cmp.transfer:
