@@ -24,7 +24,8 @@ from moe_reason.runners.comparison_report import (evenly, learning_curves, store
 from moe_reason.models.configuration_recursive import RecursiveMoEReasonConfig
 from moe_reason.evaluation.evaluate import main as evaluate_main
 from moe_reason.runners import run_folder
-from moe_reason.runners.engine import STUDY_IN_USE, RunBudget, exit_status, parse_runner_cli, pyplot, settings_line
+from moe_reason.runners.engine import (STUDY_IN_USE, RunBudget, exit_status, hours_left, parse_runner_cli, pyplot,
+                                      settings_line)
 from moe_reason.runners.run_folder import RunState, latest_evaluation, run_training
 from moe_reason.runners.study_file import RUNNER_KEYS, RunnerArguments, load_study_mapping
 from moe_reason.runners.records import CURVE_POINTS, GridReport, RunRecord, TrendPoint
@@ -311,6 +312,19 @@ def test_the_eta_prices_only_the_steps_a_run_trains(tmp_path, capsys):
     budget.after([went_on], [earlier], states=states)
     assert capsys.readouterr().out.strip().endswith(
         "; the 3 to train: at most 4.0 h for 2 at their step caps; no estimate yet for c (no run trained so far)")
+
+
+def test_the_eta_also_says_how_long_if_runs_stop_where_their_arms_runs_did(tmp_path):
+    """The plateau rule stopped a's finished runs at steps 400 and 600 of 1,000, at 3.6 s a step: a run at step
+    100 takes 500 more steps if it stops by 600, one already past 600 is priced to its cap, and so is a run under
+    another cap (no run of it finished)."""
+    done = [RunRecord("a", seed, "finished", str(tmp_path / str(seed)), wall_seconds=stop * 3.6, stopped_at=stop,
+                      steps=1000) for seed, stop in [(0, 400), (1, 600)]]
+    left = [("a", 1000, 900), ("a", 1000, 300), ("a", 2000, 2000)]  # (model, cap, steps to train)
+    assert hours_left(left, done) == ("at most 3.2 h for 3 at their step caps, about 2.8 h if each stops no later "
+                                      "than its arm's (variant's) finished runs did")
+    at_cap = dataclasses.replace(done[0], seed=2, stopped_at=1000, wall_seconds=3600.0)  # one that hit its cap
+    assert hours_left(left[:2], [*done, at_cap]) == "at most 1.2 h for 2 at their step caps"
 
 
 @pytest.mark.slow

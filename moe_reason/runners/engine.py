@@ -109,13 +109,13 @@ class RunBudget:
         starts = {i: step for i, step in (starts or {}).items() if i >= len(runs)}
         states = {i: state for i, state in (states or {}).items() if i >= len(runs)}
         todo = list(enumerate(self.plan))[len(runs):]
-        left = [(model, states[i].steps_left(cap, starts.get(i, 0)) if i in states else cap - starts.get(i, 0))
+        left = [(model, cap, states[i].steps_left(cap, starts.get(i, 0)) if i in states else cap - starts.get(i, 0))
                 for i, (model, cap) in todo]
         started = {}
         for i, (model, _) in todo:
             if i in states and states[i].seconds_per_step:
                 started.setdefault(model, []).append(states[i].seconds_per_step)
-        training = [i for (i, _), (_, steps) in zip(todo, left) if steps > 0]
+        training = [i for (i, _), (*_, steps) in zip(todo, left) if steps > 0]
         from_twin = sum(i in starts and (i not in states or states[i].state == "new") for i in training)
         head_start = f" ({from_twin} of them from their twin's last step)" if from_twin else ""
         price = hours_left(left, [*runs, *earlier], head_start, started)
@@ -131,20 +131,36 @@ def started_first(todo: list, states: list[RunState], stage: Callable[[object], 
     return [todo[i] for i in order]
 
 
-def hours_left(left: list[tuple[str, int]], finished: Iterable[RunRecord], note: str = "",
+def hours_left(left: list[tuple[str, int, int]], finished: Iterable[RunRecord], note: str = "",
                started: dict[str, list[float]] | None = None) -> str:
-    """The time the runs `left` ([(model, steps it has to train)]) take, at the seconds per step their model's
-    `finished` runs took (a comparison's arm, a grid's variant) and its `started` ones so far ({model: [seconds
-    per step of each]}): an upper bound where the plateau rule stops runs before their caps."""
+    """The time the runs `left` ([(model, step cap, steps it has to train)]) take, at the seconds per step their
+    model's `finished` runs took (a comparison's arm, a grid's variant) and its `started` ones so far ({model:
+    [seconds per step of each]}): an upper bound where the plateau rule stops runs before their caps, so it is
+    followed, when less, by the time if each stops no later than its model's finished runs under the same cap
+    did (a run already past the latest of them is priced to its cap)."""
     per_step = {model: list(rates) for model, rates in (started or {}).items()}  # model -> seconds per step, a run each
+    stops = {}  # (model, step cap) -> the step each finished run under that cap stopped at
     for r in finished:  # a run that went on from another's checkpoint trained from that step only
         steps = (r.stopped_at or r.steps or 0) - (checkpoint_step(r.started_from or "") or 0)
         if r.finished and steps > 0 and r.wall_seconds:
             per_step.setdefault(r.arm or r.run, []).append(r.wall_seconds / steps)
-    training = [(model, steps) for model, steps in left if steps > 0]
-    priced = [sum(per_step[model]) / len(per_step[model]) * steps for model, steps in training if model in per_step]
-    unpriced = sorted({model for model, _ in training if model not in per_step})
-    parts = [f"at most {sum(priced) / 3600:.1f} h for {len(priced)} at their step caps{note}"] if priced else []
+        if r.finished and r.stopped_at and r.steps:
+            stops.setdefault((r.arm or r.run, r.steps), []).append(r.stopped_at)
+    training = [(model, cap, steps) for model, cap, steps in left if steps > 0]
+    rate = {model: sum(rates) / len(rates) for model, rates in per_step.items()}
+
+    def to_stop(model: str, cap: int, steps: int) -> int:  # a run past the latest stop: no better guess than its cap
+        stop, at = max(stops.get((model, cap), [cap])), cap - steps
+        return steps if at >= stop else stop - at
+
+    priced = [(model, cap, steps) for model, cap, steps in training if model in rate]
+    at_caps = sum(rate[model] * steps for model, _, steps in priced)
+    by_stops = sum(rate[model] * to_stop(model, cap, steps) for model, cap, steps in priced)
+    unpriced = sorted({model for model, *_ in training if model not in rate})
+    parts = [f"at most {at_caps / 3600:.1f} h for {len(priced)} at their step caps{note}"] if priced else []
+    if by_stops < at_caps:
+        parts[0] += (f", about {by_stops / 3600:.1f} h if each stops no later than its arm's (variant's) finished "
+                     "runs did")
     parts += [f"no estimate yet for {', '.join(unpriced)} (no run trained so far)"] if unpriced else []
     return "; ".join(parts) or "nothing to train"
 
@@ -157,8 +173,8 @@ def print_status(rows: list[tuple[str, str, int, int, RunState]], finished: list
         print(state.line(title, cap, start), flush=True)
     done = sum(state.state in ("finished", "kept") for *_, state in rows)
     drifted = sum(state.state == "drifted" for *_, state in rows)
-    left = [(model, state.steps_left(cap, start)) for _, model, cap, start, state in rows]
-    training = [(model, steps) for model, steps in left if steps > 0]
+    left = [(model, cap, state.steps_left(cap, start)) for _, model, cap, start, state in rows]
+    training = [(model, cap, steps) for model, cap, steps in left if steps > 0]
     started = {}
     for _, model, _, _, state in rows:
         if state.seconds_per_step:
