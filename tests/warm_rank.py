@@ -2,8 +2,9 @@
 `accelerate launch ... tests/warm_rank.py train.py ARGV`. It hands its arguments, environment (RANK, MASTER_PORT
 and the rest that the launcher set), working folder and standard streams to the warm-start process of its
 pytest worker (tests/warm_start.py, its socket in $WARM_START_SOCKET), which forks the rank from its imports;
-then it passes on SIGTERM and SIGINT to that rank and ends as the rank ended (its exit status, or its signal).
-It imports nothing heavy, so the launcher sees a rank start in milliseconds."""
+then it passes on SIGTERM and SIGINT to that rank (those that came before its pid too) and ends as the rank
+ended (its exit status, or its signal). It imports nothing heavy, so the launcher sees a rank start in
+milliseconds."""
 
 import json
 import os
@@ -15,6 +16,18 @@ SOCKET_VARIABLE = "WARM_START_SOCKET"
 
 
 def main() -> int:
+    # The handlers go in before the request: the rank may write (and a test may signal us) before its pid comes
+    # back, so a signal that arrives first waits in `pending` and is passed on once the pid is known.
+    rank, pending = [], []
+
+    def forward(number, _frame):
+        if rank:
+            os.kill(rank[0], number)
+        else:
+            pending.append(number)
+
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, forward)
     with socket.socket(socket.AF_UNIX) as conn:
         conn.connect(os.environ[SOCKET_VARIABLE])
         args = sys.argv[1:]
@@ -24,8 +37,9 @@ def main() -> int:
         socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
         replies = conn.makefile()
         pid = json.loads(replies.readline())["pid"]
-        for stop in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(stop, lambda number, _: os.kill(pid, number))
+        rank.append(pid)  # Python runs handlers between bytecodes: from here on, forward() kills the rank itself
+        for number in pending:
+            os.kill(pid, number)
         line = replies.readline()
     if not line:
         print(f"warm_rank: the warm-start process gave no exit status for rank pid {pid}", file=sys.stderr)
