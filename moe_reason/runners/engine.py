@@ -140,12 +140,16 @@ def hours_left(left: list[tuple[str, int, int]], finished: Iterable[RunRecord], 
     did (a run already past the latest of them is priced to its cap)."""
     per_step = {model: list(rates) for model, rates in (started or {}).items()}  # model -> seconds per step, a run each
     stops = {}  # (model, step cap) -> the step each finished run under that cap stopped at
-    for r in finished:  # a run that went on from another's checkpoint trained from that step only
+    for r in finished:
+        if not r.finished:
+            continue
+        model = r.arm or r.run
+        # a run that went on from another's checkpoint trained from that step only
         steps = (r.stopped_at or r.steps or 0) - (checkpoint_step(r.started_from or "") or 0)
-        if r.finished and steps > 0 and r.wall_seconds:
-            per_step.setdefault(r.arm or r.run, []).append(r.wall_seconds / steps)
-        if r.finished and r.stopped_at and r.steps:
-            stops.setdefault((r.arm or r.run, r.steps), []).append(r.stopped_at)
+        if steps > 0 and r.wall_seconds:
+            per_step.setdefault(model, []).append(r.wall_seconds / steps)
+        if r.stopped_at and r.steps:
+            stops.setdefault((model, r.steps), []).append(r.stopped_at)
     training = [(model, cap, steps) for model, cap, steps in left if steps > 0]
     rate = {model: sum(rates) / len(rates) for model, rates in per_step.items()}
 
