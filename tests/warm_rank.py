@@ -18,13 +18,13 @@ SOCKET_VARIABLE = "WARM_START_SOCKET"
 def main() -> int:
     # The handlers go in before the request: the rank may write (and a test may signal us) before its pid comes
     # back, so a signal that arrives first waits in `pending` and is passed on once the pid is known.
-    rank, pending = [], []
+    pid, pending = None, []
 
-    def forward(number, _frame):
-        if rank:
-            os.kill(rank[0], number)
-        else:
+    def forward(number, _frame):  # reads main's pid as it is when the signal comes
+        if pid is None:
             pending.append(number)
+        else:
+            os.kill(pid, number)
 
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, forward)
@@ -37,8 +37,7 @@ def main() -> int:
         socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
         replies = conn.makefile()
         pid = json.loads(replies.readline())["pid"]
-        rank.append(pid)  # Python runs handlers between bytecodes: from here on, forward() kills the rank itself
-        for number in pending:
+        for number in pending:  # Python runs handlers between bytecodes: from here on, forward() kills the rank
             os.kill(pid, number)
         line = replies.readline()
     if not line:
