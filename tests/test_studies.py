@@ -260,3 +260,19 @@ def test_run_records_written_before_one_name_for_a_run_still_read_and_rebuild_th
     (tmp_path / "comparison.json").write_text(json.dumps({**new, "runs": [{"run": "a", "status": "finished"}]}))
     with pytest.raises(ValueError, match=r"comparison.json is not a report written by this runner \(TypeError"):
         REPORT.read(tmp_path / "comparison.json")  # a record without its seed: refused in one line, not a traceback
+
+
+def test_a_report_lists_its_runs_by_arm_kind_and_seed_whatever_order_they_finished_in():
+    from moe_reason.runners.compare import refreshed
+    from moe_reason.runners.comparison_report import comparison_markdown
+    from moe_reason.runners.records import ComparisonReport
+
+    saved = json.loads((REPO / "experiments/results/trm_sudoku_6x6_blanks_24/comparison.json").read_text())
+    shuffled = {**saved, "runs": [saved["runs"][i] for i in np.random.default_rng(0).permutation(len(saved["runs"]))]}
+    report = refreshed(ComparisonReport.from_json(shuffled, "shuffled"))
+    arms = list(saved["arms"])
+    names = arms + [f"{arm}_equal_flops" for arm in arms]
+    expected = sorted(((r["run"], r["seed"]) for r in saved["runs"]), key=lambda k: (names.index(k[0]), k[1]))
+    assert [(r.run, r.seed) for r in report.runs] == expected
+    assert expected[0] == ("recursive_per_step", 0) and expected[-1] == ("direct_deep_equal_flops", 2)
+    assert comparison_markdown(report) == comparison_markdown(refreshed(ComparisonReport.from_json(saved, "saved")))

@@ -460,7 +460,7 @@ def interpolate(curve: list[list[float]], step: float, column: int = 1) -> float
 def comparison_report(cmp: Comparison, accounting: Accounting, runs: list[RunRecord], earlier: dict | None = None) \
         -> ComparisonReport:
     """The verdicts from `runs`; `other_runs` keeps the earlier finished runs this command did not plan or reach."""
-    metric = METRICS[cmp.metric]
+    metric, runs = METRICS[cmp.metric], report_order(cmp, runs)
 
     def values(name):
         return [getattr(r, metric.field) for r in runs
@@ -487,6 +487,13 @@ def comparison_report(cmp: Comparison, accounting: Accounting, runs: list[RunRec
                            for arm in accounting.equal_flops_steps},
         ln_vocab=next((r.ln_vocab for r in runs if r.finished), None), runs=runs, spread_rule=STATISTICS_RULE,
         other_runs=list((earlier or {}).values()))
+
+
+def report_order(cmp: Comparison, runs: list[RunRecord]) -> list[RunRecord]:
+    """The runs as a report lists them, whatever order they finished in: the arms in the study's order at equal
+    steps, then their equal-FLOPs runs, seeds ascending within each (a name the study no longer has goes last)."""
+    names = [PlannedRun(kind, arm, 0).name for kind in KINDS for arm in cmp.arms]
+    return sorted(runs, key=lambda r: (names.index(r.run) if r.run in names else len(names), r.seed))
 
 
 def refreshed(p: ComparisonReport) -> ComparisonReport:
